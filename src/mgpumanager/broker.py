@@ -1,0 +1,284 @@
+"""The broker: one object that wires config, GPU reader, adapters, health, residency and the
+lease together, and runs facade jobs through them (the path of DESIGN §2)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .adapters import HttpAdapter, make_adapter
+from .clock import Clock, MonotonicClock
+from .config import AdapterType, Config
+from .errors import BrokerError, ErrorCode
+from .gpu import GpuReader, make_reader
+from .health import HealthMonitor
+from .lease import Lease
+from .proxy import check_declared_size
+from .residency import Residency, State
+from .scheduler import ConsumerPolicy, SchedulerCore
+from .status import ConsumerStatus, GpuStatus, SchedulerStatus, Status
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+class Broker:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        reader: GpuReader | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self._reader = reader
+        self._started_at = self.clock.now()
+        self.session: aiohttp.ClientSession | None = None
+        self.adapters: dict[str, HttpAdapter] = {}
+        self._residency: Residency | None = None
+        self._health: HealthMonitor | None = None
+        self._lease: Lease | None = None
+        self._sampler: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        # No total timeout: answers stream for as long as run_timeout_s allows.
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+        )
+        reader = self._reader or await make_reader(config.gpu)
+        self._reader = reader
+        self.adapters = {
+            name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
+        }
+        self._residency = Residency(config, self.adapters, reader, self.clock)
+        self._health = HealthMonitor(self.adapters, self.clock)
+        core = SchedulerCore(
+            config.scheduler,
+            {
+                name: ConsumerPolicy(c.priority, c.max_concurrency)
+                for name, c in config.consumers.items()
+            },
+            self.clock,
+        )
+        self._lease = Lease(core, self._residency.ensure_resident, self._residency.resident_set)
+        await asyncio.gather(self._health.probe_all(), self._residency.discover())
+        self._health.start()
+        self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
+        log.info(
+            "broker up: %s (%d MiB), consumers %s",
+            reader.backend, reader.total_mib, ", ".join(self.adapters),
+        )
+
+    async def _sample_gpu(self) -> None:
+        """Keep /v1/status's GPU figures live between jobs."""
+        while True:
+            await asyncio.sleep(1.0)
+            await self.residency.read_gpu()
+
+    async def shutdown(self) -> None:
+        """Ordered: stop accepting (queued jobs get shutting_down), drain in-flight jobs within
+        drain_timeout_s, cancel what is left, release resources."""
+        lease = self._lease
+        if lease is not None:
+            log.info("draining: %d in flight", lease.core.in_flight)
+            lease.shutdown()
+            if not await lease.drain(self.config.scheduler.drain_timeout_s):
+                log.warning("drain timed out; cancelling held jobs")
+            await lease.cancel_held()
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+        if self._health is not None:
+            await self._health.aclose()
+        if self._reader is not None:
+            await self._reader.aclose()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- parts (set by start) -----------------------------------------------------------------
+
+    @property
+    def lease(self) -> Lease:
+        if self._lease is None:
+            raise RuntimeError("broker not started")
+        return self._lease
+
+    @property
+    def residency(self) -> Residency:
+        if self._residency is None:
+            raise RuntimeError("broker not started")
+        return self._residency
+
+    @property
+    def health(self) -> HealthMonitor:
+        if self._health is None:
+            raise RuntimeError("broker not started")
+        return self._health
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def route(self, kind: str) -> str:
+        name = self.config.routing.get(kind)
+        if name is None:
+            raise BrokerError(ErrorCode.NO_CONSUMER, f"no consumer is routed for {kind!r}")
+        return name
+
+    def ollama_consumer(self) -> str:
+        """The consumer behind the Ollama-native API: the LLM route if it is Ollama, else the
+        first Ollama consumer."""
+        llm = self.config.routing.get("llm")
+        if llm is not None and self.config.consumers[llm].type is AdapterType.OLLAMA:
+            return llm
+        for name, c in self.config.consumers.items():
+            if c.type is AdapterType.OLLAMA:
+                return name
+        raise BrokerError(ErrorCode.NO_CONSUMER, "no consumer of type ollama is configured")
+
+    def gate(self, name: str) -> None:
+        stopped = (
+            self.adapters[name].stops_process
+            and self.residency.records[name].state is State.UNLOADED
+        )
+        self.health.gate(name, stopped_by_broker=stopped)
+
+    def priority(self, request: web.Request) -> int | None:
+        raw = request.headers.get("X-Priority")
+        if raw is None or not self.config.scheduler.allow_priority_header:
+            return None
+        try:
+            return max(0, min(4, int(raw)))
+        except ValueError:
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
+            ) from None
+
+    async def run_job(self, request: web.Request, kind: str, name: str) -> web.StreamResponse:
+        """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release"""
+        adapter = self.adapters[name]
+        consumer = self.config.consumers[name]
+        self.gate(name)
+        max_body = self.config.max_body_mib * MIB
+        check_declared_size(request, max_body, name)  # refuse before queueing, not after
+        priority = self.priority(request)
+        async with self.lease.job(
+            name, priority=priority, queue_timeout_s=self.config.scheduler.queue_timeout_s
+        ) as job:
+            try:
+                async with asyncio.timeout(consumer.run_timeout_s):
+                    return await adapter.forward(request, kind, job, max_body)
+            except TimeoutError:
+                raise BrokerError(
+                    ErrorCode.UPSTREAM_TIMEOUT,
+                    f"{name} ran longer than run_timeout_s ({consumer.run_timeout_s:g} s)",
+                    consumer=name,
+                ) from None
+            finally:
+                self.residency.touch(name)
+
+    async def admin(self, name: str, action: str) -> dict[str, object]:
+        """Unload or load one consumer, under the lease like any job."""
+        if name not in self.config.consumers:
+            raise BrokerError(ErrorCode.NOT_FOUND, f"no consumer named {name!r}")
+        residency = self.residency
+        async with self.lease.job(
+            name, queue_timeout_s=self.config.scheduler.queue_timeout_s, exclusive=True
+        ):
+            if action == "unload":
+                if residency.records[name].state is not State.UNLOADED:
+                    await residency.evict(name)
+            else:
+                await residency.ensure_resident(name)
+        return {"consumer": name, "residency": str(residency.records[name].state)}
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        residency = self.residency
+        reading = residency.last_reading
+        reader = residency.reader
+        stats = self.lease.core.stats()
+        now = self.clock.now()
+        gpu = GpuStatus(
+            backend=reader.backend,
+            device=reading.device if reading else "not read yet",
+            total_mib=reader.total_mib,
+            used_mib=reading.used_mib if reading else None,
+            free_mib=reading.free_mib if reading else None,
+            utilization_pct=reading.utilization_pct if reading else None,
+            headroom_mib=residency.headroom_mib(reading) if reading else None,
+            safety_margin_mib=self.config.gpu.safety_margin_mib,
+            error=reading.error if reading else None,
+        )
+        consumers = {}
+        for name, c in self.config.consumers.items():
+            record = residency.records[name]
+            health = self.health.states[name]
+            per = stats.consumers[name]
+            consumers[name] = ConsumerStatus(
+                type=str(c.type),
+                url=c.url,
+                healthy=health.ok,
+                health_detail=health.detail,
+                residency=str(record.state),
+                residency_detail=record.detail,
+                vram_declared_mib=record.declared_mib,
+                vram_measured_mib=record.measured_mib,
+                last_used_s_ago=None if record.last_used is None else now - record.last_used,
+                last_unload_s=record.last_unload_s,
+                last_load_s=record.last_load_s,
+                pinned=record.pinned,
+                busy_outside=record.busy_outside,
+                priority=c.priority,
+                max_concurrency=c.max_concurrency,
+                queue_depth=per.queue_depth,
+                in_flight=per.in_flight,
+            )
+        counters = residency.counters
+        return Status(
+            version=__version__,
+            uptime_s=now - self._started_at,
+            gpu=gpu,
+            scheduler=SchedulerStatus(
+                policy=stats.policy,
+                queue_depth=stats.queue_depth,
+                in_flight=stats.in_flight,
+                total_jobs=stats.total_jobs,
+                last_wait_ms=stats.last_wait_ms,
+                last_run_ms=stats.last_run_ms,
+                oldest_queued=stats.oldest_queued,
+                holder=stats.holder,
+                accepting=stats.accepting,
+                completed=stats.completed,
+                failed=stats.failed,
+                cancelled=stats.cancelled,
+                timed_out=stats.timed_out,
+                handoffs=stats.handoffs,
+                swaps=counters.swaps,
+                evictions=counters.evictions,
+                eviction_failures=counters.eviction_failures,
+                load_failures=counters.load_failures,
+            ),
+            consumers=consumers,
+            routing=dict(self.config.routing),
+        )
+
+
+def consumers_by_type(config: Config) -> Mapping[AdapterType, list[str]]:
+    out: dict[AdapterType, list[str]] = {}
+    for name, c in config.consumers.items():
+        out.setdefault(c.type, []).append(name)
+    return out

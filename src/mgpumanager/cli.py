@@ -1,0 +1,60 @@
+"""`mgpumanager serve | check-config | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgpumanager",
+        description="One scheduler and VRAM manager in front of every inference service on a GPU.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", type=Path, default=Path("config/consumers.yaml"))
+    check = sub.add_parser("check-config", help="validate a registry, list every problem")
+    check.add_argument("file", type=Path)
+    demo = sub.add_parser(
+        "demo", help="simulated 24 GiB GPU + fake Ollama/ComfyUI/mVoice/whisper + the broker"
+    )
+    demo.add_argument("--config", type=Path, default=Path("config/demo.yaml"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "check-config":
+            config = load_config(args.file)
+            print(f"{args.file}: OK ({len(config.consumers)} consumers: "
+                  f"{', '.join(config.consumers)})")
+            return 0
+        if args.command == "serve":
+            from .app import serve
+
+            return asyncio.run(serve(args.config))
+        from .demo import run_demo
+
+        return asyncio.run(run_demo(args.config))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

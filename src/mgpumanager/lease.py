@@ -1,0 +1,197 @@
+"""The async side of the scheduler: turns SchedulerCore's decisions into awaited grants.
+
+`Lease.job(consumer)` is an async context manager around one job's time on the GPU:
+
+    async with lease.job("ollama", priority=None, queue_timeout_s=600) as job:
+        ...  # the consumer is resident and holds the lease; stream the request
+
+Waiting is cancellable at any moment (client disconnect, queue timeout): the job leaves the
+queue at once and the next one is not held up. A grant that starts a tenure runs `prepare`
+(make the consumer resident) before the job proceeds. All state lives in the core, which is
+only touched from the event loop between awaits, so it has exactly one owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Set
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .errors import BrokerError, ClientDisconnected, ErrorCode
+from .scheduler import Grant, Outcome, SchedulerCore
+
+log = logging.getLogger(__name__)
+
+Prepare = Callable[[str], Awaitable[None]]
+
+
+class JobHandle:
+    """A running job. `hold_until` keeps the lease after the handler returns (ComfyUI)."""
+
+    def __init__(self, lease: Lease, grant: Grant) -> None:
+        self._lease = lease
+        self.grant = grant
+        self.id = grant.job_id
+        self.consumer = grant.consumer
+        self.outcome = Outcome.COMPLETED
+        self._held: asyncio.Task[Any] | None = None
+
+    def hold_until(self, work: Awaitable[Any], *, timeout_s: float) -> None:
+        """Keep the lease until `work` finishes (or `timeout_s` passes), even after the client
+        has its answer and left. The job is finished by the background task instead."""
+        self._held = asyncio.ensure_future(self._lease._hold(self, work, timeout_s))
+        self._lease._held.add(self._held)
+        self._held.add_done_callback(self._lease._held.discard)
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+
+class Lease:
+    def __init__(
+        self,
+        core: SchedulerCore,
+        prepare: Prepare,
+        resident: Callable[[], Set[str]] = frozenset,
+    ) -> None:
+        self.core = core
+        self._prepare = prepare
+        self._resident = resident
+        self._waiters: dict[int, asyncio.Future[Grant]] = {}
+        self._held: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @asynccontextmanager
+    async def job(
+        self,
+        consumer: str,
+        *,
+        priority: int | None = None,
+        queue_timeout_s: float,
+        exclusive: bool = False,
+    ) -> AsyncIterator[JobHandle]:
+        """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
+        run alone, with no prepare step, and nothing else is granted until they finish."""
+        grant = await self._acquire(consumer, priority, queue_timeout_s, exclusive)
+        handle = JobHandle(self, grant)
+        try:
+            if grant.prepare and not exclusive:
+                await self._prepare(consumer)
+                self.core.ready(grant.job_id)
+                self.dispatch()
+            yield handle
+        except (asyncio.CancelledError, ClientDisconnected):
+            handle.outcome = Outcome.CANCELLED
+            raise
+        except BrokerError as exc:
+            handle.outcome = (
+                Outcome.TIMED_OUT if exc.code is ErrorCode.UPSTREAM_TIMEOUT else Outcome.FAILED
+            )
+            raise
+        except BaseException:
+            handle.outcome = Outcome.FAILED
+            raise
+        finally:
+            if not handle.held:
+                self._finish(handle)
+
+    async def _acquire(
+        self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool
+    ) -> Grant:
+        job_id = self.core.submit(consumer, priority, exclusive=exclusive)
+        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        self._waiters[job_id] = future
+        self.dispatch()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            if self._withdraw(job_id, Outcome.TIMED_OUT):
+                raise BrokerError(
+                    ErrorCode.QUEUE_TIMEOUT,
+                    f"waited {timeout_s:g} s for the GPU (queue_timeout_s)",
+                    consumer=consumer,
+                ) from None
+            return future.result()  # granted in the same instant: the job goes ahead
+        except asyncio.CancelledError:
+            if not self._withdraw(job_id, Outcome.CANCELLED) and _granted(future):
+                # Granted in the same instant as the cancel: give the grant straight back.
+                self.core.finish(job_id, Outcome.CANCELLED)
+                self.dispatch()
+            raise
+        finally:
+            self._waiters.pop(job_id, None)
+
+    def _withdraw(self, job_id: int, outcome: Outcome) -> bool:
+        """Leave the queue at once. False if the job was no longer waiting."""
+        if self.core.cancel(job_id, outcome):
+            self.dispatch()
+            return True
+        return False
+
+    def _finish(self, handle: JobHandle) -> None:
+        self.core.finish(handle.id, handle.outcome)
+        self.dispatch()
+
+    async def _hold(self, handle: JobHandle, work: Awaitable[Any], timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await work
+        except TimeoutError:
+            handle.outcome = Outcome.TIMED_OUT
+            log.warning("%s: held job %d still running after %g s", handle.consumer, handle.id, timeout_s)
+        except asyncio.CancelledError:
+            handle.outcome = Outcome.CANCELLED
+            raise
+        except Exception:
+            handle.outcome = Outcome.FAILED
+            log.exception("%s: held job %d failed", handle.consumer, handle.id)
+        finally:
+            self._finish(handle)
+
+    def dispatch(self) -> None:
+        """Ask the core what may start now and wake those waiters."""
+        for grant in self.core.schedule(self._resident()):
+            future = self._waiters.get(grant.job_id)
+            if future is None or future.done():
+                # Nobody is waiting any more (cannot normally happen: cancel removes the job
+                # from the core first). Give the grant back rather than leak the lease.
+                log.error("grant for job %d without a waiter; releasing it", grant.job_id)
+                self.core.finish(grant.job_id, Outcome.CANCELLED)
+                continue
+            future.set_result(grant)
+        if self.core.in_flight == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def shutdown(self) -> None:
+        """Refuse new jobs; every queued job fails with shutting_down."""
+        for job_id in self.core.stop_accepting():
+            future = self._waiters.get(job_id)
+            if future is not None and not future.done():
+                future.set_exception(
+                    BrokerError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+                )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing runs (in-flight jobs and held ComfyUI prompts). False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def cancel_held(self) -> None:
+        for task in list(self._held):
+            task.cancel()
+        await asyncio.gather(*self._held, return_exceptions=True)
+
+
+def _granted(future: asyncio.Future[Grant]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None

@@ -1,0 +1,331 @@
+"""Who is in VRAM, and making room: the effects side of DESIGN §4.
+
+`Residency` owns every consumer's residency record. It is only changed while the lease is held
+(`ensure_resident` is the lease's prepare step; admin load/unload run as jobs), so no two
+residency changes ever race. The decision of whom to evict is the pure `planner.plan_eviction`;
+this module carries it out: unload, confirm through the upstream and the GPU reading, and only
+then load — an unconfirmed eviction never leads to a load (that is the OOM we exist to prevent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from .adapters import ConsumerAdapter
+from .clock import Clock
+from .config import Config
+from .errors import BrokerError, ErrorCode
+from .gpu import GpuReader, GpuReading, measured_mib
+from .planner import CannotFit, Resident, plan_eviction
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    RESIDENT = "resident"
+    UNLOADING = "unloading"
+    UNKNOWN = "unknown"
+
+
+# States whose memory counts as taken (unknown: the safe side, until an unload confirms).
+HOLDS_MEMORY = frozenset({State.LOADING, State.RESIDENT, State.UNLOADING, State.UNKNOWN})
+
+
+@dataclass
+class Record:
+    state: State
+    declared_mib: int
+    pinned: bool
+    measured_mib: int | None = None
+    last_used: float | None = None  # clock time; LRU order
+    last_unload_s: float | None = None
+    last_load_s: float | None = None
+    busy_outside: bool = False
+    detail: str = ""
+
+    @property
+    def cost_mib(self) -> int:
+        """What planning assumes it holds: the larger of declared and measured."""
+        return max(self.declared_mib, self.measured_mib or 0)
+
+
+@dataclass
+class Counters:
+    swaps: int = 0  # loads of a consumer that was not resident
+    evictions: int = 0  # confirmed unloads
+    eviction_failures: int = 0
+    load_failures: int = 0
+
+
+def residual_allowance_mib(declared_mib: int) -> int:
+    """Memory a process may keep after unloading its models (CUDA context, allocator cache):
+    ComfyUI keeps a few hundred MiB, speaches some too. Below this, the unload is confirmed."""
+    return max(512, declared_mib // 10)
+
+
+class Residency:
+    def __init__(
+        self,
+        config: Config,
+        adapters: Mapping[str, ConsumerAdapter],
+        reader: GpuReader,
+        clock: Clock,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.config = config
+        self.adapters = adapters
+        self.reader = reader
+        self.clock = clock
+        self._sleep = sleep
+        self.counters = Counters()
+        self.last_reading: GpuReading | None = None
+        self.records = {
+            name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            for name, c in config.consumers.items()
+        }
+
+    # -- reading the world ----------------------------------------------------------------------
+
+    @property
+    def total_mib(self) -> int:
+        return self.reader.total_mib
+
+    @property
+    def capacity_mib(self) -> int:
+        return self.total_mib - self.config.gpu.safety_margin_mib
+
+    def resident_set(self) -> frozenset[str]:
+        return frozenset(n for n, r in self.records.items() if r.state is State.RESIDENT)
+
+    async def read_gpu(self) -> GpuReading:
+        reading = await self.reader.read()
+        self.last_reading = reading
+        if reading.ok:
+            for name, record in self.records.items():
+                record.measured_mib = self._measure(name, reading)
+        return reading
+
+    def _measure(self, name: str, reading: GpuReading) -> int | None:
+        patterns = self.config.consumers[name].gpu_processes
+        if not patterns or not reading.ok:
+            return None
+        # No matching process means it holds nothing (a stopped whisper-server, say).
+        return measured_mib(reading, patterns) or 0
+
+    def headroom_mib(self, reading: GpuReading) -> int:
+        """min(free VRAM the GPU reports, total − what residents are known to hold) − margin.
+        Both terms matter: the driver's free figure lags after an unload."""
+        held = sum(r.cost_mib for r in self.records.values() if r.state in HOLDS_MEMORY)
+        by_accounting = self.total_mib - held
+        free = reading.free_mib if reading.ok else None
+        headroom = by_accounting if free is None else min(free, by_accounting)
+        return headroom - self.config.gpu.safety_margin_mib
+
+    async def discover(self) -> None:
+        """At start-up: ask every adapter and the GPU who is resident, instead of assuming an
+        empty card. What nobody can tell stays `unknown` and counts as taken."""
+        reading = await self.read_gpu()
+        reports = await asyncio.gather(
+            *(a.residency() for a in self.adapters.values()), return_exceptions=True
+        )
+        for (name, record), report in zip(self.records.items(), reports, strict=True):
+            if isinstance(report, BaseException):
+                record.state, record.detail = State.UNKNOWN, f"residency probe failed: {report}"
+            elif report.resident is not None:
+                record.state = State.RESIDENT if report.resident else State.UNLOADED
+                record.detail = report.detail
+            elif record.measured_mib is not None and reading.ok:
+                resident = record.measured_mib >= record.declared_mib // 2
+                record.state = State.RESIDENT if resident else State.UNLOADED
+                record.detail = f"GPU reading: {record.measured_mib} MiB"
+            else:
+                record.state, record.detail = State.UNKNOWN, "no residency probe or GPU figure"
+            log.info("%s: %s (%s)", name, record.state, record.detail)
+
+    def touch(self, name: str) -> None:
+        self.records[name].last_used = self.clock.now()
+
+    # -- changing it (lease held) ----------------------------------------------------------------
+
+    async def ensure_resident(self, target: str) -> None:
+        """The lease's prepare step: make `target` resident, evicting whoever is in the way."""
+        record = self.records[target]
+        if record.state is State.RESIDENT:
+            return
+        reading = await self.read_gpu()
+        if record.state is State.UNKNOWN:
+            # It may be resident already; if so it needs no room, but cost is counted once.
+            record.state = State.UNLOADED
+        headroom = self.headroom_mib(reading)
+        residents = await self._residents_for_plan(target)
+        plan = plan_eviction(
+            target=target,
+            target_cost_mib=record.cost_mib,
+            headroom_mib=headroom,
+            capacity_mib=self.capacity_mib,
+            residents=residents,
+        )
+        if isinstance(plan, CannotFit):
+            record.state = State.UNKNOWN if record.measured_mib else State.UNLOADED
+            raise BrokerError(
+                ErrorCode.INSUFFICIENT_VRAM, plan.reason, consumer=target, retryable=plan.retryable
+            )
+        if plan.victims:
+            log.info("%s needs %d MiB, headroom %d MiB: evicting %s",
+                     target, record.cost_mib, headroom, ", ".join(plan.victims))
+        for victim in plan.victims:
+            await self.evict(victim, for_consumer=target)
+        await self._wait_for_room(target)
+        await self.load(target)
+
+    async def _residents_for_plan(self, target: str) -> list[Resident]:
+        out = []
+        for name, r in self.records.items():
+            if name == target or r.state not in HOLDS_MEMORY:
+                continue
+            adapter = self.adapters[name]
+            try:
+                r.busy_outside = (await adapter.residency()).busy
+            except BrokerError as exc:
+                log.debug("%s: residency probe failed while planning: %s", name, exc)
+            out.append(
+                Resident(
+                    name=name,
+                    cost_mib=r.cost_mib,
+                    last_used=r.last_used if r.last_used is not None else float("-inf"),
+                    pinned=r.pinned,
+                    busy=r.busy_outside,
+                    coexists=self.config.coexist(name, target),
+                )
+            )
+        return out
+
+    async def evict(self, name: str, *, for_consumer: str | None = None) -> None:
+        """Unload `name` and confirm that the memory came back, or raise eviction_failed."""
+        record = self.records[name]
+        adapter = self.adapters[name]
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        started = self.clock.now()
+        before = await self.read_gpu()
+        record.state = State.UNLOADING
+        blame = for_consumer or name
+        try:
+            await adapter.unload()
+        except BrokerError as exc:
+            self._eviction_failed(record)
+            raise BrokerError(
+                ErrorCode.EVICTION_FAILED,
+                f"unloading {name} failed: {exc.message}",
+                consumer=blame,
+            ) from exc
+        deadline = self.clock.now() + timeout_s
+        while True:
+            gone = await self._upstream_let_go(adapter)
+            after = await self.read_gpu()
+            if gone and self._gpu_confirms(name, before, after):
+                break
+            if self.clock.now() >= deadline:
+                self._eviction_failed(record)
+                raise BrokerError(
+                    ErrorCode.EVICTION_FAILED,
+                    f"{name} was asked to unload but its memory did not come back within "
+                    f"{timeout_s:g} s (upstream let go: {gone}; GPU: {_describe(after)}); "
+                    f"{name} is now 'unknown' and nothing was loaded",
+                    consumer=blame,
+                )
+            await self._sleep(self.config.gpu.poll_interval_s)
+        record.state = State.UNLOADED
+        record.last_unload_s = self.clock.now() - started
+        self.counters.evictions += 1
+        log.info("%s: unloaded, confirmed in %.2f s", name, record.last_unload_s)
+
+    def _eviction_failed(self, record: Record) -> None:
+        record.state = State.UNKNOWN
+        self.counters.eviction_failures += 1
+
+    async def _upstream_let_go(self, adapter: ConsumerAdapter) -> bool:
+        try:
+            return await adapter.unloaded()
+        except BrokerError as exc:
+            log.debug("%s: unload check failed: %s", adapter.name, exc)
+            return False
+
+    def _gpu_confirms(self, name: str, before: GpuReading, after: GpuReading) -> bool:
+        """The GPU's word that `name`'s memory is back. With per-process figures: its processes
+        hold no more than a CUDA context. Without them: used memory dropped by at least half
+        the declared cost. With no readings at all (static backend) the upstream's word is all
+        there is."""
+        record = self.records[name]
+        if self.reader.backend == "static":
+            return True
+        if not after.ok:
+            return False
+        if self.config.consumers[name].gpu_processes:
+            held = self._measure(name, after) or 0
+            return held <= residual_allowance_mib(record.declared_mib)
+        if before.used_mib is None or after.used_mib is None:
+            return False
+        return before.used_mib - after.used_mib >= record.declared_mib // 2
+
+    async def _wait_for_room(self, target: str) -> None:
+        """Victims are confirmed; the free figure must agree before anything loads."""
+        need = self.records[target].cost_mib
+        deadline = self.clock.now() + max(
+            (c.unload_timeout_s for c in self.config.consumers.values()), default=1.0
+        )
+        while True:
+            reading = await self.read_gpu()
+            headroom = self.headroom_mib(reading)
+            if headroom >= need:
+                return
+            if self.clock.now() >= deadline:
+                raise BrokerError(
+                    ErrorCode.EVICTION_FAILED,
+                    f"{target} needs {need} MiB but only {headroom} MiB are free after evicting "
+                    f"(GPU: {_describe(reading)}); not loading",
+                    consumer=target,
+                )
+            await self._sleep(self.config.gpu.poll_interval_s)
+
+    async def load(self, name: str) -> None:
+        """Load with the consumer's load call and wait until its health passes; without a load
+        call, the first job loads it lazily (its memory is counted from now on)."""
+        record = self.records[name]
+        adapter = self.adapters[name]
+        config = self.config.consumers[name]
+        started = self.clock.now()
+        record.state = State.LOADING
+        if adapter.has_load:
+            try:
+                async with asyncio.timeout(config.load_timeout_s):
+                    await adapter.load()
+                    while not (await adapter.health()).ok:
+                        await self._sleep(self.config.gpu.poll_interval_s)
+            except (TimeoutError, BrokerError) as exc:
+                record.state = State.UNKNOWN  # it may hold part of its memory: the safe side
+                self.counters.load_failures += 1
+                message = (
+                    f"not ready within load_timeout_s ({config.load_timeout_s:g} s)"
+                    if isinstance(exc, TimeoutError)
+                    else exc.message
+                )
+                raise BrokerError(
+                    ErrorCode.LOAD_FAILED, f"loading {name} failed: {message}", consumer=name
+                ) from exc
+            record.last_load_s = self.clock.now() - started
+        record.state = State.RESIDENT
+        self.counters.swaps += 1
+        log.info("%s: resident%s", name, "" if adapter.has_load else " (loads on first job)")
+
+
+def _describe(reading: GpuReading) -> str:
+    if not reading.ok:
+        return f"unknown ({reading.error})"
+    return f"{reading.used_mib} MiB used, {reading.free_mib} MiB free of {reading.total_mib}"

@@ -1,0 +1,303 @@
+"""The scheduler core: one lease for the whole GPU, decided without any I/O.
+
+It owns the queue, the lease holder and the statistics. Callers tell it what happened
+(`submit`, `cancel`, `ready`, `finish`) and ask it what to start (`schedule`); it never awaits,
+never sleeps and never reads a clock except the injected one, so every decision is tested step
+by step with a fake clock (tests/test_scheduler.py).
+
+Lease rules (DESIGN §3):
+- one consumer holds the lease at a time; it may run up to its `max_concurrency` jobs at once;
+- a grant that starts a tenure (nobody in flight) has `prepare=True`: the caller makes the
+  consumer resident, then calls `ready()`. Until then nothing else is granted, because residency
+  changes must happen while no other job runs;
+- when the policy's next pick belongs to another consumer, the holder gets no more grants and the
+  lease passes once its jobs in flight have finished (drain, then hand over).
+
+Order (policy `priority`): effective level = min(4, priority + ⌊waited / aging_s⌋). Within the best
+level, jobs for the last holder or a resident consumer go first (a swap saved) until the oldest
+job of that level has waited `affinity_wait_s`, and the holder gets at most `max_batch`
+consecutive grants while jobs of other consumers wait. Ties go to the earlier arrival.
+Policy `fifo` is the plain arrival order of the original brief's step 4, kept as the baseline.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field
+
+from .clock import Clock
+from .config import SchedulerConfig
+from .errors import BrokerError, ErrorCode
+
+MAX_PRIORITY = 4
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class ConsumerPolicy:
+    priority: int = 2
+    max_concurrency: int = 1
+
+
+@dataclass(frozen=True)
+class Grant:
+    job_id: int
+    consumer: str
+    prepare: bool
+    waited_s: float
+
+
+@dataclass
+class _Job:
+    id: int
+    consumer: str
+    priority: int
+    enqueued_at: float
+    exclusive: bool = False
+    started_at: float | None = None
+    ready: bool = False
+
+
+@dataclass
+class _Counters:
+    total_jobs: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+    handoffs: int = 0
+    last_wait_ms: float | None = None
+    last_run_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerQueueStats:
+    queue_depth: int
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    policy: str
+    queue_depth: int
+    in_flight: int
+    total_jobs: int
+    completed: int
+    failed: int
+    cancelled: int
+    timed_out: int
+    handoffs: int
+    last_wait_ms: float | None
+    last_run_ms: float | None
+    oldest_queued: float | None
+    holder: str | None
+    accepting: bool
+    consumers: dict[str, ConsumerQueueStats] = field(default_factory=dict)
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        settings: SchedulerConfig,
+        consumers: Mapping[str, ConsumerPolicy],
+        clock: Clock,
+    ) -> None:
+        self._settings = settings
+        self._consumers = dict(consumers)
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, _Job] = {}  # insertion order == arrival order
+        self._running: dict[int, _Job] = {}
+        self._holder: str | None = None  # the last consumer granted the lease (kept while idle)
+        self._tenure_grants = 0
+        self._accepting = True
+        self._c = _Counters()
+
+    # -- what happened ------------------------------------------------------------------------
+
+    def submit(self, consumer: str, priority: int | None = None, *, exclusive: bool = False) -> int:
+        """Queue a job; returns its id. Raises BrokerError(queue_full | shutting_down).
+
+        An exclusive job (admin load/unload) starts only when nothing runs, and nothing else is
+        granted until it finishes: it is never `ready`."""
+        policy = self._consumers.get(consumer)
+        if policy is None:
+            raise BrokerError(ErrorCode.SCHEDULER_ERROR, f"unknown consumer {consumer!r}")
+        if not self._accepting:
+            raise BrokerError(
+                ErrorCode.SHUTTING_DOWN, "the broker is shutting down", consumer=consumer
+            )
+        if len(self._waiting) >= self._settings.max_queue:
+            raise BrokerError(
+                ErrorCode.QUEUE_FULL,
+                f"{len(self._waiting)} jobs are waiting (max_queue {self._settings.max_queue})",
+                consumer=consumer,
+                headers={"Retry-After": str(self._retry_after_s())},
+            )
+        level = policy.priority if priority is None else priority
+        job = _Job(
+            id=next(self._ids),
+            consumer=consumer,
+            priority=max(0, min(MAX_PRIORITY, level)),
+            enqueued_at=self._clock.now(),
+            exclusive=exclusive,
+        )
+        self._waiting[job.id] = job
+        self._c.total_jobs += 1
+        return job.id
+
+    def cancel(self, job_id: int, outcome: Outcome = Outcome.CANCELLED) -> bool:
+        """Remove a waiting job (client gone, queue timeout). False if it was not waiting."""
+        job = self._waiting.pop(job_id, None)
+        if job is None:
+            return False
+        self._count(outcome)
+        return True
+
+    def ready(self, job_id: int) -> None:
+        """The prepared job's consumer is resident: further grants may follow."""
+        self._running[job_id].ready = True
+
+    def finish(self, job_id: int, outcome: Outcome) -> None:
+        job = self._running.pop(job_id)
+        if job.started_at is not None:
+            self._c.last_run_ms = (self._clock.now() - job.started_at) * 1000.0
+        self._count(outcome)
+
+    def stop_accepting(self) -> list[int]:
+        """Shutdown: refuse new jobs and hand back the ids of every waiting one (now removed)."""
+        self._accepting = False
+        ids = list(self._waiting)
+        for job_id in ids:
+            self.cancel(job_id)
+        return ids
+
+    # -- what to do -----------------------------------------------------------------------------
+
+    def schedule(self, resident: Set[str] = frozenset()) -> list[Grant]:
+        """Grants that may start now. Call after every change; it is cheap and idempotent."""
+        grants: list[Grant] = []
+        while self._waiting:
+            if any(not j.ready for j in self._running.values()):
+                break  # a tenure is being prepared: residency is changing, nothing else runs
+            job = self._pick(resident)
+            running = self.in_flight
+            if running and job.consumer != self._holder:
+                break  # drain the holder, then hand over
+            if running and job.exclusive:
+                break
+            if running >= self._consumers[job.consumer].max_concurrency:
+                break
+            grants.append(self._start(job, prepare=running == 0))
+        return grants
+
+    def _start(self, job: _Job, *, prepare: bool) -> Grant:
+        now = self._clock.now()
+        del self._waiting[job.id]
+        job.started_at = now
+        job.ready = not prepare
+        self._running[job.id] = job
+        if job.consumer != self._holder:
+            if self._holder is not None:
+                self._c.handoffs += 1
+            self._holder = job.consumer
+            self._tenure_grants = 0
+        self._tenure_grants += 1
+        waited_s = now - job.enqueued_at
+        self._c.last_wait_ms = waited_s * 1000.0
+        return Grant(job.id, job.consumer, prepare, waited_s)
+
+    def _pick(self, resident: Set[str]) -> _Job:
+        jobs = list(self._waiting.values())
+        if self._settings.policy == "fifo":
+            return jobs[0]
+        now = self._clock.now()
+        levels = {j.id: self._level(j, now) for j in jobs}
+        best = max(levels.values())
+        top = [j for j in jobs if levels[j.id] == best]  # arrival order
+        if now - top[0].enqueued_at >= self._settings.affinity_wait_s:
+            return top[0]
+        others_wait = any(j.consumer != self._holder for j in jobs)
+        holder_may_batch = not others_wait or self._tenure_grants < self._settings.max_batch
+        for j in top:
+            if j.consumer == self._holder and holder_may_batch:
+                return j
+        for j in top:
+            if j.consumer in resident and j.consumer != self._holder:
+                return j
+        return top[0]
+
+    def _level(self, job: _Job, now: float) -> int:
+        aged = int((now - job.enqueued_at) // self._settings.aging_s)
+        return min(MAX_PRIORITY, job.priority + aged)
+
+    # -- what it looks like -------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def holder(self) -> str | None:
+        """The consumer holding the lease now (None while nothing runs)."""
+        return self._holder if self._running else None
+
+    def is_running(self, consumer: str) -> bool:
+        return any(j.consumer == consumer for j in self._running.values())
+
+    def stats(self) -> SchedulerStats:
+        now = self._clock.now()
+        oldest = min((j.enqueued_at for j in self._waiting.values()), default=None)
+        per = {
+            name: ConsumerQueueStats(
+                queue_depth=sum(1 for j in self._waiting.values() if j.consumer == name),
+                in_flight=sum(1 for j in self._running.values() if j.consumer == name),
+            )
+            for name in self._consumers
+        }
+        c = self._c
+        return SchedulerStats(
+            policy=self._settings.policy,
+            queue_depth=self.queue_depth,
+            in_flight=self.in_flight,
+            total_jobs=c.total_jobs,
+            completed=c.completed,
+            failed=c.failed,
+            cancelled=c.cancelled,
+            timed_out=c.timed_out,
+            handoffs=c.handoffs,
+            last_wait_ms=c.last_wait_ms,
+            last_run_ms=c.last_run_ms,
+            oldest_queued=None if oldest is None else (now - oldest) * 1000.0,
+            holder=self.holder,
+            accepting=self._accepting,
+            consumers=per,
+        )
+
+    def _count(self, outcome: Outcome) -> None:
+        match outcome:
+            case Outcome.COMPLETED:
+                self._c.completed += 1
+            case Outcome.FAILED:
+                self._c.failed += 1
+            case Outcome.CANCELLED:
+                self._c.cancelled += 1
+            case Outcome.TIMED_OUT:
+                self._c.timed_out += 1
+
+    def _retry_after_s(self) -> int:
+        # A hint, not a promise: the last run time times the queue ahead, at least one second.
+        run_s = (self._c.last_run_ms or 1000.0) / 1000.0
+        return max(1, min(600, round(run_s * len(self._waiting) / 4)))

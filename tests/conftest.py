@@ -1,0 +1,128 @@
+"""Shared fixtures: real loopback servers on port 0, a broker in front of them, polling with a
+deadline instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mgpumanager.app import Server, start_server
+from mgpumanager.broker import Broker
+from mgpumanager.config import Config
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], *, timeout_s: float = 10.0, what: str = ""
+) -> None:
+    """Poll `condition` until it holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.005)
+
+
+class Upstream:
+    """A scriptable upstream on a real loopback port: tests add handlers; it records every
+    request and how many ran at once."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.requests: list[web.Request] = []
+        self.active = 0
+        self.max_active = 0
+        self.aborted = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+        self.app.router.add_get("/health", self._health)
+        self.healthy = True
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, status=200 if self.healthy else 503)
+
+    def route(
+        self, method: str, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> None:
+        async def tracked(request: web.Request) -> web.StreamResponse:
+            self.requests.append(request)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            try:
+                return await handler(request)
+            except asyncio.CancelledError:
+                self.aborted += 1
+                raise
+            finally:
+                self.active -= 1
+
+        self.app.router.add_route(method, path, tracked)
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def aclose(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    yield up
+    await up.aclose()
+
+
+def consumer(url: str, **extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "url": url,
+        "vram_resident_mib": 1000,
+        "health": {"path": "/health", "interval_s": 0.05, "timeout_s": 1},
+    }
+    base.update(extra)
+    return base
+
+
+def make_config(consumers: dict[str, dict[str, Any]], **top: Any) -> Config:
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "gpu": {"backend": "static", "total_mib": 24576},
+        "routing": {},
+        "consumers": consumers,
+    }
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Config.model_validate(data)
+
+
+@asynccontextmanager
+async def running_broker(config: Config) -> AsyncIterator[Server]:
+    server = await start_server(Broker(config), port=0)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

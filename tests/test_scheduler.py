@@ -1,0 +1,286 @@
+"""The scheduler core, driven step by step with a fake clock: no sleeps, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from mgpumanager.clock import FakeClock
+from mgpumanager.config import SchedulerConfig
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+
+
+def core(
+    clock: FakeClock | None = None, policy: str = "fifo", **settings: object
+) -> SchedulerCore:
+    consumers = {
+        "mvoice": ConsumerPolicy(priority=3, max_concurrency=1),
+        "ollama": ConsumerPolicy(priority=2, max_concurrency=2),
+        "comfyui": ConsumerPolicy(priority=1, max_concurrency=1),
+    }
+    return SchedulerCore(
+        SchedulerConfig(policy=policy, **settings),  # type: ignore[arg-type]
+        consumers,
+        clock or FakeClock(),
+    )
+
+
+def test_first_job_is_granted_with_prepare_and_blocks_others_until_ready() -> None:
+    c = core()
+    a = c.submit("ollama")
+    b = c.submit("ollama")
+    [grant] = c.schedule()
+    assert (grant.job_id, grant.consumer, grant.prepare) == (a, "ollama", True)
+    assert c.schedule() == []  # preparing: residency is changing, nothing else starts
+    c.ready(a)
+    [second] = c.schedule()
+    assert (second.job_id, second.prepare) == (b, False)  # max_concurrency 2: joins the holder
+
+
+def test_jobs_of_different_consumers_never_overlap() -> None:
+    c = core()
+    a = c.submit("mvoice")
+    b = c.submit("ollama")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    assert g.job_id == a
+    assert c.schedule() == []  # ollama waits for mvoice to finish
+    assert c.holder == "mvoice"
+    c.finish(a, Outcome.COMPLETED)
+    [g2] = c.schedule()
+    assert (g2.job_id, g2.prepare) == (b, True)
+    assert c.stats().handoffs == 1
+
+
+def test_max_concurrency_bounds_the_holder() -> None:
+    c = core()
+    ids = [c.submit("ollama") for _ in range(3)]
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    more = c.schedule()
+    assert [x.job_id for x in more] == [ids[1]]
+    assert c.in_flight == 2
+    c.finish(ids[0], Outcome.COMPLETED)
+    assert [x.job_id for x in c.schedule()] == [ids[2]]
+
+
+def test_holder_drains_before_another_consumer_runs_in_fifo() -> None:
+    c = core()
+    o1 = c.submit("ollama")
+    m = c.submit("mvoice")
+    o2 = c.submit("ollama")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    # FIFO: mvoice is next, so ollama's second job does not join although a slot is free.
+    assert c.schedule() == []
+    c.finish(o1, Outcome.COMPLETED)
+    assert [x.job_id for x in c.schedule()] == [m]
+    c.ready(m)
+    c.finish(m, Outcome.COMPLETED)
+    assert [x.job_id for x in c.schedule()] == [o2]
+
+
+def test_cancel_while_waiting_leaves_at_once_and_next_job_is_not_held_up() -> None:
+    c = core()
+    a = c.submit("mvoice")
+    b = c.submit("ollama")
+    d = c.submit("comfyui")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    assert c.queue_depth == 2
+    assert c.cancel(b)
+    assert c.queue_depth == 1
+    assert not c.cancel(b)  # twice is a no-op
+    c.finish(a, Outcome.COMPLETED)
+    assert [x.job_id for x in c.schedule()] == [d]
+    assert c.stats().cancelled == 1
+
+
+def test_statistics_move_as_specified() -> None:
+    clock = FakeClock()
+    c = core(clock)
+    s = c.stats()
+    assert (s.queue_depth, s.in_flight, s.total_jobs, s.oldest_queued, s.holder) == (
+        0, 0, 0, None, None,
+    )
+    a = c.submit("mvoice")
+    clock.advance(0.5)
+    b = c.submit("ollama")
+    clock.advance(0.25)
+    s = c.stats()
+    assert (s.queue_depth, s.total_jobs) == (2, 2)
+    assert s.oldest_queued == pytest.approx(750.0)
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    s = c.stats()
+    assert (s.queue_depth, s.in_flight, s.holder) == (1, 1, "mvoice")
+    assert s.last_wait_ms == pytest.approx(750.0)
+    assert s.oldest_queued == pytest.approx(250.0)
+    assert s.consumers["mvoice"].in_flight == 1
+    assert s.consumers["ollama"].queue_depth == 1
+    clock.advance(2.0)
+    c.finish(a, Outcome.COMPLETED)
+    s = c.stats()
+    assert s.last_run_ms == pytest.approx(2000.0)
+    assert (s.in_flight, s.completed, s.holder) == (0, 1, None)
+    [g2] = c.schedule()
+    assert g2.job_id == b
+    assert c.stats().last_wait_ms == pytest.approx(2250.0)
+    c.finish(b, Outcome.FAILED)
+    s = c.stats()
+    assert (s.failed, s.queue_depth, s.oldest_queued) == (1, 0, None)
+
+
+def test_queue_full_carries_retry_after() -> None:
+    c = core(max_queue=2)
+    c.submit("mvoice")
+    c.submit("mvoice")
+    with pytest.raises(BrokerError) as info:
+        c.submit("ollama")
+    assert info.value.code is ErrorCode.QUEUE_FULL
+    assert info.value.status == 503
+    assert int(info.value.headers["Retry-After"]) >= 1
+
+
+def test_stop_accepting_hands_back_waiting_jobs_and_refuses_new_ones() -> None:
+    c = core()
+    a = c.submit("mvoice")
+    b = c.submit("ollama")
+    [g] = c.schedule()
+    assert g.job_id == a
+    assert c.stop_accepting() == [b]
+    with pytest.raises(BrokerError) as info:
+        c.submit("mvoice")
+    assert info.value.code is ErrorCode.SHUTTING_DOWN
+    assert c.in_flight == 1  # the running job is left to finish
+
+
+def test_exclusive_job_runs_alone() -> None:
+    c = core()
+    a = c.submit("ollama")
+    x = c.submit("ollama", exclusive=True)
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    assert c.schedule() == []  # although ollama has a free slot
+    c.finish(a, Outcome.COMPLETED)
+    [gx] = c.schedule()
+    assert gx.job_id == x
+    c.submit("ollama")
+    assert c.schedule() == []  # nothing joins an exclusive job
+
+
+# -- the priority policy -----------------------------------------------------------------------
+
+
+def test_priority_orders_waiting_jobs() -> None:
+    clock = FakeClock()
+    c = core(clock, policy="priority", affinity_wait_s=0)
+    first = c.submit("comfyui")  # holds the lease
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    low = c.submit("comfyui")  # priority 1
+    mid = c.submit("ollama")  # priority 2
+    urgent = c.submit("mvoice")  # priority 3
+    c.finish(first, Outcome.COMPLETED)
+    order = []
+    for _ in range(3):
+        [g] = c.schedule()
+        order.append(g.job_id)
+        c.ready(g.job_id)
+        c.finish(g.job_id, Outcome.COMPLETED)
+    assert order == [urgent, mid, low]
+
+
+def test_aging_lifts_a_waiting_job_one_level_per_aging_s() -> None:
+    clock = FakeClock()
+    c = core(clock, policy="priority", aging_s=10, affinity_wait_s=0)
+    running = c.submit("mvoice")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    old_low = c.submit("comfyui")  # priority 1
+    clock.advance(25)  # two levels: 3
+    fresh = c.submit("ollama")  # priority 2
+    c.finish(running, Outcome.COMPLETED)
+    [g] = c.schedule()
+    assert g.job_id == old_low
+    assert fresh in {j for j in c._waiting}
+
+
+def test_header_priority_is_clamped() -> None:
+    c = core(policy="priority", affinity_wait_s=0)
+    running = c.submit("comfyui")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    boosted = c.submit("comfyui", priority=99)  # clamps to 4
+    normal = c.submit("mvoice")  # priority 3
+    c.finish(running, Outcome.COMPLETED)
+    assert [x.job_id for x in c.schedule()] == [boosted]
+    assert normal in c._waiting
+
+
+def test_affinity_prefers_the_holder_until_the_oldest_waited_long_enough() -> None:
+    clock = FakeClock()
+    c = core(clock, policy="priority", affinity_wait_s=5, aging_s=1000)
+    c2 = SchedulerCore(
+        SchedulerConfig(policy="priority", affinity_wait_s=5, aging_s=1000),
+        {"a": ConsumerPolicy(2), "b": ConsumerPolicy(2)},
+        clock,
+    )
+    del c
+    first = c2.submit("a")
+    [g] = c2.schedule()
+    c2.ready(g.job_id)
+    other = c2.submit("b")
+    clock.advance(1)
+    same = c2.submit("a")
+    c2.finish(first, Outcome.COMPLETED)
+    [g] = c2.schedule()
+    assert g.job_id == same  # a swap saved: "a" is still the holder
+    c2.ready(same)
+    again = c2.submit("a")
+    clock.advance(5)  # "b" has now waited 6 s > affinity_wait_s
+    c2.finish(same, Outcome.COMPLETED)
+    [g] = c2.schedule()
+    assert g.job_id == other
+    assert again in c2._waiting
+
+
+def test_max_batch_bounds_consecutive_holder_grants_while_others_wait() -> None:
+    clock = FakeClock()
+    c = SchedulerCore(
+        SchedulerConfig(policy="priority", affinity_wait_s=1000, aging_s=1000, max_batch=2),
+        {"a": ConsumerPolicy(2), "b": ConsumerPolicy(2)},
+        clock,
+    )
+    a1 = c.submit("a")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    b1 = c.submit("b")
+    a2 = c.submit("a")
+    a3 = c.submit("a")
+    c.finish(a1, Outcome.COMPLETED)
+    [g] = c.schedule()
+    assert g.job_id == a2  # second consecutive grant for the holder
+    c.ready(a2)
+    c.finish(a2, Outcome.COMPLETED)
+    [g] = c.schedule()
+    assert g.job_id == b1  # max_batch reached while b waits: hand over
+    assert a3 in c._waiting
+
+
+def test_resident_consumer_is_preferred_over_a_cold_one() -> None:
+    clock = FakeClock()
+    c = SchedulerCore(
+        SchedulerConfig(policy="priority", affinity_wait_s=10, aging_s=1000),
+        {"a": ConsumerPolicy(2), "b": ConsumerPolicy(2), "c": ConsumerPolicy(2)},
+        clock,
+    )
+    a = c.submit("a")
+    [g] = c.schedule()
+    c.ready(g.job_id)
+    cold = c.submit("b")
+    warm = c.submit("c")
+    c.finish(a, Outcome.COMPLETED)
+    [g] = c.schedule(resident=frozenset({"a", "c"}))
+    assert g.job_id == warm
+    assert cold in c._waiting
