@@ -53,7 +53,10 @@ class Upstream:
         return web.json_response({"ok": True}, status=200 if self.healthy else 503)
 
     def route(
-        self, method: str, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        self,
+        method: str,
+        path: str,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> None:
         async def tracked(request: web.Request) -> web.StreamResponse:
             self.requests.append(request)

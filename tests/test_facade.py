@@ -43,7 +43,9 @@ async def envelope(resp: aiohttp.ClientResponse | Answer, code: str) -> dict[str
     return body
 
 
-async def test_llm_answer_streams_line_by_line(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_llm_answer_streams_line_by_line(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     release = asyncio.Event()
 
     async def generate(request: web.Request) -> web.StreamResponse:
@@ -67,7 +69,9 @@ async def test_llm_answer_streams_line_by_line(upstream: Upstream, client: aioht
             assert json.loads(await resp.content.readline())["done"] is True
 
 
-async def test_upload_is_relayed_as_it_arrives(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_upload_is_relayed_as_it_arrives(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     first_chunk_seen = asyncio.Event()
     received: list[int] = []
 
@@ -163,7 +167,9 @@ async def test_payload_too_large_declared_and_streamed(
         assert status["scheduler"]["in_flight"] == 0
 
 
-async def test_audio_proxy_and_path_escapes(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_audio_proxy_and_path_escapes(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     async def audio(request: web.Request) -> web.Response:
         return web.Response(body=b"RIFF" + request.path.encode(), content_type="audio/wav")
 
@@ -231,7 +237,9 @@ async def test_unreachable_consumer_fails_fast_and_is_never_forwarded(
         assert status["consumers"]["mvoice"]["healthy"] is True
 
 
-async def test_health_recovers_and_then_jobs_flow(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_health_recovers_and_then_jobs_flow(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"ok": 1})
 
@@ -263,7 +271,9 @@ class Blocker:
         return web.json_response({"n": self.count})
 
 
-async def test_queue_full_and_queue_timeout(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_queue_full_and_queue_timeout(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     blocker = Blocker()
     upstream.route("POST", "/api/synthesize", blocker)
     await upstream.start()
@@ -289,7 +299,9 @@ async def test_queue_full_and_queue_timeout(upstream: Upstream, client: aiohttp.
         assert (stats.timed_out, stats.completed, stats.queue_depth) == (1, 1, 0)
 
 
-async def test_run_timeout_aborts_the_upstream(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_run_timeout_aborts_the_upstream(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     blocker = Blocker()
     upstream.route("POST", "/api/generate", blocker)
     await upstream.start()
@@ -316,7 +328,11 @@ async def test_garbage_from_upstream_is_upstream_error(client: aiohttp.ClientSes
     tcp = await asyncio.start_server(garbage, "127.0.0.1", 0)
     port = tcp.sockets[0].getsockname()[1]
     config = make_config(
-        {"mvoice": consumer(f"http://127.0.0.1:{port}", health={"path": "/health", "interval_s": 60})},
+        {
+            "mvoice": consumer(
+                f"http://127.0.0.1:{port}", health={"path": "/health", "interval_s": 60}
+            )
+        },
         routing={"tts": "mvoice"},
     )
     try:
@@ -329,7 +345,9 @@ async def test_garbage_from_upstream_is_upstream_error(client: aiohttp.ClientSes
         await tcp.wait_closed()
 
 
-async def test_unauthorized_without_the_token(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_unauthorized_without_the_token(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     await upstream.start()
     config = make_config({"mvoice": consumer(upstream.url)}, auth={"token": "s3cret"})
     async with running_broker(config) as server:
@@ -343,16 +361,20 @@ async def test_unauthorized_without_the_token(upstream: Upstream, client: aiohtt
             assert resp.status == 200
 
 
-async def test_bad_priority_header_is_bad_request(upstream: Upstream, client: aiohttp.ClientSession) -> None:
+async def test_bad_priority_header_is_bad_request(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
     await upstream.start()
     config = make_config(
         {"mvoice": consumer(upstream.url)},
         routing={"tts": "mvoice"},
         scheduler={"allow_priority_header": True},
     )
-    async with running_broker(config) as server:
-        async with client.post(f"{server.url}/v1/tts", json={}, headers={"X-Priority": "high"}) as resp:
-            await envelope(resp, "bad_request")
+    async with (
+        running_broker(config) as server,
+        client.post(f"{server.url}/v1/tts", json={}, headers={"X-Priority": "high"}) as resp,
+    ):
+        await envelope(resp, "bad_request")
 
 
 async def test_queued_jobs_get_shutting_down_and_running_ones_finish(
@@ -420,8 +442,10 @@ async def test_disconnect_mid_stream_aborts_upstream_and_frees_the_lease(
     upstream.route("POST", "/api/chat", quick)
     await upstream.start()
     config = make_config(
-        {"ollama": consumer(upstream.url, paths={"llm": {"path": "/api/generate"}}),
-         "other": consumer(upstream.url, paths={"llm": {"path": "/api/chat"}})},
+        {
+            "ollama": consumer(upstream.url, paths={"llm": {"path": "/api/generate"}}),
+            "other": consumer(upstream.url, paths={"llm": {"path": "/api/chat"}}),
+        },
         routing={"llm": "ollama", "tts": "other"},
     )
     async with running_broker(config) as server:
@@ -443,14 +467,24 @@ async def test_status_and_metrics(upstream: Upstream, client: aiohttp.ClientSess
     config = make_config({"mvoice": consumer(upstream.url)}, routing={"tts": "mvoice"})
     async with running_broker(config) as server:
         s = (await (await client.get(f"{server.url}/v1/status")).json())["scheduler"]
-        assert (s["queue_depth"], s["in_flight"], s["total_jobs"], s["oldest_queued"]) == (0, 0, 0, None)
+        assert (s["queue_depth"], s["in_flight"], s["total_jobs"], s["oldest_queued"]) == (
+            0,
+            0,
+            0,
+            None,
+        )
         first = asyncio.create_task(post(client, f"{server.url}/v1/tts", json={}))
         await asyncio.wait_for(blocker.entered.wait(), 10)
         second = asyncio.create_task(post(client, f"{server.url}/v1/tts", json={}))
         await wait_for(lambda: server.broker.lease.core.queue_depth == 1, what="queued")
         status = await (await client.get(f"{server.url}/v1/status")).json()
         s = status["scheduler"]
-        assert (s["queue_depth"], s["in_flight"], s["total_jobs"], s["holder"]) == (1, 1, 2, "mvoice")
+        assert (s["queue_depth"], s["in_flight"], s["total_jobs"], s["holder"]) == (
+            1,
+            1,
+            2,
+            "mvoice",
+        )
         assert s["oldest_queued"] >= 0
         assert status["consumers"]["mvoice"]["queue_depth"] == 1
         assert status["gpu"]["backend"] == "static" and status["gpu"]["total_mib"] == 24576
@@ -459,7 +493,12 @@ async def test_status_and_metrics(upstream: Upstream, client: aiohttp.ClientSess
         await second
         await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="idle")
         s = (await (await client.get(f"{server.url}/v1/status")).json())["scheduler"]
-        assert (s["queue_depth"], s["in_flight"], s["completed"], s["oldest_queued"]) == (0, 0, 2, None)
+        assert (s["queue_depth"], s["in_flight"], s["completed"], s["oldest_queued"]) == (
+            0,
+            0,
+            2,
+            None,
+        )
         assert s["last_wait_ms"] >= 0 and s["last_run_ms"] >= 0
         text = await (await client.get(f"{server.url}/metrics")).text()
         assert 'mgpumanager_jobs_total{outcome="completed"} 2.0' in text

@@ -10,9 +10,7 @@ from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 
-def core(
-    clock: FakeClock | None = None, policy: str = "fifo", **settings: object
-) -> SchedulerCore:
+def core(clock: FakeClock | None = None, policy: str = "fifo", **settings: object) -> SchedulerCore:
     consumers = {
         "mvoice": ConsumerPolicy(priority=3, max_concurrency=1),
         "ollama": ConsumerPolicy(priority=2, max_concurrency=2),
@@ -101,7 +99,11 @@ def test_statistics_move_as_specified() -> None:
     c = core(clock)
     s = c.stats()
     assert (s.queue_depth, s.in_flight, s.total_jobs, s.oldest_queued, s.holder) == (
-        0, 0, 0, None, None,
+        0,
+        0,
+        0,
+        None,
+        None,
     )
     a = c.submit("mvoice")
     clock.advance(0.5)

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from .config import Action, AdapterType, ConsumerConfig, HealthConfig, HttpCall
 from .config import DEFAULT_PATHS as GENERIC_PATHS
+from .config import Action, AdapterType, ConsumerConfig, HealthConfig, HttpCall
 from .errors import BrokerError, ErrorCode
 from .lease import JobHandle
 from .proxy import check_declared_size, forward, too_large, translate_client_error
@@ -215,7 +215,8 @@ class OllamaAdapter(HttpAdapter):
         models = ps.get("models") if isinstance(ps, dict) else None
         if not isinstance(models, list):
             raise BrokerError(
-                ErrorCode.UPSTREAM_ERROR, f"{self.name}: /api/ps has no models list",
+                ErrorCode.UPSTREAM_ERROR,
+                f"{self.name}: /api/ps has no models list",
                 consumer=self.name,
             )
         names = [str(m.get("name") or m.get("model")) for m in models if isinstance(m, dict)]
@@ -338,7 +339,9 @@ class ComfyUIAdapter(HttpAdapter):
                     self.url("/ws"), params={"clientId": client_id}, heartbeat=30
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("%s: websocket unavailable (%s); following /history instead", self.name, exc)
+            log.warning(
+                "%s: websocket unavailable (%s); following /history instead", self.name, exc
+            )
             return None
 
     async def _finished(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse | None) -> None:
@@ -429,7 +432,8 @@ class SpeachesAdapter(HttpAdapter):
         models = ps.get("models") if isinstance(ps, dict) else None
         if not isinstance(models, list):
             raise BrokerError(
-                ErrorCode.UPSTREAM_ERROR, f"{self.name}: /api/ps has no models list",
+                ErrorCode.UPSTREAM_ERROR,
+                f"{self.name}: /api/ps has no models list",
                 consumer=self.name,
             )
         return [m if isinstance(m, str) else str(m.get("id")) for m in models]
@@ -505,11 +509,14 @@ class CommandAdapter(HttpAdapter):
             proc.kill()
             await proc.wait()
             raise BrokerError(
-                code, f"{self.name}: {argv!r} ran longer than {action.timeout_s:g} s",
+                code,
+                f"{self.name}: {argv!r} ran longer than {action.timeout_s:g} s",
                 consumer=self.name,
             ) from None
         text = output.decode(errors="replace").strip()
-        log.info("%s: %r exited %s%s", self.name, argv, proc.returncode, f": {text}" if text else "")
+        log.info(
+            "%s: %r exited %s%s", self.name, argv, proc.returncode, f": {text}" if text else ""
+        )
         if proc.returncode != 0:
             raise BrokerError(
                 code,

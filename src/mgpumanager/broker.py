@@ -61,8 +61,10 @@ class Broker:
         self.adapters = {
             name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
         }
-        self._residency = Residency(config, self.adapters, reader, self.clock)
         self._health = HealthMonitor(self.adapters, self.clock)
+        self._residency = Residency(
+            config, self.adapters, reader, self.clock, probe=self._health.probe_ok
+        )
         core = SchedulerCore(
             config.scheduler,
             {
@@ -77,7 +79,9 @@ class Broker:
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
             "broker up: %s (%d MiB), consumers %s",
-            reader.backend, reader.total_mib, ", ".join(self.adapters),
+            reader.backend,
+            reader.total_mib,
+            ", ".join(self.adapters),
         )
 
     async def _sample_gpu(self) -> None:
@@ -149,11 +153,13 @@ class Broker:
         raise BrokerError(ErrorCode.NO_CONSUMER, "no consumer of type ollama is configured")
 
     def gate(self, name: str) -> None:
-        stopped = (
-            self.adapters[name].stops_process
-            and self.residency.records[name].state is State.UNLOADED
+        """Failed probes are expected while the broker itself changes a consumer (loading,
+        unloading), and while a `command` consumer it stopped is down; otherwise they gate."""
+        state = self.residency.records[name].state
+        expected = state in (State.LOADING, State.UNLOADING) or (
+            self.adapters[name].stops_process and state is State.UNLOADED
         )
-        self.health.gate(name, stopped_by_broker=stopped)
+        self.health.gate(name, stopped_by_broker=expected)
 
     def priority(self, request: web.Request) -> int | None:
         raw = request.headers.get("X-Priority")

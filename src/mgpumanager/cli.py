@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             config = load_config(args.file)
-            print(f"{args.file}: OK ({len(config.consumers)} consumers: "
-                  f"{', '.join(config.consumers)})")
+            print(
+                f"{args.file}: OK ({len(config.consumers)} consumers: "
+                f"{', '.join(config.consumers)})"
+            )
             return 0
         if args.command == "serve":
             from .app import serve

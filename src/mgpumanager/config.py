@@ -276,7 +276,9 @@ def _pydantic_problems(exc: ValidationError, lines: Mapping[Loc, int]) -> Iterat
         yield ConfigProblem(_dotted(loc), _line_of(loc, lines), message)
 
 
-def _semantic_problems(data: Mapping[str, Any], lines: Mapping[Loc, int]) -> Iterator[ConfigProblem]:
+def _semantic_problems(
+    data: Mapping[str, Any], lines: Mapping[Loc, int]
+) -> Iterator[ConfigProblem]:
     """Cross-key checks. They read the raw mapping, defensively, so that they report alongside
     the per-key type errors instead of hiding behind them."""
 
@@ -329,7 +331,9 @@ def _semantic_problems(data: Mapping[str, Any], lines: Mapping[Loc, int]) -> Ite
             if not isinstance(action, Mapping):
                 continue
             if "command" in action and not is_command:
-                yield problem((*base, action_name, "command"), "'command' actions need type: command")
+                yield problem(
+                    (*base, action_name, "command"), "'command' actions need type: command"
+                )
             if is_command and "command" not in action:
                 yield problem((*base, action_name), "type: command needs a 'command' argv list")
         for kind in section(c.get("paths")):

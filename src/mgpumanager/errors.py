@@ -49,22 +49,34 @@ class ErrorSpec:
 # The one table code -> HTTP status. README's error table is generated from the same rows
 # (tests/test_errors.py checks that the two agree).
 ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
-    ErrorCode.BAD_REQUEST: ErrorSpec(400, False, "malformed request (bad JSON, bad header, bad path)"),
+    ErrorCode.BAD_REQUEST: ErrorSpec(
+        400, False, "malformed request (bad JSON, bad header, bad path)"
+    ),
     ErrorCode.UNAUTHORIZED: ErrorSpec(401, False, "missing or wrong bearer token"),
     ErrorCode.NOT_FOUND: ErrorSpec(404, False, "no such route"),
     ErrorCode.NO_CONSUMER: ErrorSpec(404, False, "no consumer is routed for this kind"),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(405, False, "route exists, method does not"),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, False, "request body larger than max_body_mib"),
-    ErrorCode.SCHEDULER_ERROR: ErrorSpec(500, True, "internal scheduler fault (a bug: please report)"),
+    ErrorCode.SCHEDULER_ERROR: ErrorSpec(
+        500, True, "internal scheduler fault (a bug: please report)"
+    ),
     ErrorCode.BAD_CONSUMER_URL: ErrorSpec(500, False, "the consumer's configured URL is unusable"),
-    ErrorCode.CONSUMER_UNREACHABLE: ErrorSpec(502, True, "last health probe failed or connect failed"),
-    ErrorCode.UPSTREAM_ERROR: ErrorSpec(502, True, "upstream broke the protocol or died mid-answer"),
+    ErrorCode.CONSUMER_UNREACHABLE: ErrorSpec(
+        502, True, "last health probe failed or connect failed"
+    ),
+    ErrorCode.UPSTREAM_ERROR: ErrorSpec(
+        502, True, "upstream broke the protocol or died mid-answer"
+    ),
     ErrorCode.LOAD_FAILED: ErrorSpec(502, True, "load call failed or not ready in load_timeout_s"),
     ErrorCode.QUEUE_FULL: ErrorSpec(503, True, "max_queue jobs already waiting (see Retry-After)"),
-    ErrorCode.EVICTION_FAILED: ErrorSpec(503, True, "an unload was not confirmed by the GPU reading"),
+    ErrorCode.EVICTION_FAILED: ErrorSpec(
+        503, True, "an unload was not confirmed by the GPU reading"
+    ),
     ErrorCode.SHUTTING_DOWN: ErrorSpec(503, True, "broker is draining after SIGTERM"),
     ErrorCode.QUEUE_TIMEOUT: ErrorSpec(504, True, "waited longer than queue_timeout_s for the GPU"),
-    ErrorCode.UPSTREAM_TIMEOUT: ErrorSpec(504, True, "job ran longer than the consumer's run_timeout_s"),
+    ErrorCode.UPSTREAM_TIMEOUT: ErrorSpec(
+        504, True, "job ran longer than the consumer's run_timeout_s"
+    ),
     ErrorCode.INSUFFICIENT_VRAM: ErrorSpec(
         507, False, "cannot make room (retryable only when busy/pinned residents are in the way)"
     ),

@@ -35,22 +35,36 @@ class HealthMonitor:
             name: HealthState(None, "not probed yet", None) for name in adapters
         }
         self._tasks: list[asyncio.Task[None]] = []
+        # Probes of one consumer may overlap (the background loop and a load waiting for
+        # readiness): only the verdict of the most recently *started* probe may stand.
+        self._started: dict[str, int] = dict.fromkeys(adapters, 0)
+        self._applied: dict[str, int] = dict.fromkeys(adapters, 0)
 
     async def probe(self, name: str) -> HealthState:
         adapter = self.adapters[name]
+        self._started[name] += 1
+        seq = self._started[name]
         try:
             result = await adapter.health()
         except Exception as exc:  # an adapter bug must not kill the monitor
             log.exception("%s: health probe raised", name)
             result = HealthResult(False, f"probe raised {type(exc).__name__}: {exc}")
         previous = self.states[name]
+        if seq < self._applied[name]:
+            return previous  # a newer probe already answered: this one is stale
+        self._applied[name] = seq
         failures = 0 if result.ok else previous.consecutive_failures + 1
         state = HealthState(result.ok, result.detail, self.clock.now(), failures)
         if previous.ok is not result.ok:
             level = logging.INFO if result.ok else logging.WARNING
-            log.log(level, "%s: health %s (%s)", name, "ok" if result.ok else "FAILED", result.detail)
+            log.log(
+                level, "%s: health %s (%s)", name, "ok" if result.ok else "FAILED", result.detail
+            )
         self.states[name] = state
         return state
+
+    async def probe_ok(self, name: str) -> bool:
+        return (await self.probe(name)).ok is True
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self.probe(name) for name in self.adapters))

@@ -143,7 +143,9 @@ class Lease:
                 await work
         except TimeoutError:
             handle.outcome = Outcome.TIMED_OUT
-            log.warning("%s: held job %d still running after %g s", handle.consumer, handle.id, timeout_s)
+            log.warning(
+                "%s: held job %d still running after %g s", handle.consumer, handle.id, timeout_s
+            )
         except asyncio.CancelledError:
             handle.outcome = Outcome.CANCELLED
             raise

@@ -51,9 +51,7 @@ def upstream_url(base: str, path: str, raw_query: str = "") -> URL:
     return URL(text, encoded=True)
 
 
-def filter_headers(
-    headers: Mapping[str, str], drop: Iterable[str] = ()
-) -> CIMultiDict[str]:
+def filter_headers(headers: Mapping[str, str], drop: Iterable[str] = ()) -> CIMultiDict[str]:
     dropped = HOP_BY_HOP | {d.lower() for d in drop}
     # A header named in Connection is hop-by-hop too.
     connection = headers.get("Connection", "")

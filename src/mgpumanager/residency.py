@@ -55,6 +55,18 @@ class Record:
         return max(self.declared_mib, self.measured_mib or 0)
 
 
+@dataclass(frozen=True)
+class EvictionDecision:
+    """One plan carried out: who was evicted for whom, and what was known when deciding."""
+
+    at: float
+    target: str
+    need_mib: int
+    headroom_mib: int
+    victims: tuple[str, ...]
+    residents: tuple[str, ...]
+
+
 @dataclass
 class Counters:
     swaps: int = 0  # loads of a consumer that was not resident
@@ -78,13 +90,18 @@ class Residency:
         clock: Clock,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        probe: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.config = config
         self.adapters = adapters
         self.reader = reader
         self.clock = clock
         self._sleep = sleep
+        # How "ready" is checked after a load; the broker passes its health monitor's probe so
+        # that the monitor's verdict follows the load.
+        self._probe = probe or self._adapter_healthy
         self.counters = Counters()
+        self.decisions: list[EvictionDecision] = []  # the last 100, newest last
         self.last_reading: GpuReading | None = None
         self.records = {
             name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
@@ -120,7 +137,7 @@ class Residency:
         return measured_mib(reading, patterns) or 0
 
     def headroom_mib(self, reading: GpuReading) -> int:
-        """min(free VRAM the GPU reports, total − what residents are known to hold) − margin.
+        """min(free VRAM the GPU reports, total - what residents are known to hold) - margin.
         Both terms matter: the driver's free figure lags after an unload."""
         held = sum(r.cost_mib for r in self.records.values() if r.state in HOLDS_MEMORY)
         by_accounting = self.total_mib - held
@@ -178,8 +195,24 @@ class Residency:
                 ErrorCode.INSUFFICIENT_VRAM, plan.reason, consumer=target, retryable=plan.retryable
             )
         if plan.victims:
-            log.info("%s needs %d MiB, headroom %d MiB: evicting %s",
-                     target, record.cost_mib, headroom, ", ".join(plan.victims))
+            self.decisions.append(
+                EvictionDecision(
+                    self.clock.now(),
+                    target,
+                    record.cost_mib,
+                    headroom,
+                    plan.victims,
+                    tuple(r.name for r in residents),
+                )
+            )
+            del self.decisions[:-100]
+            log.info(
+                "%s needs %d MiB, headroom %d MiB: evicting %s",
+                target,
+                record.cost_mib,
+                headroom,
+                ", ".join(plan.victims),
+            )
         for victim in plan.victims:
             await self.evict(victim, for_consumer=target)
         await self._wait_for_room(target)
@@ -294,6 +327,9 @@ class Residency:
                 )
             await self._sleep(self.config.gpu.poll_interval_s)
 
+    async def _adapter_healthy(self, name: str) -> bool:
+        return (await self.adapters[name].health()).ok
+
     async def load(self, name: str) -> None:
         """Load with the consumer's load call and wait until its health passes; without a load
         call, the first job loads it lazily (its memory is counted from now on)."""
@@ -306,7 +342,7 @@ class Residency:
             try:
                 async with asyncio.timeout(config.load_timeout_s):
                     await adapter.load()
-                    while not (await adapter.health()).ok:
+                    while not await self._probe(name):
                         await self._sleep(self.config.gpu.poll_interval_s)
             except (TimeoutError, BrokerError) as exc:
                 record.state = State.UNKNOWN  # it may hold part of its memory: the safe side

@@ -1,0 +1,470 @@
+"""A fake ComfyUI server (see UPSTREAMS.md, "ComfyUI"): asynchronous prompts on its own queue.
+
+- ``POST /prompt`` validates the graph and answers AT ONCE ``{"prompt_id", "number",
+  "node_errors": {}}``; one worker task runs the queue afterwards. A broker that releases the
+  GPU when ``/prompt`` answers lets the next job collide with this one.
+- The worker, per prompt: on the very first run it allocates a CUDA context (``ctx_mib``, tag
+  ``cuda_context``) that is NEVER freed; it loads the model if needed (``load_s``, then
+  ``model_mib`` under tag ``weights``), runs the graph's nodes over ``run_s``, sends the events
+  to the prompt's ``client_id`` (everyone when it has none), and writes ``/history``.
+  Event order, as ComfyUI's ``main.py`` does it: ``execution_start``, ``execution_cached``,
+  per node ``executing`` (+ ``executed`` for output nodes), then ``execution_success`` /
+  ``execution_error`` / ``execution_interrupted``, then the history entry is written, then
+  ``executing`` with ``"node": null``. (So ``/history`` may still be ``{}`` when
+  ``execution_success`` arrives; ``node: null`` is the reliable "done".)
+- CUDA OOM shows up as ``execution_error`` with ``exception_type`` ``torch.OutOfMemoryError``
+  and a history entry with ``status_str: "error"``; the model stays unloaded.
+- ``POST /free`` only sets flags and answers 200 at once; the worker unloads after the running
+  prompt, or at once when idle, and the memory returns ``free_delay_s`` later. The context stays.
+- ``POST /interrupt`` stops the running prompt (optionally only if its id matches);
+  ``POST /queue {"delete": [...]} | {"clear": true}`` drops pending ones.
+- Output nodes are those whose ``class_type`` starts with ``Save`` or ``Preview``; a graph with
+  none treats its last node as the output (real ComfyUI would refuse it; the fake is lenient).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from mgpumanager.sim._base import FakeService, read_json_object, sim_sleep, tiny_png
+from mgpumanager.sim.activity import ActivitySink, recording
+from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger, GpuMemoryView
+
+
+@dataclass(frozen=True)
+class ComfyUISettings:
+    name: str = "comfyui"
+    owner: str = "comfyui"
+    model_mib: int = 12000
+    ctx_mib: int = 300
+    load_s: float = 3.0
+    run_s: float = 4.0  # one prompt, spread over its nodes
+    free_delay_s: float = 1.0
+    max_history: int = 10000
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    number: int
+    prompt_id: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+
+    @property
+    def client_id(self) -> str | None:
+        cid = self.extra_data.get("client_id")
+        return cid if isinstance(cid, str) else None
+
+    def as_list(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+class _Interrupted(Exception):
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+
+
+def _error(kind: str, message: str, details: str = "") -> web.Response:
+    return web.json_response(
+        {
+            "error": {"type": kind, "message": message, "details": details, "extra_info": {}},
+            "node_errors": {},
+        },
+        status=400,
+    )
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class FakeComfyUI(FakeService):
+    def __init__(
+        self,
+        settings: ComfyUISettings | None = None,
+        *,
+        ledger: GpuLedger,
+        activity: ActivitySink | None = None,
+    ) -> None:
+        self.settings = settings or ComfyUISettings()
+        self.queue: list[QueueItem] = []
+        self.running: QueueItem | None = None
+        self.history: dict[str, dict[str, Any]] = {}
+        self.prompts_started: list[str] = []
+        self.model_loaded = False
+        self.ctx_allocated = False
+        self.files: set[str] = set()
+        self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self.flags: dict[str, bool] = {}
+        self._number = itertools.count()
+        self._file_number = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._interrupt = asyncio.Event()
+        super().__init__(
+            name=self.settings.name, owner=self.settings.owner, ledger=ledger, activity=activity
+        )
+
+    @property
+    def queue_remaining(self) -> int:
+        return len(self.queue) + (1 if self.running is not None else 0)
+
+    def _routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/prompt", self._post_prompt)
+        router.add_get("/prompt", self._get_prompt)
+        router.add_get("/queue", self._get_queue)
+        router.add_post("/queue", self._post_queue)
+        router.add_get("/history", self._get_history)
+        router.add_get("/history/{prompt_id}", self._get_history_one)
+        router.add_post("/history", self._post_history)
+        router.add_post("/interrupt", self._post_interrupt)
+        router.add_post("/free", self._post_free)
+        router.add_get("/system_stats", self._system_stats)
+        router.add_get("/view", self._view)
+        router.add_get("/ws", self._ws)
+
+    async def _on_startup(self) -> None:
+        self.spawn(self._worker(), name=f"{self.name}-worker")
+
+    async def _on_shutdown(self) -> None:
+        for group in list(self.sockets.values()):
+            for ws in list(group):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+    # -- websocket ------------------------------------------------------------------------
+
+    async def _send(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
+        """To the socket(s) of ``client_id``; to everyone when it is None (as ComfyUI does)."""
+        if client_id is None:
+            targets = [ws for group in self.sockets.values() for ws in group]
+        else:
+            targets = list(self.sockets.get(client_id, ()))
+        for ws in targets:
+            if not ws.closed:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_json({"type": event, "data": data})
+
+    async def _broadcast_status(self) -> None:
+        await self._send(
+            "status", {"status": {"exec_info": {"queue_remaining": self.queue_remaining}}}, None
+        )
+
+    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        sid = request.query.get("clientId") or uuid.uuid4().hex
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self.sockets.setdefault(sid, set()).add(ws)
+        try:
+            await ws.send_json(
+                {
+                    "type": "status",
+                    "data": {
+                        "status": {"exec_info": {"queue_remaining": self.queue_remaining}},
+                        "sid": sid,
+                    },
+                }
+            )
+            async for msg in ws:
+                if msg.type is WSMsgType.ERROR:
+                    break
+        finally:
+            group = self.sockets.get(sid)
+            if group is not None:
+                group.discard(ws)
+                if not group:
+                    del self.sockets[sid]
+        return ws
+
+    # -- worker ---------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while True:
+            if self.flags:
+                await self._apply_flags()
+            if not self.queue:
+                self._wake.clear()
+                if self.flags:
+                    continue
+                await self._wake.wait()
+                continue
+            item = self.queue.pop(0)
+            self.running = item
+            self._interrupt.clear()
+            await self._execute(item)
+
+    async def _apply_flags(self) -> None:
+        flags, self.flags = self.flags, {}
+        free_memory = flags.get("free_memory", False)
+        if flags.get("unload_models", free_memory) and self.model_loaded:
+            self.model_loaded = False
+            self.unload_count += 1
+            await sim_sleep(self.settings.free_delay_s)
+            await self.ledger.release(self.owner, "weights")  # the CUDA context stays
+
+    async def _ensure_model(self) -> None:
+        try:
+            if not self.ctx_allocated:
+                await self.ledger.allocate(self.owner, self.settings.ctx_mib, "cuda_context")
+                self.ctx_allocated = True
+            if not self.model_loaded:
+                await sim_sleep(self.settings.load_s)
+                await self.ledger.allocate(self.owner, self.settings.model_mib, "weights")
+                self.model_loaded = True
+                self.load_count += 1
+        except CudaOutOfMemory:
+            self.oom_count += 1
+            raise
+
+    async def _run_node_s(self, seconds: float) -> bool:
+        """Sleep ``seconds`` of node work; True when interrupted."""
+        if self._interrupt.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._interrupt.wait(), timeout=max(0.0, seconds))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _execute(self, item: QueueItem) -> None:
+        pid, cid = item.prompt_id, item.client_id
+        messages: list[list[Any]] = []
+
+        async def event(kind: str, data: dict[str, Any], keep: bool = True) -> None:
+            if keep:
+                messages.append([kind, data])
+            await self._send(kind, data, cid)
+
+        self.prompts_started.append(pid)
+        await event("execution_start", {"prompt_id": pid, "timestamp": _ms()})
+        await event("execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()})
+        outputs: dict[str, Any] = {}
+        executed: list[str] = []
+        node_ids = list(item.prompt)
+        success = False
+        try:
+            await self._ensure_model()
+            per_node_s = self.settings.run_s / len(node_ids)
+            async with recording(self.activity, self.name):
+                for node_id in node_ids:
+                    await event(
+                        "executing",
+                        {"node": node_id, "display_node": node_id, "prompt_id": pid},
+                        keep=False,
+                    )
+                    if await self._run_node_s(per_node_s):
+                        raise _Interrupted(node_id)
+                    executed.append(node_id)
+                    if node_id in item.outputs:
+                        name = f"ComfyUI_{next(self._file_number):05d}_.png"
+                        self.files.add(name)
+                        out = {"images": [{"filename": name, "subfolder": "", "type": "output"}]}
+                        outputs[node_id] = out
+                        data = {
+                            "node": node_id,
+                            "display_node": node_id,
+                            "output": out,
+                            "prompt_id": pid,
+                        }
+                        await event("executed", data, keep=False)
+            success = True
+            await event("execution_success", {"prompt_id": pid, "timestamp": _ms()})
+        except CudaOutOfMemory as exc:
+            node = node_ids[0]
+            await event(
+                "execution_error",
+                {
+                    "prompt_id": pid,
+                    "node_id": node,
+                    "node_type": item.prompt[node].get("class_type"),
+                    "executed": executed,
+                    "exception_message": f"{exc}\n",
+                    "exception_type": "torch.OutOfMemoryError",
+                    "traceback": ["torch.OutOfMemoryError: " + str(exc)],
+                    "current_inputs": {},
+                    "current_outputs": {},
+                    "timestamp": _ms(),
+                },
+            )
+        except _Interrupted as exc:
+            await event(
+                "execution_interrupted",
+                {
+                    "prompt_id": pid,
+                    "node_id": exc.node_id,
+                    "node_type": item.prompt[exc.node_id].get("class_type"),
+                    "executed": executed,
+                    "timestamp": _ms(),
+                },
+            )
+        self.history[pid] = {
+            "prompt": item.as_list(),
+            "outputs": outputs,
+            "status": {
+                "status_str": "success" if success else "error",
+                "completed": success,
+                "messages": messages,
+            },
+            "meta": {n: {"node_id": n, "display_node": n} for n in outputs},
+        }
+        while len(self.history) > self.settings.max_history:
+            del self.history[next(iter(self.history))]
+        self.running = None
+        await self._broadcast_status()
+        await self._send("executing", {"node": None, "prompt_id": pid}, cid)
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _post_prompt(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error("invalid_prompt", "Invalid JSON body")
+        if not isinstance(body, dict) or "prompt" not in body:
+            return _error("no_prompt", "No prompt provided", "No prompt provided")
+        graph = body["prompt"]
+        if not isinstance(graph, dict) or not graph:
+            return _error(
+                "invalid_prompt", "Cannot execute because the prompt is empty or not an object."
+            )
+        for node_id, node in graph.items():
+            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+                return _error(
+                    "invalid_prompt",
+                    "Cannot execute because a node is missing the class_type property.",
+                    f"Node ID '#{node_id}'",
+                )
+        outputs = [
+            n
+            for n, node in graph.items()
+            if str(node["class_type"]).startswith(("Save", "Preview"))
+        ]
+        if not outputs:
+            outputs = [list(graph)[-1]]
+        extra = body.get("extra_data")
+        extra_data: dict[str, Any] = dict(extra) if isinstance(extra, dict) else {}
+        if isinstance(body.get("client_id"), str):
+            extra_data["client_id"] = body["client_id"]
+        prompt_id = body.get("prompt_id")
+        if not isinstance(prompt_id, str) or not prompt_id:
+            prompt_id = str(uuid.uuid4())
+        number = next(self._number)
+        if isinstance(body.get("number"), int | float):
+            number = int(body["number"])
+        elif body.get("front"):
+            number = -number
+        item = QueueItem(number, prompt_id, graph, extra_data, outputs)
+        self.queue.append(item)
+        self.queue.sort(key=lambda i: i.number)
+        self._wake.set()
+        await self._broadcast_status()
+        return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": {}})
+
+    async def _get_prompt(self, _request: web.Request) -> web.Response:
+        return web.json_response({"exec_info": {"queue_remaining": self.queue_remaining}})
+
+    async def _get_queue(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "queue_running": [self.running.as_list()] if self.running is not None else [],
+                "queue_pending": [i.as_list() for i in self.queue],
+            }
+        )
+
+    async def _post_queue(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        before = len(self.queue)
+        if body.get("clear"):
+            self.queue.clear()
+        delete = body.get("delete")
+        if isinstance(delete, list):
+            self.queue = [i for i in self.queue if i.prompt_id not in delete]
+        if len(self.queue) != before:
+            await self._broadcast_status()
+        return web.Response(status=200)
+
+    async def _get_history(self, request: web.Request) -> web.Response:
+        items = list(self.history.items())
+        max_items = request.query.get("max_items")
+        if max_items is not None and max_items.isdigit():
+            items = items[-int(max_items) :] if int(max_items) > 0 else []
+        return web.json_response(dict(items))
+
+    async def _get_history_one(self, request: web.Request) -> web.Response:
+        pid = request.match_info["prompt_id"]
+        entry = self.history.get(pid)
+        return web.json_response({pid: entry} if entry is not None else {})
+
+    async def _post_history(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        if body.get("clear"):
+            self.history.clear()
+        delete = body.get("delete")
+        if isinstance(delete, list):
+            for pid in delete:
+                self.history.pop(str(pid), None)
+        return web.Response(status=200)
+
+    async def _post_interrupt(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        wanted = body.get("prompt_id")
+        running = self.running
+        if running is not None and (wanted is None or wanted == running.prompt_id):
+            self._interrupt.set()
+        return web.Response(status=200)
+
+    async def _post_free(self, request: web.Request) -> web.Response:
+        body = await read_json_object(request)
+        for key in ("unload_models", "free_memory"):
+            if key in body:
+                self.flags[key] = bool(body[key])
+        self._wake.set()
+        return web.Response(status=200)
+
+    async def _system_stats(self, _request: web.Request) -> web.Response:
+        held_mib = (self.settings.ctx_mib if self.ctx_allocated else 0) + (
+            self.settings.model_mib if self.model_loaded else 0
+        )
+        total_mib = free_mib = 0
+        if isinstance(self.ledger, GpuMemoryView):
+            mem = await self.ledger.memory()
+            total_mib, free_mib = mem.total_mib, mem.free_mib
+        return web.json_response(
+            {
+                "system": {
+                    "os": "posix",
+                    "ram_total": 64 * 1024 * MIB,
+                    "ram_free": 48 * 1024 * MIB,
+                    "comfyui_version": "0.3.60",
+                    "python_version": "3.11.7",
+                    "pytorch_version": "2.7.1+cu128",
+                    "embedded_python": False,
+                    "argv": ["main.py"],
+                },
+                "devices": [
+                    {
+                        "name": "cuda:0 Simulated GPU : cudaMallocAsync",
+                        "type": "cuda",
+                        "index": 0,
+                        "vram_total": total_mib * MIB,
+                        "vram_free": free_mib * MIB,
+                        "torch_vram_total": held_mib * MIB,
+                        "torch_vram_free": 0,
+                    }
+                ],
+            }
+        )
+
+    async def _view(self, request: web.Request) -> web.Response:
+        name = request.query.get("filename", "")
+        if request.query.get("type", "output") != "output" or name not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=tiny_png(), content_type="image/png")

@@ -1,0 +1,105 @@
+"""`make demo` as a user runs it: started as a subprocess, every printed curl command run
+against it as printed, then Ctrl-C stops everything and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_banner(proc: subprocess.Popen[str], timeout_s: float) -> list[str]:
+    """Lines up to the banner's last one, read by a thread (a pipe read has no timeout)."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            return seen
+    raise AssertionError(f"demo did not come up in {timeout_s} s; printed: {seen}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_make_demo_and_every_printed_curl_command() -> None:
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed to run the demo's printed commands (apt-get install curl)")
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "demo"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        banner = read_banner(proc, timeout_s=120)
+        curls = [line for line in banner if line.startswith("curl ")]
+        assert len(curls) >= 3, banner
+        for command in curls:
+            run = subprocess.run(
+                ["bash", "-c", command + " --fail-with-body --max-time 60"],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=90,
+            )
+            assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
+            assert run.stdout.strip(), command
+            if "/metrics" in command:
+                assert "mgpumanager_queue_depth" in run.stdout
+            else:
+                # NDJSON for the streamed LLM answer, one JSON document otherwise
+                try:
+                    docs = [json.loads(run.stdout)]
+                except json.JSONDecodeError:
+                    docs = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+                assert docs and all(isinstance(d, dict) for d in docs), command
+                assert not any("error" in d and "retryable" in d for d in docs), run.stdout
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            assert proc.stdout is not None
+            proc.stdout.close()
+    # make itself dies of the SIGINT it forwards (-2), or reports the demo's exit status.
+    assert proc.returncode in (0, 2, 130, -signal.SIGINT), proc.returncode
+    status = subprocess.run(
+        [
+            "python3",
+            "-c",
+            "import os,sys; sys.exit(os.path.exists('/tmp/mgpumanager-demo-whisper.pid'))",
+        ],
+        check=False,
+    )
+    assert status.returncode == 0, "the demo left its whisper process behind"
