@@ -232,12 +232,13 @@ async def serve(config_path: Path) -> int:
     """`mgpumanager serve`: run until SIGTERM/SIGINT; SIGHUP re-reads the registry."""
     config = load_config(config_path)
     server = await start_server(Broker(config))
-    log.info("listening on %s", server.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, config_path))
+    # Only now: whoever waits for this line may signal us, and the handlers are in place.
+    log.info("listening on %s", server.url)
     await stop.wait()
     log.info("signal received: draining")
     await server.stop()

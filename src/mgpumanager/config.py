@@ -128,7 +128,7 @@ class GpuConfig(_Model):
     total_mib: int | None = Field(default=None, gt=0)
     safety_margin_mib: int = Field(default=512, ge=0)
     sim_url: str = "http://127.0.0.1:8799"
-    poll_interval_s: PositiveFloat = 0.15
+    poll_interval_s: PositiveFloat = 0.1
 
 
 class SchedulerConfig(_Model):

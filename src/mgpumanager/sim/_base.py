@@ -8,10 +8,11 @@ import contextlib
 import datetime as dt
 import logging
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -41,6 +42,7 @@ class ReceivedRequest:
     path: str
     query_string: str
     headers: CIMultiDict[str]
+    at: float = field(default_factory=time.monotonic)  # when it reached the fake (benchmarks)
 
 
 @dataclass(frozen=True)

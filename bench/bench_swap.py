@@ -1,0 +1,165 @@
+"""Swap overhead: what the broker adds to a swap, beyond the upstreams' own unload + load.
+
+For 50 swaps between two consumers that cannot be resident together (Ollama 14000 MiB and
+mVoice 6000 MiB on a 20 GiB simulated GPU), measured in this one process:
+
+    overhead = (job reaches its upstream) - (lease granted) - (victim's free delay + eager load)
+
+The fakes' own delays are their settings (the unload's free_delay_s, drawn per swap from a
+seeded range, and mVoice's admin load_s);
+Ollama loads lazily after the job reached it, so its load is outside the window. What is
+left is the broker's work: planning, the unload call, polling the GPU reading and the upstream
+until the memory is confirmed back, the load call and readiness probe, and the proxy hop.
+Run for two values of gpu.poll_interval_s, the knob that dominates it. Results go to
+bench/results/swap.json.
+
+    make bench            # or: .venv/bin/python bench/bench_swap.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mgpumanager.app import start_server
+from mgpumanager.broker import Broker
+from mgpumanager.config import Config
+from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
+from mgpumanager.sim.mvoice import MVoiceSettings
+from mgpumanager.sim.ollama import OllamaSettings
+
+SWAPS = 50
+LOAD_S = 0.05
+# Driver lag differs from one unload to the next (Ollama reports 0.5-1.5 s on real cards):
+# drawn per swap, scaled down ~10x, so polling is measured against a lag it cannot predict.
+FREE_DELAY_RANGE_S = (0.05, 0.15)
+MODEL = "llm:14b"
+RESULTS = Path(__file__).parent / "results" / "swap.json"
+
+
+def registry(cluster: SimCluster, poll_interval_s: float) -> Config:
+    return Config.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "gpu": {
+                "backend": "sim",
+                "sim_url": cluster.gpu_url,
+                "poll_interval_s": poll_interval_s,
+            },
+            "routing": {"tts": "mvoice", "llm": "ollama"},
+            "consumers": {
+                "mvoice": {
+                    "url": cluster.urls["mvoice"],
+                    "health": {"path": "/health", "interval_s": 5},
+                    "vram_resident_mib": 6000,
+                    "unload": {"path": "/api/admin/unload"},
+                    "load": {"path": "/api/admin/load"},
+                    "gpu_processes": ["mvoice"],
+                },
+                "ollama": {
+                    "type": "ollama",
+                    "url": cluster.urls["ollama"],
+                    "health": {"path": "/api/version", "interval_s": 5},
+                    "vram_resident_mib": 14000,
+                    "gpu_processes": ["ollama"],
+                },
+            },
+        }
+    )
+
+
+async def run(poll_interval_s: float) -> dict[str, Any]:
+    spec = FakeSpec(
+        mvoice=MVoiceSettings(vram_mib=6000, load_s=LOAD_S, run_s=0.0),
+        ollama=OllamaSettings(models={MODEL: 14000}, load_s=LOAD_S, run_s=0.0, chunks=1),
+        comfyui=None,
+        whisper=None,
+    )
+    async with await start_cluster(total_mib=20480, spec=spec) as cluster:
+        broker = Broker(registry(cluster, poll_interval_s))
+        server = await start_server(broker, port=0)
+        grants: list[float] = []
+        prepare = broker.lease._prepare
+
+        async def timed_prepare(name: str) -> None:
+            grants.append(time.monotonic())
+            await prepare(name)
+
+        broker.lease._prepare = timed_prepare
+        overheads: list[float] = []
+        rng = random.Random(7)
+        try:
+            async with aiohttp.ClientSession() as session:
+                for i in range(SWAPS + 1):
+                    target = "mvoice" if i % 2 == 0 else "ollama"
+                    fake: Any = cluster.fakes[target]
+                    victim: Any = cluster.fakes["ollama" if target == "mvoice" else "mvoice"]
+                    free_delay_s = rng.uniform(*FREE_DELAY_RANGE_S)
+                    victim.settings = dataclasses.replace(
+                        victim.settings, free_delay_s=free_delay_s
+                    )
+                    before = len(fake.received)
+                    if target == "mvoice":
+                        url, body = f"{server.url}/v1/tts", {"text": "hi"}
+                    else:
+                        url, body = f"{server.url}/v1/llm", {"model": MODEL, "prompt": "hi"}
+                    async with session.post(url, json=body) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"{target}: {resp.status}")
+                    if i == 0:
+                        continue  # the first load evicts nobody: not a swap
+                    job = [
+                        r
+                        for r in list(fake.received)[before:]
+                        if r.path in ("/api/synthesize", "/api/generate")
+                    ]
+                    reached = job[0].at
+                    upstream_s = free_delay_s + (LOAD_S if target == "mvoice" else 0.0)
+                    overheads.append(reached - grants[-1] - upstream_s)
+            counters = broker.residency.counters
+            assert counters.evictions == SWAPS, counters
+            assert cluster.gpu.oom_count == 0
+        finally:
+            await server.stop()
+    ms = sorted(o * 1000 for o in overheads)
+    return {
+        "poll_interval_s": poll_interval_s,
+        "swaps": len(ms),
+        "median_ms": round(statistics.median(ms), 1),
+        "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1),
+        "max_ms": round(ms[-1], 1),
+        "goal_median_ms": 100,
+    }
+
+
+async def main() -> None:
+    rows = [await run(poll) for poll in (0.25, 0.1, 0.05)]
+    result = {
+        "benchmark": "swap overhead (lease grant -> job reaches upstream, minus upstream delays)",
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}",
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'poll_interval_s':>15} {'swaps':>5} {'median ms':>9} {'p95 ms':>7} {'max ms':>7}")
+    for r in rows:
+        print(
+            f"{r['poll_interval_s']:>15} {r['swaps']:>5} {r['median_ms']:>9} {r['p95_ms']:>7} "
+            f"{r['max_ms']:>7}"
+        )
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
