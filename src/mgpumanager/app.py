@@ -23,7 +23,7 @@ from .broker import MIB, Broker
 from .config import KINDS, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
 from .metrics import render
-from .proxy import PREPARED, forward
+from .proxy import PREPARED
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,7 @@ async def ollama_job(request: web.Request) -> web.StreamResponse:
 async def ollama_meta(request: web.Request) -> web.StreamResponse:
     """Ollama's metadata calls (tags, ps, show, version): no GPU work, not scheduled."""
     broker = request.app[BROKER]
-    name = broker.ollama_consumer()
-    assert broker.session is not None
-    return await forward(
-        request,
-        broker.session,
-        base_url=broker.config.consumers[name].url,
-        method=request.method,
-        path=request.path,
-        consumer=name,
-        max_body_bytes=broker.config.max_body_mib * MIB,
-    )
+    return await broker.passthrough(request, broker.ollama_consumer(), request.path)
 
 
 def safe_audio_path(raw_tail: str) -> str:
@@ -124,16 +114,7 @@ async def audio(request: web.Request) -> web.StreamResponse:
         raise BrokerError(ErrorCode.NO_CONSUMER, "no audio_proxy consumer is configured")
     raw_path = request.raw_path.split("?", 1)[0]
     tail = safe_audio_path(raw_path[len("/audio/") :])
-    assert broker.session is not None
-    return await forward(
-        request,
-        broker.session,
-        base_url=broker.config.consumers[name].url,
-        method=request.method,
-        path="/audio/" + tail,
-        consumer=name,
-        max_body_bytes=0,
-    )
+    return await broker.passthrough(request, name, "/audio/" + tail)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -202,10 +183,11 @@ class Server:
         return f"http://{host}:{port}"
 
     async def stop(self) -> None:
-        """Ordered shutdown: stop accepting, drain with a bound, cancel the rest, release."""
-        self.broker.lease.shutdown()
-        await self.broker.shutdown()
+        """Ordered shutdown: stop accepting, drain with a bound, cancel the rest (closing the
+        server cancels handlers still running, which aborts their upstream requests), release."""
+        await self.broker.drain()
         await self.runner.cleanup()
+        await self.broker.aclose()
 
 
 async def start_server(broker: Broker, host: str | None = None, port: int | None = None) -> Server:
@@ -214,7 +196,8 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
     app = make_app(broker)
     # handler_cancellation: a client that disconnects cancels its handler, which leaves the
     # queue or aborts the upstream request (aiohttp ≥3.9 no longer does this by default).
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # shutdown_timeout: by cleanup time the broker has drained; what still runs is cancelled.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(
         runner, cfg_host if host is None else host, cfg_port if port is None else port

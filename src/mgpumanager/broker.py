@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +17,7 @@ from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .lease import Lease
-from .proxy import check_declared_size
+from .proxy import check_declared_size, forward
 from .residency import Residency, State
 from .scheduler import ConsumerPolicy, SchedulerCore
 from .status import ConsumerStatus, GpuStatus, SchedulerStatus, Status
@@ -90,17 +89,19 @@ class Broker:
             await asyncio.sleep(1.0)
             await self.residency.read_gpu()
 
-    async def shutdown(self) -> None:
-        """Ordered: stop accepting (queued jobs get shutting_down), drain in-flight jobs within
-        drain_timeout_s, cancel what is left, release resources."""
+    async def drain(self) -> None:
+        """Stop accepting (queued jobs get shutting_down), let in-flight jobs finish within
+        drain_timeout_s, then cancel held ComfyUI prompts (interrupting them upstream)."""
         lease = self._lease
-        if lease is not None:
-            log.info("draining: %d in flight", lease.core.in_flight)
-            lease.shutdown()
-            if not await lease.drain(self.config.scheduler.drain_timeout_s):
-                log.warning("drain timed out; cancelling held jobs")
-            await lease.cancel_held()
-        await self.aclose()
+        if lease is None:
+            return
+        log.info("draining: %d in flight", lease.core.in_flight)
+        lease.shutdown()
+        if not await lease.drain(self.config.scheduler.drain_timeout_s):
+            log.warning(
+                "drain timed out after %g s; cancelling", self.config.scheduler.drain_timeout_s
+            )
+        await lease.cancel_held()
 
     async def aclose(self) -> None:
         if self._sampler is not None:
@@ -195,6 +196,21 @@ class Broker:
             finally:
                 self.residency.touch(name)
 
+    async def passthrough(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
+        """Relay a request that is no GPU work (generated audio, Ollama metadata) straight to
+        `name`: not scheduled, not health-gated (a failed connect still answers an envelope)."""
+        if self.session is None:
+            raise RuntimeError("broker not started")
+        return await forward(
+            request,
+            self.session,
+            base_url=self.config.consumers[name].url,
+            method=request.method,
+            path=path,
+            consumer=name,
+            max_body_bytes=self.config.max_body_mib * MIB,
+        )
+
     async def admin(self, name: str, action: str) -> dict[str, object]:
         """Unload or load one consumer, under the lease like any job."""
         if name not in self.config.consumers:
@@ -281,10 +297,3 @@ class Broker:
             consumers=consumers,
             routing=dict(self.config.routing),
         )
-
-
-def consumers_by_type(config: Config) -> Mapping[AdapterType, list[str]]:
-    out: dict[AdapterType, list[str]] = {}
-    for name, c in config.consumers.items():
-        out.setdefault(c.type, []).append(name)
-    return out
