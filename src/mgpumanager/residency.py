@@ -358,6 +358,8 @@ class Residency:
             record.last_load_s = self.clock.now() - started
         record.state = State.RESIDENT
         self.counters.swaps += 1
+        if adapter.has_load:
+            await self.read_gpu()  # so /v1/status shows the loaded figure, not the one before
         log.info("%s: resident%s", name, "" if adapter.has_load else " (loads on first job)")
 
 
