@@ -11,12 +11,16 @@ which these follow, is in shared/UPSTREAMS.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
+import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +32,10 @@ from .lease import JobHandle
 from .proxy import check_declared_size, forward, too_large, translate_client_error
 
 log = logging.getLogger(__name__)
+
+# Kind of a job that came in on the facade's Ollama-native API (app.ollama_job): the rest is the
+# upstream path, e.g. "ollama:/api/chat".
+NATIVE_KIND_PREFIX = "ollama:"
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,16 @@ class HttpAdapter:
 
     def path_for(self, kind: str) -> HttpCall:
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
-        return call if call is not None else GENERIC_PATHS[kind]
+        call = call or GENERIC_PATHS.get(kind)
+        if call is None:
+            # A kind routed here that this consumer has no path for: a registry gap, answered
+            # as an envelope rather than a KeyError (500 with no body).
+            raise BrokerError(
+                ErrorCode.NO_CONSUMER,
+                f"{self.name} has no path for {kind!r} (paths.{kind} in the registry)",
+                consumer=self.name,
+            )
+        return call
 
     def url(self, path: str) -> str:
         return self.config.url.rstrip("/") + path
@@ -210,6 +227,14 @@ class OllamaAdapter(HttpAdapter):
     def has_load(self) -> bool:
         return bool(self.config.models)
 
+    def path_for(self, kind: str) -> HttpCall:
+        # The facade's Ollama-native routes (/api/generate, /api/chat, /api/embed) arrive as
+        # kind "ollama:<path>" and go to the same path upstream; without this they hit the
+        # kind table and failed with a KeyError (a bare 500) for every native client.
+        if kind.startswith(NATIVE_KIND_PREFIX):
+            return HttpCall(path=kind.removeprefix(NATIVE_KIND_PREFIX))
+        return super().path_for(kind)
+
     async def resident_models(self) -> list[str]:
         ps = await self.request_json("GET", "/api/ps", timeout_s=self.health_config.timeout_s)
         models = ps.get("models") if isinstance(ps, dict) else None
@@ -255,20 +280,26 @@ class ComfyUIAdapter(HttpAdapter):
 
     default_health = HealthConfig(path="/system_stats")
     default_paths = {"image": HttpCall(path="/prompt")}
-    history_poll_s = 1.0
+    history_poll_s = 0.25
+    cancel_wait_s = 10.0  # how long a cancelled prompt may take to leave ComfyUI's queue
 
     def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
         super().__init__(name, config, session)
         self.ours: set[str] = set()  # prompt ids the broker posted and that have not finished
 
-    async def residency(self) -> ResidencyReport:
+    async def queued_ids(self) -> set[str]:
+        """Prompt ids running or waiting on ComfyUI's own queue, whoever posted them."""
         queue = await self.request_json("GET", "/queue", timeout_s=self.health_config.timeout_s)
         ids = set()
         for key in ("queue_running", "queue_pending"):
-            for item in (queue or {}).get(key, []):
+            items = queue.get(key, []) if isinstance(queue, dict) else []
+            for item in items if isinstance(items, list) else []:
                 if isinstance(item, list) and len(item) > 1:
                     ids.add(str(item[1]))
-        outside = ids - self.ours
+        return ids
+
+    async def residency(self) -> ResidencyReport:
+        outside = await self.queued_ids() - self.ours
         return ResidencyReport(
             None, busy=bool(outside), detail=f"{len(outside)} prompt(s) posted around the broker"
         )
@@ -303,10 +334,15 @@ class ComfyUIAdapter(HttpAdapter):
                 consumer=self.name,
             )
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        client_id = str(body.get("client_id") or f"mgpumanager-{uuid.uuid4().hex}")
-        body.update(prompt_id=prompt_id, client_id=client_id)
-        # Open the socket before posting, or the prompt's events may be sent before we listen.
-        ws = await self._open_ws(client_id)
+        body["prompt_id"] = prompt_id
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        # A caller that names its client_id listens on its own socket under that id. ComfyUI
+        # keeps one socket per client_id (a second connect replaces the first), so a broker
+        # socket under the same id would steal the caller's events: follow /history instead.
+        if not body.get("client_id"):
+            body["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+            # Open the socket before posting, or the prompt's events may come before we listen.
+            ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
             response = await forward(
@@ -320,9 +356,14 @@ class ComfyUIAdapter(HttpAdapter):
                 body=json.dumps(body).encode(),
             )
         except BaseException:
-            self.ours.discard(prompt_id)
-            if ws is not None:
-                await ws.close()
+            # The prompt may be on ComfyUI's queue already (the client went away while its
+            # answer was relayed): stop it before the lease goes, or it runs unguarded.
+            try:
+                await self.cancel(prompt_id)
+            finally:
+                self.ours.discard(prompt_id)
+                if ws is not None:
+                    await ws.close()
             raise
         if response.status != 200:  # rejected graph: nothing runs
             self.ours.discard(prompt_id)
@@ -368,6 +409,10 @@ class ComfyUIAdapter(HttpAdapter):
                 await ws.close()
 
     async def _ws_done(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        # Done is `executing` with `node: null`. ComfyUI sends execution_success / _error /
+        # _interrupted from inside the run, and only then takes the prompt off queue_running,
+        # writes /history and sends `node: null`; releasing on the earlier events let the next
+        # job see our own prompt on /queue as work posted around the broker.
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue  # binary frames are previews
@@ -375,15 +420,12 @@ class ComfyUIAdapter(HttpAdapter):
                 event = json.loads(msg.data)
             except json.JSONDecodeError:
                 continue
-            data = event.get("data") or {}
-            if data.get("prompt_id") != prompt_id:
+            data = event.get("data") if isinstance(event, dict) else None
+            if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
                 continue
-            kind = event.get("type")
-            if kind in ("execution_success", "execution_error", "execution_interrupted"):
+            if event.get("type") == "executing" and data.get("node") is None:
                 return
-            if kind == "executing" and data.get("node") is None:
-                return
-        # Socket closed without an end event: fall back to /history (the other waiter).
+        # Socket closed without the end event: /history (the other waiter) decides.
         await asyncio.Event().wait()
 
     async def _history_done(self, prompt_id: str) -> None:
@@ -392,17 +434,18 @@ class ComfyUIAdapter(HttpAdapter):
                 history = await self.request_json(
                     "GET", f"/history/{prompt_id}", timeout_s=self.health_config.timeout_s
                 )
-                entry = (history or {}).get(prompt_id)
+                entry = history.get(prompt_id) if isinstance(history, dict) else None
                 if isinstance(entry, dict):
-                    status = entry.get("status") or {}
-                    if status.get("completed") or status.get("status_str") in ("success", "error"):
-                        return
+                    # The entry is written when the prompt leaves the queue, whatever its end.
+                    return
             except BrokerError as exc:
                 log.debug("%s: /history poll failed: %s", self.name, exc)
             await asyncio.sleep(self.history_poll_s)
 
     async def cancel(self, prompt_id: str) -> None:
-        """/interrupt stops it if it runs; a queue delete removes it if it waits."""
+        """/interrupt stops it if it runs; a queue delete removes it if it waits. Then wait
+        (up to cancel_wait_s) until it has left the queue: an interrupt takes effect at the
+        next step, and the lease must not pass on while the GPU is still busy with it."""
         for path, body in (
             ("/interrupt", {"prompt_id": prompt_id}),
             ("/queue", {"delete": [prompt_id]}),
@@ -411,6 +454,15 @@ class ComfyUIAdapter(HttpAdapter):
                 await self.request_json("POST", path, body=body, timeout_s=5.0)
             except BrokerError as exc:
                 log.warning("%s: cancel %s via %s failed: %s", self.name, prompt_id, path, exc)
+                return  # unreachable or refusing: nothing to wait for
+        try:
+            async with asyncio.timeout(self.cancel_wait_s):
+                while True:
+                    if prompt_id not in await self.queued_ids():
+                        return
+                    await asyncio.sleep(self.history_poll_s)
+        except (TimeoutError, BrokerError) as exc:
+            log.warning("%s: cancelled prompt %s still queued: %s", self.name, prompt_id, exc)
 
 
 class SpeachesAdapter(HttpAdapter):
@@ -436,25 +488,38 @@ class SpeachesAdapter(HttpAdapter):
                 f"{self.name}: /api/ps has no models list",
                 consumer=self.name,
             )
-        return [m if isinstance(m, str) else str(m.get("id")) for m in models]
+        # speaches answers a list of ids; tolerate objects with an "id" as well.
+        return [m if isinstance(m, str) else str(m.get("id")) for m in models if _named(m)]
 
     async def residency(self) -> ResidencyReport:
         models = await self.loaded_models()
         return ResidencyReport(bool(models), detail=", ".join(models))
 
     async def unload(self) -> None:
-        async with asyncio.timeout(self.config.unload_timeout_s):
-            for model in await self.loaded_models():
-                while True:
-                    try:
-                        await self.request_json(
-                            "DELETE", f"/api/ps/{model}", timeout_s=5.0, ok=(200, 404)
-                        )
-                        break
-                    except UpstreamStatus as exc:
-                        if exc.http_status != 409:
-                            raise
-                        await asyncio.sleep(self.retry_s)  # in use: it is busy, ask again
+        timeout_s = self.config.unload_timeout_s
+        model = ""
+        try:
+            async with asyncio.timeout(timeout_s):
+                for model in await self.loaded_models():
+                    while True:
+                        try:
+                            await self.request_json(
+                                "DELETE", f"/api/ps/{model}", timeout_s=5.0, ok=(200, 404)
+                            )
+                            break
+                        except UpstreamStatus as exc:
+                            if exc.http_status != 409:
+                                raise
+                            await asyncio.sleep(self.retry_s)  # in use: ask again
+        except TimeoutError:
+            # Raised bare, this escaped the residency layer (it only handles BrokerError)
+            # and left the consumer stuck in `unloading`.
+            raise BrokerError(
+                ErrorCode.EVICTION_FAILED,
+                f"{self.name}: {model or 'its models'} still in use (409) or not answering "
+                f"after unload_timeout_s ({timeout_s:g} s)",
+                consumer=self.name,
+            ) from None
 
     async def unloaded(self) -> bool:
         return not await self.loaded_models()
@@ -496,32 +561,44 @@ class CommandAdapter(HttpAdapter):
 
     async def _run(self, action: Action, code: ErrorCode) -> None:
         argv = action.command or []
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            async with asyncio.timeout(action.timeout_s):
-                output, _ = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise BrokerError(
-                code,
-                f"{self.name}: {argv!r} ran longer than {action.timeout_s:g} s",
-                consumer=self.name,
-            ) from None
-        text = output.decode(errors="replace").strip()
-        log.info(
-            "%s: %r exited %s%s", self.name, argv, proc.returncode, f": {text}" if text else ""
-        )
+        # Output goes to a file, not a pipe: a start command that leaves a server running in
+        # the background (`sh -c 'whisper-server ... &'`) keeps a pipe open for as long as the
+        # server lives, and reading it to the end would hang until the timeout.
+        with tempfile.TemporaryFile() as out:
+            try:
+                # Its own session: on timeout the whole group goes, not just the shell
+                # around a hung `systemctl`.
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                )
+            except OSError as exc:  # no such program, not executable
+                raise BrokerError(
+                    code, f"{self.name}: cannot run {argv!r}: {exc}", consumer=self.name
+                ) from exc
+            try:
+                async with asyncio.timeout(action.timeout_s):
+                    await proc.wait()
+            except BaseException as exc:  # timed out, or the job was cancelled
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+                if isinstance(exc, TimeoutError):
+                    raise BrokerError(
+                        code,
+                        f"{self.name}: {argv!r} ran longer than {action.timeout_s:g} s{_tail(out)}",
+                        consumer=self.name,
+                    ) from None
+                raise
+            text = _tail(out)
+        log.info("%s: %r exited %s%s", self.name, argv, proc.returncode, text)
         if proc.returncode != 0:
             raise BrokerError(
-                code,
-                f"{self.name}: {argv!r} exited {proc.returncode}: {text[-500:]}",
-                consumer=self.name,
+                code, f"{self.name}: {argv!r} exited {proc.returncode}{text}", consumer=self.name
             )
 
 
@@ -568,6 +645,18 @@ ADAPTERS: Mapping[AdapterType, type[HttpAdapter]] = {
 
 def make_adapter(name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> HttpAdapter:
     return ADAPTERS[config.type](name, config, session)
+
+
+def _tail(out: IO[bytes], limit: int = 500) -> str:
+    """The last `limit` characters a command wrote, as ": <text>" (empty when it wrote nothing)."""
+    size = out.seek(0, os.SEEK_END)
+    out.seek(max(0, size - 4 * limit))  # a chatty command: only its last words matter
+    text = out.read().decode(errors="replace").strip()[-limit:]
+    return f": {text}" if text else ""
+
+
+def _named(model: object) -> bool:
+    return isinstance(model, str) or (isinstance(model, dict) and model.get("id") is not None)
 
 
 async def _read_bounded(request: web.Request, max_body_bytes: int, consumer: str) -> bytes:
