@@ -319,6 +319,8 @@ class ComfyUIAdapter(HttpAdapter):
         call = self.path_for(kind)
         if call.path != "/prompt":
             return await super().forward(request, kind, job, max_body_bytes)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         check_declared_size(request, max_body_bytes, self.name)
         raw = await _read_bounded(request, max_body_bytes, self.name)
         try:
@@ -370,7 +372,9 @@ class ComfyUIAdapter(HttpAdapter):
             if ws is not None:
                 await ws.close()
             return response
-        job.hold_until(self._finished(prompt_id, ws), timeout_s=self.config.run_timeout_s)
+        # run_timeout_s bounds the whole job: the /prompt call and the wait for the prompt.
+        left_s = max(0.0, self.config.run_timeout_s - (loop.time() - started))
+        job.hold_until(self._finished(prompt_id, ws), timeout_s=left_s)
         return response
 
     async def _open_ws(self, client_id: str) -> aiohttp.ClientWebSocketResponse | None:
