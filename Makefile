@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_swap.py
 
 bench-sched: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_sched.py
 
 # rsync the tree to HOST, build there, install the systemd unit and restart it.

@@ -59,18 +59,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large"))
 
 
-def auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/healthz":
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
-        return await handler(request)
-
-    return check
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With `auth.token` set, every route but /healthz needs `Authorization: Bearer <token>`.
+    Reads the registry on each request, so a SIGHUP reload applies to it."""
+    token = request.app[BROKER].config.auth.token
+    if token is not None and request.path != "/healthz":
+        expected = f"Bearer {token.get_secret_value()}".encode()
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
+    return await handler(request)
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -144,9 +143,7 @@ async def admin(request: web.Request) -> web.Response:
 
 def make_app(broker: Broker) -> web.Application:
     config = broker.config
-    middlewares: list[Middleware] = [error_middleware]
-    if config.auth.token is not None:
-        middlewares.append(auth_middleware(config.auth.token.get_secret_value()))
+    middlewares: list[Middleware] = [error_middleware, auth_middleware]
     # client_max_size bounds only bodies read whole (a ComfyUI prompt); streamed bodies are
     # counted as they pass (proxy._BodyLimit).
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_mib * MIB)
@@ -230,6 +227,8 @@ async def serve(config_path: Path) -> int:
 
 
 def _reload(server: Server, path: Path) -> None:
+    """SIGHUP: re-read the registry. A bad file, or one that changes what needs a restart, is
+    refused with every problem logged, and the old registry stays in force."""
     try:
         new = load_config(path)
     except ConfigError as exc:
@@ -238,10 +237,21 @@ def _reload(server: Server, path: Path) -> None:
     if new == server.broker.config:
         log.info("SIGHUP: registry unchanged")
         return
-    log.warning(
-        "SIGHUP: registry is valid but live reload of a changed registry is not supported yet; "
-        "restart the service to apply it (old registry stays in force)"
-    )
+    task = asyncio.ensure_future(_apply(server.broker, new))
+    _RELOADS.add(task)
+    task.add_done_callback(_RELOADS.discard)
+
+
+_RELOADS: set[asyncio.Task[None]] = set()
+
+
+async def _apply(broker: Broker, new: Config) -> None:
+    try:
+        changes = await broker.reload(new)
+    except ValueError as exc:
+        log.error("SIGHUP: new registry refused, keeping the old one: %s", exc)
+        return
+    log.info("SIGHUP: registry reloaded (%s)", ", ".join(changes) or "no effective change")
 
 
 def dump(obj: object) -> str:

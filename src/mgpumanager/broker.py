@@ -45,6 +45,7 @@ class Broker:
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -72,7 +73,12 @@ class Broker:
             },
             self.clock,
         )
-        self._lease = Lease(core, self._residency.ensure_resident, self._residency.resident_set)
+        self._lease = Lease(
+            core,
+            self._residency.ensure_resident,
+            self._residency.resident_set,
+            self._residency.swap_costs,
+        )
         await asyncio.gather(self._health.probe_all(), self._residency.discover())
         self._health.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
@@ -113,6 +119,48 @@ class Broker:
             await self._reader.aclose()
         if self.session is not None:
             await self.session.close()
+
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a re-read registry while serving; answers what changed. Known consumers keep
+        their residency and queued jobs; new ones are probed and discovered; jobs queued for a
+        removed consumer get no_consumer (running ones finish). `listen` and `gpu` need a
+        restart: a registry changing them is refused whole and the old one stays."""
+        async with self._reload_lock:  # two quick SIGHUPs apply one after the other
+            return await self._reload(new)
+
+    async def _reload(self, new: Config) -> list[str]:
+        old = self.config
+        for key in ("listen", "gpu"):
+            if getattr(new, key) != getattr(old, key):
+                raise ValueError(f"{key!r} changed: restart the service to apply it")
+        if self.session is None:
+            raise RuntimeError("broker not started")
+        same = {n for n, c in new.consumers.items() if old.consumers.get(n) == c}
+        adapters = {
+            name: self.adapters[name] if name in same else make_adapter(name, c, self.session)
+            for name, c in new.consumers.items()
+        }
+        health = HealthMonitor(adapters, self.clock)
+        health.states.update({n: s for n, s in self.health.states.items() if n in same})
+        await self.health.aclose()
+        self.adapters, self._health = adapters, health
+        await health.probe_all_of([n for n in adapters if n not in same])
+        health.start()
+        await self.residency.reconfigure(new, adapters, health.probe_ok)
+        dropped = self.lease.reconfigure(
+            new.scheduler,
+            {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
+        )
+        self.config = new
+        changes = [f"+{n}" for n in new.consumers if n not in old.consumers]
+        changes += [f"-{n}" for n in old.consumers if n not in new.consumers]
+        changes += [f"~{n}" for n in new.consumers if n in old.consumers and n not in same]
+        for key in ("routing", "audio_proxy", "scheduler", "auth", "max_body_mib"):
+            if getattr(new, key) != getattr(old, key):
+                changes.append(key)
+        if dropped:
+            changes.append(f"{dropped} queued job(s) of removed consumers refused")
+        return changes
 
     # -- parts (set by start) -----------------------------------------------------------------
 

@@ -67,7 +67,10 @@ class HealthMonitor:
         return (await self.probe(name)).ok is True
 
     async def probe_all(self) -> None:
-        await asyncio.gather(*(self.probe(name) for name in self.adapters))
+        await self.probe_all_of(list(self.adapters))
+
+    async def probe_all_of(self, names: list[str]) -> None:
+        await asyncio.gather(*(self.probe(name) for name in names))
 
     def start(self) -> None:
         for name in self.adapters:

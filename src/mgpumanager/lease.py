@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Set
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .config import SchedulerConfig
 from .errors import BrokerError, ClientDisconnected, ErrorCode
-from .scheduler import Grant, Outcome, SchedulerCore
+from .scheduler import ConsumerPolicy, Grant, Outcome, SchedulerCore
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,12 @@ class Lease:
         core: SchedulerCore,
         prepare: Prepare,
         resident: Callable[[], Set[str]] = frozenset,
+        swap_costs: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         self.core = core
         self._prepare = prepare
         self._resident = resident
+        self._swap_costs = swap_costs
         self._waiters: dict[int, asyncio.Future[Grant]] = {}
         self._held: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
@@ -157,7 +160,7 @@ class Lease:
 
     def dispatch(self) -> None:
         """Ask the core what may start now and wake those waiters."""
-        for grant in self.core.schedule(self._resident()):
+        for grant in self.core.schedule(self._resident(), self._swap_costs()):
             future = self._waiters.get(grant.job_id)
             if future is None or future.done():
                 # Nobody is waiting any more (cannot normally happen: cancel removes the job
@@ -170,6 +173,25 @@ class Lease:
             self._idle.set()
         else:
             self._idle.clear()
+
+    def reconfigure(
+        self, settings: SchedulerConfig, consumers: Mapping[str, ConsumerPolicy]
+    ) -> int:
+        """A reloaded registry: new settings and consumers; jobs queued for a consumer that is
+        gone fail with no_consumer. Answers how many."""
+        dropped = self.core.reconfigure(settings, consumers)
+        for job_id, consumer in dropped:
+            future = self._waiters.get(job_id)
+            if future is not None and not future.done():
+                future.set_exception(
+                    BrokerError(
+                        ErrorCode.NO_CONSUMER,
+                        f"{consumer} was removed from the registry while this job waited",
+                        consumer=consumer,
+                    )
+                )
+        self.dispatch()
+        return len(dropped)
 
     def shutdown(self) -> None:
         """Refuse new jobs; every queued job fails with shutting_down."""

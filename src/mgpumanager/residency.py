@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .adapters import ConsumerAdapter
@@ -121,6 +121,15 @@ class Residency:
     def resident_set(self) -> frozenset[str]:
         return frozenset(n for n, r in self.records.items() if r.state is State.RESIDENT)
 
+    def swap_costs(self) -> dict[str, float]:
+        """Seconds of one measured swap cycle (last unload + last load) per consumer; those the
+        broker has not seen both of are left out (the scheduler treats them as unknown)."""
+        return {
+            name: r.last_unload_s + r.last_load_s
+            for name, r in self.records.items()
+            if r.last_unload_s is not None and r.last_load_s is not None
+        }
+
     async def read_gpu(self) -> GpuReading:
         reading = await self.reader.read()
         self.last_reading = reading
@@ -145,14 +154,16 @@ class Residency:
         headroom = by_accounting if free is None else min(free, by_accounting)
         return headroom - self.config.gpu.safety_margin_mib
 
-    async def discover(self) -> None:
-        """At start-up: ask every adapter and the GPU who is resident, instead of assuming an
-        empty card. What nobody can tell stays `unknown` and counts as taken."""
+    async def discover(self, names: Collection[str] | None = None) -> None:
+        """Ask the adapters (of `names`, default all) and the GPU who is resident, instead of
+        assuming an empty card. What nobody can tell stays `unknown` and counts as taken."""
         reading = await self.read_gpu()
+        todo = list(self.records if names is None else names)
         reports = await asyncio.gather(
-            *(a.residency() for a in self.adapters.values()), return_exceptions=True
+            *(self.adapters[name].residency() for name in todo), return_exceptions=True
         )
-        for (name, record), report in zip(self.records.items(), reports, strict=True):
+        for name, report in zip(todo, reports, strict=True):
+            record = self.records[name]
             if isinstance(report, BaseException):
                 record.state, record.detail = State.UNKNOWN, f"residency probe failed: {report}"
             elif report.resident is not None:
@@ -165,6 +176,31 @@ class Residency:
             else:
                 record.state, record.detail = State.UNKNOWN, "no residency probe or GPU figure"
             log.info("%s: %s (%s)", name, record.state, record.detail)
+
+    async def reconfigure(
+        self,
+        config: Config,
+        adapters: Mapping[str, ConsumerAdapter],
+        probe: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        """A reloaded registry: known consumers keep their residency (their declared cost and
+        pin follow the new file), new ones are discovered, removed ones are forgotten — a
+        removed consumer still holding memory is then seen only in the GPU's free figure."""
+        for name in set(self.records) - set(config.consumers):
+            if self.records[name].state in HOLDS_MEMORY:
+                log.warning(
+                    "%s: removed from the registry while %s", name, self.records[name].state
+                )
+            del self.records[name]
+        added = [name for name in config.consumers if name not in self.records]
+        for name, c in config.consumers.items():
+            record = self.records.setdefault(
+                name, Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            )
+            record.declared_mib, record.pinned = c.vram_resident_mib, c.pinned
+        self.config, self.adapters, self._probe = config, adapters, probe
+        if added:
+            await self.discover(added)
 
     def touch(self, name: str) -> None:
         self.records[name].last_used = self.clock.now()
