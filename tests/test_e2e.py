@@ -261,7 +261,7 @@ async def test_an_unload_that_never_frees_fails_the_job_and_nothing_runs_out(
     # comfyui's "unload" answers 200 and frees nothing (a GET of its stats page).
     config = registry(
         cluster,
-        comfyui={"unload": {"method": "GET", "path": "/system_stats"}, "unload_timeout_s": 0.5},
+        comfyui={"unload": {"method": "GET", "path": "/system_stats"}, "unload_timeout_s": 2},
     )
     async with running_broker(config) as server, aiohttp.ClientSession() as session:
         url, kwargs = requests_for("image", server.url, direct=False)
@@ -279,8 +279,39 @@ async def test_an_unload_that_never_frees_fails_the_job_and_nothing_runs_out(
         assert status["consumers"]["comfyui"]["residency"] == "unknown"
         assert status["consumers"]["ollama"]["residency"] == "unloaded"
         assert status["scheduler"]["eviction_failures"] == 1
-        # unknown memory counts as taken: the next attempt fails the same way, never loads
+        # unknown memory counts as taken, and for one unload_timeout_s the stuck consumer is
+        # in the way: the next attempt fails fast, retryable, and still loads nothing
         async with session.post(url, **kwargs) as resp:
-            assert (await resp.json())["error"] == "eviction_failed"
+            body = await resp.json()
+            assert (resp.status, body["error"], body["retryable"]) == (
+                507,
+                "insufficient_vram",
+                True,
+            )
+            assert "comfyui" in body["message"] and "not confirmed" in body["message"]
+        assert server.broker.residency.counters.eviction_failures == 1  # no second attempt
     assert cluster.gpu.oom_count == 0
     assert cluster.gpu.held_by("ollama") == 0  # never loaded on an unconfirmed eviction
+
+
+async def test_a_consumer_without_an_unload_call_is_never_a_victim(cluster: SimCluster) -> None:
+    data = registry(cluster).model_dump(mode="json", exclude_unset=True)
+    del data["consumers"]["mvoice"]["unload"]
+    data["consumers"]["mvoice"]["vram_resident_mib"] = 12000
+    config = Config.model_validate(data)
+    async with running_broker(config) as server, aiohttp.ClientSession() as session:
+        url, kwargs = requests_for("tts", server.url, direct=False)
+        async with session.post(url, **kwargs) as resp:
+            assert resp.status == 200
+        url, kwargs = requests_for("llm", server.url, direct=False)  # 14000 MiB: no room
+        async with session.post(url, **kwargs) as resp:
+            body = await resp.json()
+        assert (resp.status, body["error"], body["consumer"]) == (
+            507,
+            "insufficient_vram",
+            "ollama",
+        )
+        assert "'mvoice'" in body["message"] and "pinned" in body["message"]
+        assert server.broker.residency.records["mvoice"].state == "resident"
+    assert cluster.fakes["mvoice"].unload_count == 0  # type: ignore[attr-defined]
+    assert cluster.gpu.oom_count == 0

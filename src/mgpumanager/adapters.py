@@ -64,6 +64,10 @@ class ConsumerAdapter(Protocol):
     def stops_process(self) -> bool:
         """Unloading stops the process: failed probes while unloaded are expected."""
 
+    @property
+    def can_unload(self) -> bool:
+        """False: nothing can evict it, so the planner treats it as pinned."""
+
     def path_for(self, kind: str) -> HttpCall: ...
     async def health(self) -> HealthResult: ...
     async def residency(self) -> ResidencyReport: ...
@@ -95,6 +99,10 @@ class HttpAdapter:
     @property
     def has_load(self) -> bool:
         return self.config.load is not None
+
+    @property
+    def can_unload(self) -> bool:
+        return self.config.unload is not None
 
     def path_for(self, kind: str) -> HttpCall:
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
@@ -251,6 +259,10 @@ class OllamaAdapter(HttpAdapter):
         names = await self.resident_models()
         return ResidencyReport(bool(names), detail=", ".join(names))
 
+    @property
+    def can_unload(self) -> bool:
+        return True  # its protocol has an unload of its own
+
     async def unload(self) -> None:
         for model in await self.resident_models():
             await self.request_json(
@@ -303,6 +315,10 @@ class ComfyUIAdapter(HttpAdapter):
         return ResidencyReport(
             None, busy=bool(outside), detail=f"{len(outside)} prompt(s) posted around the broker"
         )
+
+    @property
+    def can_unload(self) -> bool:
+        return True  # its protocol has an unload of its own
 
     async def unload(self) -> None:
         body = {"unload_models": True, "free_memory": True}
@@ -499,6 +515,10 @@ class SpeachesAdapter(HttpAdapter):
         models = await self.loaded_models()
         return ResidencyReport(bool(models), detail=", ".join(models))
 
+    @property
+    def can_unload(self) -> bool:
+        return True  # its protocol has an unload of its own
+
     async def unload(self) -> None:
         timeout_s = self.config.unload_timeout_s
         model = ""
@@ -624,6 +644,10 @@ class VllmAdapter(HttpAdapter):
             "GET", "/is_sleeping", timeout_s=self.health_config.timeout_s
         )
         return bool((answer or {}).get("is_sleeping"))
+
+    @property
+    def can_unload(self) -> bool:
+        return True  # its protocol has an unload of its own
 
     async def unload(self) -> None:
         action = self.config.unload or Action(path="/sleep?level=1")

@@ -47,6 +47,7 @@ class Record:
     last_unload_s: float | None = None
     last_load_s: float | None = None
     busy_outside: bool = False
+    unload_failed_at: float | None = None  # clock time of the last unconfirmed eviction
     detail: str = ""
 
     @property
@@ -227,8 +228,12 @@ class Residency:
         )
         if isinstance(plan, CannotFit):
             record.state = State.UNKNOWN if record.measured_mib else State.UNLOADED
+            stuck = [r.name for r in residents if self._cooling_down(r.name)]
+            reason = plan.reason
+            if stuck:
+                reason += f" ({', '.join(stuck)}: last unload not confirmed, state unknown)"
             raise BrokerError(
-                ErrorCode.INSUFFICIENT_VRAM, plan.reason, consumer=target, retryable=plan.retryable
+                ErrorCode.INSUFFICIENT_VRAM, reason, consumer=target, retryable=plan.retryable
             )
         if plan.victims:
             self.decisions.append(
@@ -255,22 +260,26 @@ class Residency:
         await self.load(target)
 
     async def _residents_for_plan(self, target: str) -> list[Resident]:
+        names = [n for n, r in self.records.items() if n != target and r.state in HOLDS_MEMORY]
+        # Each upstream's word on work posted around the broker (ComfyUI's /queue), asked at once.
+        reports = await asyncio.gather(
+            *(self.adapters[n].residency() for n in names), return_exceptions=True
+        )
         out = []
-        for name, r in self.records.items():
-            if name == target or r.state not in HOLDS_MEMORY:
-                continue
-            adapter = self.adapters[name]
-            try:
-                r.busy_outside = (await adapter.residency()).busy
-            except BrokerError as exc:
-                log.debug("%s: residency probe failed while planning: %s", name, exc)
+        for name, report in zip(names, reports, strict=True):
+            r = self.records[name]
+            if isinstance(report, BaseException):
+                log.debug("%s: residency probe failed while planning: %s", name, report)
+            else:
+                r.busy_outside = report.busy
             out.append(
                 Resident(
                     name=name,
                     cost_mib=r.cost_mib,
                     last_used=r.last_used if r.last_used is not None else float("-inf"),
-                    pinned=r.pinned,
-                    busy=r.busy_outside,
+                    # Without an unload call nothing can evict it: as good as pinned.
+                    pinned=r.pinned or not self.adapters[name].can_unload,
+                    busy=r.busy_outside or self._cooling_down(name),
                     coexists=self.config.coexist(name, target),
                 )
             )
@@ -311,13 +320,23 @@ class Residency:
                 )
             await self._sleep(self.config.gpu.poll_interval_s)
         record.state = State.UNLOADED
+        record.unload_failed_at = None
         record.last_unload_s = self.clock.now() - started
         self.counters.evictions += 1
         log.info("%s: unloaded, confirmed in %.2f s", name, record.last_unload_s)
 
     def _eviction_failed(self, record: Record) -> None:
         record.state = State.UNKNOWN
+        record.unload_failed_at = self.clock.now()
         self.counters.eviction_failures += 1
+
+    def _cooling_down(self, name: str) -> bool:
+        """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
+        the way (like a busy one): jobs that need its room fail fast, retryable, instead of
+        each holding the lease for another unload_timeout_s on the same stuck unload."""
+        failed_at = self.records[name].unload_failed_at
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        return failed_at is not None and self.clock.now() - failed_at < timeout_s
 
     async def _upstream_let_go(self, adapter: ConsumerAdapter) -> bool:
         try:
