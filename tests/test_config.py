@@ -169,3 +169,16 @@ def test_serve_refuses_a_bad_file(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "consumers.mvoice.priority (line 8)" in run.stderr
+
+
+def test_the_example_registry_shows_every_adapter() -> None:
+    """The commented-out consumers at the end of consumers.yaml (speaches, vllm) are valid
+    registry text too: uncommented, the file still loads, and every adapter type appears."""
+    text = (ROOT / "config" / "consumers.yaml").read_text()
+    head, marker, tail = text.partition("  # Further adapters")
+    assert marker, "the example lost its block of further adapters"
+    body = "\n".join(
+        line.replace("  # ", "  ", 1) for line in tail.splitlines()[1:] if line.strip() != "#"
+    )
+    config = parse_config(head + body + "\n")
+    assert {c.type for c in config.consumers.values()} == set(AdapterType)
