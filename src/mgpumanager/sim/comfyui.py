@@ -162,7 +162,9 @@ class FakeComfyUI(FakeService):
         sid = request.query.get("clientId") or uuid.uuid4().hex
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
-        self.sockets.setdefault(sid, set()).add(ws)
+        # Like server.py: one socket per client id; a reconnect with the same id takes over and
+        # the older socket gets no more events (it is not closed, just forgotten).
+        self.sockets[sid] = {ws}
         try:
             await ws.send_json(
                 {
