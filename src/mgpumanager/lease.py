@@ -83,7 +83,9 @@ class Lease:
         handle = JobHandle(self, grant)
         try:
             if grant.prepare and not exclusive:
-                await self._prepare(consumer)
+                # A residency change is never cut in half by a client that leaves: it runs to
+                # its end (each step is bounded by its own timeout), then the job is cancelled.
+                await _run_to_end(self._prepare(consumer))
                 self.core.ready(grant.job_id)
                 self.dispatch()
             yield handle
@@ -219,3 +221,20 @@ class Lease:
 
 def _granted(future: asyncio.Future[Grant]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
+
+
+async def _run_to_end(work: Awaitable[None]) -> None:
+    """Await `work` to its end even if the caller is cancelled meanwhile; then re-raise the
+    cancellation. (asyncio.shield alone would let the caller go on while `work` still runs.)"""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise  # the work itself was cancelled
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

@@ -143,13 +143,27 @@ class Residency:
         patterns = self.config.consumers[name].gpu_processes
         if not patterns or not reading.ok:
             return None
-        # No matching process means it holds nothing (a stopped whisper-server, say).
-        return measured_mib(reading, patterns) or 0
+        measured = measured_mib(reading, patterns)
+        if measured is not None:
+            return measured
+        # No matching process means it holds nothing (a stopped whisper-server, say) — but only
+        # when the reading can attribute memory at all: an empty card, or processes with named
+        # figures. A reader with no per-process data (static, hidden PIDs) knows nothing.
+        if reading.used_mib == 0 or any(
+            p.used_mib is not None and not p.name.startswith("pid:") for p in reading.processes
+        ):
+            return 0
+        return None
 
-    def headroom_mib(self, reading: GpuReading) -> int:
+    def headroom_mib(self, reading: GpuReading, exclude: str | None = None) -> int:
         """min(free VRAM the GPU reports, total - what residents are known to hold) - margin.
-        Both terms matter: the driver's free figure lags after an unload."""
-        held = sum(r.cost_mib for r in self.records.values() if r.state in HOLDS_MEMORY)
+        Both terms matter: the driver's free figure lags after an unload. `exclude`: the
+        consumer the room is for, whatever its state (it is not in its own way)."""
+        held = sum(
+            r.cost_mib
+            for name, r in self.records.items()
+            if r.state in HOLDS_MEMORY and name != exclude
+        )
         by_accounting = self.total_mib - held
         free = reading.free_mib if reading.ok else None
         headroom = by_accounting if free is None else min(free, by_accounting)
@@ -214,11 +228,10 @@ class Residency:
         if record.state is State.RESIDENT:
             return
         reading = await self.read_gpu()
-        if record.state is State.UNKNOWN:
-            # It may be resident already; if so it needs no room, but cost is counted once.
-            record.state = State.UNLOADED
-        headroom = self.headroom_mib(reading)
-        residents = await self._residents_for_plan(target)
+        # Its state stays as it is until the load: an `unknown` target keeps counting as taken
+        # on every failure path (DESIGN §8); here it is only left out of its own way.
+        residents = await self._residents_for_plan(target)  # may find some left by themselves
+        headroom = self.headroom_mib(reading, exclude=target)
         plan = plan_eviction(
             target=target,
             target_cost_mib=record.cost_mib,
@@ -227,7 +240,6 @@ class Residency:
             residents=residents,
         )
         if isinstance(plan, CannotFit):
-            record.state = State.UNKNOWN if record.measured_mib else State.UNLOADED
             stuck = [r.name for r in residents if self._cooling_down(r.name)]
             reason = plan.reason
             if stuck:
@@ -270,6 +282,12 @@ class Residency:
             r = self.records[name]
             if isinstance(report, BaseException):
                 log.debug("%s: residency probe failed while planning: %s", name, report)
+            elif report.resident is False and r.state is State.RESIDENT:
+                # It left by itself (Ollama's keep_alive ran out): nothing to evict. Its memory
+                # is back in the free figure, which the load still waits for.
+                r.state, r.detail = State.UNLOADED, f"left by itself ({report.detail or 'idle'})"
+                log.info("%s: unloaded by itself", name)
+                continue
             else:
                 r.busy_outside = report.busy
             out.append(
@@ -292,6 +310,9 @@ class Residency:
         timeout_s = self.config.consumers[name].unload_timeout_s
         started = self.clock.now()
         before = await self.read_gpu()
+        # Known to hold its memory (the broker loaded it or saw it): then the GPU must show the
+        # memory coming back. An `unknown` one may hold nothing, and no drop is owed.
+        known = record.state in (State.RESIDENT, State.LOADING)
         record.state = State.UNLOADING
         blame = for_consumer or name
         try:
@@ -303,11 +324,32 @@ class Residency:
                 f"unloading {name} failed: {exc.message}",
                 consumer=blame,
             ) from exc
+        except BaseException:
+            record.state = State.UNKNOWN  # cut off half-way: nobody knows (the safe side)
+            raise
+        try:
+            await self._confirm_unloaded(name, before, known, started, timeout_s, blame)
+        except BaseException:
+            if record.state is State.UNLOADING:
+                record.state = State.UNKNOWN
+            raise
+
+    async def _confirm_unloaded(
+        self,
+        name: str,
+        before: GpuReading,
+        known: bool,
+        started: float,
+        timeout_s: float,
+        blame: str,
+    ) -> None:
+        record = self.records[name]
+        adapter = self.adapters[name]
         deadline = self.clock.now() + timeout_s
         while True:
             gone = await self._upstream_let_go(adapter)
             after = await self.read_gpu()
-            if gone and self._gpu_confirms(name, before, after):
+            if gone and self._gpu_confirms(name, before, after, known=known):
                 break
             if self.clock.now() >= deadline:
                 self._eviction_failed(record)
@@ -345,19 +387,25 @@ class Residency:
             log.debug("%s: unload check failed: %s", adapter.name, exc)
             return False
 
-    def _gpu_confirms(self, name: str, before: GpuReading, after: GpuReading) -> bool:
-        """The GPU's word that `name`'s memory is back. With per-process figures: its processes
-        hold no more than a CUDA context. Without them: used memory dropped by at least half
-        the declared cost. With no readings at all (static backend) the upstream's word is all
-        there is."""
+    def _gpu_confirms(
+        self, name: str, before: GpuReading, after: GpuReading, *, known: bool = True
+    ) -> bool:
+        """The GPU's word that `name`'s memory is back. With per-process figures for it: its
+        processes hold no more than a CUDA context. Without them: used memory dropped by half its
+        declared cost, when it was known to hold it. With no readings at all (static backend)
+        the upstream's word is all there is."""
         record = self.records[name]
         if self.reader.backend == "static":
             return True
         if not after.ok:
             return False
-        if self.config.consumers[name].gpu_processes:
-            held = self._measure(name, after) or 0
+        held = self._measure(name, after)
+        if held is not None:
             return held <= residual_allowance_mib(record.declared_mib)
+        if not known:
+            # Nothing to watch for: whatever it may still hold shows in the free figure, which
+            # _wait_for_room checks before anything loads.
+            return True
         if before.used_mib is None or after.used_mib is None:
             return False
         return before.used_mib - after.used_mib >= record.declared_mib // 2
@@ -370,7 +418,7 @@ class Residency:
         )
         while True:
             reading = await self.read_gpu()
-            headroom = self.headroom_mib(reading)
+            headroom = self.headroom_mib(reading, exclude=target)
             if headroom >= need:
                 return
             if self.clock.now() >= deadline:
@@ -399,6 +447,9 @@ class Residency:
                     await adapter.load()
                     while not await self._probe(name):
                         await self._sleep(self.config.gpu.poll_interval_s)
+            except asyncio.CancelledError:
+                record.state = State.UNKNOWN  # cut off half-way: the safe side
+                raise
             except (TimeoutError, BrokerError) as exc:
                 record.state = State.UNKNOWN  # it may hold part of its memory: the safe side
                 self.counters.load_failures += 1
