@@ -182,3 +182,10 @@ def test_the_example_registry_shows_every_adapter() -> None:
     )
     config = parse_config(head + body + "\n")
     assert {c.type for c in config.consumers.values()} == set(AdapterType)
+
+
+def test_a_command_consumer_that_can_be_stopped_must_be_startable() -> None:
+    text = GOOD.replace("    load: {command: [systemctl, start, whisper-server]}\n", "")
+    [(path, line, message)] = problems(text)
+    assert (path, line) == ("consumers.whisper.unload", 13)
+    assert "needs a load" in message

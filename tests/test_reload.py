@@ -29,9 +29,13 @@ async def test_reload_adds_changes_and_removes_consumers(
     upstream.route("POST", "/api/synthesize", slow)
     upstream.route("POST", "/api/transcribe", fast)
     upstream.route("POST", "/inference", fast)
+    upstream.route("POST", "/unload", fast)
     await upstream.start()
     old = make_config(
-        {"mvoice": consumer(upstream.url), "gone": consumer(upstream.url)},
+        {
+            "mvoice": consumer(upstream.url),
+            "gone": consumer(upstream.url, unload={"path": "/unload"}),
+        },
         routing={"tts": "mvoice", "stt": "gone"},
     )
     new = make_config(
@@ -43,6 +47,11 @@ async def test_reload_adds_changes_and_removes_consumers(
         auth={"token": "t"},
     )
     async with running_broker(old) as server:
+        # Static backend: "gone" is unknown, and nothing could see its memory once removed.
+        with pytest.raises(ValueError, match="unload it first"):
+            await server.broker.reload(new)
+        async with client.post(f"{server.url}/v1/admin/consumers/gone/unload") as resp:
+            assert (await resp.json())["residency"] == "unloaded"
         running = asyncio.create_task(client.post(f"{server.url}/v1/tts", json={}))
         await asyncio.wait_for(entered.wait(), 10)
         queued = asyncio.create_task(client.post(f"{server.url}/v1/stt", data=b"x"))

@@ -198,7 +198,7 @@ class HttpAdapter:
 
     async def load(self) -> None:
         if self.config.load is not None:
-            await self.call(self.config.load, timeout_s=self.config.load_timeout_s)
+            await self.call(self.config.load, timeout_s=self.config.load.timeout_s)
 
     async def forward(
         self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int

@@ -23,7 +23,7 @@ from .broker import MIB, Broker
 from .config import KINDS, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
 from .metrics import render
-from .proxy import PREPARED
+from .proxy import CONSUMED, PREPARED
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
+        request[CONSUMED] = ("authorization",)  # the broker's token is not the upstream's
     return await handler(request)
 
 

@@ -133,25 +133,42 @@ class Broker:
         for key in ("listen", "gpu"):
             if getattr(new, key) != getattr(old, key):
                 raise ValueError(f"{key!r} changed: restart the service to apply it")
+        residency = self.residency
+        for name in set(old.consumers) - set(new.consumers):
+            state = residency.records[name].state
+            if state is State.UNLOADED:
+                continue
+            if residency.reader.backend == "static":
+                # Nothing would see its memory any more: no free figure to fall back on.
+                raise ValueError(
+                    f"{name} would be removed while {state}: unload it first "
+                    f"(POST /v1/admin/consumers/{name}/unload), then reload"
+                )
+            log.warning("%s removed while %s: its memory now shows only as used", name, state)
         if self.session is None:
             raise RuntimeError("broker not started")
         same = {n for n, c in new.consumers.items() if old.consumers.get(n) == c}
+        fresh = [n for n in new.consumers if n not in same]
         adapters = {
             name: self.adapters[name] if name in same else make_adapter(name, c, self.session)
             for name, c in new.consumers.items()
         }
+        # Every await first, on the new parts only; then everything is swapped in one step.
         health = HealthMonitor(adapters, self.clock)
-        health.states.update({n: s for n, s in self.health.states.items() if n in same})
-        await self.health.aclose()
-        self.adapters, self._health = adapters, health
-        await health.probe_all_of([n for n in adapters if n not in same])
-        health.start()
-        await self.residency.reconfigure(new, adapters, health.probe_ok)
+        await health.probe_all_of(fresh)
+        added = await residency.probe(
+            new, adapters, [n for n in new.consumers if n not in old.consumers]
+        )
+        old_health = self.health
+        health.states.update({n: s for n, s in old_health.states.items() if n in same})
+        self.adapters, self._health, self.config = adapters, health, new
+        residency.reconfigure(new, adapters, health.probe_ok, added)
         dropped = self.lease.reconfigure(
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
         )
-        self.config = new
+        health.start()
+        await old_health.aclose()
         changes = [f"+{n}" for n in new.consumers if n not in old.consumers]
         changes += [f"-{n}" for n in old.consumers if n not in new.consumers]
         changes += [f"~{n}" for n in new.consumers if n in old.consumers and n not in same]
@@ -226,6 +243,7 @@ class Broker:
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
         self.gate(name)
+        adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
         priority = self.priority(request)

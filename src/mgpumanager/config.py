@@ -326,6 +326,9 @@ def _semantic_problems(
             elif other == name:
                 yield problem((*base, "can_coexist_with", i), "a consumer cannot list itself")
         is_command = c.get("type") == AdapterType.COMMAND.value
+        if is_command and isinstance(c.get("unload"), Mapping) and c.get("load") is None:
+            # Its unload stops the process; with no load nothing would ever start it again.
+            yield problem((*base, "unload"), "type: command with an unload needs a load too")
         for action_name in ("unload", "load"):
             action = c.get(action_name)
             if not isinstance(action, Mapping):

@@ -39,6 +39,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK_BYTES = 64 * 1024
+# Request headers the broker consumed itself (its own bearer token): never sent upstream.
+CONSUMED: web.RequestKey[tuple[str, ...]] = web.RequestKey("mgpumanager.consumed", tuple)
 # Set on the request once the answer has started: from then on an error can only cut it off.
 PREPARED: web.RequestKey[bool] = web.RequestKey("mgpumanager.prepared", bool)
 
@@ -114,7 +116,12 @@ async def forward(
     """
     check_declared_size(request, max_body_bytes, consumer)
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
-    headers = filter_headers(request.headers, drop=("content-length",) if body is not None else ())
+    drop = list(request.get(CONSUMED, ()))
+    if body is not None or "Content-Encoding" in request.headers:
+        # A rewritten body has its own length; and aiohttp's server has already decompressed
+        # a gzip/deflate body, so its encoding and length no longer describe what is sent.
+        drop += ["content-length", "content-encoding"]
+    headers = filter_headers(request.headers, drop=drop)
     limit = _BodyLimit(max_body_bytes)
     data: bytes | AsyncIterator[bytes] | None
     if body is not None:

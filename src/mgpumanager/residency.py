@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from .adapters import ConsumerAdapter
@@ -136,11 +136,12 @@ class Residency:
         self.last_reading = reading
         if reading.ok:
             for name, record in self.records.items():
-                record.measured_mib = self._measure(name, reading)
+                if name in self.config.consumers:
+                    record.measured_mib = self._measure(name, reading)
         return reading
 
-    def _measure(self, name: str, reading: GpuReading) -> int | None:
-        patterns = self.config.consumers[name].gpu_processes
+    def _measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
+        patterns = (config or self.config).consumers[name].gpu_processes
         if not patterns or not reading.ok:
             return None
         measured = measured_mib(reading, patterns)
@@ -169,18 +170,27 @@ class Residency:
         headroom = by_accounting if free is None else min(free, by_accounting)
         return headroom - self.config.gpu.safety_margin_mib
 
-    async def discover(self, names: Collection[str] | None = None) -> None:
-        """Ask the adapters (of `names`, default all) and the GPU who is resident, instead of
-        assuming an empty card. What nobody can tell stays `unknown` and counts as taken."""
+    async def discover(self) -> None:
+        """At start-up: ask every adapter and the GPU who is resident, instead of assuming an
+        empty card. What nobody can tell stays `unknown` and counts as taken."""
+        self.records.update(await self.probe(self.config, self.adapters, list(self.records)))
+
+    async def probe(
+        self, config: Config, adapters: Mapping[str, ConsumerAdapter], names: list[str]
+    ) -> dict[str, Record]:
+        """Fresh records for `names`, from their adapters' residency reports and a GPU reading.
+        Changes nothing itself: the caller decides when to take them in."""
         reading = await self.read_gpu()
-        todo = list(self.records if names is None else names)
         reports = await asyncio.gather(
-            *(self.adapters[name].residency() for name in todo), return_exceptions=True
+            *(adapters[name].residency() for name in names), return_exceptions=True
         )
-        for name, report in zip(todo, reports, strict=True):
-            record = self.records[name]
+        out = {}
+        for name, report in zip(names, reports, strict=True):
+            c = config.consumers[name]
+            record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            record.measured_mib = self._measure(name, reading, config)
             if isinstance(report, BaseException):
-                record.state, record.detail = State.UNKNOWN, f"residency probe failed: {report}"
+                record.detail = f"residency probe failed: {report}"
             elif report.resident is not None:
                 record.state = State.RESIDENT if report.resident else State.UNLOADED
                 record.detail = report.detail
@@ -189,36 +199,34 @@ class Residency:
                 record.state = State.RESIDENT if resident else State.UNLOADED
                 record.detail = f"GPU reading: {record.measured_mib} MiB"
             else:
-                record.state, record.detail = State.UNKNOWN, "no residency probe or GPU figure"
+                record.detail = "no residency probe or GPU figure"
             log.info("%s: %s (%s)", name, record.state, record.detail)
+            out[name] = record
+        return out
 
-    async def reconfigure(
+    def reconfigure(
         self,
         config: Config,
         adapters: Mapping[str, ConsumerAdapter],
         probe: Callable[[str], Awaitable[bool]],
+        added: Mapping[str, Record],
     ) -> None:
-        """A reloaded registry: known consumers keep their residency (their declared cost and
-        pin follow the new file), new ones are discovered, removed ones are forgotten — a
-        removed consumer still holding memory is then seen only in the GPU's free figure."""
+        """A reloaded registry, taken in at once (no await: nothing sees a half-applied one).
+        Known consumers keep their residency, their declared cost and pin following the new
+        file; `added` come from `probe`; removed ones (the broker refuses to remove one that
+        still holds memory) are dropped."""
         for name in set(self.records) - set(config.consumers):
-            if self.records[name].state in HOLDS_MEMORY:
-                log.warning(
-                    "%s: removed from the registry while %s", name, self.records[name].state
-                )
             del self.records[name]
-        added = [name for name in config.consumers if name not in self.records]
+        self.records.update(added)
         for name, c in config.consumers.items():
-            record = self.records.setdefault(
-                name, Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
-            )
+            record = self.records[name]
             record.declared_mib, record.pinned = c.vram_resident_mib, c.pinned
         self.config, self.adapters, self._probe = config, adapters, probe
-        if added:
-            await self.discover(added)
 
     def touch(self, name: str) -> None:
-        self.records[name].last_used = self.clock.now()
+        record = self.records.get(name)  # gone if a reload removed it while its job ran
+        if record is not None:
+            record.last_used = self.clock.now()
 
     # -- changing it (lease held) ----------------------------------------------------------------
 
