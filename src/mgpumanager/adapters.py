@@ -86,6 +86,7 @@ class HttpAdapter:
     default_health = HealthConfig()
     default_paths: Mapping[str, HttpCall] = {}
     stops_process = False
+    builtin_unload = False  # True: its protocol has an unload of its own, none need be written
 
     def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
         self.name = name
@@ -102,7 +103,7 @@ class HttpAdapter:
 
     @property
     def can_unload(self) -> bool:
-        return self.config.unload is not None
+        return self.builtin_unload or self.config.unload is not None
 
     def path_for(self, kind: str) -> HttpCall:
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
@@ -119,6 +120,18 @@ class HttpAdapter:
 
     def url(self, path: str) -> str:
         return self.config.url.rstrip("/") + path
+
+    async def ps_models(self) -> list[Any]:
+        """The `models` list of GET /api/ps (Ollama and speaches both answer one)."""
+        ps = await self.request_json("GET", "/api/ps", timeout_s=self.health_config.timeout_s)
+        models = ps.get("models") if isinstance(ps, dict) else None
+        if not isinstance(models, list):
+            raise BrokerError(
+                ErrorCode.UPSTREAM_ERROR,
+                f"{self.name}: /api/ps has no models list",
+                consumer=self.name,
+            )
+        return models
 
     async def request_json(
         self,
@@ -228,6 +241,8 @@ class OllamaAdapter(HttpAdapter):
     Ollama answers BEFORE freeing (and only after in-flight requests), so `unloaded` polls
     /api/ps; load = an empty generate for each configured model, else lazily."""
 
+    builtin_unload = True
+
     default_health = HealthConfig(path="/api/version")
     default_paths = {"llm": HttpCall(path="/api/generate")}
 
@@ -244,24 +259,13 @@ class OllamaAdapter(HttpAdapter):
         return super().path_for(kind)
 
     async def resident_models(self) -> list[str]:
-        ps = await self.request_json("GET", "/api/ps", timeout_s=self.health_config.timeout_s)
-        models = ps.get("models") if isinstance(ps, dict) else None
-        if not isinstance(models, list):
-            raise BrokerError(
-                ErrorCode.UPSTREAM_ERROR,
-                f"{self.name}: /api/ps has no models list",
-                consumer=self.name,
-            )
+        models = await self.ps_models()
         names = [str(m.get("name") or m.get("model")) for m in models if isinstance(m, dict)]
         return names
 
     async def residency(self) -> ResidencyReport:
         names = await self.resident_models()
         return ResidencyReport(bool(names), detail=", ".join(names))
-
-    @property
-    def can_unload(self) -> bool:
-        return True  # its protocol has an unload of its own
 
     async def unload(self) -> None:
         for model in await self.resident_models():
@@ -290,6 +294,8 @@ class ComfyUIAdapter(HttpAdapter):
     lease until its prompt has finished (websocket events, /history as fallback). The broker
     picks the prompt_id. Unload = /free, which only sets flags: the GPU reading confirms."""
 
+    builtin_unload = True
+
     default_health = HealthConfig(path="/system_stats")
     default_paths = {"image": HttpCall(path="/prompt")}
     history_poll_s = 0.25
@@ -315,10 +321,6 @@ class ComfyUIAdapter(HttpAdapter):
         return ResidencyReport(
             None, busy=bool(outside), detail=f"{len(outside)} prompt(s) posted around the broker"
         )
-
-    @property
-    def can_unload(self) -> bool:
-        return True  # its protocol has an unload of its own
 
     async def unload(self) -> None:
         body = {"unload_models": True, "free_memory": True}
@@ -489,6 +491,8 @@ class SpeachesAdapter(HttpAdapter):
     """speaches: OpenAI audio endpoints; models listed, loaded and unloaded under /api/ps.
     A DELETE answers 409 while the model is in use: retried until unload_timeout_s."""
 
+    builtin_unload = True
+
     default_paths = {
         "stt": HttpCall(path="/v1/audio/transcriptions"),
         "tts": HttpCall(path="/v1/audio/speech"),
@@ -500,24 +504,13 @@ class SpeachesAdapter(HttpAdapter):
         return bool(self.config.models)
 
     async def loaded_models(self) -> list[str]:
-        ps = await self.request_json("GET", "/api/ps", timeout_s=self.health_config.timeout_s)
-        models = ps.get("models") if isinstance(ps, dict) else None
-        if not isinstance(models, list):
-            raise BrokerError(
-                ErrorCode.UPSTREAM_ERROR,
-                f"{self.name}: /api/ps has no models list",
-                consumer=self.name,
-            )
+        models = await self.ps_models()
         # speaches answers a list of ids; tolerate objects with an "id" as well.
         return [m if isinstance(m, str) else str(m.get("id")) for m in models if _named(m)]
 
     async def residency(self) -> ResidencyReport:
         models = await self.loaded_models()
         return ResidencyReport(bool(models), detail=", ".join(models))
-
-    @property
-    def can_unload(self) -> bool:
-        return True  # its protocol has an unload of its own
 
     async def unload(self) -> None:
         timeout_s = self.config.unload_timeout_s
@@ -630,6 +623,8 @@ class VllmAdapter(HttpAdapter):
     """vLLM sleep mode: unload = POST /sleep?level=N (1 keeps weights in CPU RAM), load =
     POST /wake_up, residency from /is_sleeping."""
 
+    builtin_unload = True
+
     default_paths = {"llm": HttpCall(path="/v1/completions")}
 
     @property
@@ -644,10 +639,6 @@ class VllmAdapter(HttpAdapter):
             "GET", "/is_sleeping", timeout_s=self.health_config.timeout_s
         )
         return bool((answer or {}).get("is_sleeping"))
-
-    @property
-    def can_unload(self) -> bool:
-        return True  # its protocol has an unload of its own
 
     async def unload(self) -> None:
         action = self.config.unload or Action(path="/sleep?level=1")
