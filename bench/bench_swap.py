@@ -10,8 +10,9 @@ seeded range, and mVoice's admin load_s);
 Ollama loads lazily after the job reached it, so its load is outside the window. What is
 left is the broker's work: planning, the unload call, polling the GPU reading and the upstream
 until the memory is confirmed back, the load call and readiness probe, and the proxy hop.
-Run for two values of gpu.poll_interval_s, the knob that dominates it. Results go to
-bench/results/swap.json.
+Run for three values of gpu.poll_interval_s, the knob that dominates it; each row also gives
+the median ratio of the whole swap through the broker to the upstreams' own part of it (the
+baseline, measured in the same run). Results go to bench/results/swap.json.
 
     make bench            # or: .venv/bin/python bench/bench_swap.py
 """
@@ -96,6 +97,7 @@ async def run(poll_interval_s: float) -> dict[str, Any]:
 
         broker.lease._prepare = timed_prepare
         overheads: list[float] = []
+        ratios: list[float] = []  # whole swap through the broker / the upstreams' own part
         rng = random.Random(7)
         try:
             async with aiohttp.ClientSession() as session:
@@ -126,6 +128,7 @@ async def run(poll_interval_s: float) -> dict[str, Any]:
                     reached = job[0].at
                     upstream_s = free_delay_s + (LOAD_S if target == "mvoice" else 0.0)
                     overheads.append(reached - grants[-1] - upstream_s)
+                    ratios.append((reached - grants[-1]) / upstream_s)
             counters = broker.residency.counters
             assert counters.evictions == SWAPS, counters
             assert cluster.gpu.oom_count == 0
@@ -138,6 +141,7 @@ async def run(poll_interval_s: float) -> dict[str, Any]:
         "median_ms": round(statistics.median(ms), 1),
         "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 1),
         "max_ms": round(ms[-1], 1),
+        "median_ratio_to_upstream": round(statistics.median(ratios), 2),
         "goal_median_ms": 100,
     }
 
@@ -152,12 +156,12 @@ async def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'poll_interval_s':>15} {'swaps':>5} {'median ms':>9} {'p95 ms':>7} {'max ms':>7}")
+    head = ("poll_interval_s", "swaps", "median ms", "p95 ms", "max ms", "x upstream")
+    print(" ".join(f"{h:>15}" for h in head))
     for r in rows:
-        print(
-            f"{r['poll_interval_s']:>15} {r['swaps']:>5} {r['median_ms']:>9} {r['p95_ms']:>7} "
-            f"{r['max_ms']:>7}"
-        )
+        cells = ("poll_interval_s", "swaps", "median_ms", "p95_ms", "max_ms")
+        values = [*(r[c] for c in cells), r["median_ratio_to_upstream"]]
+        print(" ".join(f"{v:>15}" for v in values))
     print(f"written to {RESULTS}")
 
 
