@@ -34,3 +34,10 @@ def test_envelope_shape_and_retryable_override() -> None:
         "retryable": True,
     }
     assert BrokerError(ErrorCode.QUEUE_FULL, "x").retryable is True
+
+
+def test_the_public_surface_is_exported() -> None:
+    import mgpumanager
+
+    for name in mgpumanager.__all__:
+        assert getattr(mgpumanager, name) is not None, name

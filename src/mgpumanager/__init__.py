@@ -1,5 +1,56 @@
-"""mgpumanager: one scheduler and VRAM manager in front of every inference service on a GPU box."""
+"""mgpumanager: one scheduler and VRAM manager in front of every inference service on a GPU box.
+
+The public surface; everything else is an implementation module. Re-exports are lazy (PEP 562)
+so that `python -m mgpumanager.sim.whisper` and the CLI's `check-config` stay light.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .app import Server, make_app, start_server
+    from .broker import Broker
+    from .config import Config, ConfigError, ConfigProblem, load_config, parse_config
+    from .errors import ERROR_TABLE, BrokerError, ErrorCode
+
+_EXPORTS = {
+    "Server": ".app",
+    "make_app": ".app",
+    "start_server": ".app",
+    "Broker": ".broker",
+    "Config": ".config",
+    "ConfigError": ".config",
+    "ConfigProblem": ".config",
+    "load_config": ".config",
+    "parse_config": ".config",
+    "ERROR_TABLE": ".errors",
+    "BrokerError": ".errors",
+    "ErrorCode": ".errors",
+}
+
+__all__ = [
+    "ERROR_TABLE",
+    "Broker",
+    "BrokerError",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "ErrorCode",
+    "Server",
+    "__version__",
+    "load_config",
+    "make_app",
+    "parse_config",
+    "start_server",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mgpumanager' has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
