@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -253,10 +252,3 @@ async def _apply(broker: Broker, new: Config) -> None:
         log.error("SIGHUP: new registry refused, keeping the old one: %s", exc)
         return
     log.info("SIGHUP: registry reloaded (%s)", ", ".join(changes) or "no effective change")
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2)
-
-
-__all__ = ["Config", "Server", "make_app", "serve", "start_server"]
