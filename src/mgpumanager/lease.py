@@ -183,26 +183,29 @@ class Lease:
         gone fail with no_consumer. Answers how many."""
         dropped = self.core.reconfigure(settings, consumers)
         for job_id, consumer in dropped:
-            future = self._waiters.get(job_id)
-            if future is not None and not future.done():
-                future.set_exception(
-                    BrokerError(
-                        ErrorCode.NO_CONSUMER,
-                        f"{consumer} was removed from the registry while this job waited",
-                        consumer=consumer,
-                    )
-                )
+            self._fail_waiter(
+                job_id,
+                BrokerError(
+                    ErrorCode.NO_CONSUMER,
+                    f"{consumer} was removed from the registry while this job waited",
+                    consumer=consumer,
+                ),
+            )
         self.dispatch()
         return len(dropped)
 
     def shutdown(self) -> None:
         """Refuse new jobs; every queued job fails with shutting_down."""
         for job_id in self.core.stop_accepting():
-            future = self._waiters.get(job_id)
-            if future is not None and not future.done():
-                future.set_exception(
-                    BrokerError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
-                )
+            self._fail_waiter(
+                job_id, BrokerError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+            )
+
+    def _fail_waiter(self, job_id: int, error: BrokerError) -> None:
+        """A job the core has already dropped from its queue: its waiter gets `error`."""
+        future = self._waiters.get(job_id)
+        if future is not None and not future.done():
+            future.set_exception(error)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing runs (in-flight jobs and held ComfyUI prompts). False on timeout."""

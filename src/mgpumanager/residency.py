@@ -136,8 +136,7 @@ class Residency:
         self.last_reading = reading
         if reading.ok:
             for name, record in self.records.items():
-                if name in self.config.consumers:
-                    record.measured_mib = self._measure(name, reading)
+                record.measured_mib = self._measure(name, reading)
         return reading
 
     def _measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
