@@ -36,6 +36,7 @@ bench: $(STAMP)
 bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_sched.py
+	$(BIN)/python bench/sched_model.py
 
 # rsync the tree to HOST, build there, install the systemd unit and restart it.
 deploy:

@@ -15,7 +15,9 @@ from aiohttp import web
 
 from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config
+from mgpumanager.clock import FakeClock
+from mgpumanager.config import Config, SchedulerConfig
+from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 
 async def wait_for(
@@ -129,3 +131,32 @@ async def running_broker(config: Config) -> AsyncIterator[Server]:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# -- the scheduler core, on a fake clock ----------------------------------------------------
+
+
+def core(clock: FakeClock | None = None, policy: str = "fifo", **settings: object) -> SchedulerCore:
+    """mvoice (priority 3), ollama (2, two at once) and comfyui (1)."""
+    consumers = {
+        "mvoice": ConsumerPolicy(priority=3, max_concurrency=1),
+        "ollama": ConsumerPolicy(priority=2, max_concurrency=2),
+        "comfyui": ConsumerPolicy(priority=1, max_concurrency=1),
+    }
+    return SchedulerCore(
+        SchedulerConfig(policy=policy, **settings),  # type: ignore[arg-type]
+        consumers,
+        clock or FakeClock(),
+    )
+
+
+def grant_one(c: SchedulerCore, **kwargs: object) -> int:
+    """The single grant `schedule` makes now; the job is made ready at once."""
+    [g] = c.schedule(**kwargs)  # type: ignore[arg-type]
+    if g.prepare:
+        c.ready(g.job_id)
+    return g.job_id
+
+
+def done(c: SchedulerCore, job: int) -> None:
+    c.finish(job, Outcome.COMPLETED)

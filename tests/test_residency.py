@@ -5,12 +5,14 @@ not "evicted" again, and a reader without per-process figures measures nothing."
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
+from mgpumanager.config import Config
 from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.residency import State
 
@@ -66,7 +68,8 @@ async def test_unknown_memory_stays_counted_until_an_unload_confirms_it() -> Non
             await up.aclose()
 
 
-async def test_a_client_leaving_mid_load_does_not_cut_the_load_in_half(upstream: Upstream) -> None:
+async def held_open_load(upstream: Upstream) -> tuple[Config, asyncio.Event, asyncio.Event]:
+    """Consumer a, whose load answers only once `release` is set (`entered`: it has begun)."""
     entered, release = asyncio.Event(), asyncio.Event()
 
     async def load(request: web.Request) -> web.Response:
@@ -91,6 +94,11 @@ async def test_a_client_leaving_mid_load_does_not_cut_the_load_in_half(upstream:
         },
         routing={"tts": "a"},
     )
+    return config, entered, release
+
+
+async def test_a_client_leaving_mid_load_does_not_cut_the_load_in_half(upstream: Upstream) -> None:
+    config, entered, release = await held_open_load(upstream)
     async with running_broker(config) as server:
         record = server.broker.residency.records["a"]
         record.state = State.UNLOADED
@@ -163,3 +171,35 @@ def test_a_reading_without_per_process_figures_measures_nothing() -> None:
     assert residency._measure("a", no_figures) is None
     assert residency._measure("a", named) == 0
     assert residency._measure("a", empty) == 0
+
+
+async def test_swap_seconds_counts_the_lease_time_spent_making_a_consumer_resident(
+    upstream: Upstream,
+) -> None:
+    """The load is held open by the test: the counter covers at least that span, a job for a
+    consumer already resident adds nothing, and /v1/status and /metrics show the figure."""
+    config, entered, release = await held_open_load(upstream)
+    async with running_broker(config) as server, aiohttp.ClientSession() as session:
+        residency = server.broker.residency
+        residency.records["a"].state = State.UNLOADED
+        assert residency.counters.swap_seconds == 0
+        first = asyncio.create_task(session.post(f"{server.url}/v1/tts", json={}))
+        await asyncio.wait_for(entered.wait(), 10)
+        held_from = time.monotonic()
+        await wait_for(lambda: time.monotonic() - held_from >= 0.05, what="the load held open")
+        held_s = time.monotonic() - held_from
+        release.set()
+        async with await first as resp:
+            assert resp.status == 200
+        swapped_s = residency.counters.swap_seconds
+        assert swapped_s >= held_s
+        async with session.post(f"{server.url}/v1/tts", json={}) as resp:
+            assert resp.status == 200  # resident already: no swap, nothing added
+        assert residency.counters.swap_seconds == swapped_s
+        async with session.get(f"{server.url}/v1/status") as resp:
+            status = await resp.json()
+        assert status["scheduler"]["swap_seconds"] == swapped_s
+        assert status["scheduler"]["swaps"] == 1
+        async with session.get(f"{server.url}/metrics") as resp:
+            metrics = await resp.text()
+        assert f"mgpumanager_swap_seconds_total {swapped_s}" in metrics

@@ -8,7 +8,7 @@ the lease does. The property: every admitted job is granted within
     bound(J) = max((4 - p_J) * aging_s, affinity_wait_s) + R * (c + 2 * max_queue * max_batch)
 
 where p_J is J's priority (clamped 0..4) and c the largest max_concurrency. Derivation (see the
-scheduler's module docstring for the rules it relies on):
+docstring of policy.py for the rules it relies on):
 
 1. After T1 = max((4 - p_J) * aging_s, affinity_wait_s), J is at level 4, the highest there is,
    and its deadline has passed (it has waited affinity_wait_s): where J is a candidate for the
@@ -47,7 +47,8 @@ from hypothesis import strategies as st
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.scheduler import MAX_PRIORITY, ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.policy import MAX_PRIORITY
+from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 R = 1.0  # the longest a granted job runs, prepare included
 NAMES = ("a", "b", "c")
@@ -287,7 +288,12 @@ class NoDeadline(SchedulerCore):
     tenure boundaries (resident consumers first, always)."""
 
     def _next_tenure(
-        self, candidates: list[Any], now: float, resident: Set[str], costs: Mapping[str, float]
+        self,
+        candidates: list[Any],
+        others: list[Any],
+        now: float,
+        resident: Set[str],
+        costs: Mapping[str, float],
     ) -> Any:
         warm = [j for j in candidates if j.consumer in resident]
         return (warm or candidates)[0]

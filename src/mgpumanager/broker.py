@@ -356,6 +356,7 @@ class Broker:
                 timed_out=stats.timed_out,
                 handoffs=stats.handoffs,
                 swaps=counters.swaps,
+                swap_seconds=counters.swap_seconds,
                 evictions=counters.evictions,
                 eviction_failures=counters.eviction_failures,
                 load_failures=counters.load_failures,

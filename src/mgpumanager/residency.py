@@ -74,6 +74,9 @@ class Counters:
     evictions: int = 0  # confirmed unloads
     eviction_failures: int = 0
     load_failures: int = 0
+    # Lease time spent making consumers resident (evictions, waiting for the memory, loads),
+    # failed attempts included: what the scheduler's swap affinity saves.
+    swap_seconds: float = 0.0
 
 
 def residual_allowance_mib(declared_mib: int) -> int:
@@ -231,9 +234,16 @@ class Residency:
 
     async def ensure_resident(self, target: str) -> None:
         """The lease's prepare step: make `target` resident, evicting whoever is in the way."""
-        record = self.records[target]
-        if record.state is State.RESIDENT:
+        if self.records[target].state is State.RESIDENT:
             return
+        started = self.clock.now()
+        try:
+            await self._make_resident(target)
+        finally:
+            self.counters.swap_seconds += self.clock.now() - started
+
+    async def _make_resident(self, target: str) -> None:
+        record = self.records[target]
         reading = await self.read_gpu()
         # Its state stays as it is until the load: an `unknown` target keeps counting as taken
         # on every failure path (DESIGN §8); here it is only left out of its own way.

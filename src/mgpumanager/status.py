@@ -54,6 +54,7 @@ class SchedulerStatus(BaseModel):
     timed_out: int
     handoffs: int
     swaps: int
+    swap_seconds: float
     evictions: int
     eviction_failures: int
     load_failures: int

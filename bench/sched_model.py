@@ -1,0 +1,273 @@
+"""The scheduling benchmark's traces on a model of the GPU box instead of the real broker.
+
+The same `SchedulerCore` the broker runs decides, on a fake clock; everything around it is
+modelled from the consumers' figures (bench_sched.KINDS): a job holds the lease for its run
+time, plus its consumer's load when it was not resident (ComfyUI's inside the job, as it loads
+lazily), plus each eviction's wait for the memory to come back (the victim's `free_s`). Evicted
+are the least recently used residents until the target fits on the card. Nothing else costs
+time: no HTTP, no polling, no health probe.
+
+Three uses (bench/README.md):
+- beside each measured run, the policy's own makespan on the trace: the gap between the two is
+  what the broker's plumbing costs at the benchmark's scale, where a few milliseconds per job
+  weigh 25 times what they do at real-world speed;
+- a sweep of `affinity_wait_s` x `max_batch`, in seconds instead of minutes: what each setting
+  buys in makespan and costs in wait;
+- the defaults and the throughput profile on the traces of 20 seeds: whether the benchmark's
+  one seed is typical.
+
+    .venv/bin/python bench/sched_model.py   # the sweep and 20 seeds, to results/sched_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_sched import (
+    DEFAULTS,
+    KINDS,
+    RESULTS,
+    SCALE,
+    THROUGHPUT,
+    TOTAL_MIB,
+    Kind,
+    Scenario,
+    lower_bounds,
+    scenarios,
+    summary,
+)
+
+from mgpumanager.clock import FakeClock
+from mgpumanager.config import SchedulerConfig
+from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+
+MARGIN_MIB = 512  # the broker's default safety margin
+VLLM_START_S = 5.0  # vLLM's first load is a start-up; later ones wake it from sleep
+CONSUMERS: Mapping[str, Kind] = {k.consumer: k for k in KINDS.values()}
+
+
+@dataclass
+class Box:
+    """What is resident, least recently used first, and the last swap costs seen."""
+
+    scale: float
+    resident: list[str]  # least recently used first
+    unload_s: dict[str, float]
+    load_s: dict[str, float]
+    started: set[str]
+
+    def swap_costs(self) -> dict[str, float]:
+        return {n: self.unload_s[n] + self.load_s[n] for n in self.unload_s if n in self.load_s}
+
+    def make_resident(self, name: str) -> tuple[float, float]:
+        """(seconds before the job can start, seconds of lazy load inside the job)."""
+        if name in self.resident:
+            self.resident.remove(name)
+            self.resident.append(name)
+            return 0.0, 0.0
+        kind = CONSUMERS[name]
+        prepare = 0.0
+        # Like the planner: those that may not coexist with the target first (mvoice may
+        # coexist with everyone, as bench_sched's registry declares), least recently used first.
+        order = sorted(self.resident, key=lambda n: n == "mvoice" or name == "mvoice")
+        while sum(CONSUMERS[n].mib for n in self.resident) + kind.mib > TOTAL_MIB - MARGIN_MIB:
+            victim = order.pop(0)
+            self.resident.remove(victim)
+            self.unload_s[victim] = CONSUMERS[victim].free_s / self.scale
+            prepare += self.unload_s[victim]
+        first_start = name == "vllm" and name not in self.started
+        load = (VLLM_START_S if first_start else kind.load_s) / self.scale
+        self.started.add(name)
+        self.resident.append(name)
+        if name == "comfyui":  # no load call: the first prompt loads the model
+            return prepare, load
+        self.load_s[name] = load
+        return prepare + load, 0.0
+
+
+def simulate(
+    scenario: Scenario, policy: str, settings: Mapping[str, float], scale: float = SCALE
+) -> dict[str, Any]:
+    """One run of `scenario` on the model, in benchmark seconds like the measured runs."""
+    clock = FakeClock(0.0)
+    config = SchedulerConfig(
+        policy=policy,  # type: ignore[arg-type]
+        aging_s=settings["aging_s"] / scale,
+        affinity_wait_s=settings["affinity_wait_s"] / scale,
+        max_batch=int(settings["max_batch"]),
+        max_queue=max(len(scenario.trace), 1),
+        queue_timeout_s=600,
+    )
+    present = {KINDS[k].consumer for k in scenario.kinds}
+    core = SchedulerCore(
+        config, {n: ConsumerPolicy(priority=scenario.priorities[n]) for n in present}, clock
+    )
+    box = Box(scale, [], {}, {}, set())
+    seq = itertools.count()
+    events: list[tuple[float, int, str, int]] = []
+    for i, job in enumerate(scenario.trace):
+        heapq.heappush(events, (job.at_s, next(seq), "arrive", i))
+    kind_of: dict[int, str] = {}
+    waits: dict[int, list[float]] = {}
+    swaps, swap_s, end = 0, 0.0, 0.0
+    while events:
+        now, _, what, ref = heapq.heappop(events)
+        clock.advance(max(0.0, now - clock.now()))
+        if what == "arrive":
+            kind = scenario.trace[ref].kind
+            kind_of[core.submit(KINDS[kind].consumer)] = kind
+        elif what == "ready":
+            core.ready(ref)
+        else:
+            core.finish(ref, Outcome.COMPLETED)
+            end = max(end, now)
+        for grant in core.schedule(frozenset(box.resident), box.swap_costs()):
+            waits.setdefault(scenario.priorities[grant.consumer], []).append(grant.waited_s)
+            swaps += grant.consumer not in box.resident
+            prepare, lazy = box.make_resident(grant.consumer)
+            swap_s += prepare
+            if grant.prepare:
+                heapq.heappush(events, (now + prepare, next(seq), "ready", grant.job_id))
+            end_at = now + prepare + lazy + KINDS[kind_of[grant.job_id]].run_s / scale
+            heapq.heappush(events, (end_at, next(seq), "finish", grant.job_id))
+    makespan = end - min(j.at_s for j in scenario.trace)
+    return {
+        "makespan_s": makespan,
+        "makespan_ratio": makespan / lower_bounds(scenario, scale)["lower_bound_s"],
+        "swaps": swaps,
+        "swap_s_total": swap_s,
+        "wait_by_priority": {str(p): summary(w) for p, w in sorted(waits.items())},
+    }
+
+
+AFFINITY_WAIT_S = (10.0, 30.0, 60.0, 120.0)  # real-world seconds
+MAX_BATCH = (8, 16, 32, 64)
+
+
+def sweep(seed: int, scale: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"seed": seed, "scale": scale, "aging_s": DEFAULTS["aging_s"]}
+    for scenario in scenarios(seed, scale, quick=False):
+        rows = [
+            {
+                "affinity_wait_s": wait_s,
+                "max_batch": batch,
+                **simulate(
+                    scenario,
+                    "priority",
+                    {"aging_s": DEFAULTS["aging_s"], "affinity_wait_s": wait_s, "max_batch": batch},
+                    scale,
+                ),
+            }
+            for wait_s, batch in itertools.product(AFFINITY_WAIT_S, MAX_BATCH)
+        ]
+        fifo = simulate(scenario, "fifo", DEFAULTS, scale)
+        out[scenario.key] = {"title": scenario.title, "fifo": fifo, "priority": rows}
+    return out
+
+
+def over_seeds(seeds: int, scale: float) -> dict[str, Any]:
+    """The defaults and the throughput profile on the traces of seeds 1..`seeds`: is the seed
+    the benchmark runs (5) typical? Per scenario: mean and worst makespan / lower bound, and
+    the mean p95 wait of each priority (benchmark seconds)."""
+    out: dict[str, Any] = {}
+    for label, policy, settings in (
+        ("priority", "priority", DEFAULTS),
+        ("priority_throughput", "priority", THROUGHPUT),
+        ("fifo", "fifo", DEFAULTS),
+    ):
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for seed in range(1, seeds + 1):
+            for scenario in scenarios(seed, scale, quick=False):
+                runs.setdefault(scenario.key, []).append(
+                    simulate(scenario, policy, settings, scale)
+                )
+        out[label] = {
+            key: {
+                "mean_ratio": statistics.fmean(r["makespan_ratio"] for r in rs),
+                "max_ratio": max(r["makespan_ratio"] for r in rs),
+                "mean_swaps": statistics.fmean(r["swaps"] for r in rs),
+                "mean_p95_wait_s": {
+                    p: statistics.fmean(r["wait_by_priority"][p]["p95_s"] for r in rs)
+                    for p in rs[0]["wait_by_priority"]
+                },
+            }
+            for key, rs in runs.items()
+        }
+    return out
+
+
+def seeds_table(result: Mapping[str, Any], seeds: int, scale: float) -> str:
+    lines = [
+        f"seeds 1..{seeds}: makespan / lower bound mean (worst), mean swaps, mean p95 wait by "
+        "priority (real-world s)",
+        "",
+        "| scenario | " + " | ".join(result) + " |",
+        "| --- |" + " --- |" * len(result),
+    ]
+    for key in result["priority"]:
+        cells = []
+        for entry in result.values():
+            e = entry[key]
+            waits = ", ".join(
+                f"p{p} {w * scale:.0f}"
+                for p, w in sorted(e["mean_p95_wait_s"].items(), reverse=True)
+            )
+            cells.append(
+                f"{e['mean_ratio']:.2f}x ({e['max_ratio']:.2f}x), {e['mean_swaps']:.1f}, {waits}"
+            )
+        lines.append(f"| ({key}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(result: Mapping[str, Any], key: str) -> str:
+    """Markdown: makespan / lower bound and the p95 wait of the lowest priority, per setting."""
+    entry = result[key]
+    low = min(entry["fifo"]["wait_by_priority"], key=int)
+    lines = [
+        f"({key}) {entry['title']}: makespan / lower bound, swaps, p95 wait of priority {low} "
+        "(real-world s)",
+        "",
+        "| affinity_wait_s \\ max_batch | " + " | ".join(str(b) for b in MAX_BATCH) + " |",
+        "| --- |" + " ---: |" * len(MAX_BATCH),
+    ]
+    for wait_s in AFFINITY_WAIT_S:
+        cells = []
+        for row in entry["priority"]:
+            if row["affinity_wait_s"] == wait_s:
+                p95 = row["wait_by_priority"][low]["p95_s"] * result["scale"]
+                cells.append(f"{row['makespan_ratio']:.2f}x, {row['swaps']}, {p95:.0f} s")
+        lines.append(f"| {wait_s:g} s | " + " | ".join(cells) + " |")
+    fifo = entry["fifo"]
+    p95 = fifo["wait_by_priority"][low]["p95_s"] * result["scale"]
+    lines.append(f"\nfifo: {fifo['makespan_ratio']:.2f}x, {fifo['swaps']} swaps, {p95:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=SCALE)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--seeds", type=int, default=20, help="seeds for the robustness table")
+    args = parser.parse_args(argv)
+    result = sweep(args.seed, args.scale)
+    result["over_seeds"] = over_seeds(args.seeds, args.scale)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sched_model.json").write_text(json.dumps(result, indent=2) + "\n")
+    for key in ("a", "b", "c"):
+        print(table(result, key), end="\n\n")
+    print(seeds_table(result["over_seeds"], args.seeds, args.scale))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
