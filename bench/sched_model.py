@@ -51,7 +51,6 @@ from mgpumanager.config import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 MARGIN_MIB = 512  # the broker's default safety margin
-VLLM_START_S = 5.0  # vLLM's first load is a start-up; later ones wake it from sleep
 CONSUMERS: Mapping[str, Kind] = {k.consumer: k for k in KINDS.values()}
 
 
@@ -63,7 +62,6 @@ class Box:
     resident: list[str]  # least recently used first
     unload_s: dict[str, float]
     load_s: dict[str, float]
-    started: set[str]
 
     def swap_costs(self) -> dict[str, float]:
         return {n: self.unload_s[n] + self.load_s[n] for n in self.unload_s if n in self.load_s}
@@ -84,9 +82,7 @@ class Box:
             self.resident.remove(victim)
             self.unload_s[victim] = CONSUMERS[victim].free_s / self.scale
             prepare += self.unload_s[victim]
-        first_start = name == "vllm" and name not in self.started
-        load = (VLLM_START_S if first_start else kind.load_s) / self.scale
-        self.started.add(name)
+        load = kind.load_s / self.scale  # vLLM: a wake-up from sleep
         self.resident.append(name)
         if name == "comfyui":  # no load call: the first prompt loads the model
             return prepare, load
@@ -111,7 +107,9 @@ def simulate(
     core = SchedulerCore(
         config, {n: ConsumerPolicy(priority=scenario.priorities[n]) for n in present}, clock
     )
-    box = Box(scale, [], {}, {}, set())
+    # As in the benchmark: vLLM starts up with its model loaded before the trace begins; the
+    # others load on first use.
+    box = Box(scale, ["vllm"] if "vllm" in present else [], {}, {})
     seq = itertools.count()
     events: list[tuple[float, int, str, int]] = []
     for i, job in enumerate(scenario.trace):

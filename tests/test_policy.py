@@ -325,24 +325,6 @@ def test_when_the_batch_is_spent_a_resident_consumer_goes_before_a_cold_older_on
     assert {cold, mine} <= set(c._waiting)
 
 
-def test_a_new_tenure_prefers_a_resident_consumer_over_an_older_age_band() -> None:
-    """Aging shorter than the deadline: the cold job has aged a level above the resident
-    consumer's, but both have priority 2, so the preference may pass it until its deadline."""
-    clock = FakeClock()
-    c = three(clock, aging_s=1, affinity_wait_s=10, max_batch=1)
-    x = grant_one_after_submit(c, "a")
-    cold = c.submit("b")
-    clock.advance(1.5)  # b: level 3 by age
-    warm = c.submit("c")
-    done(c, x)
-    assert grant_one(c, resident=frozenset({"c"})) == warm  # a swap saved, levels apart
-    later = c.submit("c")
-    clock.advance(8.5)  # b has waited 10 s: its deadline passed
-    done(c, warm)
-    assert grant_one(c, resident=frozenset({"c"})) == cold
-    assert later in c._waiting
-
-
 def test_a_new_tenure_never_passes_a_higher_priority_for_a_resident_consumer() -> None:
     clock = FakeClock()
     c = two_level(clock, aging_s=1, affinity_wait_s=100)
@@ -357,6 +339,25 @@ def test_a_new_tenure_never_passes_a_higher_priority_for_a_resident_consumer() -
     # pass it, even though bg's own oldest job is ahead of it.
     assert grant_one(c, resident=frozenset({"bg"})) == urgent
     assert {old_bg, warm_bg} <= set(c._waiting)
+
+
+def test_a_new_tenure_never_passes_a_higher_priority_of_the_outgoing_holder() -> None:
+    """h's batch is spent, so the lease goes to another consumer; its next job has priority 3,
+    below the best level but above b's, so b (resident) may not go first: a, there first."""
+    clock = FakeClock()
+    c = SchedulerCore(
+        SchedulerConfig(policy="priority", aging_s=1, affinity_wait_s=100, max_batch=1),
+        {"h": ConsumerPolicy(3), "a": ConsumerPolicy(2), "b": ConsumerPolicy(2)},
+        clock,
+    )
+    x = grant_one_after_submit(c, "h")
+    first = c.submit("a")
+    clock.advance(2)  # a: level 4 by age
+    mine = c.submit("h")  # priority 3, level 3
+    warm = c.submit("b")  # priority 2, level 2, resident
+    done(c, x)
+    assert grant_one(c, resident=frozenset({"h", "b"})) == first
+    assert {mine, warm} <= set(c._waiting)
 
 
 def two_level(clock: FakeClock, **settings: object) -> SchedulerCore:

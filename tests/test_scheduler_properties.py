@@ -288,12 +288,7 @@ class NoDeadline(SchedulerCore):
     tenure boundaries (resident consumers first, always)."""
 
     def _next_tenure(
-        self,
-        candidates: list[Any],
-        others: list[Any],
-        now: float,
-        resident: Set[str],
-        costs: Mapping[str, float],
+        self, candidates: list[Any], now: float, resident: Set[str], costs: Mapping[str, float]
     ) -> Any:
         warm = [j for j in candidates if j.consumer in resident]
         return (warm or candidates)[0]

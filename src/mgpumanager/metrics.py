@@ -40,7 +40,7 @@ class StatusCollector(Collector):
             ("eviction_failures", "unloads the GPU reading did not confirm"),
             ("load_failures", "loads that failed or timed out"),
             ("handoffs", "lease passed from one consumer to another"),
-            ("swap_seconds", "lease time spent evicting and loading, seconds"),
+            ("swap_seconds", "lease time spent evicting and loading (failed tries too), s"),
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=getattr(sched, name))
         gpu = s.gpu

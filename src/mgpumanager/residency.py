@@ -75,7 +75,7 @@ class Counters:
     eviction_failures: int = 0
     load_failures: int = 0
     # Lease time spent making consumers resident (evictions, waiting for the memory, loads),
-    # failed attempts included: what the scheduler's swap affinity saves.
+    # failed attempts and admin loads included; not a lazy load inside a job (ComfyUI's).
     swap_seconds: float = 0.0
 
 
