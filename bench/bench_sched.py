@@ -294,15 +294,12 @@ class GrantLog:
     finished: dict[int, float] = field(default_factory=dict)  # job id -> when
 
     def holds_by_consumer(self) -> dict[str, list[float]]:
+        """How long each job held the lease: grant to finish, its swap (prepare) included."""
         out: dict[str, list[float]] = {}
         for at, g in self.grants:
             if g.job_id in self.finished:
                 out.setdefault(g.consumer, []).append(self.finished[g.job_id] - at)
         return out
-
-    def holds_s(self) -> list[float]:
-        """How long each job held the lease: grant to finish, its swap (prepare) included."""
-        return [self.finished[g.job_id] - at for at, g in self.grants if g.job_id in self.finished]
 
 
 def instrument(core: SchedulerCore, log: GrantLog) -> None:
@@ -482,6 +479,7 @@ async def run_one(
         finally:
             await server.stop()
         report = await cluster.report()
+        holds = grants.holds_by_consumer()
         work_end = max((end for _, _, end in report.intervals), default=t0)
         end = max(work_end, *(s.answered_at for s in sent))
         first = t0 + min(j.at_s for j in scenario.trace)
@@ -507,11 +505,9 @@ async def run_one(
             "max_send_lateness_s": max(s.late_s for s in sent),
             "swap_cost_s": costs,
             "swap_s_total": swap_s,
-            "longest_hold_s": max(grants.holds_s(), default=0.0),
+            "longest_hold_s": max((max(h) for h in holds.values()), default=0.0),
             # grant to finish per consumer, median: its run time plus the broker's plumbing
-            "median_hold_s": {
-                c: statistics.median(h) for c, h in sorted(grants.holds_by_consumer().items())
-            },
+            "median_hold_s": {c: statistics.median(h) for c, h in sorted(holds.items())},
             "tenures": tenures(grants),
         }
 

@@ -216,7 +216,12 @@ class HttpAdapter:
     async def forward(
         self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
     ) -> web.StreamResponse:
-        call = self.path_for(kind)
+        return await self._relay(request, self.path_for(kind), max_body_bytes)
+
+    async def _relay(
+        self, request: web.Request, call: HttpCall, max_body_bytes: int, body: bytes | None = None
+    ) -> web.StreamResponse:
+        """Stream `request` to this upstream's `call` (with `body` instead of the client's)."""
         return await forward(
             request,
             self.session,
@@ -225,6 +230,7 @@ class HttpAdapter:
             path=call.path,
             consumer=self.name,
             max_body_bytes=max_body_bytes,
+            body=body,
         )
 
 
@@ -365,15 +371,8 @@ class ComfyUIAdapter(HttpAdapter):
             ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
-            response = await forward(
-                request,
-                self.session,
-                base_url=self.config.url,
-                method=call.method,
-                path=call.path,
-                consumer=self.name,
-                max_body_bytes=max_body_bytes,
-                body=json.dumps(body).encode(),
+            response = await self._relay(
+                request, call, max_body_bytes, body=json.dumps(body).encode()
             )
         except BaseException:
             # The prompt may be on ComfyUI's queue already (the client went away while its

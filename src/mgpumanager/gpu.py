@@ -58,6 +58,13 @@ class GpuReading:
         """The reading did not fail. A static reading is ok, yet has no figures."""
         return self.error is None
 
+    @classmethod
+    def without_figures(
+        cls, backend: str, device: str, total_mib: int, error: str | None = None
+    ) -> GpuReading:
+        """No used/free/utilization: a static reader's, or a failed one's (with `error`)."""
+        return cls(backend, device, total_mib, None, None, None, error=error)
+
 
 class GpuReader(Protocol):
     @property
@@ -144,14 +151,7 @@ class StaticReader:
         return self._total_mib
 
     async def read(self) -> GpuReading:
-        return GpuReading(
-            backend=self.backend,
-            device="static (no readings)",
-            total_mib=self._total_mib,
-            used_mib=None,
-            free_mib=None,
-            utilization_pct=None,
-        )
+        return GpuReading.without_figures(self.backend, "static (no readings)", self._total_mib)
 
     async def aclose(self) -> None:
         return None
@@ -274,14 +274,8 @@ class NvmlReader:
 
     def _failed(self, message: str) -> GpuReading:
         self._failures.failed(message)
-        return GpuReading(
-            backend=self.backend,
-            device=self._device,
-            total_mib=self._total_mib or 0,
-            used_mib=None,
-            free_mib=None,
-            utilization_pct=None,
-            error=message,
+        return GpuReading.without_figures(
+            self.backend, self._device, self._total_mib or 0, error=message
         )
 
     def _read_sync(self) -> GpuReading:
@@ -444,14 +438,8 @@ class SimReader:
         except (aiohttp.ClientError, TimeoutError, ValueError, ValidationError) as exc:
             message = _describe(exc)
             self._failures.failed(message)
-            return GpuReading(
-                backend=self.backend,
-                device=self._device,
-                total_mib=self._total_mib or 0,
-                used_mib=None,
-                free_mib=None,
-                utilization_pct=None,
-                error=message,
+            return GpuReading.without_figures(
+                self.backend, self._device, self._total_mib or 0, error=message
             )
         self._failures.succeeded()
         return reading

@@ -209,8 +209,7 @@ class SchedulerCore(PriorityOrder):
                 break  # drain the holder, then hand over
             if running and job.exclusive:
                 break
-            if running >= self._consumers[job.consumer].max_concurrency:
-                break
+            # Here the job is the holder's, below its max_concurrency, or nothing runs.
             grants.append(self._start(job, prepare=running == 0))
         return grants
 
