@@ -23,9 +23,9 @@ from aiohttp import web
 
 from conftest import running_broker, wait_for
 from mgpumanager.adapters import (
+    BaseAdapter,
     ComfyUIAdapter,
     CommandAdapter,
-    HttpAdapter,
     OllamaAdapter,
     SpeachesAdapter,
     make_adapter,
@@ -76,7 +76,7 @@ def consumer_config(kind: str, url: str, **extra: Any) -> ConsumerConfig:
 
 
 @asynccontextmanager
-async def adapter(name: str, config: ConsumerConfig) -> AsyncIterator[HttpAdapter]:
+async def adapter(name: str, config: ConsumerConfig) -> AsyncIterator[BaseAdapter]:
     async with aiohttp.ClientSession() as session:
         yield make_adapter(name, config, session)
 
@@ -596,7 +596,7 @@ async def test_command_adapter_stops_and_starts_the_process() -> None:
             assert cluster.gpu.held_by("whisper-server") == 3000
 
 
-async def _ok(a: HttpAdapter) -> bool:
+async def _ok(a: BaseAdapter) -> bool:
     return (await a.health()).ok
 
 

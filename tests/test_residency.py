@@ -14,7 +14,7 @@ from aiohttp import web
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.config import Config
 from mgpumanager.gpu import GpuProcess, GpuReading
-from mgpumanager.residency import State
+from mgpumanager.records import State
 
 
 async def start_upstreams(*names: str) -> tuple[dict[str, Upstream], list[str]]:

@@ -18,6 +18,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .adapters import NATIVE_KIND_PREFIX
 from .broker import MIB, Broker
 from .config import KINDS, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
@@ -75,17 +76,34 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # -- handlers ---------------------------------------------------------------------------------
 
 
+def requested_priority(request: web.Request) -> int | None:
+    """`X-Priority: 0..4` (clamped), honoured only where `scheduler.allow_priority_header` is on;
+    None: the consumer's own priority."""
+    raw = request.headers.get("X-Priority")
+    if raw is None or not request.app[BROKER].config.scheduler.allow_priority_header:
+        return None
+    try:
+        return max(0, min(4, int(raw)))
+    except ValueError:
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
+        ) from None
+
+
+async def scheduled(request: web.Request, kind: str, name: str) -> web.StreamResponse:
+    """Run `request` as a GPU job of consumer `name` (queue, lease, residency, relay)."""
+    return await request.app[BROKER].run_job(request, kind, name, requested_priority(request))
+
+
 async def kind_job(request: web.Request) -> web.StreamResponse:
-    broker = request.app[BROKER]
     kind = request.match_info["kind"]
-    return await broker.run_job(request, kind, broker.route(kind))
+    return await scheduled(request, kind, request.app[BROKER].route(kind))
 
 
 async def ollama_job(request: web.Request) -> web.StreamResponse:
     """Ollama's native generate/chat/embed, scheduled like /v1/llm."""
-    broker = request.app[BROKER]
-    name = broker.ollama_consumer()
-    return await broker.run_job(request, f"ollama:{request.path}", name)
+    name = request.app[BROKER].ollama_consumer()
+    return await scheduled(request, f"{NATIVE_KIND_PREFIX}{request.path}", name)
 
 
 async def ollama_meta(request: web.Request) -> web.StreamResponse:

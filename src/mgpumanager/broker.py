@@ -9,8 +9,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from . import __version__
-from .adapters import HttpAdapter, make_adapter
+from .adapters import BaseAdapter, make_adapter
 from .clock import Clock, MonotonicClock
 from .config import AdapterType, Config
 from .errors import BrokerError, ErrorCode
@@ -18,9 +17,10 @@ from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .lease import Lease
 from .proxy import check_declared_size, forward
-from .residency import Residency, State
+from .records import State
+from .residency import Residency
 from .scheduler import ConsumerPolicy, SchedulerCore
-from .status import ConsumerStatus, GpuStatus, SchedulerStatus, Status
+from .status import Status, build_status
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ class Broker:
         self.config = config
         self.clock = clock or MonotonicClock()
         self._reader = reader
-        self._started_at = self.clock.now()
+        self.started_at = self.clock.now()
         self.session: aiohttp.ClientSession | None = None
-        self.adapters: dict[str, HttpAdapter] = {}
+        self.adapters: dict[str, BaseAdapter] = {}
         self._residency: Residency | None = None
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
@@ -227,18 +227,9 @@ class Broker:
         )
         self.health.gate(name, stopped_by_broker=expected)
 
-    def priority(self, request: web.Request) -> int | None:
-        raw = request.headers.get("X-Priority")
-        if raw is None or not self.config.scheduler.allow_priority_header:
-            return None
-        try:
-            return max(0, min(4, int(raw)))
-        except ValueError:
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
-            ) from None
-
-    async def run_job(self, request: web.Request, kind: str, name: str) -> web.StreamResponse:
+    async def run_job(
+        self, request: web.Request, kind: str, name: str, priority: int | None = None
+    ) -> web.StreamResponse:
         """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release"""
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
@@ -246,7 +237,6 @@ class Broker:
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
-        priority = self.priority(request)
         async with self.lease.job(
             name, priority=priority, queue_timeout_s=self.config.scheduler.queue_timeout_s
         ) as job:
@@ -292,75 +282,5 @@ class Broker:
                 await residency.ensure_resident(name)
         return {"consumer": name, "residency": str(residency.records[name].state)}
 
-    # -- status ---------------------------------------------------------------------------------
-
     def status(self) -> Status:
-        residency = self.residency
-        reading = residency.last_reading
-        reader = residency.reader
-        stats = self.lease.core.stats()
-        now = self.clock.now()
-        gpu = GpuStatus(
-            backend=reader.backend,
-            device=reading.device if reading else "not read yet",
-            total_mib=reader.total_mib,
-            used_mib=reading.used_mib if reading else None,
-            free_mib=reading.free_mib if reading else None,
-            utilization_pct=reading.utilization_pct if reading else None,
-            headroom_mib=residency.headroom_mib(reading) if reading else None,
-            safety_margin_mib=self.config.gpu.safety_margin_mib,
-            error=reading.error if reading else None,
-        )
-        consumers = {}
-        for name, c in self.config.consumers.items():
-            record = residency.records[name]
-            health = self.health.states[name]
-            per = stats.consumers[name]
-            consumers[name] = ConsumerStatus(
-                type=str(c.type),
-                url=c.url,
-                healthy=health.ok,
-                health_detail=health.detail,
-                residency=str(record.state),
-                residency_detail=record.detail,
-                vram_declared_mib=record.declared_mib,
-                vram_measured_mib=record.measured_mib,
-                last_used_s_ago=None if record.last_used is None else now - record.last_used,
-                last_unload_s=record.last_unload_s,
-                last_load_s=record.last_load_s,
-                pinned=record.pinned,
-                busy_outside=record.busy_outside,
-                priority=c.priority,
-                max_concurrency=c.max_concurrency,
-                queue_depth=per.queue_depth,
-                in_flight=per.in_flight,
-            )
-        counters = residency.counters
-        return Status(
-            version=__version__,
-            uptime_s=now - self._started_at,
-            gpu=gpu,
-            scheduler=SchedulerStatus(
-                policy=stats.policy,
-                queue_depth=stats.queue_depth,
-                in_flight=stats.in_flight,
-                total_jobs=stats.total_jobs,
-                last_wait_ms=stats.last_wait_ms,
-                last_run_ms=stats.last_run_ms,
-                oldest_queued=stats.oldest_queued,
-                holder=stats.holder,
-                accepting=stats.accepting,
-                completed=stats.completed,
-                failed=stats.failed,
-                cancelled=stats.cancelled,
-                timed_out=stats.timed_out,
-                handoffs=stats.handoffs,
-                swaps=counters.swaps,
-                swap_seconds=counters.swap_seconds,
-                evictions=counters.evictions,
-                eviction_failures=counters.eviction_failures,
-                load_failures=counters.load_failures,
-            ),
-            consumers=consumers,
-            routing=dict(self.config.routing),
-        )
+        return build_status(self)

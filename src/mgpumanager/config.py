@@ -329,8 +329,19 @@ def _semantic_problems(
         if is_command and isinstance(c.get("unload"), Mapping) and c.get("load") is None:
             # Its unload stops the process; with no load nothing would ever start it again.
             yield problem((*base, "unload"), "type: command with an unload needs a load too")
+        adapter_type = _adapter_type(c.get("type", AdapterType.GENERIC.value))
         for action_name in ("unload", "load"):
             action = c.get(action_name)
+            if action is None:
+                continue
+            if adapter_type is not None and action_name not in registry_actions(adapter_type):
+                # A key the type's adapter would not use: refused rather than silently ignored.
+                yield problem(
+                    (*base, action_name),
+                    f"not applicable to type {adapter_type}: it uses its own {action_name} call "
+                    f"(see docs/upstreams.md)",
+                )
+                continue
             if not isinstance(action, Mapping):
                 continue
             if "command" in action and not is_command:
@@ -342,6 +353,20 @@ def _semantic_problems(
         for kind in section(c.get("paths")):
             if not (isinstance(kind, str) and re.fullmatch(r"[a-z][a-z0-9_]*", kind)):
                 yield problem((*base, "paths", kind), "kind names are lower-case words")
+
+
+def _adapter_type(value: Any) -> AdapterType | None:
+    try:
+        return AdapterType(value)
+    except ValueError:
+        return None  # reported by the model's own validation
+
+
+def registry_actions(kind: AdapterType) -> frozenset[str]:
+    """Which of `unload:` / `load:` a type honours; its adapter says (adapters/base.py)."""
+    from .adapters import registry_actions as of_adapter  # adapters import this module
+
+    return of_adapter(kind)
 
 
 def _is_int(v: Any) -> bool:

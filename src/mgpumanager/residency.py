@@ -5,12 +5,12 @@
 residency changes ever race. The decision of whom to evict is the pure `planner.plan_eviction`;
 this module carries it out: unload, confirm through the upstream and the GPU reading, and only
 then load — an unconfirmed eviction never leads to a load (that is the OOM we exist to prevent).
+Every change of a record's state goes through `records.transition`, which holds the table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -21,39 +21,9 @@ from .config import Config
 from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, GpuReading, measured_mib
 from .planner import CannotFit, Resident, plan_eviction
+from .records import HOLDS_MEMORY, Record, State, transition
 
 log = logging.getLogger(__name__)
-
-
-class State(enum.StrEnum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    RESIDENT = "resident"
-    UNLOADING = "unloading"
-    UNKNOWN = "unknown"
-
-
-# States whose memory counts as taken (unknown: the safe side, until an unload confirms).
-HOLDS_MEMORY = frozenset({State.LOADING, State.RESIDENT, State.UNLOADING, State.UNKNOWN})
-
-
-@dataclass
-class Record:
-    state: State
-    declared_mib: int
-    pinned: bool
-    measured_mib: int | None = None
-    last_used: float | None = None  # clock time; LRU order
-    last_unload_s: float | None = None
-    last_load_s: float | None = None
-    busy_outside: bool = False
-    unload_failed_at: float | None = None  # clock time of the last unconfirmed eviction
-    detail: str = ""
-
-    @property
-    def cost_mib(self) -> int:
-        """What planning assumes it holds: the larger of declared and measured."""
-        return max(self.declared_mib, self.measured_mib or 0)
 
 
 @dataclass(frozen=True)
@@ -189,21 +159,19 @@ class Residency:
         out = {}
         for name, report in zip(names, reports, strict=True):
             c = config.consumers[name]
-            record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
-            record.measured_mib = self._measure(name, reading, config)
+            measured = self._measure(name, reading, config)
+            state, detail = State.UNKNOWN, "no residency probe or GPU figure"
             if isinstance(report, BaseException):
-                record.detail = f"residency probe failed: {report}"
+                detail = f"residency probe failed: {report}"
             elif report.resident is not None:
-                record.state = State.RESIDENT if report.resident else State.UNLOADED
-                record.detail = report.detail
-            elif record.measured_mib is not None and reading.ok:
-                resident = record.measured_mib >= record.declared_mib // 2
-                record.state = State.RESIDENT if resident else State.UNLOADED
-                record.detail = f"GPU reading: {record.measured_mib} MiB"
-            else:
-                record.detail = "no residency probe or GPU figure"
-            log.info("%s: %s (%s)", name, record.state, record.detail)
-            out[name] = record
+                state = State.RESIDENT if report.resident else State.UNLOADED
+                detail = report.detail
+            elif measured is not None and reading.ok:
+                resident = measured >= c.vram_resident_mib // 2
+                state = State.RESIDENT if resident else State.UNLOADED
+                detail = f"GPU reading: {measured} MiB"
+            log.info("%s: found %s (%s)", name, state, detail)
+            out[name] = Record(state, c.vram_resident_mib, c.pinned, measured, detail=detail)
         return out
 
     def reconfigure(
@@ -302,8 +270,7 @@ class Residency:
             elif report.resident is False and r.state is State.RESIDENT:
                 # It left by itself (Ollama's keep_alive ran out): nothing to evict. Its memory
                 # is back in the free figure, which the load still waits for.
-                r.state, r.detail = State.UNLOADED, f"left by itself ({report.detail or 'idle'})"
-                log.info("%s: unloaded by itself", name)
+                transition(name, r, State.UNLOADED, f"left by itself ({report.detail or 'idle'})")
                 continue
             else:
                 r.busy_outside = report.busy
@@ -330,25 +297,27 @@ class Residency:
         # Known to hold its memory (the broker loaded it or saw it): then the GPU must show the
         # memory coming back. An `unknown` one may hold nothing, and no drop is owed.
         known = record.state in (State.RESIDENT, State.LOADING)
-        record.state = State.UNLOADING
+        why = f"evicted for {for_consumer}" if for_consumer else "unload asked for"
+        transition(name, record, State.UNLOADING, why)
         blame = for_consumer or name
         try:
             await adapter.unload()
         except BrokerError as exc:
-            self._eviction_failed(record)
+            self._eviction_failed(name, f"unload call failed: {exc.message}")
             raise BrokerError(
                 ErrorCode.EVICTION_FAILED,
                 f"unloading {name} failed: {exc.message}",
                 consumer=blame,
             ) from exc
         except BaseException:
-            record.state = State.UNKNOWN  # cut off half-way: nobody knows (the safe side)
+            # Cut off half-way: nobody knows (the safe side).
+            transition(name, record, State.UNKNOWN, "unload cut off")
             raise
         try:
             await self._confirm_unloaded(name, before, known, started, timeout_s, blame)
         except BaseException:
             if record.state is State.UNLOADING:
-                record.state = State.UNKNOWN
+                transition(name, record, State.UNKNOWN, "unload confirmation cut off")
             raise
 
     async def _confirm_unloaded(
@@ -369,7 +338,7 @@ class Residency:
             if gone and self._gpu_confirms(name, before, after, known=known):
                 break
             if self.clock.now() >= deadline:
-                self._eviction_failed(record)
+                self._eviction_failed(name, f"memory not back within {timeout_s:g} s")
                 raise BrokerError(
                     ErrorCode.EVICTION_FAILED,
                     f"{name} was asked to unload but its memory did not come back within "
@@ -378,14 +347,16 @@ class Residency:
                     consumer=blame,
                 )
             await self._sleep(self.config.gpu.poll_interval_s)
-        record.state = State.UNLOADED
         record.unload_failed_at = None
         record.last_unload_s = self.clock.now() - started
         self.counters.evictions += 1
-        log.info("%s: unloaded, confirmed in %.2f s", name, record.last_unload_s)
+        transition(
+            name, record, State.UNLOADED, f"unload confirmed in {record.last_unload_s:.2f} s"
+        )
 
-    def _eviction_failed(self, record: Record) -> None:
-        record.state = State.UNKNOWN
+    def _eviction_failed(self, name: str, reason: str) -> None:
+        record = self.records[name]
+        transition(name, record, State.UNKNOWN, f"{reason}; state unknown")
         record.unload_failed_at = self.clock.now()
         self.counters.eviction_failures += 1
 
@@ -457,7 +428,7 @@ class Residency:
         adapter = self.adapters[name]
         config = self.config.consumers[name]
         started = self.clock.now()
-        record.state = State.LOADING
+        transition(name, record, State.LOADING, "needed by a job")
         if adapter.has_load:
             try:
                 async with asyncio.timeout(config.load_timeout_s):
@@ -465,25 +436,26 @@ class Residency:
                     while not await self._probe(name):
                         await self._sleep(self.config.gpu.poll_interval_s)
             except asyncio.CancelledError:
-                record.state = State.UNKNOWN  # cut off half-way: the safe side
+                transition(name, record, State.UNKNOWN, "load cut off")  # the safe side
                 raise
             except (TimeoutError, BrokerError) as exc:
-                record.state = State.UNKNOWN  # it may hold part of its memory: the safe side
                 self.counters.load_failures += 1
                 message = (
                     f"not ready within load_timeout_s ({config.load_timeout_s:g} s)"
                     if isinstance(exc, TimeoutError)
                     else exc.message
                 )
+                # It may hold part of its memory: the safe side.
+                transition(name, record, State.UNKNOWN, f"load failed: {message}")
                 raise BrokerError(
                     ErrorCode.LOAD_FAILED, f"loading {name} failed: {message}", consumer=name
                 ) from exc
             record.last_load_s = self.clock.now() - started
-        record.state = State.RESIDENT
+        how = "loaded by the broker" if adapter.has_load else "loads lazily on its first job"
+        transition(name, record, State.RESIDENT, how)
         self.counters.swaps += 1
         if adapter.has_load:
             await self.read_gpu()  # so /v1/status shows the loaded figure, not the one before
-        log.info("%s: resident%s", name, "" if adapter.has_load else " (loads on first job)")
 
 
 def _describe(reading: GpuReading) -> str:

@@ -1,0 +1,75 @@
+"""Protocol adapters: what the broker knows about each kind of upstream (`type:` in the registry).
+
+One module per upstream type, mirroring the fakes in `mgpumanager.sim`:
+
+    adapters/base.py      the ConsumerAdapter Protocol and BaseAdapter (shared HTTP plumbing)
+    adapters/generic.py   generic   registry-written health / unload / load (mVoice)
+    adapters/ollama.py    ollama    /api/ps residency, keep_alive 0 unload
+    adapters/comfyui.py   comfyui   asynchronous prompts held to their end, /free
+    adapters/speaches.py  speaches  /api/ps load and unload per model
+    adapters/command.py   command   argv unload / load (whisper.cpp via systemctl)
+    adapters/vllm.py      vllm      sleep mode
+
+This module is the registry: `ADAPTERS` maps each `type:` to its class. docs/adding-an-upstream.md
+lists every place a new type touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiohttp
+
+from ..config import AdapterType, ConsumerConfig
+from .base import (
+    BaseAdapter,
+    ConsumerAdapter,
+    HealthResult,
+    RegistryAction,
+    ResidencyReport,
+    UpstreamStatus,
+)
+from .comfyui import ComfyUIAdapter
+from .command import CommandAdapter
+from .generic import GenericAdapter
+from .ollama import NATIVE_KIND_PREFIX, OllamaAdapter
+from .speaches import SpeachesAdapter
+from .vllm import VllmAdapter
+
+ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
+    AdapterType.GENERIC: GenericAdapter,
+    AdapterType.OLLAMA: OllamaAdapter,
+    AdapterType.COMFYUI: ComfyUIAdapter,
+    AdapterType.SPEACHES: SpeachesAdapter,
+    AdapterType.COMMAND: CommandAdapter,
+    AdapterType.VLLM: VllmAdapter,
+}
+
+
+def make_adapter(name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> BaseAdapter:
+    return ADAPTERS[config.type](name, config, session)
+
+
+def registry_actions(kind: AdapterType) -> frozenset[RegistryAction]:
+    """Which of the registry's `unload:` / `load:` keys a type honours (check-config refuses
+    the others)."""
+    return ADAPTERS[kind].registry_actions
+
+
+__all__ = [
+    "ADAPTERS",
+    "NATIVE_KIND_PREFIX",
+    "BaseAdapter",
+    "ComfyUIAdapter",
+    "CommandAdapter",
+    "ConsumerAdapter",
+    "GenericAdapter",
+    "HealthResult",
+    "OllamaAdapter",
+    "ResidencyReport",
+    "SpeachesAdapter",
+    "UpstreamStatus",
+    "VllmAdapter",
+    "make_adapter",
+    "registry_actions",
+]

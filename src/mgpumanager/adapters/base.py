@@ -1,0 +1,255 @@
+"""What every adapter is: the `ConsumerAdapter` Protocol the broker drives, and `BaseAdapter`,
+the HTTP plumbing each upstream type builds on.
+
+An adapter answers, for one consumer: is it alive (`health`), what does it say is resident
+(`residency`: `None` where it cannot tell and the GPU reading decides), how to unload it and how
+to see that it let go (`unload`, `unloaded`), how to load it (`load`, or lazily on the first
+job), how to run a job and know that it really finished (`forward`), and whether it is running
+work that did not come through the broker (`residency().busy`). docs/upstreams.md describes how
+each real service behaves and how its adapter copes.
+
+The registry's `unload:` and `load:` keys follow one rule, stated by each type in
+`registry_actions`: a type either honours a key (the written call replaces the adapter's own,
+or is the only way it has), or `check-config` refuses the key as not applicable to that type.
+Nothing written in the registry is ever silently ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from ..config import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
+from ..errors import BrokerError, ErrorCode
+from ..lease import JobHandle
+from ..proxy import forward, translate_client_error
+
+log = logging.getLogger(__name__)
+
+RegistryAction = Literal["unload", "load"]
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    ok: bool
+    detail: str
+    refused: bool = False  # nothing listens: the process is not running
+
+
+@dataclass(frozen=True)
+class ResidencyReport:
+    resident: bool | None  # None: this upstream cannot tell; the GPU reading decides
+    busy: bool = False  # it runs work that did not come through the broker
+    detail: str = ""
+
+
+class ConsumerAdapter(Protocol):
+    name: str
+    config: ConsumerConfig
+
+    @property
+    def has_load(self) -> bool:
+        """False: the first job loads it lazily."""
+
+    @property
+    def stops_process(self) -> bool:
+        """Unloading stops the process: failed probes while unloaded are expected."""
+
+    @property
+    def can_unload(self) -> bool:
+        """False: nothing can evict it, so the planner treats it as pinned."""
+
+    def path_for(self, kind: str) -> HttpCall: ...
+    async def health(self) -> HealthResult: ...
+    async def residency(self) -> ResidencyReport: ...
+    async def unload(self) -> None: ...
+    async def unloaded(self) -> bool: ...
+    async def load(self) -> None: ...
+    async def forward(
+        self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
+    ) -> web.StreamResponse: ...
+
+
+class UpstreamStatus(BrokerError):
+    """A control call answered an unexpected status."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(ErrorCode.UPSTREAM_ERROR, f"answered {status}: {text}")
+        self.http_status = status
+
+
+class BaseAdapter:
+    """Shared HTTP plumbing: health probe, small JSON control calls, relaying a job.
+
+    A subclass states its protocol in a few class attributes (no behaviour hides in flags):
+    - `registry_actions`: which of the registry's `unload:` / `load:` keys it honours;
+    - `default_health`, `default_paths`: what it uses where the registry says nothing.
+    and overrides the calls its upstream answers differently.
+    """
+
+    registry_actions: ClassVar[frozenset[RegistryAction]] = frozenset()
+    default_health: ClassVar[HealthConfig] = HealthConfig()
+    default_paths: ClassVar[Mapping[str, HttpCall]] = {}
+
+    def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
+        self.name = name
+        self.config = config
+        self.session = session
+        # Keys the user wrote override this type's defaults one by one: `health: {interval_s:
+        # 2}` on an Ollama consumer still probes Ollama's /api/version, not the generic /health.
+        written = {key: getattr(config.health, key) for key in config.health.model_fields_set}
+        self.health_config = self.default_health.model_copy(update=written)
+
+    # -- what it can do -------------------------------------------------------------------------
+
+    @property
+    def has_load(self) -> bool:
+        return self.config.load is not None
+
+    @property
+    def stops_process(self) -> bool:
+        return False
+
+    @property
+    def can_unload(self) -> bool:
+        return self.config.unload is not None
+
+    def path_for(self, kind: str) -> HttpCall:
+        call = self.config.paths.get(kind) or self.default_paths.get(kind)
+        call = call or DEFAULT_PATHS.get(kind)
+        if call is None:
+            # A kind routed here that this consumer has no path for: a registry gap, answered
+            # as an envelope rather than a KeyError (500 with no body).
+            raise BrokerError(
+                ErrorCode.NO_CONSUMER,
+                f"{self.name} has no path for {kind!r} (paths.{kind} in the registry)",
+                consumer=self.name,
+            )
+        return call
+
+    def url(self, path: str) -> str:
+        return self.config.url.rstrip("/") + path
+
+    # -- talking to it --------------------------------------------------------------------------
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        timeout_s: float,
+        ok: tuple[int, ...] = (200,),
+    ) -> Any:
+        """One small control call; answers the decoded JSON (or None for an empty body)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.session.request(
+                    method, self.url(path), json=body, allow_redirects=False
+                ) as resp:
+                    text = await resp.text()
+                    if resp.status not in ok:
+                        raise UpstreamStatus(resp.status, text[:300])
+                    return json.loads(text) if text.strip() else None
+        except TimeoutError:
+            raise BrokerError(
+                ErrorCode.UPSTREAM_TIMEOUT,
+                f"{self.name}: {method} {path} took longer than {timeout_s:g} s",
+                consumer=self.name,
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise BrokerError(
+                ErrorCode.UPSTREAM_ERROR,
+                f"{self.name}: {method} {path} answered non-JSON: {exc}",
+                consumer=self.name,
+            ) from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise translate_client_error(exc, self.name) from exc
+
+    async def call(self, action: Action | HttpCall, *, timeout_s: float) -> Any:
+        """A registry-written HTTP call (`unload:` / `load:` with a path)."""
+        if action.path is None:
+            raise BrokerError(ErrorCode.SCHEDULER_ERROR, "action has no path", consumer=self.name)
+        return await self.request_json(
+            action.method,
+            action.path,
+            body=action.body,
+            timeout_s=timeout_s,
+            ok=tuple(range(200, 300)),
+        )
+
+    async def ps_models(self) -> list[Any]:
+        """The `models` list of GET /api/ps (Ollama and speaches both answer one)."""
+        ps = await self.request_json("GET", "/api/ps", timeout_s=self.health_config.timeout_s)
+        models = ps.get("models") if isinstance(ps, dict) else None
+        if not isinstance(models, list):
+            raise BrokerError(
+                ErrorCode.UPSTREAM_ERROR,
+                f"{self.name}: /api/ps has no models list",
+                consumer=self.name,
+            )
+        return models
+
+    # -- the Protocol's calls, as most upstreams answer them --------------------------------------
+
+    async def health(self) -> HealthResult:
+        h = self.health_config
+        try:
+            async with asyncio.timeout(h.timeout_s):
+                async with self.session.request(h.method, self.url(h.path)) as resp:
+                    await resp.read()
+                    if 200 <= resp.status < 300:
+                        return HealthResult(True, f"{resp.status}")
+                    return HealthResult(False, f"{h.method} {h.path} answered {resp.status}")
+        except TimeoutError:
+            return HealthResult(False, f"no answer within {h.timeout_s:g} s")
+        except aiohttp.ClientConnectorError as exc:
+            return HealthResult(False, f"connection refused: {exc.os_error}", refused=True)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return HealthResult(False, f"{type(exc).__name__}: {exc}")
+
+    async def residency(self) -> ResidencyReport:
+        return ResidencyReport(None)
+
+    async def unload(self) -> None:
+        if self.config.unload is None:
+            raise BrokerError(
+                ErrorCode.EVICTION_FAILED,
+                f"{self.name} has no unload call in the registry",
+                consumer=self.name,
+            )
+        await self.call(self.config.unload, timeout_s=self.config.unload.timeout_s)
+
+    async def unloaded(self) -> bool:
+        return True  # nothing to ask: the GPU reading confirms
+
+    async def load(self) -> None:
+        if self.config.load is not None:
+            await self.call(self.config.load, timeout_s=self.config.load.timeout_s)
+
+    async def forward(
+        self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
+    ) -> web.StreamResponse:
+        return await self.relay(request, self.path_for(kind), max_body_bytes)
+
+    async def relay(
+        self, request: web.Request, call: HttpCall, max_body_bytes: int, body: bytes | None = None
+    ) -> web.StreamResponse:
+        """Stream `request` to this upstream's `call` (with `body` instead of the client's)."""
+        return await forward(
+            request,
+            self.session,
+            base_url=self.config.url,
+            method=call.method,
+            path=call.path,
+            consumer=self.name,
+            max_body_bytes=max_body_bytes,
+            body=body,
+        )

@@ -1,0 +1,227 @@
+"""`type: comfyui` — ComfyUI's asynchronous prompts.
+
+`POST /prompt` answers at once and the work runs afterwards, so an image job holds the lease
+until its prompt has finished (websocket events, `/history` as the fallback). The broker picks
+the prompt_id. Unload is `POST /free`, which only sets flags: the GPU reading confirms. The
+registry's `unload:` replaces that call; `load:` does not apply (ComfyUI loads lazily, inside
+the first prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from ..config import ConsumerConfig, HealthConfig, HttpCall
+from ..errors import BrokerError, ErrorCode
+from ..lease import JobHandle
+from ..proxy import check_declared_size, too_large
+from .base import BaseAdapter, ResidencyReport
+
+log = logging.getLogger(__name__)
+
+
+class ComfyUIAdapter(BaseAdapter):
+    registry_actions = frozenset({"unload"})
+    default_health = HealthConfig(path="/system_stats")
+    default_paths = {"image": HttpCall(path="/prompt")}
+    history_poll_s = 0.25
+    cancel_wait_s = 10.0  # how long a cancelled prompt may take to leave ComfyUI's queue
+
+    def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(name, config, session)
+        self.ours: set[str] = set()  # prompt ids the broker posted and that have not finished
+
+    async def queued_ids(self) -> set[str]:
+        """Prompt ids running or waiting on ComfyUI's own queue, whoever posted them."""
+        queue = await self.request_json("GET", "/queue", timeout_s=self.health_config.timeout_s)
+        ids = set()
+        for key in ("queue_running", "queue_pending"):
+            items = queue.get(key, []) if isinstance(queue, dict) else []
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, list) and len(item) > 1:
+                    ids.add(str(item[1]))
+        return ids
+
+    async def residency(self) -> ResidencyReport:
+        outside = await self.queued_ids() - self.ours
+        return ResidencyReport(
+            None, busy=bool(outside), detail=f"{len(outside)} prompt(s) posted around the broker"
+        )
+
+    async def unload(self) -> None:
+        body = {"unload_models": True, "free_memory": True}
+        if self.config.unload is not None and self.config.unload.path is not None:
+            await self.call(self.config.unload, timeout_s=self.config.unload.timeout_s)
+        else:
+            await self.request_json(
+                "POST", "/free", body=body, timeout_s=self.config.unload_timeout_s
+            )
+
+    async def forward(
+        self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
+    ) -> web.StreamResponse:
+        call = self.path_for(kind)
+        if call.path != "/prompt":
+            return await super().forward(request, kind, job, max_body_bytes)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        check_declared_size(request, max_body_bytes, self.name)
+        raw = await _read_bounded(request, max_body_bytes, self.name)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST, f"the prompt is not JSON: {exc}", consumer=self.name
+            ) from exc
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                'expected {"prompt": {...graph...}}',
+                consumer=self.name,
+            )
+        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+        body["prompt_id"] = prompt_id
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        # A caller that names its client_id listens on its own socket under that id. ComfyUI
+        # keeps one socket per client_id (a second connect replaces the first), so a broker
+        # socket under the same id would steal the caller's events: follow /history instead.
+        if not body.get("client_id"):
+            body["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+            # Open the socket before posting, or the prompt's events may come before we listen.
+            ws = await self._open_ws(client_id)
+        self.ours.add(prompt_id)
+        try:
+            response = await self.relay(
+                request, call, max_body_bytes, body=json.dumps(body).encode()
+            )
+        except BaseException:
+            # The prompt may be on ComfyUI's queue already (the client went away while its
+            # answer was relayed): stop it before the lease goes, or it runs unguarded.
+            try:
+                await self.cancel(prompt_id)
+            finally:
+                self.ours.discard(prompt_id)
+                if ws is not None:
+                    await ws.close()
+            raise
+        if response.status != 200:  # rejected graph: nothing runs
+            self.ours.discard(prompt_id)
+            if ws is not None:
+                await ws.close()
+            return response
+        # run_timeout_s bounds the whole job: the /prompt call and the wait for the prompt.
+        left_s = max(0.0, self.config.run_timeout_s - (loop.time() - started))
+        job.hold_until(self._finished(prompt_id, ws), timeout_s=left_s)
+        return response
+
+    async def _open_ws(self, client_id: str) -> aiohttp.ClientWebSocketResponse | None:
+        try:
+            async with asyncio.timeout(self.health_config.timeout_s):
+                return await self.session.ws_connect(
+                    self.url("/ws"), params={"clientId": client_id}, heartbeat=30
+                )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "%s: websocket unavailable (%s); following /history instead", self.name, exc
+            )
+            return None
+
+    async def _finished(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse | None) -> None:
+        """Return when the prompt has ended (success, error or interrupted). Cancelled or timed
+        out by the lease: interrupt it and drop it from ComfyUI's queue."""
+        try:
+            waiters = [asyncio.ensure_future(self._history_done(prompt_id))]
+            if ws is not None:
+                waiters.append(asyncio.ensure_future(self._ws_done(prompt_id, ws)))
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+            for task in done:
+                task.result()
+        except BaseException:
+            await self.cancel(prompt_id)
+            raise
+        finally:
+            self.ours.discard(prompt_id)
+            if ws is not None:
+                await ws.close()
+
+    async def _ws_done(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        # Done is `executing` with `node: null`. ComfyUI sends execution_success / _error /
+        # _interrupted from inside the run, and only then takes the prompt off queue_running,
+        # writes /history and sends `node: null`; releasing on the earlier events let the next
+        # job see our own prompt on /queue as work posted around the broker.
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue  # binary frames are previews
+            try:
+                event = json.loads(msg.data)
+            except json.JSONDecodeError:
+                continue
+            data = event.get("data") if isinstance(event, dict) else None
+            if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+                continue
+            if event.get("type") == "executing" and data.get("node") is None:
+                return
+        # Socket closed without the end event: /history (the other waiter) decides.
+        await asyncio.Event().wait()
+
+    async def _history_done(self, prompt_id: str) -> None:
+        while True:
+            try:
+                history = await self.request_json(
+                    "GET", f"/history/{prompt_id}", timeout_s=self.health_config.timeout_s
+                )
+                entry = history.get(prompt_id) if isinstance(history, dict) else None
+                if isinstance(entry, dict):
+                    # The entry is written when the prompt leaves the queue, whatever its end.
+                    return
+            except BrokerError as exc:
+                log.debug("%s: /history poll failed: %s", self.name, exc)
+            await asyncio.sleep(self.history_poll_s)
+
+    async def cancel(self, prompt_id: str) -> None:
+        """/interrupt stops it if it runs; a queue delete removes it if it waits. Then wait
+        (up to cancel_wait_s) until it has left the queue: an interrupt takes effect at the
+        next step, and the lease must not pass on while the GPU is still busy with it."""
+        for path, body in (
+            ("/interrupt", {"prompt_id": prompt_id}),
+            ("/queue", {"delete": [prompt_id]}),
+        ):
+            try:
+                await self.request_json("POST", path, body=body, timeout_s=5.0)
+            except BrokerError as exc:
+                log.warning("%s: cancel %s via %s failed: %s", self.name, prompt_id, path, exc)
+                return  # unreachable or refusing: nothing to wait for
+        try:
+            async with asyncio.timeout(self.cancel_wait_s):
+                while True:
+                    if prompt_id not in await self.queued_ids():
+                        return
+                    await asyncio.sleep(self.history_poll_s)
+        except (TimeoutError, BrokerError) as exc:
+            log.warning("%s: cancelled prompt %s still queued: %s", self.name, prompt_id, exc)
+
+    @property
+    def can_unload(self) -> bool:
+        return True
+
+
+async def _read_bounded(request: web.Request, max_body_bytes: int, consumer: str) -> bytes:
+    chunks: list[bytes] = []
+    seen = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        seen += len(chunk)
+        if seen > max_body_bytes:
+            raise too_large(max_body_bytes, consumer)
+        chunks.append(chunk)
+    return b"".join(chunks)

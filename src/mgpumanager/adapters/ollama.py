@@ -1,0 +1,65 @@
+"""`type: ollama` — Ollama's own protocol.
+
+Residency from `GET /api/ps`. Unload is `keep_alive: 0` for every resident model, which Ollama
+answers BEFORE the memory is freed (and only after requests in flight end), so `unloaded` polls
+/api/ps. Load is an empty generate for each configured model; without models, the first job
+loads lazily. The registry's `unload:` / `load:` do not apply: Ollama's calls are its protocol.
+"""
+
+from __future__ import annotations
+
+from ..config import HealthConfig, HttpCall
+from .base import BaseAdapter, ResidencyReport
+
+# Kind of a job that came in on the facade's Ollama-native API: the rest is the upstream path,
+# e.g. "ollama:/api/chat".
+NATIVE_KIND_PREFIX = "ollama:"
+
+
+class OllamaAdapter(BaseAdapter):
+    default_health = HealthConfig(path="/api/version")
+    default_paths = {"llm": HttpCall(path="/api/generate")}
+
+    @property
+    def has_load(self) -> bool:
+        return bool(self.config.models)
+
+    @property
+    def can_unload(self) -> bool:
+        return True
+
+    def path_for(self, kind: str) -> HttpCall:
+        # The facade's Ollama-native routes (/api/generate, /api/chat, /api/embed) go to the
+        # same path upstream; only the kinds of the generic facade use the path table.
+        if kind.startswith(NATIVE_KIND_PREFIX):
+            return HttpCall(path=kind.removeprefix(NATIVE_KIND_PREFIX))
+        return super().path_for(kind)
+
+    async def resident_models(self) -> list[str]:
+        models = await self.ps_models()
+        return [str(m.get("name") or m.get("model")) for m in models if isinstance(m, dict)]
+
+    async def residency(self) -> ResidencyReport:
+        names = await self.resident_models()
+        return ResidencyReport(bool(names), detail=", ".join(names))
+
+    async def unload(self) -> None:
+        for model in await self.resident_models():
+            await self.request_json(
+                "POST",
+                "/api/generate",
+                body={"model": model, "keep_alive": 0},
+                timeout_s=self.config.unload_timeout_s,
+            )
+
+    async def unloaded(self) -> bool:
+        return not await self.resident_models()
+
+    async def load(self) -> None:
+        for model in self.config.models:
+            await self.request_json(
+                "POST",
+                "/api/generate",
+                body={"model": model, "stream": False},
+                timeout_s=self.config.load_timeout_s,
+            )

@@ -1,0 +1,85 @@
+"""Residency records and their state machine: the one place a consumer's residency changes.
+
+States and what moves a record between them (docs/residency.md has the same table with the
+reasoning behind each row)::
+
+    from        to          trigger
+    unknown     resident    a probe (start-up, reload) finds it holding memory
+    unknown     unloaded    a probe finds it holding nothing
+    unknown     loading     a job needs it: the broker loads it over whatever it held
+    unknown     unloading   an eviction or admin unload of a consumer nobody could read
+    unloaded    loading     a job needs it
+    loading     resident    its load call returned and its health passed (or: lazy load)
+    loading     unknown     the load failed, timed out or was cut off (it may hold memory)
+    resident    unloading   an eviction or admin unload starts
+    resident    unloaded    it left by itself (Ollama's keep_alive ran out)
+    unloading   unloaded    the upstream let go and the GPU reading confirmed it
+    unloading   unknown     the unload failed, was not confirmed in time, or was cut off
+
+`unknown` counts as holding its memory (the safe side) until an unload confirms otherwise.
+Everything else is refused as a bug (`IllegalTransition`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("mgpumanager.residency")
+
+
+class State(enum.StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    RESIDENT = "resident"
+    UNLOADING = "unloading"
+    UNKNOWN = "unknown"
+
+
+# States whose memory counts as taken (unknown: the safe side, until an unload confirms).
+HOLDS_MEMORY = frozenset({State.LOADING, State.RESIDENT, State.UNLOADING, State.UNKNOWN})
+
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.UNKNOWN: frozenset({State.RESIDENT, State.UNLOADED, State.LOADING, State.UNLOADING}),
+    State.UNLOADED: frozenset({State.LOADING}),
+    State.LOADING: frozenset({State.RESIDENT, State.UNKNOWN}),
+    State.RESIDENT: frozenset({State.UNLOADING, State.UNLOADED}),
+    State.UNLOADING: frozenset({State.UNLOADED, State.UNKNOWN}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A residency change the state machine does not allow: a bug in the caller."""
+
+
+@dataclass
+class Record:
+    state: State
+    declared_mib: int
+    pinned: bool
+    measured_mib: int | None = None
+    last_used: float | None = None  # clock time; LRU order
+    last_unload_s: float | None = None
+    last_load_s: float | None = None
+    busy_outside: bool = False
+    unload_failed_at: float | None = None  # clock time of the last unconfirmed eviction
+    detail: str = ""  # why it is in its state (shown in /v1/status)
+
+    @property
+    def cost_mib(self) -> int:
+        """What planning assumes it holds: the larger of declared and measured."""
+        return max(self.declared_mib, self.measured_mib or 0)
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state in HOLDS_MEMORY
+
+
+def transition(name: str, record: Record, to: State, reason: str) -> None:
+    """Move `record` to `to`, or raise IllegalTransition; logs the change with its reason."""
+    if to not in TRANSITIONS[record.state]:
+        raise IllegalTransition(f"{name}: {record.state} -> {to} is not allowed ({reason})")
+    log.info("%s: %s -> %s (%s)", name, record.state, to, reason)
+    record.state, record.detail = to, reason
