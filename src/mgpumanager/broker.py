@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from .adapters import BaseAdapter, make_adapter
+from .catalog import ModelCatalog
 from .clock import Clock, MonotonicClock
 from .config import AdapterType, Config
 from .errors import BrokerError, ErrorCode
@@ -45,6 +46,7 @@ class Broker:
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -62,6 +64,7 @@ class Broker:
             name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
         }
         self._health = HealthMonitor(self.adapters, self.clock)
+        self.catalog = ModelCatalog(config, self.adapters)
         self._residency = Residency(
             config, self.adapters, reader, self.clock, probe=self._health.probe_ok
         )
@@ -79,8 +82,11 @@ class Broker:
             self._residency.resident_set,
             self._residency.swap_costs,
         )
-        await asyncio.gather(self._health.probe_all(), self._residency.discover())
+        await asyncio.gather(
+            self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
+        )
         self._health.start()
+        self.catalog.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
             "broker up: %s (%d MiB), consumers %s",
@@ -115,6 +121,7 @@ class Broker:
             await asyncio.gather(self._sampler, return_exceptions=True)
         if self._health is not None:
             await self._health.aclose()
+        await self.catalog.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -155,20 +162,24 @@ class Broker:
         }
         # Every await first, on the new parts only; then everything is swapped in one step.
         health = HealthMonitor(adapters, self.clock)
-        await health.probe_all_of(fresh)
+        catalog = ModelCatalog(new, adapters)
+        catalog.upstream.update({n: m for n, m in self.catalog.upstream.items() if n in same})
+        await asyncio.gather(health.probe_all_of(fresh), catalog.refresh(fresh))
         added = await residency.probe(
             new, adapters, [n for n in new.consumers if n not in old.consumers]
         )
         old_health = self.health
         health.states.update({n: s for n, s in old_health.states.items() if n in same})
         self.adapters, self._health, self.config = adapters, health, new
+        old_catalog, self.catalog = self.catalog, catalog
         residency.reconfigure(new, adapters, health.probe_ok, added)
         dropped = self.lease.reconfigure(
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
         )
         health.start()
-        await old_health.aclose()
+        catalog.start()
+        await asyncio.gather(old_health.aclose(), old_catalog.aclose())
         changes = [f"+{n}" for n in new.consumers if n not in old.consumers]
         changes += [f"-{n}" for n in old.consumers if n not in new.consumers]
         changes += [f"~{n}" for n in new.consumers if n in old.consumers and n not in same]

@@ -88,6 +88,21 @@ class HealthConfig(_Model):
     timeout_s: PositiveFloat = 2.0
 
 
+class ModelEntry(_Model):
+    """One model of an Ollama / speaches / vLLM / OpenAI-style consumer. In the registry a plain
+    name is shorthand for `{name: NAME, preload: true}` (the meaning plain names always had:
+    the models its load call brings in)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    vram_mib: int | None = Field(default=None, ge=0)  # else the upstream's own figure
+    preload: bool = False  # loaded by the consumer's load (and by warm restore)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_name(cls, value: Any) -> Any:
+        return {"name": value, "preload": True} if isinstance(value, str) else value
+
+
 class ConsumerConfig(_Model):
     type: AdapterType = AdapterType.GENERIC
     url: str
@@ -106,8 +121,25 @@ class ConsumerConfig(_Model):
     # Substrings of a GPU process's command line (or, on the simulated GPU, its owner name)
     # that belong to this consumer; lets the GPU reader measure its real VRAM use.
     gpu_processes: list[str] = []
-    # Models the adapter keeps resident / loads (ollama, speaches, vllm). Empty: all it reports.
-    models: list[str] = []
+    # Models it serves (ollama, speaches, vllm, OpenAI-style): their VRAM cost, which its load
+    # call brings in, and which OpenAI `model` names route here. Empty: all it reports.
+    models: list[ModelEntry] = []
+    # OpenAI model names clients insist on -> one of this consumer's models.
+    aliases: dict[str, str] = {}
+    # A generic consumer that serves OpenAI routes (/v1/chat/completions, /v1/audio/speech...).
+    openai: bool = False
+    # Further requests that use the GPU, scheduled when they arrive under /upstream/<name>/.
+    scheduled: list[HttpCall] = []
+    # Unload it after this many seconds unused (when no job waits). None: never.
+    idle_unload_s: PositiveFloat | None = None
+
+    @property
+    def preload_models(self) -> list[str]:
+        return [m.name for m in self.models if m.preload]
+
+    def model_entry(self, name: str) -> ModelEntry | None:
+        name = self.aliases.get(name, name)
+        return next((m for m in self.models if m.name == name), None)
 
     def path_for(self, kind: str) -> HttpCall:
         call = self.paths.get(kind)
@@ -142,6 +174,12 @@ class SchedulerConfig(_Model):
     drain_timeout_s: PositiveFloat = 30.0
 
 
+class IdleConfig(_Model):
+    # Consumers (or consumer/model) brought back when the GPU has been idle for warm_after_s.
+    warm: list[str] = []
+    warm_after_s: PositiveFloat = 30.0
+
+
 class AuthConfig(_Model):
     # When set, every route but /healthz needs `Authorization: Bearer <token>`.
     token: SecretStr | None = None
@@ -153,6 +191,7 @@ class Config(_Model):
     gpu: GpuConfig = GpuConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     auth: AuthConfig = AuthConfig()
+    idle: IdleConfig = IdleConfig()
     routing: dict[str, str] = {}
     audio_proxy: str | None = None
     consumers: dict[str, ConsumerConfig]
@@ -353,6 +392,21 @@ def _semantic_problems(
         for kind in section(c.get("paths")):
             if not (isinstance(kind, str) and re.fullmatch(r"[a-z][a-z0-9_]*", kind)):
                 yield problem((*base, "paths", kind), "kind names are lower-case words")
+        models = _model_names(c.get("models"))
+        for model in {m for m in models if models.count(m) > 1}:
+            yield problem((*base, "models"), f"model {model!r} is listed twice")
+        for alias, target in section(c.get("aliases")).items():
+            if models and target not in models:
+                yield problem((*base, "aliases", alias), f"{target!r} is not one of its models")
+    warm = section(data.get("idle")).get("warm")
+    for i, entry in enumerate(warm if isinstance(warm, list) else []):
+        name, _, model = str(entry).partition("/")
+        if name not in names:
+            yield problem(("idle", "warm", i), f"{name!r} is not a consumer")
+            continue
+        models = _model_names(section(consumers[name]).get("models"))
+        if model and models and model not in models:
+            yield problem(("idle", "warm", i), f"{model!r} is not one of {name}'s models")
 
 
 def _adapter_type(value: Any) -> AdapterType | None:
@@ -367,6 +421,16 @@ def registry_actions(kind: AdapterType) -> frozenset[str]:
     from .adapters import registry_actions as of_adapter  # adapters import this module
 
     return of_adapter(kind)
+
+
+def _model_names(models: Any) -> list[str]:
+    """The names in a raw `models` list (plain names or mappings with a name)."""
+    out = []
+    for m in models if isinstance(models, list) else []:
+        name = m.get("name") if isinstance(m, Mapping) else m
+        if isinstance(name, str):
+            out.append(name)
+    return out
 
 
 def _is_int(v: Any) -> bool:

@@ -197,6 +197,32 @@ class BaseAdapter:
             )
         return models
 
+    # -- its models ------------------------------------------------------------------------------
+
+    @property
+    def serves_openai(self) -> bool:
+        """It answers OpenAI routes (/v1/chat/completions, /v1/audio/speech...) itself."""
+        return self.config.openai
+
+    async def installed_models(self) -> dict[str, int | None] | None:
+        """The models the upstream can serve now, with their size in MiB where it says one;
+        None: it keeps no list the broker can read."""
+        return await self.openai_models() if self.serves_openai else None
+
+    async def openai_models(self) -> dict[str, int | None]:
+        """GET /v1/models: `{"data": [{"id": ...}, ...]}` (sizes unknown)."""
+        answer = await self.request_json(
+            "GET", "/v1/models", timeout_s=self.health_config.timeout_s
+        )
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list):
+            raise BrokerError(
+                ErrorCode.UPSTREAM_ERROR,
+                f"{self.name}: /v1/models has no data list",
+                consumer=self.name,
+            )
+        return {str(m["id"]): None for m in data if isinstance(m, dict) and m.get("id")}
+
     # -- the Protocol's calls, as most upstreams answer them --------------------------------------
 
     async def health(self) -> HealthResult:

@@ -14,6 +14,7 @@ from .base import BaseAdapter, ResidencyReport
 # Kind of a job that came in on the facade's Ollama-native API: the rest is the upstream path,
 # e.g. "ollama:/api/chat".
 NATIVE_KIND_PREFIX = "ollama:"
+MIB = 1024 * 1024
 
 
 class OllamaAdapter(BaseAdapter):
@@ -22,7 +23,7 @@ class OllamaAdapter(BaseAdapter):
 
     @property
     def has_load(self) -> bool:
-        return bool(self.config.models)
+        return bool(self.config.preload_models)
 
     @property
     def can_unload(self) -> bool:
@@ -34,6 +35,22 @@ class OllamaAdapter(BaseAdapter):
         if kind.startswith(NATIVE_KIND_PREFIX):
             return HttpCall(path=kind.removeprefix(NATIVE_KIND_PREFIX))
         return super().path_for(kind)
+
+    @property
+    def serves_openai(self) -> bool:
+        return True
+
+    async def installed_models(self) -> dict[str, int | None]:
+        """GET /api/tags: every pulled model with its size on disk (close to its VRAM cost)."""
+        tags = await self.request_json("GET", "/api/tags", timeout_s=self.health_config.timeout_s)
+        models = tags.get("models") if isinstance(tags, dict) else None
+        out: dict[str, int | None] = {}
+        for m in models if isinstance(models, list) else []:
+            if isinstance(m, dict) and (m.get("name") or m.get("model")):
+                size = m.get("size")
+                mib = size // MIB if isinstance(size, int) and size > 0 else None
+                out[str(m.get("name") or m.get("model"))] = mib
+        return out
 
     async def resident_models(self) -> list[str]:
         models = await self.ps_models()
@@ -56,7 +73,7 @@ class OllamaAdapter(BaseAdapter):
         return not await self.resident_models()
 
     async def load(self) -> None:
-        for model in self.config.models:
+        for model in self.config.preload_models:
             await self.request_json(
                 "POST",
                 "/api/generate",

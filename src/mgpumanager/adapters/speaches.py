@@ -20,10 +20,14 @@ class SpeachesAdapter(BaseAdapter):
 
     @property
     def has_load(self) -> bool:
-        return bool(self.config.models)
+        return bool(self.config.preload_models)
 
     @property
     def can_unload(self) -> bool:
+        return True
+
+    @property
+    def serves_openai(self) -> bool:
         return True
 
     async def loaded_models(self) -> list[str]:
@@ -65,7 +69,7 @@ class SpeachesAdapter(BaseAdapter):
         return not await self.loaded_models()
 
     async def load(self) -> None:
-        for model in self.config.models:
+        for model in self.config.preload_models:
             await self.request_json(
                 "POST", f"/api/ps/{model}", timeout_s=self.config.load_timeout_s, ok=(200, 201, 409)
             )

@@ -21,6 +21,10 @@ class VllmAdapter(BaseAdapter):
     def can_unload(self) -> bool:
         return True
 
+    @property
+    def serves_openai(self) -> bool:
+        return True
+
     async def residency(self) -> ResidencyReport:
         return ResidencyReport(not await self._sleeping())
 
