@@ -296,6 +296,21 @@ async def test_comfyui_job_holds_the_lease_until_the_websocket_says_the_prompt_e
             assert server.broker.lease.core.stats().completed == 1
 
 
+@pytest.mark.parametrize("prompt_id", ["../free", "a/b", "..", "x" * 129, "id with space"])
+async def test_comfyui_refuses_a_prompt_id_that_could_leave_its_urls(prompt_id: str) -> None:
+    """The id goes into /history/{id}: "../free" would make the broker poll another route and
+    hold the lease until run_timeout_s. Refused before anything reaches ComfyUI."""
+    async with comfyui_box(comfyui_settings()) as (cluster, fake, url):
+        config = broker_config(cluster, {"comfyui": comfyui_consumer(url)}, {"image": "comfyui"})
+        async with running_broker(config) as server, aiohttp.ClientSession() as http:
+            body = {"prompt": GRAPH, "prompt_id": prompt_id}
+            status, answer = await post_json(http, f"{server.url}/v1/image", body)
+            assert (status, answer["error"]) == (400, "bad_request"), answer
+            assert "prompt_id" in answer["message"]
+            assert requests_to(fake, "POST", "/prompt") == []
+            assert server.broker.lease.core.in_flight == 0
+
+
 @pytest.mark.parametrize("failure", ["refused", "dropped"])
 async def test_comfyui_follows_history_when_the_websocket_fails(failure: str) -> None:
     settings = comfyui_settings(run_s=0.3)

@@ -239,9 +239,19 @@ class Broker:
         self.health.gate(name, stopped_by_broker=expected)
 
     async def run_job(
-        self, request: web.Request, kind: str, name: str, priority: int | None = None
+        self,
+        request: web.Request,
+        kind: str,
+        name: str,
+        priority: int | None = None,
+        *,
+        model: str | None = None,
+        body: bytes | None = None,
     ) -> web.StreamResponse:
-        """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release"""
+        """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release
+
+        `model`: the model the request names, where the surface read it (its cost is the
+        model's); `body`: the request body when the surface has read it already."""
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
         self.gate(name)
@@ -253,7 +263,7 @@ class Broker:
         ) as job:
             try:
                 async with asyncio.timeout(consumer.run_timeout_s):
-                    return await adapter.forward(request, kind, job, max_body)
+                    return await adapter.forward(request, kind, job, max_body, body)
             except TimeoutError:
                 raise BrokerError(
                     ErrorCode.UPSTREAM_TIMEOUT,

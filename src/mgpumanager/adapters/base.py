@@ -73,8 +73,14 @@ class ConsumerAdapter(Protocol):
     async def unloaded(self) -> bool: ...
     async def load(self) -> None: ...
     async def forward(
-        self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
-    ) -> web.StreamResponse: ...
+        self,
+        request: web.Request,
+        kind: str,
+        job: JobHandle,
+        max_body_bytes: int,
+        body: bytes | None = None,
+    ) -> web.StreamResponse:
+        """Run one job; `body`: the request body the facade already read (else streamed)."""
 
 
 class UpstreamStatus(BrokerError):
@@ -261,9 +267,14 @@ class BaseAdapter:
             await self.call(self.config.load, timeout_s=self.config.load.timeout_s)
 
     async def forward(
-        self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
+        self,
+        request: web.Request,
+        kind: str,
+        job: JobHandle,
+        max_body_bytes: int,
+        body: bytes | None = None,
     ) -> web.StreamResponse:
-        return await self.relay(request, self.path_for(kind), max_body_bytes)
+        return await self.relay(request, self.path_for(kind), max_body_bytes, body)
 
     async def relay(
         self, request: web.Request, call: HttpCall, max_body_bytes: int, body: bytes | None = None

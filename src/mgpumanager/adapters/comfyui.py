@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 
 import aiohttp
@@ -24,6 +25,8 @@ from ..proxy import check_declared_size, too_large
 from .base import BaseAdapter, ResidencyReport
 
 log = logging.getLogger(__name__)
+
+PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class ComfyUIAdapter(BaseAdapter):
@@ -64,41 +67,55 @@ class ComfyUIAdapter(BaseAdapter):
             )
 
     async def forward(
-        self, request: web.Request, kind: str, job: JobHandle, max_body_bytes: int
+        self,
+        request: web.Request,
+        kind: str,
+        job: JobHandle,
+        max_body_bytes: int,
+        body: bytes | None = None,
     ) -> web.StreamResponse:
         call = self.path_for(kind)
         if call.path != "/prompt":
-            return await super().forward(request, kind, job, max_body_bytes)
+            return await super().forward(request, kind, job, max_body_bytes, body)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        check_declared_size(request, max_body_bytes, self.name)
-        raw = await _read_bounded(request, max_body_bytes, self.name)
+        if body is None:
+            check_declared_size(request, max_body_bytes, self.name)
+            body = await _read_bounded(request, max_body_bytes, self.name)
         try:
-            body = json.loads(raw)
+            prompt = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BrokerError(
                 ErrorCode.BAD_REQUEST, f"the prompt is not JSON: {exc}", consumer=self.name
             ) from exc
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), dict):
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
             raise BrokerError(
                 ErrorCode.BAD_REQUEST,
                 'expected {"prompt": {...graph...}}',
                 consumer=self.name,
             )
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        body["prompt_id"] = prompt_id
+        prompt_id = str(prompt.get("prompt_id") or uuid.uuid4())
+        if not PROMPT_ID.fullmatch(prompt_id) or prompt_id.strip(".") == "":
+            # The id goes into ComfyUI URLs (/history/{id}): "../free" would poll another route
+            # and hold the lease until run_timeout_s although the prompt ended long before.
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                "prompt_id may hold only letters, digits and . _ : - (at most 128)",
+                consumer=self.name,
+            )
+        prompt["prompt_id"] = prompt_id
         ws: aiohttp.ClientWebSocketResponse | None = None
         # A caller that names its client_id listens on its own socket under that id. ComfyUI
         # keeps one socket per client_id (a second connect replaces the first), so a broker
         # socket under the same id would steal the caller's events: follow /history instead.
-        if not body.get("client_id"):
-            body["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+        if not prompt.get("client_id"):
+            prompt["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
             # Open the socket before posting, or the prompt's events may come before we listen.
             ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
             response = await self.relay(
-                request, call, max_body_bytes, body=json.dumps(body).encode()
+                request, call, max_body_bytes, body=json.dumps(prompt).encode()
             )
         except BaseException:
             # The prompt may be on ComfyUI's queue already (the client went away while its
