@@ -66,7 +66,13 @@ class Broker:
         self._health = HealthMonitor(self.adapters, self.clock)
         self.catalog = ModelCatalog(config, self.adapters)
         self._residency = Residency(
-            config, self.adapters, reader, self.clock, probe=self._health.probe_ok
+            config,
+            self.adapters,
+            reader,
+            self.clock,
+            probe=self._health.probe_ok,
+            model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
+            in_flight=self._jobs_on,
         )
         core = SchedulerCore(
             config.scheduler,
@@ -96,10 +102,21 @@ class Broker:
         )
 
     async def _sample_gpu(self) -> None:
-        """Keep /v1/status's GPU figures live between jobs."""
+        """Keep /v1/status's GPU figures live between jobs, and the records matching the card
+        (work done around the broker) every gpu.reconcile_interval_s."""
+        last_reconcile = self.clock.now()
         while True:
             await asyncio.sleep(1.0)
-            await self.residency.read_gpu()
+            if self.clock.now() - last_reconcile >= self.config.gpu.reconcile_interval_s:
+                last_reconcile = self.clock.now()
+                await self.residency.reconcile()
+            else:
+                await self.residency.read_gpu()
+
+    def _jobs_on(self, name: str) -> int:
+        """The broker's jobs running on `name` now (only the lease holder has any)."""
+        core = self.lease.core
+        return core.in_flight if core.holder == name else 0
 
     async def drain(self) -> None:
         """Stop accepting (queued jobs get shutting_down), let in-flight jobs finish within
@@ -172,7 +189,8 @@ class Broker:
         health.states.update({n: s for n, s in old_health.states.items() if n in same})
         self.adapters, self._health, self.config = adapters, health, new
         old_catalog, self.catalog = self.catalog, catalog
-        residency.reconfigure(new, adapters, health.probe_ok, added)
+        residency.reconfigure(new, adapters, added)
+        residency.reconfigure_probe(health.probe_ok)
         dropped = self.lease.reconfigure(
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
@@ -258,9 +276,14 @@ class Broker:
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
+        per_model = model if adapter.per_model else None
         async with self.lease.job(
-            name, priority=priority, queue_timeout_s=self.config.scheduler.queue_timeout_s
+            name,
+            priority=priority,
+            queue_timeout_s=self.config.scheduler.queue_timeout_s,
+            model=per_model,
         ) as job:
+            self.residency.job_started(name, per_model)
             try:
                 async with asyncio.timeout(consumer.run_timeout_s):
                     return await adapter.forward(request, kind, job, max_body, body)
@@ -271,7 +294,7 @@ class Broker:
                     consumer=name,
                 ) from None
             finally:
-                self.residency.touch(name)
+                self.residency.job_finished(name, per_model)
 
     async def passthrough(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
         """Relay a request that is no GPU work (generated audio, Ollama metadata) straight to
@@ -297,8 +320,7 @@ class Broker:
             name, queue_timeout_s=self.config.scheduler.queue_timeout_s, exclusive=True
         ):
             if action == "unload":
-                if residency.records[name].state is not State.UNLOADED:
-                    await residency.evict(name)
+                await residency.unload(name)  # whatever the record says: it may be wrong
             else:
                 await residency.ensure_resident(name)
         return {"consumer": name, "residency": str(residency.records[name].state)}

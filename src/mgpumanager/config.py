@@ -161,6 +161,9 @@ class GpuConfig(_Model):
     safety_margin_mib: int = Field(default=512, ge=0)
     sim_url: str = "http://127.0.0.1:8799"
     poll_interval_s: PositiveFloat = 0.1
+    # How often residency is re-read from the upstreams and the GPU in the background (work
+    # done around the broker); it is also re-read before every eviction plan.
+    reconcile_interval_s: PositiveFloat = 5.0
 
 
 class SchedulerConfig(_Model):

@@ -28,6 +28,7 @@ from .base import (
     RegistryAction,
     ResidencyReport,
     UpstreamStatus,
+    residual_allowance_mib,
 )
 from .comfyui import ComfyUIAdapter
 from .command import CommandAdapter
@@ -72,4 +73,5 @@ __all__ = [
     "VllmAdapter",
     "make_adapter",
     "registry_actions",
+    "residual_allowance_mib",
 ]

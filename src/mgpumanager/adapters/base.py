@@ -48,6 +48,16 @@ class ResidencyReport:
     resident: bool | None  # None: this upstream cannot tell; the GPU reading decides
     busy: bool = False  # it runs work that did not come through the broker
     detail: str = ""
+    held_mib: int | None = None  # what the upstream says it holds (ComfyUI's own allocator)
+    # Per-model upstreams (Ollama, speaches): the models resident now, with their size in MiB
+    # where the upstream says one. None: this upstream is not tracked per model.
+    models: Mapping[str, int | None] | None = None
+
+
+def residual_allowance_mib(declared_mib: int) -> int:
+    """Memory a process may keep after unloading its models (CUDA context, allocator cache):
+    ComfyUI keeps a few hundred MiB, speaches some too. Below this it counts as unloaded."""
+    return max(512, declared_mib // 10)
 
 
 class ConsumerAdapter(Protocol):
@@ -57,6 +67,10 @@ class ConsumerAdapter(Protocol):
     @property
     def has_load(self) -> bool:
         """False: the first job loads it lazily."""
+
+    @property
+    def per_model(self) -> bool:
+        """Its models are loaded and unloaded one by one (`unload_model`, `load_model`)."""
 
     @property
     def stops_process(self) -> bool:
@@ -72,6 +86,8 @@ class ConsumerAdapter(Protocol):
     async def unload(self) -> None: ...
     async def unloaded(self) -> bool: ...
     async def load(self) -> None: ...
+    async def unload_model(self, model: str) -> None: ...
+    async def load_model(self, model: str) -> None: ...
     async def forward(
         self,
         request: web.Request,
@@ -121,6 +137,10 @@ class BaseAdapter:
 
     @property
     def stops_process(self) -> bool:
+        return False
+
+    @property
+    def per_model(self) -> bool:
         return False
 
     @property
@@ -265,6 +285,16 @@ class BaseAdapter:
     async def load(self) -> None:
         if self.config.load is not None:
             await self.call(self.config.load, timeout_s=self.config.load.timeout_s)
+
+    async def unload_model(self, model: str) -> None:
+        raise BrokerError(
+            ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model", consumer=self.name
+        )
+
+    async def load_model(self, model: str) -> None:
+        raise BrokerError(
+            ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model", consumer=self.name
+        )
 
     async def forward(
         self,
