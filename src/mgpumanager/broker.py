@@ -12,7 +12,7 @@ from aiohttp import web
 from . import __version__
 from .adapters import HttpAdapter, make_adapter
 from .clock import Clock, MonotonicClock
-from .config import AdapterType, Config
+from .config import AdapterType, Caller, Config, redact_url
 from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
@@ -25,6 +25,9 @@ from .status import ConsumerStatus, GpuStatus, SchedulerStatus, Status
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+
+# Who sent a request: set by the facade's auth check when the registry has tokens.
+CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
 
 
 class Broker:
@@ -232,11 +235,13 @@ class Broker:
         if raw is None or not self.config.scheduler.allow_priority_header:
             return None
         try:
-            return max(0, min(4, int(raw)))
+            wanted = max(0, min(4, int(raw)))
         except ValueError:
             raise BrokerError(
                 ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
             ) from None
+        caller = request.get(CALLER)  # a token asks for no more than its max_priority
+        return wanted if caller is None else min(wanted, caller.max_priority)
 
     async def run_job(self, request: web.Request, kind: str, name: str) -> web.StreamResponse:
         """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release"""
@@ -318,7 +323,7 @@ class Broker:
             per = stats.consumers[name]
             consumers[name] = ConsumerStatus(
                 type=str(c.type),
-                url=c.url,
+                url=redact_url(c.url),
                 healthy=health.ok,
                 health_detail=health.detail,
                 residency=str(record.state),
