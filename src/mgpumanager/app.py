@@ -19,11 +19,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .adapters import NATIVE_KIND_PREFIX
-from .broker import MIB, Broker
-from .config import KINDS, Config, ConfigError, load_config
+from .broker import CALLER, MIB, Broker
+from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
 from .metrics import render
 from .proxy import CONSUMED, PREPARED
+from .redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With `auth.token` set, every route but /healthz needs `Authorization: Bearer <token>`.
-    Reads the registry on each request, so a SIGHUP reload applies to it."""
-    token = request.app[BROKER].config.auth.token
-    if token is not None and request.path != "/healthz":
-        expected = f"Bearer {token.get_secret_value()}".encode()
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+    """With a token in `auth`, every route but /healthz needs `Authorization: Bearer <token>`;
+    the token names the caller (request[CALLER]). Reads the registry on each request, so a
+    SIGHUP reload applies to it."""
+    auth = request.app[BROKER].config.auth
+    if auth.required and request.path != "/healthz":
+        caller = bearer_caller(auth, request.headers.get("Authorization", ""))
+        if caller is None:
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
+        request[CALLER] = caller
         request[CONSUMED] = ("authorization",)  # the broker's token is not the upstream's
     return await handler(request)
+
+
+def bearer_caller(auth: AuthConfig, header: str) -> Caller | None:
+    """The caller whose token `header` carries, or None. Every token is compared, in constant
+    time, so timing tells neither the token nor which one is close."""
+    if not header.isascii():  # undecodable bytes arrive as surrogates: no token has them
+        return None
+    given = header.encode("ascii")
+    found = None
+    for caller, secret in auth.callers():
+        if hmac.compare_digest(given, b"Bearer " + secret):
+            found = caller
+    return found
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -83,11 +98,13 @@ def requested_priority(request: web.Request) -> int | None:
     if raw is None or not request.app[BROKER].config.scheduler.allow_priority_header:
         return None
     try:
-        return max(0, min(4, int(raw)))
+        wanted = max(0, min(4, int(raw)))
     except ValueError:
         raise BrokerError(
             ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
         ) from None
+    caller = request.get(CALLER)  # a token asks for no more than its max_priority
+    return wanted if caller is None else min(wanted, caller.max_priority)
 
 
 async def scheduled(request: web.Request, kind: str, name: str) -> web.StreamResponse:
@@ -161,6 +178,7 @@ async def admin(request: web.Request) -> web.Response:
 
 def make_app(broker: Broker) -> web.Application:
     config = broker.config
+    install_log_redaction()  # aiohttp quotes unparsable header lines, tokens included
     middlewares: list[Middleware] = [error_middleware, auth_middleware]
     # client_max_size bounds only bodies read whole (a ComfyUI prompt); streamed bodies are
     # counted as they pass (proxy._BodyLimit).

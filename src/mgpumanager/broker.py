@@ -12,7 +12,7 @@ from aiohttp import web
 from .adapters import BaseAdapter, make_adapter
 from .catalog import ModelCatalog
 from .clock import Clock, MonotonicClock
-from .config import AdapterType, Config
+from .config import AdapterType, Caller, Config
 from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
@@ -26,6 +26,9 @@ from .status import Status, build_status
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+
+# Who sent a request: set by the facade's auth check when the registry has tokens.
+CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
 
 
 class Broker:
