@@ -164,9 +164,9 @@ consumers:
 
 
 @asynccontextmanager
-async def serve_under(fake: FakeSystemd, config: Path, log: Path) -> AsyncIterator[
-    asyncio.subprocess.Process
-]:
+async def serve_under(
+    fake: FakeSystemd, config: Path, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
     env = {**os.environ, "NOTIFY_SOCKET": str(fake.path), "WATCHDOG_USEC": "200000"}
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
