@@ -320,6 +320,7 @@ async def serve(
     systemd (`Type=notify`) it says READY=1 once the port accepts connections and the first
     residency discovery is done, and sends watchdog keep-alives from this loop throughout."""
     config = load_config(config_path)
+    own = notifier is None
     notifier = Notifier.from_environ() if notifier is None else notifier
     # From the start: discovery may take a while, and the watchdog runs from the exec.
     watchdog = notifier.start_watchdog()
@@ -329,6 +330,8 @@ async def serve(
         if watchdog is not None:
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
+        if own:
+            notifier.close()
 
 
 async def _serve(
