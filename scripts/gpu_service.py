@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -265,7 +266,7 @@ class Service:
 
 
 async def serve(service: Service, args: argparse.Namespace) -> None:
-    """Serve until SIGTERM or SIGINT."""
+    """Serve until SIGTERM (or Ctrl-C, which asyncio.run turns into a cancellation)."""
     sock = None if args.fd is None else socket.socket(fileno=args.fd)
     server = await serve_app(service.app(), host=args.host, port=args.port or 0, sock=sock)
     print(
@@ -275,9 +276,7 @@ async def serve(service: Service, args: argparse.Namespace) -> None:
         flush=True,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await stop.wait()
     finally:
@@ -309,7 +308,8 @@ def main() -> int:
         except (OSError, CudaError) as exc:
             print(f"{args.name}: no CUDA context: {exc}", file=sys.stderr, flush=True)
             return 2
-    asyncio.run(serve(Service(args, allocator), args))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(Service(args, allocator), args))
     return 0
 
 
