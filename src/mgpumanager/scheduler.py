@@ -270,7 +270,9 @@ class SchedulerCore:
     @property
     def order(self) -> Order:
         """The rule that picks the next job."""
-        return self._fixed_order or ORDERS[self._settings.policy]
+        if self._fixed_order is not None:
+            return self._fixed_order
+        return ORDERS[self._settings.policy]
 
     @property
     def settings(self) -> SchedulerConfig:
