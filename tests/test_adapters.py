@@ -1,4 +1,4 @@
-"""Each protocol adapter against its fake on loopback (shared/UPSTREAMS.md): what it reports as
+"""Each protocol adapter against its fake on loopback (mgpumanager.sim): what it reports as
 resident, how it unloads and knows the upstream let go, how it loads, when a job is really over,
 how a job is cancelled, and work posted around the broker. Adapters are driven directly where
 that is clearest, and through a running broker where the behaviour is about jobs and the lease.
