@@ -16,6 +16,7 @@ from .config import AdapterType, Caller, Config
 from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
+from .idle import IdleKeeper
 from .lease import Lease
 from .proxy import check_declared_size, forward
 from .records import State
@@ -49,6 +50,7 @@ class Broker:
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.idle: IdleKeeper | None = None
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
 
@@ -91,11 +93,13 @@ class Broker:
             self._residency.resident_set,
             self._residency.swap_costs,
         )
+        self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(
             self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
         )
         self._health.start()
         self.catalog.start()
+        self.idle.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
             "broker up: %s (%d MiB), consumers %s",
@@ -128,6 +132,8 @@ class Broker:
         if lease is None:
             return
         log.info("draining: %d in flight", lease.core.in_flight)
+        if self.idle is not None:
+            await self.idle.aclose()  # no idle unload or warm load starts any more
         lease.shutdown()
         if not await lease.drain(self.config.scheduler.drain_timeout_s):
             log.warning(
@@ -142,6 +148,8 @@ class Broker:
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
+        if self.idle is not None:
+            await self.idle.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -279,7 +287,9 @@ class Broker:
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
-        per_model = model if adapter.per_model else None
+        per_model = self.residency.model_key(name, model) if adapter.per_model else None
+        if self.idle is not None:
+            self.idle.interrupt()  # a warm load gives way to a job at once
         async with self.lease.job(
             name,
             priority=priority,

@@ -736,6 +736,9 @@ def _semantic_problems(
         models = _model_names(section(consumers[name]).get("models"))
         if model and models and model not in models:
             yield problem(("idle", "warm", i), f"{model!r} is not one of {name}'s models")
+        if section(consumers[name]).get("idle_unload_s") is not None:
+            # It would be unloaded when idle and brought back when idle, over and over.
+            yield problem(("idle", "warm", i), f"{name} has idle_unload_s: warm it or unload it")
 
 
 def _adapter_type(value: Any) -> AdapterType | None:

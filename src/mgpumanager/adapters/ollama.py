@@ -44,6 +44,10 @@ class OllamaAdapter(BaseAdapter):
     def per_model(self) -> bool:
         return True
 
+    def model_key(self, model: str) -> str:
+        # Ollama names every model with a tag; a name without one means `:latest`.
+        return model if ":" in model else f"{model}:latest"
+
     async def installed_models(self) -> dict[str, int | None]:
         """GET /api/tags: every pulled model with its size on disk (close to its VRAM cost)."""
         tags = await self.request_json("GET", "/api/tags", timeout_s=self.health_config.timeout_s)
