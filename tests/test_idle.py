@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
-from test_records import World
-
 from mgpumanager.config import IdleConfig
 from mgpumanager.idle import IdleKeeper
 from mgpumanager.lease import Lease
 from mgpumanager.records import State
 from mgpumanager.scheduler import ConsumerPolicy, SchedulerCore
+from test_records import World
 
 
 class Box(World):
