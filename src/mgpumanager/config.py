@@ -177,6 +177,9 @@ class GpuConfig(_Model):
     # How often residency is re-read from the upstreams and the GPU in the background (work
     # done around the broker); it is also re-read before every eviction plan.
     reconcile_interval_s: PositiveFloat = 5.0
+    # backend static only: after an upstream says it let go, wait this long before loading
+    # anything in its place (the driver frees memory 0.5-1.5 s after a process let go).
+    static_settle_s: float = Field(default=1.5, ge=0)
 
 
 class SchedulerConfig(_Model):

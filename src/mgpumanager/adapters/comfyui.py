@@ -64,6 +64,11 @@ class ComfyUIAdapter(BaseAdapter):
         total = first.get("torch_vram_total") if isinstance(first, dict) else None
         return total // MIB if isinstance(total, int) and total >= 0 else None
 
+    async def unloaded(self) -> bool:
+        """Its own allocator holds no more than a CUDA context (where /system_stats says)."""
+        reserved = await self.torch_reserved_mib()
+        return reserved is None or reserved <= residual_allowance_mib(self.config.vram_resident_mib)
+
     async def residency(self) -> ResidencyReport:
         outside_ids, reserved = await asyncio.gather(self.queued_ids(), self.torch_reserved_mib())
         outside = outside_ids - self.ours
