@@ -245,6 +245,10 @@ class ResidencyView:
             # Its upstream cannot tell; its processes on the GPU can.
             resident = record.measured_mib > residual_allowance_mib(record.declared_mib)
             detail = f"GPU reading: {record.measured_mib} MiB"
+        if report.busy and not resident:
+            # Work posted around the broker runs or waits on it: it holds its model, or is about
+            # to load it. Counted as resident (and busy: not evicted) before it allocates.
+            resident = True
         if resident and record.state is State.UNLOADED:
             self.counters.outside_loads += 1
             transition(name, record, State.RESIDENT, f"loaded outside the broker ({detail})")
