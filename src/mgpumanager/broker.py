@@ -1,5 +1,5 @@
 """The broker: one object that wires config, GPU reader, adapters, health, residency and the
-lease together, and runs facade jobs through them (the path of DESIGN §2)."""
+lease together, and runs facade jobs through them (the path in docs/architecture.md)."""
 
 from __future__ import annotations
 
