@@ -22,17 +22,19 @@ import aiohttp
 
 from ..config import AdapterType, ConsumerConfig
 from .base import (
+    OPENAI_GPU_PATHS,
     BaseAdapter,
     ConsumerAdapter,
     HealthResult,
     RegistryAction,
     ResidencyReport,
     UpstreamStatus,
+    relay_kind,
 )
 from .comfyui import ComfyUIAdapter
 from .command import CommandAdapter
 from .generic import GenericAdapter
-from .ollama import NATIVE_KIND_PREFIX, OllamaAdapter
+from .ollama import OllamaAdapter
 from .speaches import SpeachesAdapter
 from .vllm import VllmAdapter
 
@@ -58,7 +60,7 @@ def registry_actions(kind: AdapterType) -> frozenset[RegistryAction]:
 
 __all__ = [
     "ADAPTERS",
-    "NATIVE_KIND_PREFIX",
+    "OPENAI_GPU_PATHS",
     "BaseAdapter",
     "ComfyUIAdapter",
     "CommandAdapter",
@@ -72,4 +74,5 @@ __all__ = [
     "VllmAdapter",
     "make_adapter",
     "registry_actions",
+    "relay_kind",
 ]
