@@ -39,6 +39,11 @@ class Found:
     obj: dict[str, Any] | None = None
     span: tuple[int, int] | None = None
 
+    def close(self) -> None:
+        """Release a spooled head (its temporary file), once the request has been relayed."""
+        if isinstance(self.body, ReplayBody):
+            self.body.close()
+
 
 async def read_body(request: web.Request, max_body_bytes: int, consumer: str | None) -> bytes:
     """The whole body, refused with payload_too_large past `max_body_bytes`."""

@@ -86,9 +86,12 @@ async def scheduled(
     """Run `request` as a GPU job of consumer `name` (queue, lease, residency, relay), with the
     model and body a surface has read, if any."""
     found = found or Found(None, None)
-    return await request.app[BROKER].run_job(
-        request, kind, name, requested_priority(request), model=found.model, body=found.body
-    )
+    try:
+        return await request.app[BROKER].run_job(
+            request, kind, name, requested_priority(request), model=found.model, body=found.body
+        )
+    finally:
+        found.close()
 
 
 def max_body(broker: Broker) -> int:
@@ -270,12 +273,15 @@ async def openai_run(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     found = await find_model(request, max_body(broker), strict=True)
     if found.model is None:
-        if found.body is not None and not isinstance(found.body, bytes):
-            found.body.close()
+        found.close()
         raise BrokerError(
             ErrorCode.BAD_REQUEST, "the request names no model ('model' is required)", param="model"
         )
-    owner = await _openai_owner(broker, found.model)
+    try:
+        owner = await _openai_owner(broker, found.model)
+    except BaseException:
+        found.close()
+        raise
     found = renamed(found, "model", owner.target)
     return await scheduled(request, relay_kind("POST", request.path), owner.consumer, found)
 
