@@ -13,12 +13,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.app import make_app
-from mgpumanager.broker import Broker
-from mgpumanager.compat import HTML_ROOT
-from mgpumanager.errors import ERROR_TABLE
+from mgpumanager.app import error_middleware, make_app
+from mgpumanager.broker import BROKER, Broker
+from mgpumanager.compat import DIALECT, HTML_ROOT, consumer_api
+from mgpumanager.errors import ERROR_TABLE, Dialect
 from mgpumanager.sim import FakeOllama, LocalLedger, OllamaSettings, SimGPU, serving
 
 OLLAMA_HEALTH = {"path": "/api/version", "interval_s": 0.05, "timeout_s": 1}
@@ -354,9 +355,7 @@ async def test_an_upstream_path_may_not_escape(
     await upstream.start()
     config = make_config({"svc": consumer(upstream.url)})
     async with running_broker(config) as server:
-        async with client.get(
-            aiohttp.client.URL(f"{server.url}/upstream/svc/{tail}", encoded=True)
-        ) as resp:
+        async with client.get(URL(f"{server.url}/upstream/svc/{tail}", encoded=True)) as resp:
             assert resp.status == 400
             assert "may not leave /upstream/svc/" in (await resp.json())["message"]
     assert upstream.requests == []
@@ -441,3 +440,35 @@ async def test_root_is_ollamas_heartbeat_and_a_browser_page_can_take_it(
         finally:
             await runner.cleanup()
             await broker.aclose()
+
+
+async def test_a_consumers_api_can_be_served_at_the_root_of_its_own_listener(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """The /upstream/ handler is built for any prefix: the same code serves one consumer's API
+    at the root of a listener of its own, with that consumer's error dialect."""
+
+    async def queue(request: web.Request) -> web.Response:
+        return web.json_response({"path": request.raw_path})
+
+    upstream.route("GET", "/queue", queue)
+    await upstream.start()
+    config = make_config({"comfyui": consumer(upstream.url, type="comfyui")})
+    async with running_broker(config) as server:
+        door = web.Application(middlewares=[error_middleware])
+        door[BROKER] = server.broker
+        door[DIALECT] = Dialect.COMFYUI
+        door.router.add_route("*", "/{tail:.*}", consumer_api("/", "comfyui"))
+        runner = web.AppRunner(door)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with client.get(f"{url}/queue?x=1") as resp:
+                assert await resp.json() == {"path": "/queue?x=1"}
+            async with client.get(URL(f"{url}/a/%2e%2e/b", encoded=True)) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["node_errors"] == {}
+        finally:
+            await runner.cleanup()
