@@ -472,3 +472,30 @@ async def test_a_consumers_api_can_be_served_at_the_root_of_its_own_listener(
                 assert (await resp.json())["node_errors"] == {}
         finally:
             await runner.cleanup()
+
+
+async def test_image_generation_goes_to_the_consumer_that_serves_the_model(
+    upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    async def generate(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"created": 1, "data": [{"b64_json": body["model"]}]})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "sdxl-turbo"}]})
+
+    upstream.route("POST", "/v1/images/generations", generate)
+    upstream.route("GET", "/v1/models", models)
+    await upstream.start()
+    config = make_config(
+        {"images": consumer(upstream.url, openai=True, aliases={"dall-e-3": "sdxl-turbo"})}
+    )
+    async with running_broker(config) as server:
+        body = {"model": "dall-e-3", "prompt": "a cat", "n": 1}
+        async with client.post(f"{server.url}/v1/images/generations", json=body) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["data"] == [{"b64_json": "sdxl-turbo"}]
+        async with client.get(f"{server.url}/v1/models") as resp:
+            listed = {m["id"]: m["owned_by"] for m in (await resp.json())["data"]}
+        assert listed == {"dall-e-3": "images", "sdxl-turbo": "images"}
+        assert server.broker.lease.core.stats().total_jobs == 1

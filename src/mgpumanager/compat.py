@@ -35,6 +35,7 @@ from .adapters import OPENAI_GPU_PATHS, relay_kind
 from .bodies import Found, find_model, renamed
 from .broker import BROKER, MIB, Broker
 from .catalog import ModelOwner
+from .config import AdapterType
 from .errors import BrokerError, Dialect, ErrorCode, route_dialect
 from .proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
 
@@ -119,7 +120,7 @@ async def owner_of(
 
 
 def ollama_names(broker: Broker) -> list[str]:
-    return [n for n, a in broker.adapters.items() if a.dialect is Dialect.OLLAMA]
+    return [n for n, c in broker.config.consumers.items() if c.type is AdapterType.OLLAMA]
 
 
 async def ollama_route(request: web.Request, fields: tuple[str, ...]) -> tuple[str, Found]:
