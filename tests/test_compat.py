@@ -499,3 +499,31 @@ async def test_image_generation_goes_to_the_consumer_that_serves_the_model(
             listed = {m["id"]: m["owned_by"] for m in (await resp.json())["data"]}
         assert listed == {"dall-e-3": "images", "sdxl-turbo": "images"}
         assert server.broker.lease.core.stats().total_jobs == 1
+
+
+async def test_a_form_arriving_in_tiny_pieces_still_has_its_alias_resolved(
+    speech_server: SpeechServer, client: aiohttp.ClientSession
+) -> None:
+    upstream, received, _ = speech_server
+    boundary = "b0undary"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        ).encode()
+        + b"\r\n-\r" * 500
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(form), 5):
+            yield form[i : i + 5]
+
+    async with running_broker(stt_config(upstream.url)) as server:
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        async with client.post(
+            f"{server.url}/v1/audio/transcriptions", data=pieces(), headers=headers
+        ) as resp:
+            assert resp.status == 200
+    [(fields, size, _)] = received
+    assert fields == {"model": "whisper-large"} and size == 2000

@@ -108,6 +108,9 @@ def renamed(found: Found, field: str, target: str) -> Found:
     body = found.body
     if isinstance(body, ReplayBody) and found.span is not None and found.model != target:
         start, end = found.span
+        body.head.seek(start)
+        if body.head.read(end - start).strip().decode("utf-8", "replace") != found.model:
+            return found  # not where the scan said: leave the form as it came
         head = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
         body.head.seek(0)
         head.write(body.head.read(start))
