@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint run demo bench bench-sched deploy clean
+.PHONY: build test lint run demo bench bench-sched deploy undeploy clean
 
 build: $(STAMP)
 
@@ -38,13 +38,23 @@ bench-sched: $(STAMP)
 	$(BIN)/python bench/bench_sched.py
 	$(BIN)/python bench/sched_model.py
 
-# rsync the tree to HOST, build there, install the systemd unit and restart it.
+# rsync the tree to HOST's /opt/mgpumanager, build its .venv there, then deploy/install.sh as
+# root: the mgpumanager user, the registry under /etc/mgpumanager (installed once, never
+# overwritten), the polkit rule written from it, the hardened unit; restart. Idempotent.
+# A box deployed before the registry moved to /etc keeps the one it was running.
 deploy:
 	@test -n "$(HOST)" || { echo "usage: make deploy HOST=gpu-box" >&2; exit 2; }
+	ssh $(HOST) 'test -e /etc/mgpumanager/consumers.yaml || \
+	  test ! -e /opt/mgpumanager/config/consumers.yaml || \
+	  sudo install -D -m 0600 /opt/mgpumanager/config/consumers.yaml /etc/mgpumanager/consumers.yaml'
 	rsync -a --delete --exclude .venv --exclude .git ./ $(HOST):/opt/mgpumanager/
-	ssh $(HOST) 'cd /opt/mgpumanager && make build && \
-	  sudo install -m 0644 deploy/mgpumanager.service /etc/systemd/system/mgpumanager.service && \
-	  sudo systemctl daemon-reload && sudo systemctl enable mgpumanager && sudo systemctl restart mgpumanager'
+	ssh $(HOST) 'cd /opt/mgpumanager && make build && sudo bash deploy/install.sh'
+
+# Stop and remove what deploy added (unit, polkit rule, user, /opt/mgpumanager); the registry
+# under /etc/mgpumanager stays.
+undeploy:
+	@test -n "$(HOST)" || { echo "usage: make undeploy HOST=gpu-box" >&2; exit 2; }
+	ssh $(HOST) 'sudo bash -s' <deploy/uninstall.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,11 @@
-"""Scheduling policy benchmark (issue 5): policy `priority` against `fifo`, through a real broker.
+"""Scheduling policy benchmark: policy `priority` against `fifo`, through a real broker.
 
 Each scenario is a seeded trace of timestamped jobs, replayed open-loop: every job is a real HTTP
 request to the broker, sent at its timestamp whatever happened to the others. The broker runs in
 front of the simulated GPU and the fake consumers (mgpumanager.sim), as in tests/test_e2e.py, and
 each (scenario, policy) pair gets a fresh cluster and broker. Times are real-world proportions
-divided by SCALE (loads 1-8 s, runs 0.5-3 s; scheduler settings scaled the same way).
+divided by SCALE (loads 1-8 s, runs 0.5-3 s; scheduler settings scaled the same way). The
+traces, the consumers' figures and the settings compared are in sched_traces.py:
 
   (a) interleaved: four consumers in random order that cannot all be resident;
   (b) bursty: bursts of jobs, each burst led by one consumer, arriving faster than they can run;
@@ -23,20 +24,33 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import platform
-import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence, Set
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from sched_model import simulate
+from sched_traces import (
+    DEFAULTS,
+    KINDS,
+    RESULTS,
+    SCALE,
+    THROUGHPUT,
+    TOTAL_MIB,
+    Job,
+    Kind,
+    Scenario,
+    lower_bounds,
+    scenarios,
+    summary,
+)
 
 from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
@@ -46,122 +60,11 @@ from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.ollama import OllamaSettings
+from mgpumanager.sim.server import wait_until
 from mgpumanager.sim.vllm import VLLMSettings
 
-SCALE = 25.0  # real-world seconds per benchmark second
-TOTAL_MIB = 24576
 MODEL = "qwen2.5:14b"
 GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass(frozen=True)
-class Kind:
-    """One facade kind and the consumer behind it, in real-world seconds."""
-
-    consumer: str
-    load_s: float  # vLLM: wake-up from sleep level 1
-    run_s: float
-    free_s: float  # driver lag: memory comes back this long after the unload answered
-    mib: int
-
-
-KINDS: Mapping[str, Kind] = {
-    "tts": Kind("mvoice", load_s=2.0, run_s=0.5, free_s=0.5, mib=6000),
-    "llm": Kind("ollama", load_s=5.0, run_s=2.5, free_s=1.0, mib=14000),
-    "image": Kind("comfyui", load_s=8.0, run_s=3.0, free_s=1.0, mib=12300),
-    "chat": Kind("vllm", load_s=1.0, run_s=1.5, free_s=0.5, mib=16000),
-}
-
-
-@dataclass(frozen=True)
-class Job:
-    at_s: float  # benchmark seconds after the trace starts
-    kind: str
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    title: str
-    priorities: Mapping[str, int]  # per consumer
-    trace: tuple[Job, ...]
-
-    @property
-    def kinds(self) -> list[str]:
-        return sorted({j.kind for j in self.trace})
-
-    def priority(self, kind: str) -> int:
-        return self.priorities[KINDS[kind].consumer]
-
-
-def scaled(seconds: float, scale: float) -> float:
-    return seconds / scale
-
-
-# -- traces (seeded) ---------------------------------------------------------------------------
-
-
-def interleaved(rng: random.Random, scale: float, n: int) -> tuple[Job, ...]:
-    """n jobs of four consumers in random order, Poisson arrivals at 1.5x what the GPU can run."""
-    kinds = rng.choices(["tts", "llm", "image", "chat"], weights=[3, 3, 2, 3], k=n)
-    mean_run = sum(KINDS[k].run_s for k in kinds) / n
-    at, jobs = 0.0, []
-    for kind in kinds:
-        jobs.append(Job(scaled(at, scale), kind))
-        at += rng.expovariate(1.5 / mean_run)
-    return tuple(jobs)
-
-
-def bursty(rng: random.Random, scale: float, bursts: int) -> tuple[Job, ...]:
-    """Bursts of 10-24 jobs within 1 s, each led by one consumer (60 %) with the others mixed
-    in; the next burst comes when 60 % of this one's run time has passed."""
-    names = ["tts", "llm", "image", "chat"]
-    at, jobs = 0.0, []
-    for _ in range(bursts):
-        lead = rng.choice(names)
-        weights = [6 if k == lead else 4 / 3 for k in names]
-        kinds = rng.choices(names, weights=weights, k=rng.randint(10, 24))
-        for kind in kinds:
-            jobs.append(Job(scaled(at + rng.uniform(0, 1.0), scale), kind))
-        at += 0.6 * sum(KINDS[k].run_s for k in kinds)
-    return tuple(sorted(jobs, key=lambda j: j.at_s))
-
-
-def urgent(rng: random.Random, scale: float, window_s: float) -> tuple[Job, ...]:
-    """Over `window_s`: TTS every ~4 s (Poisson); image and LLM jobs at 1.2x the GPU's rate."""
-    jobs = []
-    at = rng.uniform(0, 2)
-    while at < window_s:
-        jobs.append(Job(scaled(at, scale), "tts"))
-        at += rng.expovariate(1 / 4.0)
-    bg_mean_run = 0.4 * KINDS["image"].run_s + 0.6 * KINDS["llm"].run_s
-    at = 0.0
-    while at < window_s:
-        kind = rng.choices(["image", "llm"], weights=[4, 6])[0]
-        jobs.append(Job(scaled(at, scale), kind))
-        at += rng.expovariate(1.2 / bg_mean_run)
-    return tuple(sorted(jobs, key=lambda j: j.at_s))
-
-
-def scenarios(seed: int, scale: float, quick: bool) -> list[Scenario]:
-    rng = random.Random(seed)
-    same = {"mvoice": 2, "ollama": 2, "comfyui": 2, "vllm": 2}
-    return [
-        Scenario(
-            "a",
-            "interleaved, 4 consumers",
-            same,
-            interleaved(rng, scale, 40 if quick else 120),
-        ),
-        Scenario("b", "bursty arrivals", same, bursty(rng, scale, 2 if quick else 6)),
-        Scenario(
-            "c",
-            "urgent TTS (priority 4) under image + LLM load",
-            {"mvoice": 4, "ollama": 2, "comfyui": 1},
-            urgent(rng, scale, 40.0 if quick else 120.0),
-        ),
-    ]
 
 
 # -- the cluster and the broker ------------------------------------------------------------------
@@ -211,11 +114,6 @@ def fake_spec(kinds: Sequence[str], scale: float) -> FakeSpec:
         else None,
         whisper=None,
     )
-
-
-DEFAULTS = {"aging_s": 30.0, "affinity_wait_s": 10.0, "max_batch": 8}  # real-world seconds
-# The throughput profile (README): affinity may hold others back for two minutes, 32 jobs.
-THROUGHPUT = {"aging_s": 30.0, "affinity_wait_s": 120.0, "max_batch": 32}
 
 
 def registry(
@@ -290,8 +188,24 @@ def registry(
 
 @dataclass
 class GrantLog:
+    """Every grant (with the wait the core measured) and every finish, when it happened: an
+    observer of the scheduler core (`GrantLog.attach(core)`)."""
+
     grants: list[tuple[float, Grant]] = field(default_factory=list)
     finished: dict[int, float] = field(default_factory=dict)  # job id -> when
+
+    @classmethod
+    def attach(cls, core: SchedulerCore) -> GrantLog:
+        log = cls()
+        core.on_grant.append(log.granted)
+        core.on_finish.append(log.finish)
+        return log
+
+    def granted(self, grant: Grant) -> None:
+        self.grants.append((time.monotonic(), grant))
+
+    def finish(self, job_id: int, outcome: Outcome) -> None:
+        self.finished[job_id] = time.monotonic()
 
     def holds_by_consumer(self) -> dict[str, list[float]]:
         """How long each job held the lease: grant to finish, its swap (prepare) included."""
@@ -300,28 +214,6 @@ class GrantLog:
             if g.job_id in self.finished:
                 out.setdefault(g.consumer, []).append(self.finished[g.job_id] - at)
         return out
-
-
-def instrument(core: SchedulerCore, log: GrantLog) -> None:
-    """Record every grant (with the wait the core measured) and every finish."""
-    inner = core.schedule
-
-    def schedule(
-        resident: Set[str] = frozenset(), swap_cost_s: Mapping[str, float] | None = None
-    ) -> list[Grant]:
-        grants = inner(resident, swap_cost_s)
-        now = time.monotonic()
-        log.grants.extend((now, g) for g in grants)
-        return grants
-
-    core.schedule = schedule  # type: ignore[method-assign]
-    inner_finish = core.finish
-
-    def finish(job_id: int, outcome: Outcome) -> None:
-        log.finished[job_id] = time.monotonic()
-        inner_finish(job_id, outcome)
-
-    core.finish = finish  # type: ignore[method-assign]
 
 
 def request_for(kind: str, base: str) -> tuple[str, dict[str, Any]]:
@@ -359,35 +251,7 @@ async def replay(server: Server, trace: Sequence[Job]) -> tuple[float, list[Sent
         return t0, await asyncio.gather(*(one(j) for j in trace))
 
 
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 # -- one run -------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def summary(values: Sequence[float]) -> dict[str, Any]:
-    return {
-        "n": len(values),
-        "p50_s": percentile(values, 50),
-        "p95_s": percentile(values, 95),
-        "p99_s": percentile(values, 99),
-        "max_s": max(values, default=None),
-    }
 
 
 @dataclass(frozen=True)
@@ -464,14 +328,15 @@ async def run_one(
         server = await start_server(Broker(config), port=0)
         try:
             broker = server.broker
-            await until(lambda: all(h.ok for h in broker.health.states.values()), 10.0, "healthy")
-            grants = GrantLog()
-            instrument(broker.lease.core, grants)
+            await wait_until(
+                lambda: all(h.ok for h in broker.health.states.values()), what="healthy"
+            )
+            grants = GrantLog.attach(broker.lease.core)
             counters = broker.residency.counters
             swaps0, evictions0 = counters.swaps, counters.evictions
             swap_s0 = counters.swap_seconds
             t0, sent = await replay(server, scenario.trace)
-            await until(lambda: broker.lease.core.in_flight == 0, 60.0, "idle")
+            await wait_until(lambda: broker.lease.core.in_flight == 0, timeout_s=60.0, what="idle")
             stats = broker.lease.core.stats()
             swaps, evictions = counters.swaps - swaps0, counters.evictions - evictions0
             swap_s = counters.swap_seconds - swap_s0
@@ -523,24 +388,9 @@ def tenures(log: GrantLog) -> list[tuple[str, int]]:
     return out
 
 
-def lower_bounds(scenario: Scenario, scale: float) -> dict[str, float]:
-    runs = sum(KINDS[j.kind].run_s for j in scenario.trace) / scale
-    loads = sum(KINDS[k].load_s for k in scenario.kinds) / scale
-    # Open-loop bound: no schedule ends before any arrival plus all the work from there on.
-    first = min(j.at_s for j in scenario.trace)
-    ordered = sorted(scenario.trace, key=lambda j: j.at_s)
-    suffix, open_bound = 0.0, 0.0
-    for job in reversed(ordered):
-        suffix += KINDS[job.kind].run_s / scale
-        open_bound = max(open_bound, job.at_s - first + suffix)
-    return {"lower_bound_s": runs + loads, "sum_run_s": runs, "open_loop_bound_s": open_bound}
-
-
 async def run_all(
     seed: int, scale: float, quick: bool, settings: Mapping[str, float], only: str = "abc"
 ) -> dict[str, Any]:
-    from sched_model import simulate  # (it imports this module's traces)
-
     runs = {  # label -> (policy, scheduler settings in real-world seconds)
         "priority": ("priority", settings),
         "fifo": ("fifo", settings),
@@ -593,9 +443,9 @@ async def run_all(
 
 
 def goals(scenario: Scenario, entry: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals. Makespan and swaps are judged for the default settings and for the
-    throughput profile (`met` is the profile's: DESIGN's defaults bound how long affinity may
-    hold a job back to 10 s, which the makespan goal cannot survive, see bench/README.md).
+    """The benchmark's goals. Makespan and swaps are judged for the default settings and for the
+    throughput profile (`met` is the profile's: the defaults bound how long affinity may hold a
+    job back to 10 s, which the makespan goal cannot survive, see bench/README.md).
     The urgent wait is judged against the longest one job held the lease, its swap included
     (the lease is not preemptible); the longest run alone is given beside it."""
     runs = entry["policies"]

@@ -88,14 +88,10 @@ async def run(poll_interval_s: float) -> dict[str, Any]:
     async with await start_cluster(total_mib=20480, spec=spec) as cluster:
         broker = Broker(registry(cluster, poll_interval_s))
         server = await start_server(broker, port=0)
-        grants: list[float] = []
-        prepare = broker.lease._prepare
-
-        async def timed_prepare(name: str) -> None:
-            grants.append(time.monotonic())
-            await prepare(name)
-
-        broker.lease._prepare = timed_prepare
+        grants: list[float] = []  # when each tenure began (its prepare step starts at once)
+        broker.lease.core.on_grant.append(
+            lambda grant: grants.append(time.monotonic()) if grant.prepare else None
+        )
         overheads: list[float] = []
         ratios: list[float] = []  # whole swap through the broker / the upstreams' own part
         rng = random.Random(7)

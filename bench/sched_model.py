@@ -1,7 +1,7 @@
 """The scheduling benchmark's traces on a model of the GPU box instead of the real broker.
 
 The same `SchedulerCore` the broker runs decides, on a fake clock; everything around it is
-modelled from the consumers' figures (bench_sched.KINDS): a job holds the lease for its run
+modelled from the consumers' figures (sched_traces.KINDS): a job holds the lease for its run
 time, plus its consumer's load when it was not resident (ComfyUI's inside the job, as it loads
 lazily), plus each eviction's wait for the memory to come back (the victim's `free_s`). Evicted
 are the least recently used residents until the target fits on the card. Nothing else costs
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_sched import (
+from sched_traces import (
     DEFAULTS,
     KINDS,
     RESULTS,
@@ -96,7 +96,7 @@ def simulate(
     """One run of `scenario` on the model, in benchmark seconds like the measured runs."""
     clock = FakeClock(0.0)
     config = SchedulerConfig(
-        policy=policy,  # type: ignore[arg-type]
+        policy=policy,
         aging_s=settings["aging_s"] / scale,
         affinity_wait_s=settings["affinity_wait_s"] / scale,
         max_batch=int(settings["max_batch"]),

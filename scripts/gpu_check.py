@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import importlib
 import json
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +37,7 @@ except ImportError:  # run from a checkout without installing
 
 from mgpumanager.config import GpuConfig
 from mgpumanager.gpu import GpuReading, NvmlReader, make_reader
+from mgpumanager.sim.server import wait_until
 
 ALLOC_MIB = 1024
 MIB = 1024 * 1024
@@ -123,12 +124,15 @@ async def poll(
     read: Callable[[], Awaitable[GpuReading]], done: Callable[[GpuReading], bool]
 ) -> GpuReading:
     """Read until `done` or the deadline; the last reading either way."""
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        reading = await read()
-        if (reading.ok and done(reading)) or time.monotonic() >= deadline:
-            return reading
-        await asyncio.sleep(0.1)
+    last: list[GpuReading] = []
+
+    async def reached() -> bool:
+        last[:] = [await read()]
+        return last[0].ok and done(last[0])
+
+    with contextlib.suppress(TimeoutError):  # the caller checks the last reading
+        await wait_until(reached, timeout_s=DEADLINE_S, interval_s=0.1)
+    return last[0]
 
 
 async def main(index: int, allocator: str) -> int:

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """A tiny stand-in for a GPU inference server, for `scripts/gpu_e2e.py`.
 
-    python scripts/gpu_service.py --name realsvc-a --port N --mib M [--free-delay-s 0.3]
-                                  [--never-free] [--fake-cuda] [--index 0]
+    python scripts/gpu_service.py --name realsvc-a (--port N | --fd FD) --mib M
+                                  [--free-delay-s 0.3] [--never-free] [--fake-cuda] [--index 0]
+
+`--fd` serves on a listening socket inherited from the parent (scripts/gpu_e2e.py binds port 0
+and keeps it, so the port is known before this process starts and nobody can take it);
+`--port 0` binds any free port and prints it.
 
 Its command line holds `--name`, so a broker with `gpu_processes: ["realsvc-a"]` attributes
 its memory through NVML (the reader matches `/proc/<pid>/cmdline`).
@@ -27,13 +31,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
+import signal
+import socket
 import sys
 import time
+from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
+
+try:
+    import mgpumanager  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mgpumanager.sim.server import serve_app
 
 MIB = 1024 * 1024
 CUDA_SUCCESS = 0
@@ -250,10 +265,30 @@ class Service:
         return app
 
 
+async def serve(service: Service, args: argparse.Namespace) -> None:
+    """Serve until SIGTERM (or Ctrl-C, which asyncio.run turns into a cancellation)."""
+    sock = None if args.fd is None else socket.socket(fileno=args.fd)
+    server = await serve_app(service.app(), host=args.host, port=args.port or 0, sock=sock)
+    print(
+        f"{args.name}: pid {os.getpid()}, device {getattr(service.allocator, 'device', '?')}, "
+        f"listening on {server.url}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.aclose()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True)
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="port to bind on --host (0: any free one)")
+    where.add_argument("--fd", type=int, help="an inherited listening socket to serve on")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--mib", type=int, required=True, help="MiB allocated by /load")
     parser.add_argument("--free-delay-s", type=float, default=0.3)
@@ -273,14 +308,8 @@ def main() -> int:
         except (OSError, CudaError) as exc:
             print(f"{args.name}: no CUDA context: {exc}", file=sys.stderr, flush=True)
             return 2
-    service = Service(args, allocator)
-    print(
-        f"{args.name}: pid {os.getpid()}, device {getattr(allocator, 'device', '?')}, "
-        f"listening on {args.host}:{args.port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    web.run_app(service.app(), host=args.host, port=args.port, print=None, access_log=None)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(Service(args, allocator), args))
     return 0
 
 

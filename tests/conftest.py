@@ -4,7 +4,6 @@ deadline instead of sleeping."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,22 +17,10 @@ from mgpumanager.broker import Broker
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import Config, SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.sim.server import RunningApp, serve_app, wait_until
 
-
-async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], *, timeout_s: float = 10.0, what: str = ""
-) -> None:
-    """Poll `condition` until it holds; fail with `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.005)
+# The one poll-until helper, under the name the tests import from here.
+wait_for = wait_until
 
 
 class Upstream:
@@ -46,7 +33,7 @@ class Upstream:
         self.active = 0
         self.max_active = 0
         self.aborted = 0
-        self.runner: web.AppRunner | None = None
+        self.server: RunningApp | None = None
         self.url = ""
         self.app.router.add_get("/health", self._health)
         self.healthy = True
@@ -75,15 +62,12 @@ class Upstream:
         self.app.router.add_route(method, path, tracked)
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.server = await serve_app(self.app)
+        self.url = self.server.url
 
     async def aclose(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.server is not None:
+            await self.server.aclose()
 
 
 @pytest.fixture

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mgpumanager.config import AdapterType, ConfigError, load_config, parse_config
+import mgpumanager.config as config_module
+from mgpumanager.config import AdapterType, ConfigError, load_config, parse_config, redact_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +192,323 @@ def test_a_command_consumer_that_can_be_stopped_must_be_startable() -> None:
     [(path, line, message)] = problems(text)
     assert (path, line) == ("consumers.whisper.unload", 13)
     assert "needs a load" in message
+
+
+# -- hostile files: each refused as problems with a line, never a traceback -----------------
+
+
+def refused(raw: bytes | str) -> list[tuple[str, int | None, str]]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    return [(p.path, p.line, p.message) for p in info.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("raw", "line", "detail"),
+    [
+        (GOOD.encode("utf-16"), 1, "UTF-16"),  # with a byte-order mark
+        (GOOD.encode("utf-16-le"), 1, "NUL bytes"),  # without one
+        (GOOD.encode("utf-32"), 1, "UTF-32"),
+        (GOOD.encode().replace(b"llm: ollama", b"llm: oll\xffama"), 2, "0xff on line 2"),
+    ],
+)
+def test_a_registry_must_be_utf8(raw: bytes, line: int, detail: str) -> None:
+    [(path, at, message)] = refused(raw)
+    assert (path, at) == ("", line)
+    assert "must be UTF-8" in message and detail in message
+
+
+def test_a_utf8_byte_order_mark_is_fine() -> None:
+    assert parse_config(GOOD.encode("utf-8-sig")).consumers.keys() == {
+        "mvoice",
+        "whisper",
+        "ollama",
+    }
+
+
+def billion_laughs() -> str:
+    """About 900 bytes whose aliases, inside unload.body, expand to 10**6 values."""
+    levels = ["        l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"]
+    for i in range(1, 6):
+        levels.append(f"        l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n")
+    return GOOD.replace(
+        "    priority: 3\n", "    priority: 3\n    unload:\n      path: /u\n", 1
+    ).replace("      path: /u\n", "      path: /u\n      body:\n" + "".join(levels), 1)
+
+
+def test_a_billion_laughs_is_refused_without_being_expanded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = billion_laughs()
+    assert len(text.encode()) < 1200
+    built: list[object] = []
+    original = config_module._Loader.construct_document
+
+    def spy(self: Any, node: Any) -> Any:
+        built.append(node)
+        return original(self, node)
+
+    monkeypatch.setattr(config_module._Loader, "construct_document", spy)
+    [(_, line, message)] = refused(text)
+    assert f"more than {config_module.MAX_VALUES} values" in message
+    assert line is not None and line > 10  # at the level where it outgrew the bound
+    assert built == []  # refused while composing: nothing was built, let alone expanded
+
+
+def test_a_few_aliases_and_merge_keys_are_fine() -> None:
+    text = GOOD.replace(
+        "    priority: 3\n", "    priority: 3\n    health: &probe {path: /ping, interval_s: 2}\n"
+    ).replace(
+        "    vram_resident_mib: 3000\n",
+        "    vram_resident_mib: 3000\n    health: {<<: *probe, timeout_s: 1}\n",
+    )
+    config = parse_config(text)
+    mvoice, whisper = config.consumers["mvoice"].health, config.consumers["whisper"].health
+    assert (mvoice.path, mvoice.interval_s, mvoice.timeout_s) == ("/ping", 2, 2)
+    assert (whisper.path, whisper.interval_s, whisper.timeout_s) == ("/ping", 2, 1)
+
+
+def test_a_recursive_anchor_is_refused() -> None:
+    [(_, line, message)] = refused(GOOD + "routing: &r {self: *r}\n")
+    assert line == 19
+    assert "inside its own anchor" in message
+
+
+@pytest.mark.parametrize(
+    "value", ["[" * 5000 + "]" * 5000, "{a: " * 5000 + "1" + "}" * 5000, "[" * 33 + "]" * 33]
+)
+def test_deep_nesting_is_refused(value: str) -> None:
+    [(_, line, message)] = refused(GOOD + f"audio_proxy: {value}\n")
+    assert line == 19
+    assert f"nested deeper than {config_module.MAX_DEPTH} levels" in message
+
+
+def test_nesting_grown_through_aliases_is_refused() -> None:
+    deep = "[" * 20 + "]" * 20
+    text = GOOD + f"a: &a {deep}\nb: [{', '.join(['*a'] * 3)}, [[[[[[[[[[[[*a]]]]]]]]]]]]]\n"
+    [(_, line, message)] = refused(text)
+    assert line == 20
+    assert "once its aliases are expanded" in message
+
+
+def test_a_registry_over_the_size_bound_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(GOOD + "# " + "x" * config_module.MAX_BYTES + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(big)
+    [problem] = info.value.problems
+    assert problem.line == 1 and "larger than" in problem.message
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, "0x" + "f" * 5000, "-" + "1" * 40])
+def test_a_huge_integer_is_refused_with_its_key(number: str) -> None:
+    [(path, line, message)] = refused(GOOD.replace("priority: 3", f"priority: {number}"))
+    assert (path, line) == ("consumers.mvoice.priority", 8)
+    assert "not a sane registry value" in message
+
+
+def test_an_impossible_date_is_a_problem_not_a_crash() -> None:
+    [(_, line, message)] = refused(GOOD + "audio_proxy: 2001-02-30\n")
+    assert line == 19
+    assert "'2001-02-30' is not a valid date" in message
+
+
+def test_a_control_character_is_refused_with_its_line() -> None:
+    [(_, line, message)] = refused(GOOD.replace("llm: ollama", "llm: oll\x07ama"))
+    assert line == 2
+    assert "#x0007" in message
+
+
+def test_duplicate_keys_are_refused_with_both_lines() -> None:
+    text = GOOD.replace("    priority: 3\n", "    priority: 3\n    url: http://127.0.0.1:1\n")
+    [(path, line, message)] = refused(text)
+    assert (path, line) == ("consumers.mvoice.url", 9)
+    assert "duplicate key 'url', also on line 5" in message
+    # The same text as a different YAML type is a different key: no false alarm.
+    text = GOOD.replace(
+        "    priority: 3\n", "    priority: 3\n    unload: {path: /u, body: {1: a, '1': b}}\n"
+    )
+    unload = parse_config(text).consumers["mvoice"].unload
+    assert unload is not None and unload.body == {1: "a", "1": "b"}
+
+
+def test_yaml_errors_never_quote_the_file() -> None:
+    """A line of the registry may hold a token: the problem gives its line, not its text."""
+    [(_, line, message)] = refused(GOOD + 'auth:\n  token: "s3cret-token\n')
+    assert line is not None
+    assert "s3cret" not in message
+
+
+def test_a_mistyped_token_is_not_echoed() -> None:
+    [(path, _, message)] = refused(GOOD + "auth: {token: 1234567890}\n")
+    assert path == "auth.token"
+    assert "1234567890" not in message
+
+
+# -- paths, listen ---------------------------------------------------------------------------
+
+
+def test_a_health_path_must_start_with_a_slash() -> None:
+    text = GOOD.replace("    priority: 3\n", "    priority: 3\n    health: {path: no-slash}\n")
+    [(path, line, message)] = refused(text)
+    assert (path, line) == ("consumers.mvoice.health.path", 9)
+    assert "must start with '/'" in message and "'no-slash'" in message
+
+
+@pytest.mark.parametrize("action", ["unload", "load"])
+def test_action_path_problems_are_at_the_path_line(action: str) -> None:
+    block = f"    {action}:\n      method: POST\n      path: api/{action}\n"
+    [(path, line, message)] = refused(
+        GOOD.replace("    priority: 3\n", "    priority: 3\n" + block)
+    )
+    assert (path, line) == (f"consumers.mvoice.{action}.path", 11)
+    assert "must start with '/'" in message
+
+
+def test_a_path_with_spaces_is_refused() -> None:
+    text = GOOD.replace("    priority: 3\n", "    priority: 3\n    paths: {tts: {path: /a b}}\n")
+    [(path, _, message)] = refused(text)
+    assert path == "consumers.mvoice.paths.tts.path"
+    assert "no spaces" in message
+
+
+@pytest.mark.parametrize("listen", ["9470", "[1, 2]", "localhost"])
+def test_listen_must_be_host_port(listen: str) -> None:
+    [(path, line, message)] = refused(GOOD + f"listen: {listen}\n")
+    assert (path, line) == ("listen", 19)
+    assert "listen must be HOST:PORT, e.g. 127.0.0.1:9470" in message
+
+
+# -- auth ------------------------------------------------------------------------------------
+
+TOKENS = """\
+auth:
+  tokens:
+    - {name: ops, token: ops-token-1}
+    - {name: batch, token: batch-token-2, max_priority: 1}
+"""
+
+
+def test_named_tokens_and_the_single_token_are_callers() -> None:
+    config = parse_config(GOOD + TOKENS + "  token: single-token\n")
+    callers = {
+        caller.name: (caller.max_priority, secret) for caller, secret in config.auth.callers()
+    }
+    assert callers == {
+        "ops": (4, b"ops-token-1"),
+        "batch": (1, b"batch-token-2"),
+        "default": (4, b"single-token"),
+    }
+    assert "ops-token-1" not in repr(config)  # secrets stay out of repr (and so of logs)
+
+
+def test_token_names_and_values_are_unique() -> None:
+    text = GOOD + TOKENS + "    - {name: ops, token: batch-token-2}\n  token: ops-token-1\n"
+    found = refused(text)
+    assert ("auth.tokens.2.name", 23, "'ops' is taken by auth.tokens.0") in found
+    assert (
+        "auth.tokens.2.token",
+        23,
+        "the same token as auth.tokens.1: each token names one caller",
+    ) in found
+    assert (
+        "auth.tokens.0.token",
+        21,
+        "the same token as auth.token: each token names one caller",
+    ) in found
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ("{name: ops, token: 'has space'}", "auth.tokens.0.token"),
+        ("{name: ops, token: 'tøken'}", "auth.tokens.0.token"),
+        ("{name: '', token: t}", "auth.tokens.0.name"),
+        ("{name: 'a b', token: t}", "auth.tokens.0.name"),
+        ("{name: ops, token: t, max_priority: 5}", "auth.tokens.0.max_priority"),
+        ("{name: ops}", "auth.tokens.0.token"),
+    ],
+)
+def test_a_bad_token_entry(entry: str, where: str) -> None:
+    [(path, line, _)] = refused(GOOD + f"auth:\n  tokens:\n    - {entry}\n")
+    assert (path, line) == (where, 21)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "[::]", "192.168.1.5", "gpu-box.lan"])
+def test_listening_beyond_loopback_needs_a_token(host: str) -> None:
+    [(path, line, message)] = refused(GOOD + f"listen: '{host}:8770'\n")
+    assert (path, line) == ("listen", 19)
+    assert "auth.token" in message and "auth.allow_unauthenticated: true" in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "[::1]"])
+def test_loopback_needs_no_token(host: str) -> None:
+    assert parse_config(GOOD + f"listen: '{host}:8770'\n").listen_host_port[1] == 8770
+
+
+@pytest.mark.parametrize(
+    "auth", ["auth: {token: t0ken}\n", TOKENS, "auth: {allow_unauthenticated: true}\n"]
+)
+def test_beyond_loopback_with_a_token_or_on_purpose(auth: str) -> None:
+    assert parse_config(GOOD + "listen: 0.0.0.0:8770\n" + auth).listen == "0.0.0.0:8770"
+
+
+# -- credentials in URLs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://ops:pw@host:8080/x", "http://***@host:8080/x"),
+        ("http://token@host", "http://***@host"),
+        ("https://a@b:c@host", "https://***@host"),
+        ("http://host:8080", "http://host:8080"),
+        ("http://u:p@[::1", "http://***@[::1"),  # not parseable: still redacted
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_bad_url_problem_does_not_show_its_password() -> None:
+    [(path, _, message)] = refused(GOOD.replace("http://127.0.0.1:8765", "ftp://ops:pw@h:1"))
+    assert path == "consumers.mvoice.url"
+    assert "pw" not in message and "***@h:1" in message
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        GOOD.encode("utf-16"),
+        GOOD.encode("utf-16-le"),
+        b"\xff\xfe\xfa" + GOOD.encode(),
+        (GOOD + "routing: &r {self: *r}\n").encode(),
+        (GOOD + "audio_proxy: " + "[" * 5000 + "]" * 5000 + "\n").encode(),
+        GOOD.replace("priority: 3", "priority: " + "9" * 5000).encode(),
+        billion_laughs().encode(),
+        (GOOD + "listen: 9470\n").encode(),
+    ],
+    ids=["utf16", "utf16-nobom", "latin1", "recursive", "deep", "bigint", "laughs", "listen"],
+)
+def test_check_config_lists_hostile_files_without_a_traceback(tmp_path: Path, raw: bytes) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(raw)
+    run = subprocess.run(
+        [sys.executable, "-m", "mgpumanager.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert re.search(r"\(line \d+\): ", run.stderr), run.stderr
+
+
+def test_problems_of_the_walk_and_of_construction_are_listed_together() -> None:
+    text = GOOD.replace("priority: 3", "priority: 3\n    priority: 2") + "audio_proxy: 2001-02-30\n"
+    found = refused(text)
+    assert [(path, line) for path, line, _ in found] == [("consumers.mvoice.priority", 9), ("", 20)]

@@ -24,6 +24,7 @@ from mgpumanager.gpu import (
     make_reader,
     measured_mib,
 )
+from mgpumanager.sim.server import serve_app
 
 MIB = 1024 * 1024
 
@@ -366,16 +367,10 @@ async def sim_server() -> AsyncIterator[SimServer]:
 
     app = web.Application()
     app.router.add_get("/v1/gpu", gpu)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    server = SimServer(
-        f"http://127.0.0.1:{port}", lambda: web.json_response(SIM_GPU), runner.cleanup
-    )
+    running = await serve_app(app)
+    server = SimServer(running.url, lambda: web.json_response(SIM_GPU), running.aclose)
     yield server
-    await runner.cleanup()  # a second cleanup (after stop) is harmless
+    await running.aclose()  # a second cleanup (after stop) is harmless
 
 
 async def test_sim_reading(sim_server: SimServer) -> None:

@@ -3,12 +3,14 @@ aging, swap affinity and its bounds, the choice of a new tenure, swap costs."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import SchedulerConfig
-from mgpumanager.policy import SWAP_AMORTIZATION
+from mgpumanager.policy import PRIORITY, SWAP_AMORTIZATION, affinity_window_s
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 # -- the priority policy -----------------------------------------------------------------------
@@ -45,7 +47,7 @@ def test_aging_lifts_a_waiting_job_one_level_per_aging_s() -> None:
     c.finish(running, Outcome.COMPLETED)
     [g] = c.schedule()
     assert g.job_id == old_low
-    assert fresh in {j for j in c._waiting}
+    assert fresh in {j for j in c.waiting}
 
 
 def test_header_priority_is_clamped() -> None:
@@ -57,7 +59,7 @@ def test_header_priority_is_clamped() -> None:
     normal = c.submit("mvoice")  # priority 3
     c.finish(running, Outcome.COMPLETED)
     assert [x.job_id for x in c.schedule()] == [boosted]
-    assert normal in c._waiting
+    assert normal in c.waiting
 
 
 def test_affinity_prefers_the_holder_until_the_oldest_waited_long_enough() -> None:
@@ -84,7 +86,7 @@ def test_affinity_prefers_the_holder_until_the_oldest_waited_long_enough() -> No
     c2.finish(same, Outcome.COMPLETED)
     [g] = c2.schedule()
     assert g.job_id == other
-    assert again in c2._waiting
+    assert again in c2.waiting
 
 
 def test_max_batch_bounds_consecutive_holder_grants_while_others_wait() -> None:
@@ -107,7 +109,7 @@ def test_max_batch_bounds_consecutive_holder_grants_while_others_wait() -> None:
     c.finish(a2, Outcome.COMPLETED)
     [g] = c.schedule()
     assert g.job_id == b1  # max_batch reached while b waits: hand over
-    assert a3 in c._waiting
+    assert a3 in c.waiting
 
 
 def test_resident_consumer_is_preferred_over_a_cold_one() -> None:
@@ -125,10 +127,10 @@ def test_resident_consumer_is_preferred_over_a_cold_one() -> None:
     c.finish(a, Outcome.COMPLETED)
     [g] = c.schedule(resident=frozenset({"a", "c"}))
     assert g.job_id == warm
-    assert cold in c._waiting
+    assert cold in c.waiting
 
 
-# -- the priority policy, step by step (issue 5) -----------------------------------------------
+# -- the priority policy, step by step ----------------------------------------------------------
 
 
 def three(clock: FakeClock, **settings: object) -> SchedulerCore:
@@ -167,13 +169,13 @@ def test_aging_gains_exactly_one_level_per_aging_s_and_stops_at_four() -> None:
     top = c.submit("top")
     done(c, busy)
     assert grant_one(c) == top
-    assert low in c._waiting
+    assert low in c.waiting
     clock.advance(0.001)  # 40 s waited: level 4, capped there, and older than any newcomer
     newcomer = c.submit("top")
     done(c, top)
     assert grant_one(c) == low
     clock.advance(1000)
-    assert c._level(c._waiting[newcomer], clock.now()) == 4
+    assert PRIORITY.level(c.waiting[newcomer], clock.now(), c.settings) == 4
 
 
 def test_header_priority_below_zero_clamps_to_zero() -> None:
@@ -185,7 +187,7 @@ def test_header_priority_below_zero_clamps_to_zero() -> None:
     normal = c.submit("comfyui")
     done(c, busy)
     assert grant_one(c) == normal
-    assert lowered in c._waiting
+    assert lowered in c.waiting
 
 
 def test_a_higher_level_beats_affinity() -> None:
@@ -197,7 +199,7 @@ def test_a_higher_level_beats_affinity() -> None:
     urgent = c.submit("mvoice")  # priority 3
     done(c, busy)
     assert grant_one(c) == urgent
-    assert mine in c._waiting
+    assert mine in c.waiting
 
 
 def test_affinity_bound_affinity_wait_s_hands_over_mid_batch() -> None:
@@ -215,7 +217,7 @@ def test_affinity_bound_affinity_wait_s_hands_over_mid_batch() -> None:
     clock.advance(0.1)
     done(c, more[1])
     assert grant_one(c) == b  # 5 s: the first bound
-    assert set(more[2:]) <= set(c._waiting)
+    assert set(more[2:]) <= set(c.waiting)
 
 
 def test_a_job_that_came_after_the_window_opened_is_held_back_from_its_arrival() -> None:
@@ -275,7 +277,7 @@ def test_max_batch_does_not_apply_while_others_wait_only_at_lower_levels() -> No
         done(c, running)
         running = grant_one(c)
         assert running == j  # priority, not affinity: max_batch is about equals
-    assert lo in c._waiting
+    assert lo in c.waiting
 
 
 def test_a_new_tenure_gets_a_fresh_affinity_window_after_a_backlog() -> None:
@@ -310,7 +312,7 @@ def test_an_expired_job_beats_the_resident_preference() -> None:
     clock.advance(4)
     done(c, warm)
     assert grant_one(c, resident=frozenset({"a", "c"})) == cold  # 5 s: its deadline passed
-    assert later in c._waiting
+    assert later in c.waiting
 
 
 def test_when_the_batch_is_spent_a_resident_consumer_goes_before_a_cold_older_one() -> None:
@@ -322,7 +324,7 @@ def test_when_the_batch_is_spent_a_resident_consumer_goes_before_a_cold_older_on
     warm = c.submit("c")
     done(c, x)
     assert grant_one(c, resident=frozenset({"a", "c"})) == warm  # not a: its batch is spent
-    assert {cold, mine} <= set(c._waiting)
+    assert {cold, mine} <= set(c.waiting)
 
 
 def test_a_new_tenure_never_passes_a_higher_priority_for_a_resident_consumer() -> None:
@@ -338,7 +340,7 @@ def test_a_new_tenure_never_passes_a_higher_priority_for_a_resident_consumer() -
     # The tenure goes to the best level's highest priority (tts); a resident bg job may not
     # pass it, even though bg's own oldest job is ahead of it.
     assert grant_one(c, resident=frozenset({"bg"})) == urgent
-    assert {old_bg, warm_bg} <= set(c._waiting)
+    assert {old_bg, warm_bg} <= set(c.waiting)
 
 
 def test_a_new_tenure_never_passes_a_higher_priority_of_the_outgoing_holder() -> None:
@@ -357,7 +359,7 @@ def test_a_new_tenure_never_passes_a_higher_priority_of_the_outgoing_holder() ->
     warm = c.submit("b")  # priority 2, level 2, resident
     done(c, x)
     assert grant_one(c, resident=frozenset({"h", "b"})) == first
-    assert {mine, warm} <= set(c._waiting)
+    assert {mine, warm} <= set(c.waiting)
 
 
 def two_level(clock: FakeClock, **settings: object) -> SchedulerCore:
@@ -403,7 +405,7 @@ def test_affinity_never_passes_a_job_of_higher_priority() -> None:
     clock.advance(5)
     done(c, aged[1])
     assert grant_one(c) == urgent  # `mine` would pass it: not for a lower priority
-    assert mine in c._waiting
+    assert mine in c.waiting
 
 
 def test_affinity_passes_an_aged_job_of_the_same_priority_within_its_bounds() -> None:
@@ -428,9 +430,10 @@ def test_affinity_passes_an_aged_job_of_the_same_priority_within_its_bounds() ->
 
 def test_a_cheap_swap_shortens_how_long_affinity_holds_others_back() -> None:
     c = three(FakeClock(), affinity_wait_s=10)
-    assert c.affinity_window_s("a", {"a": 0.25}) == pytest.approx(SWAP_AMORTIZATION * 0.25)
-    assert c.affinity_window_s("a", {"a": 60.0}) == 10  # never longer than affinity_wait_s
-    assert c.affinity_window_s("a", {}) == 10  # unknown: the configured window
+    window = functools.partial(affinity_window_s, c.settings)
+    assert window("a", {"a": 0.25}) == pytest.approx(SWAP_AMORTIZATION * 0.25)
+    assert window("a", {"a": 60.0}) == 10  # never longer than affinity_wait_s
+    assert window("a", {}) == 10  # unknown: the configured window
 
     def third_grant(costs: dict[str, float]) -> str:
         clock = FakeClock()
@@ -443,7 +446,7 @@ def test_a_cheap_swap_shortens_how_long_affinity_holds_others_back() -> None:
         first = grant_one(c, swap_cost_s=costs)
         clock.advance(2.0)  # b held back 2 s
         done(c, first)
-        return c._running[grant_one(c, swap_cost_s=costs)].consumer
+        return c.running[grant_one(c, swap_cost_s=costs)].consumer
 
     assert third_grant({"a": 0.25}) == "b"  # 8 x 0.25 s = 2 s: not worth holding b longer
     assert third_grant({"a": 3.0}) == "a"  # an expensive swap: the full 10 s window
@@ -473,15 +476,16 @@ def test_cheapest_swap_yields_to_the_oldest_once_its_deadline_passed() -> None:
     clock.advance(3)
     done(c, x)
     assert grant_one(c, swap_cost_s={"b": 5.0, "c": 0.1}) == pricey
-    assert cheap in c._waiting
+    assert cheap in c.waiting
 
 
 def test_negative_or_infinite_costs_are_ignored() -> None:
     c = three(FakeClock(), affinity_wait_s=4)
-    assert c.affinity_window_s("a", {"a": -1.0}) == 4
-    assert c.affinity_window_s("a", {"a": float("inf")}) == 4
-    assert c.affinity_window_s(None, {"a": 0.0}) == 4
-    assert c.affinity_window_s("a", {"a": 0.0}) == 0  # free swaps: no reason to hold anyone
+    window = functools.partial(affinity_window_s, c.settings)
+    assert window("a", {"a": -1.0}) == 4
+    assert window("a", {"a": float("inf")}) == 4
+    assert window(None, {"a": 0.0}) == 4
+    assert window("a", {"a": 0.0}) == 0  # free swaps: no reason to hold anyone
 
 
 def test_fifo_ignores_residency_and_costs() -> None:

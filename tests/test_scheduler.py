@@ -9,7 +9,8 @@ from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.scheduler import ConsumerPolicy, Outcome
+from mgpumanager.policy import FIFO, PRIORITY, QueuedJob, QueueView
+from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 
 def test_first_job_is_granted_with_prepare_and_blocks_others_until_ready() -> None:
@@ -181,3 +182,43 @@ def test_reconfigure_applies_new_settings_and_hands_back_jobs_of_removed_consume
         c.submit("ollama")  # gone
     done(c, running)
     assert grant_one(c) == kept
+
+
+def test_observers_see_every_grant_and_every_finished_job_in_order() -> None:
+    clock = FakeClock()
+    c = core(clock)
+    seen: list[tuple[str, int, object]] = []
+    c.on_grant.append(lambda g: seen.append(("grant", g.job_id, (g.consumer, g.waited_s))))
+    c.on_finish.append(lambda job, outcome: seen.append(("finish", job, outcome)))
+    a = c.submit("ollama")
+    b = c.submit("mvoice")
+    clock.advance(2)
+    assert grant_one(c) == a
+    assert c.cancel(b)  # a job that never ran is no grant and no finish
+    c.finish(a, Outcome.FAILED)
+    assert seen == [("grant", a, ("ollama", 2.0)), ("finish", a, Outcome.FAILED)]
+
+
+def test_the_order_follows_the_settings_unless_one_is_given() -> None:
+    class Newest:
+        """An order of its own: the job that came last."""
+
+        name = "newest"
+
+        def pick(self, queue: QueueView) -> QueuedJob:
+            return queue.waiting[-1]
+
+    c = core(policy="fifo")
+    assert c.order is FIFO and c.stats().policy == "fifo"
+    c.reconfigure(SchedulerConfig(policy="priority"), consumers())
+    assert c.order is PRIORITY and c.stats().policy == "priority"
+
+    given = SchedulerCore(SchedulerConfig(policy="fifo"), consumers(), FakeClock(), order=Newest())
+    jobs = [given.submit(n) for n in ("mvoice", "comfyui", "ollama")]
+    assert grant_one(given) == jobs[-1]
+    given.reconfigure(SchedulerConfig(policy="priority"), consumers())
+    assert given.stats().policy == "newest"  # a given order stays, whatever the settings say
+
+
+def consumers() -> dict[str, ConsumerPolicy]:
+    return {n: ConsumerPolicy(priority=2) for n in ("mvoice", "ollama", "comfyui")}

@@ -28,17 +28,17 @@ docstring of policy.py for the rules it relies on):
 
 The bound is loose (every job made to lead its own tenure, every tenure full); it is about
 starvation, not latency, which the benchmark (bench/bench_sched.py) measures. The last test
-shows it failing for broken cores (no aging; affinity without the deadline).
+shows it failing for broken orders (no aging; affinity without the deadline).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, target
@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.policy import MAX_PRIORITY
+from mgpumanager.policy import MAX_PRIORITY, Order, PriorityOrder, QueuedJob, QueueView
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 R = 1.0  # the longest a granted job runs, prepare included
@@ -276,32 +276,34 @@ def test_every_job_is_granted_within_the_bound(setup: Setup, arrivals: list[Arri
     check_bound(setup, out)
 
 
-class NoAging(SchedulerCore):
+class NoAging(PriorityOrder):
     """A deliberately broken policy: priority without aging."""
 
-    def _level(self, job: Any, now: float) -> int:
-        return int(job.priority)
+    def level(self, job: QueuedJob, now: float, settings: SchedulerConfig) -> int:
+        return job.priority
 
 
-class NoDeadline(SchedulerCore):
+class NoDeadline(PriorityOrder):
     """A deliberately broken policy: swap affinity without the affinity_wait_s deadline at
     tenure boundaries (resident consumers first, always)."""
 
-    def _next_tenure(
-        self, candidates: list[Any], now: float, resident: Set[str], costs: Mapping[str, float]
-    ) -> Any:
-        warm = [j for j in candidates if j.consumer in resident]
+    def next_tenure(self, candidates: list[QueuedJob], queue: QueueView) -> QueuedJob:
+        warm = [j for j in candidates if j.consumer in queue.resident]
         return (warm or candidates)[0]
+
+
+def with_order(order: Order) -> CoreFactory:
+    return functools.partial(SchedulerCore, order=order)
 
 
 @pytest.mark.parametrize(
     ("broken", "setup", "arrivals"),
-    [(NoAging, FLOOD_SETUP, flood()), (NoDeadline, TWO_RESIDENTS_SETUP, two_residents())],
+    [(NoAging(), FLOOD_SETUP, flood()), (NoDeadline(), TWO_RESIDENTS_SETUP, two_residents())],
 )
 def test_the_property_fails_for_a_broken_core(
-    broken: CoreFactory, setup: Setup, arrivals: list[Arrival]
+    broken: Order, setup: Setup, arrivals: list[Arrival]
 ) -> None:
-    out = simulate(setup, arrivals, broken)
+    out = simulate(setup, arrivals, with_order(broken))
     worst_wait, priority = max(out.waits.values())
     assert worst_wait > setup.bound_s(priority)
     # ... while the real core serves every job of the same trace within the bound

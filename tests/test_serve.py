@@ -1,21 +1,29 @@
 """`mgpumanager serve` as a process, with real signals: SIGTERM drains, SIGHUP re-reads the
-registry and refuses a bad one."""
+registry and refuses a bad one, a taken port is one line; and in-process, the lifecycle's
+order: reloads off the loop and bounded, awaited at shutdown, signal handlers restored."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from conftest import Upstream, wait_for
+from mgpumanager.app import serve as serve_in_process
+from mgpumanager.notify import Notifier
 
 REGISTRY = """\
 listen: 127.0.0.1:0
@@ -142,6 +150,98 @@ async def test_sighup_refuses_a_bad_registry_and_keeps_serving(
             lambda: daemon.logged("new registry refused"), what=f"refusal logged: {daemon.log}"
         )
         assert daemon.logged("consumers.typo")
+        errors = [line for line in daemon.log if " ERROR " in line]
+        assert len(errors) == 1, daemon.log  # one record, every problem listed in it
+        assert not daemon.logged("Traceback")
         assert await post_tts(session, daemon.url) == (200, {"spoken": True})
         daemon.proc.send_signal(signal.SIGTERM)
         assert await daemon.wait() == 0
+
+
+async def test_a_taken_port_is_one_line_naming_the_key(upstream: Upstream, tmp_path: Path) -> None:
+    await upstream.start()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "consumers.yaml"
+        config.write_text(
+            REGISTRY.format(url=upstream.url).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mgpumanager.cli", "serve", "--config", str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1, lines
+    assert lines[-1] == (
+        f"mgpumanager: broker: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        f"change `listen` in {config}"
+    )
+    assert not any("Traceback" in line for line in lines)
+
+
+async def test_shutdown_awaits_a_stuck_reload_and_restores_signal_handlers(
+    upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-process, real signals. The new registry is a FIFO nobody writes: reading it never
+    ends. The read runs off the loop (the daemon keeps answering), is refused at its bound, and
+    SIGTERM's shutdown waits for that refusal before draining; then the signal handlers are the
+    ones that were there before."""
+    caplog.set_level(logging.INFO)
+    await upstream.start()
+    config = tmp_path / "consumers.yaml"
+    config.write_text(REGISTRY.format(url=upstream.url))
+    notify_path = tmp_path / "notify"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(notify_path))
+    systemd.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def expect(key: str) -> str:
+        while True:
+            data = (await asyncio.wait_for(loop.sock_recv(systemd, 4096), 30)).decode()
+            if data.startswith(key):
+                return data
+
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("the test's own SIGHUP handler ran")
+
+    before = signal.signal(signal.SIGHUP, mine)
+    term_before = signal.getsignal(signal.SIGTERM)
+    notifier = Notifier(str(notify_path))
+    served = asyncio.create_task(
+        serve_in_process(config, notifier=notifier, reload_read_timeout_s=0.5)
+    )
+    try:
+        ready = await expect("READY=1")
+        url = ready.split("listening on ")[1].strip()
+        config.unlink()
+        os.mkfifo(config)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await expect("RELOADING=1")
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as resp:
+            assert resp.status == 200  # the loop runs while the read is stuck
+        assert not served.done()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(served, 30) == 0
+        messages = [r.getMessage() for r in caplog.records]
+        refusal = next(i for i, m in enumerate(messages) if "took longer than 0.5 s" in m)
+        assert refusal < messages.index("stopped")  # awaited before the daemon stopped
+        refused = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(refused) == 1 and refused[0].exc_info is None
+        assert signal.getsignal(signal.SIGHUP) is mine
+        assert signal.getsignal(signal.SIGTERM) == term_before
+    finally:
+        if not served.done():
+            served.cancel()
+        # Let the abandoned reader finish: a writer opening the FIFO ends its open().
+        if config.is_fifo():
+            with contextlib.suppress(OSError):  # ENXIO: no reader left
+                os.close(os.open(config, os.O_WRONLY | os.O_NONBLOCK))
+        signal.signal(signal.SIGHUP, before)
+        notifier.close()
+        systemd.close()

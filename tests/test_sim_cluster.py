@@ -40,9 +40,7 @@ async def test_hammering_the_fakes_directly_produces_cuda_oom() -> None:
         urls = cluster.urls
         assert set(urls) == {"mvoice", "ollama", "comfyui", "whisper"}
         async with aiohttp.ClientSession() as http:
-            await wait_until(
-                lambda: cluster.gpu.held_by("whisper-server") == 3000, message="whisper"
-            )
+            await wait_until(lambda: cluster.gpu.held_by("whisper-server") == 3000, what="whisper")
 
             async def tts() -> int:
                 async with http.post(urls["mvoice"] + "/api/synthesize", json={"text": "hi"}) as r:
@@ -63,7 +61,7 @@ async def test_hammering_the_fakes_directly_produces_cuda_oom() -> None:
                     async with http.get(f"{urls['comfyui']}/history/{pid}") as h:
                         return bool(await h.json())
 
-                await wait_until(done, message="prompt done")
+                await wait_until(done, what="prompt done")
                 async with http.get(f"{urls['comfyui']}/history/{pid}") as h:
                     ok = (await h.json())[pid]["status"]["status_str"] == "success"
                 return 200 if ok else 500

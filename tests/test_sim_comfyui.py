@@ -96,25 +96,23 @@ async def test_free_only_sets_flags_and_the_context_stays() -> None:
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
         async with http.ws_connect("/ws?clientId=c") as ws:
             pid = await post_prompt(http, client_id="c")
-            await wait_until(
-                lambda: fake.running is not None and fake.model_loaded, message="running"
-            )
+            await wait_until(lambda: fake.running is not None and fake.model_loaded, what="running")
             async with http.post("/free", json={"unload_models": True, "free_memory": True}) as r:
                 assert r.status == 200
             assert gpu.held_by("comfyui") == 12300  # flags only: the running prompt goes on
             events = await until_done(ws, pid)
         assert "execution_success" in [e["type"] for e in events]
-        await wait_until(lambda: gpu.held_by("comfyui") == 300, message="weights freed")
+        await wait_until(lambda: gpu.held_by("comfyui") == 300, what="weights freed")
         assert not fake.model_loaded and fake.unload_count == 1
         # Idle: /free answers at once, the memory follows free_delay_s later.
         await post_prompt(http)
         await wait_until(
-            lambda: gpu.held_by("comfyui") == 12300 and fake.running is None, message="done"
+            lambda: gpu.held_by("comfyui") == 12300 and fake.running is None, what="done"
         )
         async with http.post("/free", json={"unload_models": True}) as r:
             assert r.status == 200
         assert gpu.held_by("comfyui") == 12300
-        await wait_until(lambda: gpu.held_by("comfyui") == 300, message="weights freed when idle")
+        await wait_until(lambda: gpu.held_by("comfyui") == 300, what="weights freed when idle")
 
 
 async def test_interrupt_stops_the_running_prompt() -> None:
@@ -123,7 +121,7 @@ async def test_interrupt_stops_the_running_prompt() -> None:
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
         async with http.ws_connect("/ws?clientId=c") as ws:
             pid = await post_prompt(http, client_id="c")
-            await wait_until(lambda: fake.running is not None, message="running")
+            await wait_until(lambda: fake.running is not None, what="running")
             async with http.post("/interrupt", json={"prompt_id": "someone-else"}) as r:
                 assert r.status == 200
             assert fake.running is not None
@@ -141,7 +139,7 @@ async def test_queue_delete_and_clear() -> None:
     fake = make(SimGPU(24576), run_s=30)
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
         first = await post_prompt(http)
-        await wait_until(lambda: fake.running is not None, message="running")
+        await wait_until(lambda: fake.running is not None, what="running")
         second, third = await post_prompt(http), await post_prompt(http)
         async with http.post("/queue", json={"delete": [third]}) as r:
             assert r.status == 200

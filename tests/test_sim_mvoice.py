@@ -91,7 +91,7 @@ async def test_unload_answers_then_memory_returns_after_the_free_delay() -> None
             assert await r.json() == {"status": "unloaded"}
         assert not fake.loaded
         assert gpu.held_by("mvoice") == 6000  # driver lag: still shown as used
-        await wait_until(lambda: gpu.held_by("mvoice") == 0, message="memory back")
+        await wait_until(lambda: gpu.held_by("mvoice") == 0, what="memory back")
         async with http.post("/api/admin/unload") as r:  # idempotent
             assert r.status == 200
         async with http.get("/health") as r:

@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import ollama
 import pytest
-from aiohttp import web
 
 from mgpumanager.sim import (
     FakeOllama,
@@ -17,6 +16,7 @@ from mgpumanager.sim import (
     OllamaSettings,
     SimGPU,
     parse_keep_alive,
+    serve_app,
     serving,
     wait_until,
 )
@@ -132,10 +132,10 @@ async def test_unload_answers_at_once_and_waits_for_the_request_in_flight() -> N
             assert rest[-1]["done_reason"] == "stop"
         finally:
             r.release()
-        await wait_until(lambda: fake.model_state("llama3:8b") != "loaded", message="runner gone")
+        await wait_until(lambda: fake.model_state("llama3:8b") != "loaded", what="runner gone")
         assert await ps(http) == []
         assert gpu.held_by("ollama") == 5000  # gone from /api/ps, memory not back yet
-        await wait_until(lambda: gpu.held_by("ollama") == 0, message="memory back")
+        await wait_until(lambda: gpu.held_by("ollama") == 0, what="memory back")
     assert fake.unload_count == 1
 
 
@@ -149,7 +149,7 @@ async def test_unload_of_an_idle_model_and_load_with_an_empty_prompt() -> None:
         body = {"model": "qwen:14b", "messages": [], "keep_alive": "0s", "stream": False}
         async with http.post("/api/chat", json=body) as r:
             assert (await r.json())["done_reason"] == "unload"
-        await wait_until(lambda: gpu.held_by("ollama") == 0, message="memory back")
+        await wait_until(lambda: gpu.held_by("ollama") == 0, what="memory back")
 
 
 async def test_keep_alive_expiry_and_forever() -> None:
@@ -159,7 +159,7 @@ async def test_keep_alive_expiry_and_forever() -> None:
         body = {"model": "llama3:8b", "prompt": "x", "keep_alive": "50ms", "stream": False}
         async with http.post("/api/generate", json=body) as r:
             assert r.status == 200
-        await wait_until(lambda: gpu.held_by("ollama") == 0, message="expired")
+        await wait_until(lambda: gpu.held_by("ollama") == 0, what="expired")
         body = {"model": "llama3:8b", "prompt": "x", "keep_alive": -1, "stream": False}
         async with http.post("/api/generate", json=body) as r:
             assert r.status == 200
@@ -174,8 +174,8 @@ async def test_client_disconnect_mid_stream_is_seen_as_aborted() -> None:
         await r.content.readline()
         assert fake.active_requests == 1
         r.close()
-        await wait_until(lambda: fake.aborted_requests == 1, message="abort seen")
-        await wait_until(lambda: fake.active_requests == 0, message="slot released")
+        await wait_until(lambda: fake.aborted_requests == 1, what="abort seen")
+        await wait_until(lambda: fake.active_requests == 0, what="slot released")
 
 
 async def test_own_eviction_sees_only_its_own_models() -> None:
@@ -190,7 +190,7 @@ async def test_own_eviction_sees_only_its_own_models() -> None:
         assert gpu.oom_count == 0
         async with http.post("/api/generate", json={"model": "qwen:14b", "keep_alive": 0}) as r:
             assert r.status == 200
-        await wait_until(lambda: gpu.held_by("ollama") == 0, message="memory back")
+        await wait_until(lambda: gpu.held_by("ollama") == 0, what="memory back")
         # Someone else fills the card: Ollama cannot know, and runs into CUDA OOM.
         gpu.allocate("comfyui", 20000)
         async with http.post("/api/generate", json={"model": "llama3:8b", "prompt": "x"}) as r:
@@ -206,7 +206,7 @@ async def test_server_busy_when_its_queue_is_full() -> None:
         running = await http.post("/api/generate", json=body)
         waiting = asyncio.ensure_future(http.post("/api/generate", json=body))
         try:
-            await wait_until(lambda: fake.queued_requests == 1, message="one queued")
+            await wait_until(lambda: fake.queued_requests == 1, what="one queued")
             async with http.post("/api/generate", json=body) as r:
                 assert r.status == 503
                 assert "server busy" in (await r.json())["error"]
@@ -230,24 +230,20 @@ async def test_the_real_ollama_client_works_against_the_fake() -> None:
             assert [m.model for m in listed.models] == ["llama3:8b"]
             unload = await client.generate(model="llama3:8b", prompt="", keep_alive=0)
             assert unload.done_reason == "unload"
-            await wait_until(lambda: fake.resident_models() == [], message="unloaded")
+            await wait_until(lambda: fake.resident_models() == [], what="unloaded")
         finally:
             await client.close()  # type: ignore[no-untyped-call]
 
 
 async def test_abort_is_detected_without_handler_cancellation_too() -> None:
     fake = FakeOllama(settings(run_s=5, chunks=50), ledger=LocalLedger(SimGPU(24576)))
-    runner = web.AppRunner(fake.app, handler_cancellation=False, shutdown_timeout=1)
-    await runner.setup()
+    server = await serve_app(fake.app, handler_cancellation=False, shutdown_timeout_s=1)
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        async with aiohttp.ClientSession(server.url) as http:
             r = await http.post("/api/generate", json={"model": "llama3:8b", "prompt": "long"})
             await r.content.readline()
             r.close()
-            await wait_until(lambda: fake.aborted_requests == 1, message="abort seen")
-            await wait_until(lambda: fake.active_requests == 0, message="slot released")
+            await wait_until(lambda: fake.aborted_requests == 1, what="abort seen")
+            await wait_until(lambda: fake.active_requests == 0, what="slot released")
     finally:
-        await runner.cleanup()
+        await server.aclose()

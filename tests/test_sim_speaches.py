@@ -61,7 +61,7 @@ async def test_models_load_on_request_and_unload_leaves_a_residual() -> None:
         for model in (STT, TTS):
             async with http.delete(f"/api/ps/{model}") as r:
                 assert r.status == 200
-        await wait_until(lambda: gpu.held_by("speaches") == 200, message="only the residual left")
+        await wait_until(lambda: gpu.held_by("speaches") == 200, what="only the residual left")
         assert await ps(http) == []
         async with http.get("/health") as r:
             assert r.status == 200
@@ -75,13 +75,13 @@ async def test_unload_while_in_use_is_409() -> None:
             http.post("/v1/audio/transcriptions", data=transcription_form())
         )
         try:
-            await wait_until(lambda: fake.loaded.get(STT) == 1, message="in use")
+            await wait_until(lambda: fake.loaded.get(STT) == 1, what="in use")
             async with http.delete(f"/api/ps/{STT}") as r:
                 assert r.status == 409
         finally:
             busy.cancel()
             await asyncio.gather(busy, return_exceptions=True)
-        await wait_until(lambda: fake.loaded.get(STT) == 0, message="released after cancel")
+        await wait_until(lambda: fake.loaded.get(STT) == 0, what="released after cancel")
 
 
 async def test_ttl_unloads_by_itself() -> None:
@@ -90,7 +90,7 @@ async def test_ttl_unloads_by_itself() -> None:
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
         async with http.post("/v1/audio/transcriptions", data=transcription_form()) as r:
             assert r.status == 200
-        await wait_until(lambda: gpu.held_by("speaches") == 200, message="ttl expired")
+        await wait_until(lambda: gpu.held_by("speaches") == 200, what="ttl expired")
         assert await ps(http) == []
 
 

@@ -71,7 +71,7 @@ async def test_inference_is_serialised_and_load_swaps_the_model() -> None:
     )
     fake = FakeWhisper(settings, ledger=LocalLedger(gpu), activity=activity)
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
-        await wait_until(lambda: fake.state == "loaded", message="loaded")
+        await wait_until(lambda: fake.state == "loaded", what="loaded")
 
         async def infer() -> Any:
             async with http.post("/inference", data=audio_form()) as r:
@@ -111,11 +111,11 @@ async def test_standalone_process_via_launcher_releases_memory_on_stop(tmp_path:
             == 0
         )
         try:
-            await wait_until(port_file.exists, timeout_s=15, message="port file")
+            await wait_until(port_file.exists, timeout_s=15, what="port file")
             url = f"http://127.0.0.1:{port_file.read_text().strip()}"
             async with aiohttp.ClientSession(url) as http:
                 await wait_until(
-                    lambda: gpu.held_by("whisper-server") == 3000, timeout_s=15, message="loaded"
+                    lambda: gpu.held_by("whisper-server") == 3000, timeout_s=15, what="loaded"
                 )
                 assert await status_of(http, "/health") == 200
                 pid = running_pid(pidfile)
@@ -151,7 +151,7 @@ async def test_cluster_runs_whisper_as_a_process_that_commands_can_restart() -> 
         assert cluster.gpu.held_by("whisper-server") == 0 and not proc.running()
         assert await run(*proc.start_argv) == 0
         async with aiohttp.ClientSession(proc.url) as http:
-            await wait_until(lambda: healthy(http), timeout_s=15, message="back")
+            await wait_until(lambda: healthy(http), timeout_s=15, what="back")
         assert cluster.gpu.held_by("whisper-server") == 3000
     finally:
         await cluster.aclose()

@@ -10,21 +10,29 @@ BrokerError becomes an answer — 404 and 405 included — in the dialect of the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import os
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from . import compat
-from .broker import BROKER, MIB, Broker
+from .broker import BROKER, CALLER, MIB, Broker
 from .compat import Handler, scheduled
-from .config import KINDS, Config, ConfigError, load_config
+from .compat import requested_priority as requested_priority  # its home before compat.py
+from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
 from .metrics import render
+from .notify import Notifier
 from .proxy import CONSUMED, PREPARED, safe_path
+from .redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +66,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With `auth.token` set, every route but /healthz needs `Authorization: Bearer <token>`.
-    Reads the registry on each request, so a SIGHUP reload applies to it."""
-    token = request.app[BROKER].config.auth.token
-    if token is not None and request.path != "/healthz":
-        expected = f"Bearer {token.get_secret_value()}".encode()
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+    """With a token in `auth`, every route but /healthz needs `Authorization: Bearer <token>`;
+    the token names the caller (request[CALLER]). Reads the registry on each request, so a
+    SIGHUP reload applies to it."""
+    auth = request.app[BROKER].config.auth
+    if auth.required and request.path != "/healthz":
+        caller = bearer_caller(auth, request.headers.get("Authorization", ""))
+        if caller is None:
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
+        request[CALLER] = caller
         request[CONSUMED] = ("authorization",)  # the broker's token is not the upstream's
     return await handler(request)
+
+
+def bearer_caller(auth: AuthConfig, header: str) -> Caller | None:
+    """The caller whose token `header` carries, or None. Every token is compared, in constant
+    time, so timing tells neither the token nor which one is close."""
+    if not header.isascii():  # undecodable bytes arrive as surrogates: no token has them
+        return None
+    given = header.encode("ascii")
+    found = None
+    for caller, secret in auth.callers():
+        if hmac.compare_digest(given, b"Bearer " + secret):
+            found = caller
+    return found
 
 
 # -- handlers ---------------------------------------------------------------------------------
@@ -117,6 +139,7 @@ async def admin(request: web.Request) -> web.Response:
 
 def make_app(broker: Broker) -> web.Application:
     config = broker.config
+    install_log_redaction()  # aiohttp quotes unparsable header lines, tokens included
     middlewares: list[Middleware] = [error_middleware, auth_middleware]
     # client_max_size bounds only bodies read whole (a ComfyUI prompt); streamed bodies are
     # counted as they pass (proxy._BodyLimit).
@@ -135,6 +158,15 @@ def make_app(broker: Broker) -> web.Application:
 
 # -- the daemon -------------------------------------------------------------------------------
 
+# How long SIGHUP may spend reading the new registry. The read runs off the event loop, so
+# even a pathological file (a FIFO nobody writes, a nesting bomb) cannot freeze serving.
+RELOAD_READ_TIMEOUT_S = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start for a reason outside the registry's validity (its port is
+    taken): one line for the operator, no traceback."""
+
 
 class Server:
     """A started broker behind a listening aiohttp site."""
@@ -143,18 +175,106 @@ class Server:
         self.broker = broker
         self.runner = runner
         self.site = site
+        self.reload_read_timeout_s = RELOAD_READ_TIMEOUT_S
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._stopping = False
 
     @property
     def url(self) -> str:
         host, port = self.runner.addresses[0][:2]
         return f"http://{host}:{port}"
 
+    def reload_later(self, path: Path, notifier: Notifier | None = None) -> asyncio.Task[None]:
+        """What SIGHUP does (a signal handler cannot await): reload in a task that `stop`
+        waits for."""
+        task = asyncio.create_task(self.reload(path, notifier), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        return task
+
+    async def reload(self, path: Path, notifier: Notifier | None = None) -> None:
+        """Re-read the registry at `path` and apply it. A file that cannot be read in time, a
+        bad file, or one that changes what needs a restart is refused with one ERROR line
+        (every problem listed in it), and the old registry stays in force. Reloads run one at
+        a time; systemd hears RELOADING=1 before and READY=1 after, whatever the outcome
+        (unless the daemon has begun to stop meanwhile: it said STOPPING=1 then)."""
+        async with self._reload_lock:
+            if notifier is not None:
+                notifier.reloading("reloading the registry")
+            try:
+                await self._reload(path)
+            finally:
+                if notifier is not None and not self._stopping:
+                    notifier.ready(f"listening on {self.url}")
+
+    async def _reload(self, path: Path) -> None:
+        refused = "SIGHUP: new registry refused, keeping the old one"
+        try:
+            async with asyncio.timeout(self.reload_read_timeout_s):
+                new = await _in_daemon_thread(load_config, path)
+        except TimeoutError:
+            log.error(
+                "%s: reading %s took longer than %g s", refused, path, self.reload_read_timeout_s
+            )
+            return
+        except ConfigError as exc:
+            log.error("%s:\n%s", refused, exc)
+            return
+        except Exception as exc:  # RecursionError on a deeply nested file, MemoryError, ...
+            log.error("%s: %s cannot be read: %s: %s", refused, path, type(exc).__name__, exc)
+            return
+        if new == self.broker.config:
+            log.info("SIGHUP: registry unchanged")
+            return
+        try:
+            changes = await self.broker.reload(new)
+        except ValueError as exc:
+            log.error("%s: %s", refused, exc)
+            return
+        log.info("SIGHUP: registry reloaded (%s)", ", ".join(changes) or "no effective change")
+
     async def stop(self) -> None:
-        """Ordered shutdown: stop accepting, drain with a bound, cancel the rest (closing the
-        server cancels handlers still running, which aborts their upstream requests), release."""
+        """Ordered shutdown: finish reloads in flight (their reads are bounded), stop accepting,
+        drain with a bound, cancel the rest (closing the server cancels handlers still running,
+        which aborts their upstream requests), release."""
+        self._stopping = True
+        while pending := [task for task in self._reloads if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.broker.drain()
         await self.runner.cleanup()
         await self.broker.aclose()
+
+
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread`, but in a daemon thread of its own: a read that never returns is
+    abandoned at its timeout and cannot hold up the process's exit (the default executor's
+    threads are joined when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        def settle() -> None:
+            if not future.done():  # the awaiting side may have given up (timeout, cancel)
+                setter(value)
+
+        # RuntimeError: the loop has closed meanwhile, and nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            deliver(future.set_exception, exc)
+        else:
+            deliver(future.set_result, result)
+
+    threading.Thread(target=work, name=getattr(fn, "__name__", "work"), daemon=True).start()
+    return await future
 
 
 async def start_server(broker: Broker, host: str | None = None, port: int | None = None) -> Server:
@@ -178,47 +298,66 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
     return Server(broker, runner, site)
 
 
-async def serve(config_path: Path) -> int:
-    """`mgpumanager serve`: run until SIGTERM/SIGINT; SIGHUP re-reads the registry."""
+async def serve(
+    config_path: Path,
+    *,
+    notifier: Notifier | None = None,
+    reload_read_timeout_s: float = RELOAD_READ_TIMEOUT_S,
+) -> int:
+    """`mgpumanager serve`: run until SIGTERM/SIGINT; SIGHUP re-reads the registry. Under
+    systemd (`Type=notify`) it says READY=1 once the port accepts connections and the first
+    residency discovery is done, and sends watchdog keep-alives from this loop throughout."""
     config = load_config(config_path)
-    server = await start_server(Broker(config))
+    own = notifier is None
+    notifier = Notifier.from_environ() if notifier is None else notifier
+    # From the start: discovery may take a while, and the watchdog runs from the exec.
+    watchdog = notifier.start_watchdog()
+    try:
+        return await _serve(config, config_path, notifier, reload_read_timeout_s)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        if own:
+            notifier.close()
+
+
+async def _serve(
+    config: Config, config_path: Path, notifier: Notifier, reload_read_timeout_s: float
+) -> int:
+    try:
+        server = await start_server(Broker(config))
+    except OSError as exc:
+        # asyncio words it "error while attempting to bind on address ...": say only why.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(
+            f"broker: cannot listen on {config.listen}: {reason}; change `listen` in {config_path}"
+        ) from exc
+    server.reload_read_timeout_s = reload_read_timeout_s
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(server, config_path))
-    # Only now: whoever waits for this line may signal us, and the handlers are in place.
-    log.info("listening on %s", server.url)
-    await stop.wait()
-    log.info("signal received: draining")
-    await server.stop()
+    handlers: dict[signal.Signals, Callable[[], object]] = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+        signal.SIGHUP: lambda: server.reload_later(config_path, notifier),
+    }
+    previous = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        # Only now: whoever waits for this line (or READY=1) may signal us, and the handlers
+        # are in place.
+        log.info("listening on %s", server.url)
+        notifier.ready(f"listening on {server.url}")
+        await stop.wait()
+        notifier.stopping("draining")
+        loop.remove_signal_handler(signal.SIGHUP)  # no new reload once draining
+        log.info("signal received: draining")
+        await server.stop()
+    finally:
+        for sig, old in previous.items():
+            loop.remove_signal_handler(sig)
+            if old is not None:
+                signal.signal(sig, old)  # as they were: asyncio.run's own SIGINT handler, say
     log.info("stopped")
     return 0
-
-
-def _reload(server: Server, path: Path) -> None:
-    """SIGHUP: re-read the registry. A bad file, or one that changes what needs a restart, is
-    refused with every problem logged, and the old registry stays in force."""
-    try:
-        new = load_config(path)
-    except ConfigError as exc:
-        log.error("SIGHUP: new registry refused, keeping the old one:\n%s", exc)
-        return
-    if new == server.broker.config:
-        log.info("SIGHUP: registry unchanged")
-        return
-    task = asyncio.ensure_future(_apply(server.broker, new))
-    _RELOADS.add(task)
-    task.add_done_callback(_RELOADS.discard)
-
-
-_RELOADS: set[asyncio.Task[None]] = set()
-
-
-async def _apply(broker: Broker, new: Config) -> None:
-    try:
-        changes = await broker.reload(new)
-    except ValueError as exc:
-        log.error("SIGHUP: new registry refused, keeping the old one: %s", exc)
-        return
-    log.info("SIGHUP: registry reloaded (%s)", ", ".join(changes) or "no effective change")

@@ -12,10 +12,11 @@ from aiohttp import web
 from .adapters import BaseAdapter, make_adapter
 from .catalog import ModelCatalog
 from .clock import Clock, MonotonicClock
-from .config import AdapterType, Config
+from .config import AdapterType, Caller, Config
 from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
+from .idle import IdleKeeper
 from .lease import Lease
 from .proxy import Body, check_declared_size, forward
 from .records import State
@@ -26,6 +27,9 @@ from .status import Status, build_status
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+
+# Who sent a request: set by the facade's auth check when the registry has tokens.
+CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
 
 
 class Broker:
@@ -46,6 +50,7 @@ class Broker:
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.idle: IdleKeeper | None = None
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
 
@@ -66,7 +71,13 @@ class Broker:
         self._health = HealthMonitor(self.adapters, self.clock)
         self.catalog = ModelCatalog(config, self.adapters)
         self._residency = Residency(
-            config, self.adapters, reader, self.clock, probe=self._health.probe_ok
+            config,
+            self.adapters,
+            reader,
+            self.clock,
+            probe=self._health.probe_ok,
+            model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
+            in_flight=self._jobs_on,
         )
         core = SchedulerCore(
             config.scheduler,
@@ -82,11 +93,13 @@ class Broker:
             self._residency.resident_set,
             self._residency.swap_costs,
         )
+        self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(
             self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
         )
         self._health.start()
         self.catalog.start()
+        self.idle.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
             "broker up: %s (%d MiB), consumers %s",
@@ -96,10 +109,21 @@ class Broker:
         )
 
     async def _sample_gpu(self) -> None:
-        """Keep /v1/status's GPU figures live between jobs."""
+        """Keep /v1/status's GPU figures live between jobs, and the records matching the card
+        (work done around the broker) every gpu.reconcile_interval_s."""
+        last_reconcile = self.clock.now()
         while True:
             await asyncio.sleep(1.0)
-            await self.residency.read_gpu()
+            if self.clock.now() - last_reconcile >= self.config.gpu.reconcile_interval_s:
+                last_reconcile = self.clock.now()
+                await self.residency.reconcile()
+            else:
+                await self.residency.read_gpu()
+
+    def _jobs_on(self, name: str) -> int:
+        """The broker's jobs running on `name` now (only the lease holder has any)."""
+        core = self.lease.core
+        return core.in_flight if core.holder == name else 0
 
     async def drain(self) -> None:
         """Stop accepting (queued jobs get shutting_down), let in-flight jobs finish within
@@ -108,6 +132,8 @@ class Broker:
         if lease is None:
             return
         log.info("draining: %d in flight", lease.core.in_flight)
+        if self.idle is not None:
+            await self.idle.aclose()  # no idle unload or warm load starts any more
         lease.shutdown()
         if not await lease.drain(self.config.scheduler.drain_timeout_s):
             log.warning(
@@ -122,6 +148,8 @@ class Broker:
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
+        if self.idle is not None:
+            await self.idle.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -172,7 +200,8 @@ class Broker:
         health.states.update({n: s for n, s in old_health.states.items() if n in same})
         self.adapters, self._health, self.config = adapters, health, new
         old_catalog, self.catalog = self.catalog, catalog
-        residency.reconfigure(new, adapters, health.probe_ok, added)
+        residency.reconfigure(new, adapters, added)
+        residency.reconfigure_probe(health.probe_ok)
         dropped = self.lease.reconfigure(
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
@@ -258,9 +287,16 @@ class Broker:
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
+        per_model = self.residency.model_key(name, model) if adapter.per_model else None
+        if self.idle is not None:
+            self.idle.interrupt()  # a warm load gives way to a job at once
         async with self.lease.job(
-            name, priority=priority, queue_timeout_s=self.config.scheduler.queue_timeout_s
+            name,
+            priority=priority,
+            queue_timeout_s=self.config.scheduler.queue_timeout_s,
+            model=per_model,
         ) as job:
+            self.residency.job_started(name, per_model)
             try:
                 async with asyncio.timeout(consumer.run_timeout_s):
                     return await adapter.forward(request, kind, job, max_body, body)
@@ -271,7 +307,7 @@ class Broker:
                     consumer=name,
                 ) from None
             finally:
-                self.residency.touch(name)
+                self.residency.job_finished(name, per_model)
 
     async def passthrough(
         self,
@@ -306,8 +342,7 @@ class Broker:
             name, queue_timeout_s=self.config.scheduler.queue_timeout_s, exclusive=True
         ):
             if action == "unload":
-                if residency.records[name].state is not State.UNLOADED:
-                    await residency.evict(name)
+                await residency.unload(name)  # whatever the record says: it may be wrong
             else:
                 await residency.ensure_resident(name)
         return {"consumer": name, "residency": str(residency.records[name].state)}

@@ -1,4 +1,4 @@
-"""`mgpumanager serve | check-config | demo`."""
+"""`mgpumanager serve | check-config | demo | deploy-rules`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="simulated 24 GiB GPU + fake Ollama/ComfyUI/mVoice/whisper + the broker"
     )
     demo.add_argument("--config", type=Path, default=Path("config/demo.yaml"))
+    rules = sub.add_parser(
+        "deploy-rules",
+        help="print the polkit rule letting the daemon's user start/stop its command consumers' "
+        "systemd units (and no other)",
+    )
+    rules.add_argument("--config", type=Path, required=True, help="the registry")
+    rules.add_argument("--user", default="mgpumanager", help="the daemon's user (mgpumanager)")
     return parser
 
 
@@ -45,9 +52,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "serve":
-            from .app import serve
+            from .app import StartupError, serve
 
-            return asyncio.run(serve(args.config))
+            try:
+                return asyncio.run(serve(args.config))
+            except StartupError as exc:
+                print(f"mgpumanager: {exc}", file=sys.stderr)
+                return 1
+        if args.command == "deploy-rules":
+            from .deploy import RuleError, polkit_rule
+
+            config = load_config(args.config)
+            try:
+                print(polkit_rule(config, args.user, str(args.config)), end="")
+            except RuleError as exc:
+                print(f"{args.config}: {exc}", file=sys.stderr)
+                return 2
+            return 0
         from .demo import run_demo
 
         return asyncio.run(run_demo(args.config))

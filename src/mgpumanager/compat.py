@@ -33,7 +33,7 @@ from aiohttp import web
 
 from .adapters import OPENAI_GPU_PATHS, relay_kind
 from .bodies import Found, find_model, renamed
-from .broker import BROKER, MIB, Broker
+from .broker import BROKER, CALLER, MIB, Broker
 from .catalog import ModelOwner
 from .config import AdapterType
 from .errors import BrokerError, Dialect, ErrorCode, route_dialect
@@ -74,11 +74,13 @@ def requested_priority(request: web.Request) -> int | None:
     if raw is None or not request.app[BROKER].config.scheduler.allow_priority_header:
         return None
     try:
-        return max(0, min(4, int(raw)))
+        wanted = max(0, min(4, int(raw)))
     except ValueError:
         raise BrokerError(
             ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
         ) from None
+    caller = request.get(CALLER)  # a token asks for no more than its max_priority
+    return wanted if caller is None else min(wanted, caller.max_priority)
 
 
 async def scheduled(

@@ -3,20 +3,29 @@
 `load_config(path)` returns a validated `Config` or raises `ConfigError` listing *every*
 problem, each with its key path (`consumers.ollama.vram_resident_mib`), its line in the file,
 and what is wrong. The CLI's `check-config`, `serve` and SIGHUP reload all go through it.
+
+The file is hostile input until proven otherwise: it must be UTF-8, at most `MAX_BYTES`, nested
+at most `MAX_DEPTH` levels, and its aliases may not expand past `MAX_VALUES` values (a 900-byte
+"billion laughs" file is refused while composing, before anything is expanded). Anything else
+the YAML library or Python would choke on (recursive anchors, 5,000-digit integers, a 30th of
+February) is a problem with a line, never a traceback.
 """
 
 from __future__ import annotations
 
+import codecs
 import enum
+import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,26 +55,32 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 HttpMethod = Literal["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
 
 
+def _check_path(v: str) -> str:
+    """A path on a consumer: absolute, and nothing an HTTP request line cannot carry."""
+    if not v.startswith("/"):
+        raise ValueError(f"must start with '/' (got {v!r})")
+    if any(c.isspace() or not c.isprintable() for c in v):
+        raise ValueError(f"no spaces or control characters in a path (got {v!r})")
+    return v
+
+
+# A path on a consumer (health, paths.<kind>, unload, load).
+UpstreamPath = Annotated[str, AfterValidator(_check_path)]
+
+
 class HttpCall(_Model):
     """An HTTP call to a consumer: `{method, path, body}`."""
 
     method: HttpMethod = "POST"
-    path: str
+    path: UpstreamPath
     body: Any = None
-
-    @field_validator("path")
-    @classmethod
-    def _path_absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
 
 
 class Action(_Model):
     """How to unload or load a consumer: an HTTP call, or (type `command`) an argv list."""
 
     method: HttpMethod = "POST"
-    path: str | None = None
+    path: UpstreamPath | None = None
     body: Any = None
     command: list[str] | None = None
     timeout_s: PositiveFloat = 60.0
@@ -74,8 +89,6 @@ class Action(_Model):
     def _one_kind(self) -> Action:
         if (self.path is None) == (self.command is None):
             raise ValueError("give exactly one of 'path' (HTTP call) or 'command' (argv list)")
-        if self.path is not None and not self.path.startswith("/"):
-            raise ValueError("path must start with '/'")
         if self.command is not None and not self.command:
             raise ValueError("command must not be empty")
         return self
@@ -83,7 +96,7 @@ class Action(_Model):
 
 class HealthConfig(_Model):
     method: HttpMethod = "GET"
-    path: str = "/health"
+    path: UpstreamPath = "/health"
     interval_s: PositiveFloat = 5.0
     timeout_s: PositiveFloat = 2.0
 
@@ -161,6 +174,12 @@ class GpuConfig(_Model):
     safety_margin_mib: int = Field(default=512, ge=0)
     sim_url: str = "http://127.0.0.1:8799"
     poll_interval_s: PositiveFloat = 0.1
+    # How often residency is re-read from the upstreams and the GPU in the background (work
+    # done around the broker); it is also re-read before every eviction plan.
+    reconcile_interval_s: PositiveFloat = 5.0
+    # backend static only: after an upstream says it let go, wait this long before loading
+    # anything in its place (the driver frees memory 0.5-1.5 s after a process let go).
+    static_settle_s: float = Field(default=1.5, ge=0)
 
 
 class SchedulerConfig(_Model):
@@ -180,9 +199,61 @@ class IdleConfig(_Model):
     warm_after_s: PositiveFloat = 30.0
 
 
+def _check_token(v: SecretStr) -> SecretStr:
+    # A header carries the token: visible ASCII only, or no request could ever match it.
+    if not re.fullmatch(r"[\x21-\x7e]+", v.get_secret_value()):
+        raise ValueError("a token is one or more visible ASCII characters (no spaces)")
+    return v
+
+
+Token = Annotated[SecretStr, AfterValidator(_check_token)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as far as its bearer token tells: the token's name (for logs) and
+    the highest X-Priority it may ask for."""
+
+    name: str
+    max_priority: int
+
+
+class TokenConfig(_Model):
+    """One named bearer token of `auth.tokens`."""
+
+    name: str = Field(min_length=1, max_length=64)
+    token: Token
+    max_priority: int = Field(default=4, ge=0, le=4)
+
+    @field_validator("name")
+    @classmethod
+    def _name_plain(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]*", v):
+            raise ValueError(f"a token name is letters, digits and _.@- (got {v!r})")
+        return v
+
+
+# The name `auth.token` (the single, unnamed token) goes by in logs and where callers are shown.
+DEFAULT_CALLER = "default"
+
+
 class AuthConfig(_Model):
-    # When set, every route but /healthz needs `Authorization: Bearer <token>`.
-    token: SecretStr | None = None
+    # When any token is set, every route but /healthz needs `Authorization: Bearer <token>`.
+    token: Token | None = None
+    tokens: list[TokenConfig] = []
+    # Serving beyond loopback without a token is refused unless this says it is meant.
+    allow_unauthenticated: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.token is not None or bool(self.tokens)
+
+    def callers(self) -> list[tuple[Caller, bytes]]:
+        """Every accepted token as (who it is, the token's bytes)."""
+        found = [(Caller(t.name, t.max_priority), t.token.get_secret_value()) for t in self.tokens]
+        if self.token is not None:
+            found.append((Caller(DEFAULT_CALLER, 4), self.token.get_secret_value()))
+        return [(caller, secret.encode("ascii")) for caller, secret in found]
 
 
 class Config(_Model):
@@ -196,9 +267,32 @@ class Config(_Model):
     audio_proxy: str | None = None
     consumers: dict[str, ConsumerConfig]
 
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen_text(cls, v: object) -> object:
+        if not isinstance(v, str):
+            # `listen: 9470` is an int to YAML; say what is wanted, not "a valid string".
+            raise ValueError(f"listen must be HOST:PORT, e.g. 127.0.0.1:9470 (got {v!r})")
+        return v
+
     @property
     def listen_host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
+
+    def exposure_problem(self) -> str | None:
+        """Why serving this registry would be unsafe, or None: listening beyond loopback with
+        no token lets anyone who reaches the port drive the GPU and its admin routes."""
+        try:
+            host, _ = self.listen_host_port
+        except ValueError:
+            return None  # reported as a bad `listen` already
+        if self.auth.required or self.auth.allow_unauthenticated or is_loopback(host):
+            return None
+        return (
+            f"listen {self.listen!r} is reachable beyond this machine and auth has no token: "
+            "set auth.token (or auth.tokens), or auth.allow_unauthenticated: true to serve "
+            "without one on purpose"
+        )
 
     def coexist(self, a: str, b: str) -> bool:
         """`can_coexist_with` is symmetric: one side listing the other is enough."""
@@ -208,8 +302,32 @@ class Config(_Model):
 def split_listen(listen: str) -> tuple[str, int]:
     m = re.fullmatch(r"\[?([^\]]*)\]?:(\d{1,5})", listen)
     if m is None or not 0 <= int(m.group(2)) <= 65535:
-        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+        raise ValueError(f"listen must be HOST:PORT, e.g. 127.0.0.1:9470 (got {listen!r})")
     return m.group(1), int(m.group(2))
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses; an empty host or 0.0.0.0 means every
+    interface, and any other name may resolve anywhere."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(url: str) -> str:
+    """`url` without the credentials it may carry (`http://ops:pw@host` → `http://***@host`),
+    for status, logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if "@" not in parts.netloc:
+            return url
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    except ValueError:
+        # Not even parseable: drop everything between the scheme and the last '@'.
+        return re.sub(r"(?s)^([^:/]*://)?.*@", lambda m: (m.group(1) or "") + "***@", url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,18 +355,156 @@ class ConfigError(Exception):
 
 Loc = tuple[str | int, ...]
 
+# Bounds on what a registry may be. A real one is a few KiB, a few levels deep and a few hundred
+# values; these are far past that and far short of what would hurt the daemon.
+MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+MAX_VALUES = 10_000  # counting every value an alias repeats
+# Python refuses int(text) past 4,300 digits; no count, size or port in a registry needs more.
+MAX_NUMBER_CHARS = 32
 
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+_INT_TAG = "tag:yaml.org,2002:int"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A bound of the loader's own (depth, alias expansion, number size, dates)."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _NumberTooLong(_Refused):
+    """Raised while constructing; the walk before it has reported the number with its key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded while it composes: depth, recursion and the size that
+    aliases expand to are known before anything is built or expanded."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self._values = 0
+        self._open: set[str] = set()  # anchors whose node is still being composed
+        # id(node) -> (values, height) with aliases expanded, computed bottom-up from the
+        # children's figures: a billion laughs is measured, never walked.
+        self._size: dict[int, tuple[int, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                raise _Refused(
+                    f"alias *{event.anchor} is used inside its own anchor (a structure that "
+                    "contains itself)",
+                    event.start_mark,
+                )
+            node = super().compose_node(parent, index)
+            if node is not None:
+                self._count(self._size[id(node)][0], event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._count(1, event.start_mark)
+        anchor: str | None = event.anchor
+        if anchor is not None:
+            self._open.add(anchor)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+            if anchor is not None:
+                self._open.discard(anchor)
+        if node is not None:
+            self._measure(node)
+        return node
+
+    def _count(self, values: int, mark: Any) -> None:
+        """The document's values so far, each alias counted as what it expands to: a file
+        past the bound is refused where it crosses it, before the rest is even read."""
+        self._values += values
+        if self._values > MAX_VALUES:
+            raise _Refused(
+                f"more than {MAX_VALUES} values (an alias counts as all it repeats)", mark
+            )
+
+    def _measure(self, node: yaml.Node) -> None:
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        sizes = [self._size[id(child)] for child in children]
+        values = 1 + sum(v for v, _ in sizes)
+        height = 1 + max((h for _, h in sizes), default=0)
+        self._size[id(node)] = (values, height)
+        if height > MAX_DEPTH:
+            raise _Refused(
+                f"nested deeper than {MAX_DEPTH} levels once its aliases are expanded",
+                node.start_mark,
+            )
+
+    def construct_bounded_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_NUMBER_CHARS:
+            raise _NumberTooLong(f"more than {MAX_NUMBER_CHARS} characters", node.start_mark)
+        return int(super().construct_yaml_int(node))
+
+    def construct_checked_timestamp(self, node: yaml.ScalarNode) -> object:
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError):
+            raise _Refused(f"{node.value!r} is not a valid date or time", node.start_mark) from None
+
+
+_Loader.add_constructor(_INT_TAG, _Loader.construct_bounded_int)
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_checked_timestamp)
+
+
+def _walk(
+    node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[ConfigProblem], seen: set[int]
+) -> None:
+    """Record each key path's line; report duplicate keys and over-long numbers. A node that
+    aliases reach more than once is checked once (its lines are recorded at every path)."""
     lines[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+    first = id(node) not in seen
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        if first and node.tag == _INT_TAG and len(node.value) > MAX_NUMBER_CHARS:
+            problems.append(
+                ConfigProblem(
+                    _dotted(loc),
+                    lines[loc],
+                    f"a number of {len(node.value)} characters is not a sane registry value "
+                    f"(at most {MAX_NUMBER_CHARS})",
+                )
+            )
+    elif isinstance(node, yaml.MappingNode):
+        keys: dict[tuple[str, str], int] = {}
         for key, value in node.value:
-            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
-            lines[(*loc, k)] = key.start_mark.line + 1
-            _walk(value, (*loc, k), lines)
-            lines[(*loc, k)] = key.start_mark.line + 1  # the key's line, not the value's
+            k = key.value if isinstance(key, yaml.ScalarNode) else "<complex key>"
+            key_line = key.start_mark.line + 1
+            kloc = (*loc, k)
+            if first and isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                earlier = keys.get((key.tag, key.value))
+                if earlier is None:
+                    keys[(key.tag, key.value)] = key_line
+                else:
+                    problems.append(
+                        ConfigProblem(
+                            _dotted(kloc),
+                            key_line,
+                            f"duplicate key {k!r}, also on line {earlier}: keep one (YAML "
+                            "would silently use the last)",
+                        )
+                    )
+            _walk(key, kloc, lines, problems, seen)
+            _walk(value, kloc, lines, problems, seen)
+            lines[kloc] = key_line  # the key's line, not the value's
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, (*loc, i), lines)
+            _walk(item, (*loc, i), lines, problems, seen)
 
 
 def _line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
@@ -263,40 +519,107 @@ def _dotted(loc: Loc) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
+def _decode(raw: bytes, source: str) -> str:
+    """The registry's text: UTF-8 (a UTF-8 byte-order mark is fine), nothing else."""
+
+    def refuse(line: int, message: str) -> ConfigError:
+        return ConfigError(
+            source, [ConfigProblem("", line, f"the registry must be UTF-8: {message}")]
+        )
+
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "UTF-32"),
+        (codecs.BOM_UTF32_BE, "UTF-32"),
+        (codecs.BOM_UTF16_LE, "UTF-16"),
+        (codecs.BOM_UTF16_BE, "UTF-16"),
+    ):
+        if raw.startswith(bom):
+            raise refuse(1, f"this file is {name} (it starts with a {name} byte-order mark)")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise refuse(
+            raw.count(b"\n", 0, nul) + 1, "it has NUL bytes (UTF-16 without a byte-order mark?)"
+        )
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise refuse(line, f"byte 0x{raw[exc.start]:02x} on line {line} is not UTF-8") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> ConfigProblem:
+    """A YAML error as a problem with a line; its text never quotes the file (a line of the
+    registry may hold a token)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(source, [ConfigProblem("", line, f"not valid YAML: {exc}")]) from exc
+        if isinstance(exc, _Refused):
+            return ConfigProblem("", line, exc.problem or "refused")
+        parts = [p for p in (exc.context, exc.problem) if p]
+        return ConfigProblem("", line, "not valid YAML: " + ": ".join(parts))
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        char: object = exc.character  # PyYAML gives the code point (or, decoding, a byte)
+        code = ord(char) if isinstance(char, str) and len(char) == 1 else char
+        what = f"character #x{code:04x}" if isinstance(code, int) else "a character"
+        return ConfigProblem("", line, f"not valid YAML: {what} is not allowed ({exc.reason})")
+    return ConfigProblem("", 1, f"not valid YAML: {type(exc).__name__}")
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    """Validate a registry's text (bytes are decoded as UTF-8) into a `Config`, or raise
+    `ConfigError` listing every problem with its key path and line."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_BYTES:
+            raise ConfigError(source, [ConfigProblem("", 1, f"larger than {MAX_BYTES} bytes")])
+        text = _decode(text, source)
+    elif len(text) > MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise ConfigError(source, [ConfigProblem("", 1, f"larger than {MAX_BYTES} bytes")])
     lines: dict[Loc, int] = {}
-    if node is not None:
-        _walk(node, (), lines)
-    if not isinstance(data, dict):
-        raise ConfigError(source, [ConfigProblem("", 1, "the registry must be a YAML mapping")])
     problems: list[ConfigProblem] = []
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        if node is not None:
+            _walk(node, (), lines, problems, set())
+        data = None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        if not (isinstance(exc, _NumberTooLong) and problems):
+            problems.append(_yaml_problem(exc, text))
+        raise ConfigError(source, _in_order(problems)) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if not isinstance(data, dict):
+        problems.append(ConfigProblem("", 1, "the registry must be a YAML mapping"))
+        raise ConfigError(source, _in_order(problems))
     config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, lines))
     problems.extend(_semantic_problems(data, lines))
-    problems.sort(key=lambda p: (p.line or 0, p.path))
+    if config is not None and (exposed := config.exposure_problem()) is not None:
+        problems.append(ConfigProblem("listen", _line_of(("listen",), lines), exposed))
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, _in_order(problems))
     assert config is not None  # for mypy: no problems means validated
     return config
+
+
+def _in_order(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    return sorted(problems, key=lambda p: (p.line or 0, p.path))
 
 
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # a larger file is refused without reading it all
     except OSError as exc:
         raise ConfigError(str(p), [ConfigProblem("", None, f"cannot read: {exc}")]) from exc
-    return parse_config(text, str(p))
+    return parse_config(raw, str(p))
 
 
 def _pydantic_problems(exc: ValidationError, lines: Mapping[Loc, int]) -> Iterator[ConfigProblem]:
@@ -309,10 +632,18 @@ def _pydantic_problems(exc: ValidationError, lines: Mapping[Loc, int]) -> Iterat
         elif kind == "missing":
             message = "required key is missing"
         else:
-            message = err["msg"]
-            if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
-                message += f" (got {err.get('input')!r})"
+            message = err["msg"].removeprefix("Value error, ")
+            secret = bool(loc) and loc[0] == "auth"  # a mistyped token is still a token
+            if not secret and (
+                kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error"
+            ):
+                message += f" (got {_shown(err.get('input'))})"
         yield ConfigProblem(_dotted(loc), _line_of(loc, lines), message)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _semantic_problems(
@@ -341,6 +672,7 @@ def _semantic_problems(
     audio_proxy = data.get("audio_proxy")
     if isinstance(audio_proxy, str) and audio_proxy not in names:
         yield problem(("audio_proxy",), f"{audio_proxy!r} is not a consumer")
+    yield from _auth_problems(section(data.get("auth")), problem)
     gpu = section(data.get("gpu"))
     total = gpu.get("total_mib")
     margin = gpu.get("safety_margin_mib", GpuConfig().safety_margin_mib)
@@ -407,6 +739,9 @@ def _semantic_problems(
         models = _model_names(section(consumers[name]).get("models"))
         if model and models and model not in models:
             yield problem(("idle", "warm", i), f"{model!r} is not one of {name}'s models")
+        if section(consumers[name]).get("idle_unload_s") is not None:
+            # It would be unloaded when idle and brought back when idle, over and over.
+            yield problem(("idle", "warm", i), f"{name} has idle_unload_s: warm it or unload it")
 
 
 def _adapter_type(value: Any) -> AdapterType | None:
@@ -433,23 +768,49 @@ def _model_names(models: Any) -> list[str]:
     return out
 
 
+def _auth_problems(
+    auth: Mapping[str, Any], problem: Callable[[Loc, str], ConfigProblem]
+) -> Iterator[ConfigProblem]:
+    """Each token names one caller: names and token values are unique (`auth.token`, the
+    unnamed one, goes by DEFAULT_CALLER)."""
+    names: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    single = auth.get("token")
+    if isinstance(single, str):
+        names[DEFAULT_CALLER] = secrets[single] = "auth.token"
+    tokens = auth.get("tokens")
+    for i, entry in enumerate(tokens if isinstance(tokens, list) else []):
+        if not isinstance(entry, Mapping):
+            continue
+        here = f"auth.tokens.{i}"
+        name, secret = entry.get("name"), entry.get("token")
+        if isinstance(name, str) and names.setdefault(name, here) != here:
+            yield problem(("auth", "tokens", i, "name"), f"{name!r} is taken by {names[name]}")
+        if isinstance(secret, str) and secrets.setdefault(secret, here) != here:
+            yield problem(
+                ("auth", "tokens", i, "token"),
+                f"the same token as {secrets[secret]}: each token names one caller",
+            )
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_url(url: str) -> str | None:
     """None when `url` is a usable upstream base URL, else what is wrong with it."""
+    shown = repr(redact_url(url))  # the message may reach a log: no credentials in it
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        return f"{url!r}: {exc}"
+        return f"{shown}: {exc}"
     if parts.scheme not in ("http", "https"):
-        return f"{url!r}: scheme must be http or https"
+        return f"{shown}: scheme must be http or https"
     if not parts.hostname:
-        return f"{url!r}: no host"
+        return f"{shown}: no host"
     if parts.query or parts.fragment:
-        return f"{url!r}: no query or fragment allowed in a base URL"
+        return f"{shown}: no query or fragment allowed in a base URL"
     if port is not None and not 0 < port < 65536:
-        return f"{url!r}: bad port"
+        return f"{shown}: bad port"
     return None

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .app import Server, start_server
 from .broker import Broker
-from .config import AdapterType, Config, load_config
+from .config import AdapterType, Config, load_config, redact_url
 from .sim.cluster import FakeSpec, SimCluster, start_cluster
 from .sim.comfyui import ComfyUISettings
 from .sim.mvoice import MVoiceSettings
@@ -109,7 +109,7 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
         f"  sim GPU     {cluster.gpu_url}/v1/gpu   ({cluster.gpu.total_mib} MiB)",
     ]
     for name, c in config.consumers.items():
-        lines.append(f"  {name:<11} {c.url}   ({c.type}, {c.vram_resident_mib} MiB)")
+        lines.append(f"  {name:<11} {redact_url(c.url)}   ({c.type}, {c.vram_resident_mib} MiB)")
     lines += [
         "",
         "Point your clients at the broker:",

@@ -25,7 +25,8 @@ from .scheduler import ConsumerPolicy, Grant, Outcome, SchedulerCore
 
 log = logging.getLogger(__name__)
 
-Prepare = Callable[[str], Awaitable[None]]
+# Make a consumer (and, for per-model consumers, the job's model) resident.
+Prepare = Callable[[str, str | None], Awaitable[None]]
 
 
 class JobHandle:
@@ -76,18 +77,21 @@ class Lease:
         priority: int | None = None,
         queue_timeout_s: float,
         exclusive: bool = False,
+        model: str | None = None,
     ) -> AsyncIterator[JobHandle]:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
-        run alone, with no prepare step, and nothing else is granted until they finish."""
+        run alone, with no prepare step, and nothing else is granted until they finish.
+        `model`: the model the job needs; a job joining a tenure still prepares it."""
         grant = await self._acquire(consumer, priority, queue_timeout_s, exclusive)
         handle = JobHandle(self, grant)
         try:
-            if grant.prepare and not exclusive:
+            if not exclusive and (grant.prepare or model is not None):
                 # A residency change is never cut in half by a client that leaves: it runs to
                 # its end (each step is bounded by its own timeout), then the job is cancelled.
-                await _run_to_end(self._prepare(consumer))
-                self.core.ready(grant.job_id)
-                self.dispatch()
+                await _run_to_end(self._prepare(consumer, model))
+                if grant.prepare:
+                    self.core.ready(grant.job_id)
+                    self.dispatch()
             yield handle
         except (asyncio.CancelledError, ClientDisconnected):
             handle.outcome = Outcome.CANCELLED

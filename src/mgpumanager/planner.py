@@ -9,8 +9,9 @@
   used first, ties by name) until there is room; then every victim that turned out unnecessary
   is dropped again, the most recently used / coexistent first, so that each victim left is
   needed;
-- `CannotFit` when even every candidate is not enough: retryable when the busy or pinned
-  residents hold the memory that is missing, not retryable otherwise.
+- `CannotFit` when even every candidate is not enough. That is retryable: what holds the
+  memory (a busy or pinned resident, or a process of no consumer — a training run, a game)
+  lets go in time. Only a target larger than the usable capacity can never fit.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _cannot_fit(
         return CannotFit(f"{reason}; in the way: {in_the_way}", retryable=True)
     if blockers:
         reason += f"; busy or pinned {_list(blockers)} hold {blocked_mib} MiB"
-    return CannotFit(f"{reason}; the rest is held outside the broker's consumers", retryable=False)
+    return CannotFit(f"{reason}; the rest is held outside the broker's consumers", retryable=True)
 
 
 def _list(residents: Iterable[Resident]) -> str:

@@ -1,7 +1,9 @@
-"""The order of the scheduler's jobs: policy `priority` (DESIGN §3, issue 5) or `fifo`.
+"""The order of the scheduler's jobs: which waiting job the lease goes to next.
 
-SchedulerCore (scheduler.py) keeps the queue and the lease and asks `_pick` for the next job;
-this base class holds the rules, reading the core's state and never changing it.
+SchedulerCore (scheduler.py) keeps the queue and the lease; for each pick it hands an `Order` a
+`QueueView`, a read-only snapshot of what the order may look at, and takes back the job to
+start. Two orders exist, chosen by the `scheduler.policy` setting: `fifo` (plain arrival order,
+the baseline the benchmark compares against) and `priority`, the default, below.
 
 Order (policy `priority`):
 - level = min(4, priority + ⌊waited / aging_s⌋), priority 0..4 from the consumer or the clamped
@@ -28,10 +30,10 @@ checked on random traces in tests/test_scheduler_properties.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
+from typing import Protocol
 
-from .clock import Clock
 from .config import SchedulerConfig
 
 MAX_PRIORITY = 4
@@ -40,100 +42,111 @@ MAX_PRIORITY = 4
 SWAP_AMORTIZATION = 8.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueuedJob:
     id: int
     consumer: str
-    priority: int
+    priority: int  # 0..MAX_PRIORITY, clamped when queued
     enqueued_at: float
     exclusive: bool = False
-    started_at: float | None = None
-    ready: bool = False
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """What an order may read to choose the next job; a snapshot, never changed by the order."""
+
+    waiting: Sequence[QueuedJob]  # arrival order, never empty
+    holder: str | None  # the last consumer granted the lease (kept while nothing runs)
+    # When the holder's first job of this tenure finished (None while it runs): from then on,
+    # every further grant to the holder is affinity holding the others back.
+    window_opened_at: float | None
+    tenure_grants: int  # grants since the holder's tenure began
+    now: float
+    resident: Set[str]  # consumers whose weights are in VRAM now
+    swap_cost_s: Mapping[str, float]  # usable figures only (known_costs)
+    settings: SchedulerConfig
+
+
+class Order(Protocol):
+    """Chooses the next job to start among the waiting ones."""
+
+    @property
+    def name(self) -> str:
+        """The `scheduler.policy` value this order stands for (reported in the status)."""
+        ...
+
+    def pick(self, queue: QueueView) -> QueuedJob:
+        """One of `queue.waiting`; reads the view, changes nothing."""
+        ...
+
+
+class FifoOrder:
+    """Plain arrival order: ignores priorities, residency and swap costs."""
+
+    name = "fifo"
+
+    def pick(self, queue: QueueView) -> QueuedJob:
+        return queue.waiting[0]
 
 
 class PriorityOrder:
-    """The rules; SchedulerCore provides the state below."""
+    """Priorities with aging, swap affinity within bounds, then residency and swap costs (the
+    module docstring has the rules)."""
 
-    _settings: SchedulerConfig
-    _clock: Clock
-    _waiting: dict[int, QueuedJob]  # insertion order == arrival order
-    _holder: str | None
-    _window_opened_at: float | None
-    _tenure_grants: int
+    name = "priority"
 
-    def _pick(self, resident: Set[str], costs: Mapping[str, float]) -> QueuedJob:
-        jobs = list(self._waiting.values())  # arrival order
-        if self._settings.policy == "fifo":
-            return jobs[0]
-        now = self._clock.now()
-        level = {j.id: self._level(j, now) for j in jobs}
+    def pick(self, queue: QueueView) -> QueuedJob:
+        jobs = queue.waiting  # arrival order
+        settings = queue.settings
+        level = {j.id: self.level(j, queue.now, settings) for j in jobs}
         # The plain order: higher level first; within a level, who reached it first (a job at
         # its own priority reached it when it came; an aged one when it aged into it).
-        order = sorted(jobs, key=lambda j: (-level[j.id], self._reached(j, level[j.id])))
+        order = sorted(jobs, key=lambda j: (-level[j.id], self.reached(j, level[j.id], settings)))
         top = [j for j in order if level[j.id] == level[order[0].id]]
-        others_top = [j for j in top if j.consumer != self._holder]
+        others_top = [j for j in top if j.consumer != queue.holder]
         for i, mine in enumerate(order):
-            if mine.consumer == self._holder:
+            if mine.consumer == queue.holder:
                 passed = order[:i]  # all of other consumers
                 contested = others_top if level[mine.id] == level[top[0].id] else passed
-                if self._may_hold(mine, passed, contested, now, costs):
+                if self.may_hold(mine, passed, contested, queue):
                     return mine  # the tenure goes on: a swap saved
                 break
-        return self._next_tenure(others_top, now, resident, costs)
+        return self.next_tenure(others_top, queue)
 
-    def _may_hold(
+    def may_hold(
         self,
         mine: QueuedJob,
         passed: list[QueuedJob],
         contested: list[QueuedJob],
-        now: float,
-        costs: Mapping[str, float],
+        queue: QueueView,
     ) -> bool:
         """Whether the holder may take `mine`, its first job in the plain order, passing
         `passed` (the jobs of other consumers ahead of it) while `contested` (those and the
         others at its level) wait: the bounds of swap affinity."""
         if not contested:
             return True  # first in line anyway, and nobody else waits at its level
-        if self._tenure_grants >= self._settings.max_batch:
+        if queue.tenure_grants >= queue.settings.max_batch:
             return False
         if any(o.priority > mine.priority for o in passed):
             # Affinity passes jobs of the same or a lower priority only. Aging lifted them so
             # that they do not starve (the bounds below still hold for them); it does not
             # put a lower-priority consumer's batch ahead of a higher-priority job.
             return False
-        if self._window_opened_at is None:
+        if queue.window_opened_at is None:
             return True  # the tenure's first job still runs: the lease is not free anyway
         # Held back by this tenure's affinity: since its first job finished (its swap and a lazy
         # load are done by then) or since the job came, whichever is later. Like mq-deadline,
         # which checks expiry when a batch starts, a new tenure gets a fresh window, so
         # batching survives a backlog older than the window.
         oldest = min(o.enqueued_at for o in contested)
-        held_back_s = now - max(oldest, self._window_opened_at)
-        return held_back_s < self.affinity_window_s(self._holder, costs)
+        held_back_s = queue.now - max(oldest, queue.window_opened_at)
+        return held_back_s < affinity_window_s(queue.settings, queue.holder, queue.swap_cost_s)
 
-    def affinity_window_s(
-        self, consumer: str | None, swap_cost_s: Mapping[str, float] | None = None
-    ) -> float:
-        """How long a tenure of `consumer` may hold others back: `affinity_wait_s`, shortened
-        to SWAP_AMORTIZATION x its measured swap cost when that is less. Holding others back
-        longer than that buys little: the swap it saves is then a small part of the time."""
-        window = self._settings.affinity_wait_s
-        cost = known_costs(swap_cost_s).get(consumer) if consumer is not None else None
-        if cost is not None:
-            window = min(window, SWAP_AMORTIZATION * cost)
-        return window
-
-    def _next_tenure(
-        self,
-        candidates: list[QueuedJob],
-        now: float,
-        resident: Set[str],
-        costs: Mapping[str, float],
-    ) -> QueuedJob:
+    def next_tenure(self, candidates: list[QueuedJob], queue: QueueView) -> QueuedJob:
         """The first job of a new tenure, among the other consumers' jobs at the best level, in
         plain order."""
         for j in candidates:
-            if now - j.enqueued_at >= self._settings.affinity_wait_s:
+            if queue.now - j.enqueued_at >= queue.settings.affinity_wait_s:
                 return j  # its deadline has passed: no preference may pass it again
         # Preferences only among the jobs there by the highest priority of their own. (Reaching
         # below the best level for a resident consumer of the same priority saved ~1 % of
@@ -141,19 +154,38 @@ class PriorityOrder:
         base = max(j.priority for j in candidates)
         peers = [j for j in candidates if j.priority == base]
         for j in peers:
-            if j.consumer in resident:
+            if j.consumer in queue.resident:
                 return j  # resident: no swap
         # All cold: the cheapest known swap first (shortest setup first lowers the mean wait;
         # the deadline above bounds the detour). min() keeps the plain order among equals.
-        return min(peers, key=lambda j: costs.get(j.consumer, math.inf))
+        return min(peers, key=lambda j: queue.swap_cost_s.get(j.consumer, math.inf))
 
-    def _reached(self, job: QueuedJob, level: int) -> float:
+    def reached(self, job: QueuedJob, level: int, settings: SchedulerConfig) -> float:
         """When the job reached `level`: its arrival at its own priority, later when aged."""
-        return job.enqueued_at + max(0, level - job.priority) * self._settings.aging_s
+        return job.enqueued_at + max(0, level - job.priority) * settings.aging_s
 
-    def _level(self, job: QueuedJob, now: float) -> int:
-        aged = int((now - job.enqueued_at) // self._settings.aging_s)
+    def level(self, job: QueuedJob, now: float, settings: SchedulerConfig) -> int:
+        """The job's priority, raised one level per `aging_s` waited, at most MAX_PRIORITY."""
+        aged = int((now - job.enqueued_at) // settings.aging_s)
         return min(MAX_PRIORITY, job.priority + aged)
+
+
+FIFO = FifoOrder()
+PRIORITY = PriorityOrder()
+ORDERS: Mapping[str, Order] = {FIFO.name: FIFO, PRIORITY.name: PRIORITY}
+
+
+def affinity_window_s(
+    settings: SchedulerConfig, consumer: str | None, swap_cost_s: Mapping[str, float] | None = None
+) -> float:
+    """How long a tenure of `consumer` may hold others back: `affinity_wait_s`, shortened to
+    SWAP_AMORTIZATION x its measured swap cost when that is less. Holding others back longer
+    than that buys little: the swap it saves is then a small part of the time."""
+    window = settings.affinity_wait_s
+    cost = known_costs(swap_cost_s).get(consumer) if consumer is not None else None
+    if cost is not None:
+        window = min(window, SWAP_AMORTIZATION * cost)
+    return window
 
 
 def known_costs(swap_cost_s: Mapping[str, float] | None) -> dict[str, float]:

@@ -9,15 +9,22 @@ reasoning behind each row)::
     unknown     loading     a job needs it: the broker loads it over whatever it held
     unknown     unloading   an eviction or admin unload of a consumer nobody could read
     unloaded    loading     a job needs it
+    unloaded    resident    reconciliation finds it holding memory: loaded outside the broker
+    unloaded    unloading   an admin unload, whatever the record says (it may be wrong)
     loading     resident    its load call returned and its health passed (or: lazy load)
     loading     unknown     the load failed, timed out or was cut off (it may hold memory)
     resident    unloading   an eviction or admin unload starts
     resident    unloaded    it left by itself (Ollama's keep_alive ran out)
+    resident    unknown     an unload of one of its models was not confirmed
     unloading   unloaded    the upstream let go and the GPU reading confirmed it
     unloading   unknown     the unload failed, was not confirmed in time, or was cut off
 
 `unknown` counts as holding its memory (the safe side) until an unload confirms otherwise.
 Everything else is refused as a bug (`IllegalTransition`).
+
+Ollama and speaches are also tracked per model: `Record.models` holds the models resident now,
+each with its cost, so that a job for a resident model evicts nothing and a small model does
+not cost the consumer's largest.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("mgpumanager.residency")
 
@@ -43,15 +50,24 @@ HOLDS_MEMORY = frozenset({State.LOADING, State.RESIDENT, State.UNLOADING, State.
 
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     State.UNKNOWN: frozenset({State.RESIDENT, State.UNLOADED, State.LOADING, State.UNLOADING}),
-    State.UNLOADED: frozenset({State.LOADING}),
+    State.UNLOADED: frozenset({State.LOADING, State.RESIDENT, State.UNLOADING}),
     State.LOADING: frozenset({State.RESIDENT, State.UNKNOWN}),
-    State.RESIDENT: frozenset({State.UNLOADING, State.UNLOADED}),
+    State.RESIDENT: frozenset({State.UNLOADING, State.UNLOADED, State.UNKNOWN}),
     State.UNLOADING: frozenset({State.UNLOADED, State.UNKNOWN}),
 }
 
 
 class IllegalTransition(RuntimeError):
     """A residency change the state machine does not allow: a bug in the caller."""
+
+
+@dataclass
+class ModelRecord:
+    """One resident model of a per-model consumer."""
+
+    cost_mib: int
+    last_used: float | None = None
+    in_flight: int = 0  # jobs of the broker on it now: never evicted meanwhile
 
 
 @dataclass
@@ -66,11 +82,19 @@ class Record:
     busy_outside: bool = False
     unload_failed_at: float | None = None  # clock time of the last unconfirmed eviction
     detail: str = ""  # why it is in its state (shown in /v1/status)
+    reported_mib: int | None = None  # what the upstream says it holds (ComfyUI, Ollama)
+    models: dict[str, ModelRecord] = field(default_factory=dict)  # per-model consumers
+    in_flight: int = 0  # the broker's jobs running on it now
+    # Bumped by every change; a reconciliation that read the upstream before a change made
+    # meanwhile must not overwrite it with what it read.
+    generation: int = 0
 
     @property
     def cost_mib(self) -> int:
-        """What planning assumes it holds: the larger of declared and measured."""
-        return max(self.declared_mib, self.measured_mib or 0)
+        """What planning assumes it holds: its models' costs where it is tracked per model
+        (else the declared cost), or more where the GPU or the upstream says more."""
+        base = sum(m.cost_mib for m in self.models.values()) if self.models else self.declared_mib
+        return max(base, self.measured_mib or 0, self.reported_mib or 0)
 
     @property
     def holds_memory(self) -> bool:
@@ -83,3 +107,6 @@ def transition(name: str, record: Record, to: State, reason: str) -> None:
         raise IllegalTransition(f"{name}: {record.state} -> {to} is not allowed ({reason})")
     log.info("%s: %s -> %s (%s)", name, record.state, to, reason)
     record.state, record.detail = to, reason
+    record.generation += 1
+    if to is State.UNLOADED:
+        record.models.clear()

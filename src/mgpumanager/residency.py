@@ -1,11 +1,15 @@
-"""Who is in VRAM, and making room: the effects side of DESIGN §4.
+"""Making room: the changing side of residency (docs/residency.md).
 
-`Residency` owns every consumer's residency record. It is only changed while the lease is held
-(`ensure_resident` is the lease's prepare step; admin load/unload run as jobs), so no two
-residency changes ever race. The decision of whom to evict is the pure `planner.plan_eviction`;
-this module carries it out: unload, confirm through the upstream and the GPU reading, and only
-then load — an unconfirmed eviction never leads to a load (that is the OOM we exist to prevent).
-Every change of a record's state goes through `records.transition`, which holds the table.
+`Residency` extends the records and readings of `ResidencyView` (reconcile.py) with the changes:
+it makes a consumer, or one model of a per-model consumer, resident, evicting whoever is in the
+way. The decision of whom to evict is the pure `planner.plan_eviction`; this module carries it
+out: unload, confirm through the upstream and the GPU reading, and only then load — an
+unconfirmed eviction never leads to a load (that is the OOM we exist to prevent).
+
+Changes run under the lease (`ensure_resident` is the lease's prepare step; admin, idle and
+warm changes run as exclusive jobs) and, within a tenure whose jobs run concurrently, one at a
+time under `self.changing`. Every change of a record's state goes through `records.transition`,
+which holds the table.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from .adapters import ConsumerAdapter
+from .adapters import ConsumerAdapter, residual_allowance_mib
 from .clock import Clock
 from .config import Config
 from .errors import BrokerError, ErrorCode
-from .gpu import GpuReader, GpuReading, measured_mib
+from .gpu import GpuReader, GpuReading
 from .planner import CannotFit, Resident, plan_eviction
-from .records import HOLDS_MEMORY, Record, State, transition
+from .reconcile import Counters, ResidencyView
+from .records import HOLDS_MEMORY, ModelRecord, State, transition
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Counters", "EvictionDecision", "Residency"]
+
+UNIT_SEPARATOR = "/"  # a model's unit in plans and decisions: "ollama/llama3.1:8b"
 
 
 @dataclass(frozen=True)
@@ -38,24 +47,7 @@ class EvictionDecision:
     residents: tuple[str, ...]
 
 
-@dataclass
-class Counters:
-    swaps: int = 0  # loads of a consumer that was not resident
-    evictions: int = 0  # confirmed unloads
-    eviction_failures: int = 0
-    load_failures: int = 0
-    # Lease time spent making consumers resident (evictions, waiting for the memory, loads),
-    # failed attempts and admin loads included; not a lazy load inside a job (ComfyUI's).
-    swap_seconds: float = 0.0
-
-
-def residual_allowance_mib(declared_mib: int) -> int:
-    """Memory a process may keep after unloading its models (CUDA context, allocator cache):
-    ComfyUI keeps a few hundred MiB, speaches some too. Below this, the unload is confirmed."""
-    return max(512, declared_mib // 10)
-
-
-class Residency:
+class Residency(ResidencyView):
     def __init__(
         self,
         config: Config,
@@ -65,230 +57,172 @@ class Residency:
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         probe: Callable[[str], Awaitable[bool]] | None = None,
+        model_size: Callable[[str, str], int | None] | None = None,
+        in_flight: Callable[[str], int] | None = None,
     ) -> None:
-        self.config = config
-        self.adapters = adapters
-        self.reader = reader
-        self.clock = clock
+        super().__init__(
+            config, adapters, reader, clock, model_size=model_size, in_flight=in_flight
+        )
         self._sleep = sleep
         # How "ready" is checked after a load; the broker passes its health monitor's probe so
         # that the monitor's verdict follows the load.
         self._probe = probe or self._adapter_healthy
-        self.counters = Counters()
         self.decisions: list[EvictionDecision] = []  # the last 100, newest last
-        self.last_reading: GpuReading | None = None
-        self.records = {
-            name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
-            for name, c in config.consumers.items()
-        }
 
-    # -- reading the world ----------------------------------------------------------------------
+    def reconfigure_probe(self, probe: Callable[[str], Awaitable[bool]]) -> None:
+        self._probe = probe
 
-    @property
-    def total_mib(self) -> int:
-        return self.reader.total_mib
+    def ready(self, name: str, model: str | None = None) -> bool:
+        """Resident, and where it is tracked per model, with `model` resident too."""
+        record = self.records[name]
+        if record.state is not State.RESIDENT:
+            return False
+        return model is None or not self.adapters[name].per_model or model in record.models
 
-    @property
-    def capacity_mib(self) -> int:
-        return self.total_mib - self.config.gpu.safety_margin_mib
+    # -- making room ----------------------------------------------------------------------------
 
-    def resident_set(self) -> frozenset[str]:
-        return frozenset(n for n, r in self.records.items() if r.state is State.RESIDENT)
-
-    def swap_costs(self) -> dict[str, float]:
-        """Seconds of one measured swap cycle (last unload + last load) per consumer; those the
-        broker has not seen both of are left out (the scheduler treats them as unknown)."""
-        return {
-            name: r.last_unload_s + r.last_load_s
-            for name, r in self.records.items()
-            if r.last_unload_s is not None and r.last_load_s is not None
-        }
-
-    async def read_gpu(self) -> GpuReading:
-        reading = await self.reader.read()
-        self.last_reading = reading
-        if reading.ok:
-            for name, record in self.records.items():
-                record.measured_mib = self._measure(name, reading)
-        return reading
-
-    def _measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
-        patterns = (config or self.config).consumers[name].gpu_processes
-        if not patterns or not reading.ok:
-            return None
-        measured = measured_mib(reading, patterns)
-        if measured is not None:
-            return measured
-        # No matching process means it holds nothing (a stopped whisper-server, say) — but only
-        # when the reading can attribute memory at all: an empty card, or processes with named
-        # figures. A reader with no per-process data (static, hidden PIDs) knows nothing.
-        if reading.used_mib == 0 or any(
-            p.used_mib is not None and not p.name.startswith("pid:") for p in reading.processes
-        ):
-            return 0
-        return None
-
-    def headroom_mib(self, reading: GpuReading, exclude: str | None = None) -> int:
-        """min(free VRAM the GPU reports, total - what residents are known to hold) - margin.
-        Both terms matter: the driver's free figure lags after an unload. `exclude`: the
-        consumer the room is for, whatever its state (it is not in its own way)."""
-        held = sum(
-            r.cost_mib
-            for name, r in self.records.items()
-            if r.state in HOLDS_MEMORY and name != exclude
-        )
-        by_accounting = self.total_mib - held
-        free = reading.free_mib if reading.ok else None
-        headroom = by_accounting if free is None else min(free, by_accounting)
-        return headroom - self.config.gpu.safety_margin_mib
-
-    async def discover(self) -> None:
-        """At start-up: ask every adapter and the GPU who is resident, instead of assuming an
-        empty card. What nobody can tell stays `unknown` and counts as taken."""
-        self.records.update(await self.probe(self.config, self.adapters, list(self.records)))
-
-    async def probe(
-        self, config: Config, adapters: Mapping[str, ConsumerAdapter], names: list[str]
-    ) -> dict[str, Record]:
-        """Fresh records for `names`, from their adapters' residency reports and a GPU reading.
-        Changes nothing itself: the caller decides when to take them in."""
-        reading = await self.read_gpu()
-        reports = await asyncio.gather(
-            *(adapters[name].residency() for name in names), return_exceptions=True
-        )
-        out = {}
-        for name, report in zip(names, reports, strict=True):
-            c = config.consumers[name]
-            measured = self._measure(name, reading, config)
-            state, detail = State.UNKNOWN, "no residency probe or GPU figure"
-            if isinstance(report, BaseException):
-                detail = f"residency probe failed: {report}"
-            elif report.resident is not None:
-                state = State.RESIDENT if report.resident else State.UNLOADED
-                detail = report.detail
-            elif measured is not None and reading.ok:
-                resident = measured >= c.vram_resident_mib // 2
-                state = State.RESIDENT if resident else State.UNLOADED
-                detail = f"GPU reading: {measured} MiB"
-            log.info("%s: found %s (%s)", name, state, detail)
-            out[name] = Record(state, c.vram_resident_mib, c.pinned, measured, detail=detail)
-        return out
-
-    def reconfigure(
-        self,
-        config: Config,
-        adapters: Mapping[str, ConsumerAdapter],
-        probe: Callable[[str], Awaitable[bool]],
-        added: Mapping[str, Record],
-    ) -> None:
-        """A reloaded registry, taken in at once (no await: nothing sees a half-applied one).
-        Known consumers keep their residency, their declared cost and pin following the new
-        file; `added` come from `probe`; removed ones (the broker refuses to remove one that
-        still holds memory) are dropped."""
-        for name in set(self.records) - set(config.consumers):
-            del self.records[name]
-        self.records.update(added)
-        for name, c in config.consumers.items():
-            record = self.records[name]
-            record.declared_mib, record.pinned = c.vram_resident_mib, c.pinned
-        self.config, self.adapters, self._probe = config, adapters, probe
-
-    def touch(self, name: str) -> None:
-        record = self.records.get(name)  # gone if a reload removed it while its job ran
-        if record is not None:
-            record.last_used = self.clock.now()
-
-    # -- changing it (lease held) ----------------------------------------------------------------
-
-    async def ensure_resident(self, target: str) -> None:
-        """The lease's prepare step: make `target` resident, evicting whoever is in the way."""
-        if self.records[target].state is State.RESIDENT:
+    async def ensure_resident(self, target: str, model: str | None = None) -> None:
+        """The lease's prepare step: make `target` (and its `model`, for per-model consumers)
+        resident, evicting whoever is in the way."""
+        if self.ready(target, model):
             return
-        started = self.clock.now()
-        try:
-            await self._make_resident(target)
-        finally:
-            self.counters.swap_seconds += self.clock.now() - started
+        async with self.changing:
+            if self.ready(target, model):
+                return
+            started = self.clock.now()
+            try:
+                await self._make_resident(target, model)
+            finally:
+                self.counters.swap_seconds += self.clock.now() - started
 
-    async def _make_resident(self, target: str) -> None:
+    async def _make_resident(self, target: str, model: str | None) -> None:
+        # The upstreams' word first: someone may have loaded or unloaded around the broker.
+        reading = await self.reconcile(changing=True)
+        if self.ready(target, model):
+            return
         record = self.records[target]
-        reading = await self.read_gpu()
-        # Its state stays as it is until the load: an `unknown` target keeps counting as taken
-        # on every failure path (DESIGN §8); here it is only left out of its own way.
-        residents = await self._residents_for_plan(target)  # may find some left by themselves
-        headroom = self.headroom_mib(reading, exclude=target)
+        per_model = model if self.adapters[target].per_model else None
+        if per_model is not None and record.state is State.RESIDENT:
+            # Room for one more model inside a resident consumer: its other models stay counted.
+            need, exclude = self.model_cost_mib(target, per_model), None
+        else:
+            # Its state stays as it is until the load: an `unknown` target keeps counting as
+            # taken on every failure path; here it is only left out of its own way.
+            need = record.cost_mib if per_model is None else self.model_cost_mib(target, per_model)
+            exclude = target
+        headroom = self.headroom_mib(reading, exclude=exclude)
+        residents = self._units(target, per_model if exclude is None else None)
         plan = plan_eviction(
             target=target,
-            target_cost_mib=record.cost_mib,
+            target_cost_mib=need,
             headroom_mib=headroom,
             capacity_mib=self.capacity_mib,
             residents=residents,
         )
         if isinstance(plan, CannotFit):
-            stuck = [r.name for r in residents if self._cooling_down(r.name)]
-            reason = plan.reason
-            if stuck:
-                reason += f" ({', '.join(stuck)}: last unload not confirmed, state unknown)"
-            raise BrokerError(
-                ErrorCode.INSUFFICIENT_VRAM, reason, consumer=target, retryable=plan.retryable
-            )
+            raise self._cannot_fit(target, plan, residents, reading)
         if plan.victims:
-            self.decisions.append(
-                EvictionDecision(
-                    self.clock.now(),
-                    target,
-                    record.cost_mib,
-                    headroom,
-                    plan.victims,
-                    tuple(r.name for r in residents),
-                )
-            )
-            del self.decisions[:-100]
-            log.info(
-                "%s needs %d MiB, headroom %d MiB: evicting %s",
-                target,
-                record.cost_mib,
-                headroom,
-                ", ".join(plan.victims),
-            )
-        for victim in plan.victims:
-            await self.evict(victim, for_consumer=target)
-        await self._wait_for_room(target)
-        await self.load(target)
+            self._decided(target, need, headroom, plan.victims, residents)
+        await self._evict_units(plan.victims, target)
+        await self._wait_for_room(target, need, exclude=exclude)
+        if per_model is not None:
+            await self._take_model(target, per_model, need)
+        else:
+            await self.load(target)
 
-    async def _residents_for_plan(self, target: str) -> list[Resident]:
-        names = [n for n, r in self.records.items() if n != target and r.state in HOLDS_MEMORY]
-        # Each upstream's word on work posted around the broker (ComfyUI's /queue), asked at once.
-        reports = await asyncio.gather(
-            *(self.adapters[n].residency() for n in names), return_exceptions=True
-        )
+    def _units(self, target: str, model: str | None) -> list[Resident]:
+        """What may be evicted for `target`: every other consumer holding memory, per model
+        where it is tracked per model; with `model`, also the target's own other models."""
         out = []
-        for name, report in zip(names, reports, strict=True):
-            r = self.records[name]
-            if isinstance(report, BaseException):
-                log.debug("%s: residency probe failed while planning: %s", name, report)
-            elif report.resident is False and r.state is State.RESIDENT:
-                # It left by itself (Ollama's keep_alive ran out): nothing to evict. Its memory
-                # is back in the free figure, which the load still waits for.
-                transition(name, r, State.UNLOADED, f"left by itself ({report.detail or 'idle'})")
+        for name, r in self.records.items():
+            if r.state not in HOLDS_MEMORY or (name == target and model is None):
                 continue
-            else:
-                r.busy_outside = report.busy
-            out.append(
-                Resident(
-                    name=name,
-                    cost_mib=r.cost_mib,
-                    last_used=r.last_used if r.last_used is not None else float("-inf"),
-                    # Without an unload call nothing can evict it: as good as pinned.
-                    pinned=r.pinned or not self.adapters[name].can_unload,
-                    busy=r.busy_outside or self._cooling_down(name),
-                    coexists=self.config.coexist(name, target),
+            # Without an unload call nothing can evict it: as good as pinned.
+            pinned = r.pinned or not self.adapters[name].can_unload
+            busy = r.busy_outside or self._cooling_down(name)
+            coexists = name == target or self.config.coexist(name, target)
+            if self.adapters[name].per_model and r.models:
+                for m, unit in r.models.items():
+                    if name == target and m == model:
+                        continue
+                    out.append(
+                        Resident(
+                            name=f"{name}{UNIT_SEPARATOR}{m}",
+                            cost_mib=unit.cost_mib,
+                            last_used=_lru(unit.last_used, r.last_used),
+                            pinned=pinned,
+                            busy=busy or unit.in_flight > 0,
+                            coexists=coexists,
+                        )
+                    )
+            elif name != target:
+                out.append(
+                    Resident(
+                        name=name,
+                        cost_mib=r.cost_mib,
+                        last_used=_lru(r.last_used, None),
+                        pinned=pinned,
+                        busy=busy or self.busy(name),
+                        coexists=coexists,
+                    )
                 )
-            )
         return out
 
+    def _cannot_fit(
+        self, target: str, plan: CannotFit, residents: list[Resident], reading: GpuReading
+    ) -> BrokerError:
+        reason = plan.reason
+        stuck = [r.name for r in residents if self._cooling_down(_consumer(r.name))]
+        if stuck:
+            reason += f" ({', '.join(stuck)}: last unload not confirmed, state unknown)"
+        outside = self.outside_processes(reading)
+        if outside:
+            reason += f"; processes of no consumer hold memory: {', '.join(outside)}"
+        return BrokerError(
+            ErrorCode.INSUFFICIENT_VRAM, reason, consumer=target, retryable=plan.retryable
+        )
+
+    def _decided(
+        self,
+        target: str,
+        need: int,
+        headroom: int,
+        victims: tuple[str, ...],
+        residents: list[Resident],
+    ) -> None:
+        self.decisions.append(
+            EvictionDecision(
+                self.clock.now(), target, need, headroom, victims, tuple(r.name for r in residents)
+            )
+        )
+        del self.decisions[:-100]
+        log.info(
+            "%s needs %d MiB, headroom %d MiB: evicting %s",
+            target,
+            need,
+            headroom,
+            ", ".join(victims),
+        )
+
+    async def _evict_units(self, victims: tuple[str, ...], target: str) -> None:
+        """Carry out a plan: a consumer all of whose models go is unloaded whole."""
+        by_consumer: dict[str, list[str]] = {}
+        for victim in victims:
+            name, _, model = victim.partition(UNIT_SEPARATOR)
+            by_consumer.setdefault(name, []).append(model)
+        for name, models in by_consumer.items():
+            record = self.records[name]
+            if "" in models or set(models) >= set(record.models):
+                await self.evict(name, for_consumer=target)
+            else:
+                for model in models:
+                    await self.evict_model(name, model, for_consumer=target)
+
+    # -- unloading ------------------------------------------------------------------------------
+
     async def evict(self, name: str, *, for_consumer: str | None = None) -> None:
-        """Unload `name` and confirm that the memory came back, or raise eviction_failed."""
+        """Unload `name` and confirm that the memory came back, or raise eviction_failed.
+        Whatever its record says: an admin unload of an `unloaded` consumer still asks."""
         record = self.records[name]
         adapter = self.adapters[name]
         timeout_s = self.config.consumers[name].unload_timeout_s
@@ -296,7 +230,7 @@ class Residency:
         before = await self.read_gpu()
         # Known to hold its memory (the broker loaded it or saw it): then the GPU must show the
         # memory coming back. An `unknown` one may hold nothing, and no drop is owed.
-        known = record.state in (State.RESIDENT, State.LOADING)
+        expect_mib = record.cost_mib if record.state is State.RESIDENT else 0
         why = f"evicted for {for_consumer}" if for_consumer else "unload asked for"
         transition(name, record, State.UNLOADING, why)
         blame = for_consumer or name
@@ -314,31 +248,71 @@ class Residency:
             transition(name, record, State.UNKNOWN, "unload cut off")
             raise
         try:
-            await self._confirm_unloaded(name, before, known, started, timeout_s, blame)
+            await self._confirm(name, adapter.unloaded, before, expect_mib, timeout_s, blame)
+        except BrokerError:
+            self._eviction_failed(name, f"memory not back within {timeout_s:g} s")
+            raise
         except BaseException:
             if record.state is State.UNLOADING:
                 transition(name, record, State.UNKNOWN, "unload confirmation cut off")
             raise
+        record.unload_failed_at = None
+        record.last_unload_s = self.clock.now() - started
+        self.counters.evictions += 1
+        confirmed = f"unload confirmed in {record.last_unload_s:.2f} s"
+        transition(name, record, State.UNLOADED, confirmed)
 
-    async def _confirm_unloaded(
+    async def evict_model(self, name: str, model: str, *, for_consumer: str) -> None:
+        """Unload one model of a per-model consumer that keeps others resident."""
+        record = self.records[name]
+        adapter = self.adapters[name]
+        unit = record.models[model]
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        before = await self.read_gpu()
+        log.info("%s: unloading model %s for %s", name, model, for_consumer)
+
+        async def gone() -> bool:
+            report = await adapter.residency()
+            return report.models is not None and model not in report.models
+
+        try:
+            await adapter.unload_model(model)
+            await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
+        except BrokerError as exc:
+            self._eviction_failed(name, f"unloading model {model} not confirmed")
+            raise BrokerError(
+                ErrorCode.EVICTION_FAILED,
+                f"unloading {name}/{model} failed: {exc.message}",
+                consumer=for_consumer,
+            ) from exc
+        except BaseException:
+            transition(name, record, State.UNKNOWN, f"unload of model {model} cut off")
+            raise
+        del record.models[model]
+        record.generation += 1
+        self.counters.evictions += 1
+
+    async def _confirm(
         self,
         name: str,
+        upstream_let_go: Callable[[], Awaitable[bool]],
         before: GpuReading,
-        known: bool,
-        started: float,
+        expect_mib: int,
         timeout_s: float,
         blame: str,
     ) -> None:
-        record = self.records[name]
-        adapter = self.adapters[name]
+        """Poll until the upstream says it let go and the GPU shows `expect_mib` back."""
         deadline = self.clock.now() + timeout_s
+        gone_since: float | None = None
         while True:
-            gone = await self._upstream_let_go(adapter)
+            gone = await _asked(name, upstream_let_go)
+            if gone and gone_since is None:
+                gone_since = self.clock.now()
             after = await self.read_gpu()
-            if gone and self._gpu_confirms(name, before, after, known=known):
-                break
+            settled_s = 0.0 if gone_since is None else self.clock.now() - gone_since
+            if gone and self._gpu_confirms(name, before, after, expect_mib, settled_s):
+                return
             if self.clock.now() >= deadline:
-                self._eviction_failed(name, f"memory not back within {timeout_s:g} s")
                 raise BrokerError(
                     ErrorCode.EVICTION_FAILED,
                     f"{name} was asked to unload but its memory did not come back within "
@@ -347,12 +321,6 @@ class Residency:
                     consumer=blame,
                 )
             await self._sleep(self.config.gpu.poll_interval_s)
-        record.unload_failed_at = None
-        record.last_unload_s = self.clock.now() - started
-        self.counters.evictions += 1
-        transition(
-            name, record, State.UNLOADED, f"unload confirmed in {record.last_unload_s:.2f} s"
-        )
 
     def _eviction_failed(self, name: str, reason: str) -> None:
         record = self.records[name]
@@ -368,45 +336,48 @@ class Residency:
         timeout_s = self.config.consumers[name].unload_timeout_s
         return failed_at is not None and self.clock.now() - failed_at < timeout_s
 
-    async def _upstream_let_go(self, adapter: ConsumerAdapter) -> bool:
-        try:
-            return await adapter.unloaded()
-        except BrokerError as exc:
-            log.debug("%s: unload check failed: %s", adapter.name, exc)
-            return False
-
     def _gpu_confirms(
-        self, name: str, before: GpuReading, after: GpuReading, *, known: bool = True
+        self,
+        name: str,
+        before: GpuReading,
+        after: GpuReading,
+        expect_mib: int,
+        settled_s: float,
     ) -> bool:
-        """The GPU's word that `name`'s memory is back. With per-process figures for it: its
-        processes hold no more than a CUDA context. Without them: used memory dropped by half its
-        declared cost, when it was known to hold it. With no readings at all (static backend)
-        the upstream's word is all there is."""
-        record = self.records[name]
+        """The GPU's word that `expect_mib` of `name`'s memory is back. With per-process
+        figures for it: they dropped by half of that, or (a whole unload) to no more than a
+        CUDA context. Without them: used memory dropped by half of it. Nothing expected (it was
+        `unknown`): the free figure decides later. No readings at all (static backend): the
+        upstream's word, `settled_s` ago, once the driver's usual lag (gpu.static_settle_s)
+        has passed since.
+        """
         if self.reader.backend == "static":
-            return True
+            return settled_s >= self.config.gpu.static_settle_s
         if not after.ok:
             return False
-        held = self._measure(name, after)
-        if held is not None:
-            return held <= residual_allowance_mib(record.declared_mib)
-        if not known:
+        record = self.records[name]
+        held_after = self._measure(name, after)
+        if held_after is not None:
+            if record.state is State.UNLOADING:
+                return held_after <= residual_allowance_mib(record.declared_mib)
+            held_before = self._measure(name, before)
+            return held_before is None or held_before - held_after >= expect_mib // 2
+        if expect_mib == 0:
             # Nothing to watch for: whatever it may still hold shows in the free figure, which
             # _wait_for_room checks before anything loads.
             return True
         if before.used_mib is None or after.used_mib is None:
             return False
-        return before.used_mib - after.used_mib >= record.declared_mib // 2
+        return before.used_mib - after.used_mib >= expect_mib // 2
 
-    async def _wait_for_room(self, target: str) -> None:
+    async def _wait_for_room(self, target: str, need: int, exclude: str | None) -> None:
         """Victims are confirmed; the free figure must agree before anything loads."""
-        need = self.records[target].cost_mib
         deadline = self.clock.now() + max(
             (c.unload_timeout_s for c in self.config.consumers.values()), default=1.0
         )
         while True:
             reading = await self.read_gpu()
-            headroom = self.headroom_mib(reading, exclude=target)
+            headroom = self.headroom_mib(reading, exclude=exclude)
             if headroom >= need:
                 return
             if self.clock.now() >= deadline:
@@ -417,6 +388,8 @@ class Residency:
                     consumer=target,
                 )
             await self._sleep(self.config.gpu.poll_interval_s)
+
+    # -- loading --------------------------------------------------------------------------------
 
     async def _adapter_healthy(self, name: str) -> bool:
         return (await self.adapters[name].health()).ok
@@ -452,10 +425,58 @@ class Residency:
                 ) from exc
             record.last_load_s = self.clock.now() - started
         how = "loaded by the broker" if adapter.has_load else "loads lazily on its first job"
+        if adapter.per_model:
+            # Its preloaded models are what it holds now (and what a later eviction confirms).
+            for model in config.preload_models if adapter.has_load else ():
+                record.models[model] = ModelRecord(self.model_cost_mib(name, model))
         transition(name, record, State.RESIDENT, how)
         self.counters.swaps += 1
         if adapter.has_load:
             await self.read_gpu()  # so /v1/status shows the loaded figure, not the one before
+
+    async def _take_model(self, name: str, model: str, cost_mib: int) -> None:
+        """Room is made for `model`: the job loads it (Ollama and speaches load on first use);
+        its memory is counted from now on, and reconciliation corrects the figure later."""
+        record = self.records[name]
+        record.models[model] = ModelRecord(cost_mib)
+        record.generation += 1
+        if record.state is not State.RESIDENT:
+            if record.state is not State.LOADING:
+                transition(name, record, State.LOADING, f"model {model} needed by a job")
+            transition(name, record, State.RESIDENT, f"model {model} loads on its first job")
+        self.counters.swaps += 1
+
+    async def load_model(self, name: str, model: str) -> None:
+        """Load one model now (warm restore), with room made for it first."""
+        await self.ensure_resident(name, model)
+        try:
+            await self.adapters[name].load_model(model)
+        except BrokerError as exc:
+            self.counters.load_failures += 1
+            message = f"loading {name}/{model} failed: {exc.message}"
+            raise BrokerError(ErrorCode.LOAD_FAILED, message, consumer=name) from exc
+
+    async def unload(self, name: str) -> None:
+        """An admin (or idle) unload: always asks and confirms, whatever the record says."""
+        async with self.changing:
+            await self.evict(name)
+
+
+def _consumer(unit: str) -> str:
+    return unit.partition(UNIT_SEPARATOR)[0]
+
+
+def _lru(*times: float | None) -> float:
+    """LRU sort key: the first known time; never used sorts first."""
+    return next((t for t in times if t is not None), float("-inf"))
+
+
+async def _asked(name: str, question: Callable[[], Awaitable[bool]]) -> bool:
+    try:
+        return await question()
+    except BrokerError as exc:
+        log.debug("%s: unload check failed: %s", name, exc)
+        return False
 
 
 def _describe(reading: GpuReading) -> str:

@@ -5,26 +5,29 @@ It owns the queue, the lease holder and the statistics. Callers tell it what hap
 and reads no clock but the injected one, so every decision is tested step by step with a fake
 clock (tests/test_scheduler.py).
 
-Lease (DESIGN §3): one consumer holds it at a time, with up to its `max_concurrency` jobs. A
-grant that starts a tenure (nothing in flight) has `prepare=True`: the caller makes the consumer
-resident, then calls `ready()`; nothing else is granted meanwhile. When the next pick belongs to
-another consumer, the holder gets no more grants and the lease passes once its jobs finished.
+Lease: one consumer holds it at a time, with up to its `max_concurrency` jobs. A grant that
+starts a tenure (nothing in flight) has `prepare=True`: the caller makes the consumer resident,
+then calls `ready()`; nothing else is granted meanwhile (residency is changing). When the next
+pick belongs to another consumer, the holder gets no more grants and the lease passes once its
+jobs finished, so two consumers never run on the GPU at once.
 
-The order of the jobs (policy `priority`, or `fifo`: the plain arrival order of the original
-brief, kept as the baseline) is the base class's, in policy.py.
+Which waiting job is picked next is the core's `order` (policy.py): `priority` or `fifo`, from
+the settings, or one passed in. Observers (`on_grant`, `on_finish`) see every grant and every
+finished job, for benchmarks and logs.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Mapping, Set
+import types
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 
 from .clock import Clock
 from .config import SchedulerConfig
 from .errors import BrokerError, ErrorCode
-from .policy import MAX_PRIORITY, PriorityOrder, QueuedJob, known_costs
+from .policy import MAX_PRIORITY, ORDERS, Order, QueuedJob, QueueView, known_costs
 
 
 class Outcome(enum.StrEnum):
@@ -85,19 +88,26 @@ class SchedulerStats:
     consumers: dict[str, ConsumerQueueStats] = field(default_factory=dict)
 
 
-class SchedulerCore(PriorityOrder):
+class SchedulerCore:
     def __init__(
         self,
         settings: SchedulerConfig,
         consumers: Mapping[str, ConsumerPolicy],
         clock: Clock,
+        *,
+        order: Order | None = None,
     ) -> None:
+        """`order`: the rule that picks the next job; by default the one `settings.policy`
+        names (and, after `reconfigure`, the one the new settings name)."""
         self._settings = settings
         self._consumers = dict(consumers)
         self._clock = clock
+        self._fixed_order = order
         self._ids = itertools.count(1)
         self._waiting: dict[int, QueuedJob] = {}  # insertion order == arrival order
         self._running: dict[int, QueuedJob] = {}
+        self._started_at: dict[int, float] = {}  # per running job
+        self._preparing: set[int] = set()  # granted with prepare, not ready yet
         self._holder: str | None = None  # the last consumer granted the lease (kept while idle)
         # When the holder's first job of this tenure finished: from then on, every further grant
         # to the holder is affinity holding the others back (before, the lease was not free).
@@ -105,6 +115,10 @@ class SchedulerCore(PriorityOrder):
         self._tenure_grants = 0  # grants since the holder's tenure began
         self._accepting = True
         self._c = _Counters()
+        # Called synchronously, in order, for every grant and every finished job. They must not
+        # raise or call back into the core.
+        self.on_grant: list[Callable[[Grant], None]] = []
+        self.on_finish: list[Callable[[int, Outcome], None]] = []
 
     # -- what happened ------------------------------------------------------------------------
 
@@ -149,15 +163,20 @@ class SchedulerCore(PriorityOrder):
 
     def ready(self, job_id: int) -> None:
         """The prepared job's consumer is resident: further grants may follow."""
-        self._running[job_id].ready = True
+        if job_id not in self._running:
+            raise KeyError(job_id)
+        self._preparing.discard(job_id)
 
     def finish(self, job_id: int, outcome: Outcome) -> None:
         job = self._running.pop(job_id)
+        self._preparing.discard(job_id)
+        started_at = self._started_at.pop(job_id)
         if job.consumer == self._holder and self._window_opened_at is None:
             self._window_opened_at = self._clock.now()
-        if job.started_at is not None:
-            self._c.last_run_ms = (self._clock.now() - job.started_at) * 1000.0
+        self._c.last_run_ms = (self._clock.now() - started_at) * 1000.0
         self._count(outcome)
+        for observer in self.on_finish:
+            observer(job_id, outcome)
 
     def reconfigure(
         self, settings: SchedulerConfig, consumers: Mapping[str, ConsumerPolicy]
@@ -198,13 +217,13 @@ class SchedulerCore(PriorityOrder):
         costs = known_costs(swap_cost_s)
         grants: list[Grant] = []
         while self._waiting:
-            if any(not j.ready for j in self._running.values()):
+            if self._preparing:
                 break  # a tenure is being prepared: residency is changing, nothing else runs
             running = self.in_flight
             holder = self._consumers.get(self._holder or "", ConsumerPolicy())
             if running >= holder.max_concurrency:
                 break  # the holder is full: no pick could start now (the common case, cheap)
-            job = self._pick(resident, costs)
+            job = self.order.pick(self._view(resident, costs))
             if running and job.consumer != self._holder:
                 break  # drain the holder, then hand over
             if running and job.exclusive:
@@ -213,12 +232,25 @@ class SchedulerCore(PriorityOrder):
             grants.append(self._start(job, prepare=running == 0))
         return grants
 
+    def _view(self, resident: Set[str], costs: Mapping[str, float]) -> QueueView:
+        return QueueView(
+            waiting=tuple(self._waiting.values()),
+            holder=self._holder,
+            window_opened_at=self._window_opened_at,
+            tenure_grants=self._tenure_grants,
+            now=self._clock.now(),
+            resident=resident,
+            swap_cost_s=costs,
+            settings=self._settings,
+        )
+
     def _start(self, job: QueuedJob, *, prepare: bool) -> Grant:
         now = self._clock.now()
         del self._waiting[job.id]
-        job.started_at = now
-        job.ready = not prepare
         self._running[job.id] = job
+        self._started_at[job.id] = now
+        if prepare:
+            self._preparing.add(job.id)
         if job.consumer != self._holder:
             if self._holder is not None:
                 self._c.handoffs += 1
@@ -228,9 +260,33 @@ class SchedulerCore(PriorityOrder):
         self._tenure_grants += 1
         waited_s = now - job.enqueued_at
         self._c.last_wait_ms = waited_s * 1000.0
-        return Grant(job.id, job.consumer, prepare, waited_s)
+        grant = Grant(job.id, job.consumer, prepare, waited_s)
+        for observer in self.on_grant:
+            observer(grant)
+        return grant
 
     # -- what it looks like -------------------------------------------------------------------
+
+    @property
+    def order(self) -> Order:
+        """The rule that picks the next job."""
+        if self._fixed_order is not None:
+            return self._fixed_order
+        return ORDERS[self._settings.policy]
+
+    @property
+    def settings(self) -> SchedulerConfig:
+        return self._settings
+
+    @property
+    def waiting(self) -> Mapping[int, QueuedJob]:
+        """The queue, by job id, in arrival order (read-only)."""
+        return types.MappingProxyType(self._waiting)
+
+    @property
+    def running(self) -> Mapping[int, QueuedJob]:
+        """The jobs in flight, by job id (read-only)."""
+        return types.MappingProxyType(self._running)
 
     @property
     def in_flight(self) -> int:
@@ -257,7 +313,7 @@ class SchedulerCore(PriorityOrder):
         }
         c = self._c
         return SchedulerStats(
-            policy=self._settings.policy,
+            policy=self.order.name,
             queue_depth=self.queue_depth,
             in_flight=self.in_flight,
             total_jobs=c.total_jobs,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, BaseModel, Field
 
 from . import __version__
+from .config import redact_url
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -110,7 +111,7 @@ def build_status(broker: Broker) -> Status:
             {
                 **c.model_dump(include={"priority", "max_concurrency"}),
                 "type": str(c.type),
-                "url": c.url,
+                "url": redact_url(c.url),  # credentials in a URL are secrets
                 **dataclasses.asdict(health),
                 "health_detail": health.detail,
                 **dataclasses.asdict(record),  # after health: its `detail` is the residency's

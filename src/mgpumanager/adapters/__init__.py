@@ -30,6 +30,7 @@ from .base import (
     ResidencyReport,
     UpstreamStatus,
     relay_kind,
+    residual_allowance_mib,
 )
 from .comfyui import ComfyUIAdapter
 from .command import CommandAdapter
@@ -75,4 +76,5 @@ __all__ = [
     "make_adapter",
     "registry_actions",
     "relay_kind",
+    "residual_allowance_mib",
 ]

@@ -79,6 +79,16 @@ class ResidencyReport:
     resident: bool | None  # None: this upstream cannot tell; the GPU reading decides
     busy: bool = False  # it runs work that did not come through the broker
     detail: str = ""
+    held_mib: int | None = None  # what the upstream says it holds (ComfyUI's own allocator)
+    # Per-model upstreams (Ollama, speaches): the models resident now, with their size in MiB
+    # where the upstream says one. None: this upstream is not tracked per model.
+    models: Mapping[str, int | None] | None = None
+
+
+def residual_allowance_mib(declared_mib: int) -> int:
+    """Memory a process may keep after unloading its models (CUDA context, allocator cache):
+    ComfyUI keeps a few hundred MiB, speaches some too. Below this it counts as unloaded."""
+    return max(512, declared_mib // 10)
 
 
 class ConsumerAdapter(Protocol):
@@ -88,6 +98,10 @@ class ConsumerAdapter(Protocol):
     @property
     def has_load(self) -> bool:
         """False: the first job loads it lazily."""
+
+    @property
+    def per_model(self) -> bool:
+        """Its models are loaded and unloaded one by one (`unload_model`, `load_model`)."""
 
     @property
     def stops_process(self) -> bool:
@@ -103,6 +117,9 @@ class ConsumerAdapter(Protocol):
     async def unload(self) -> None: ...
     async def unloaded(self) -> bool: ...
     async def load(self) -> None: ...
+    def model_key(self, model: str) -> str: ...
+    async def unload_model(self, model: str) -> None: ...
+    async def load_model(self, model: str) -> None: ...
     async def forward(
         self,
         request: web.Request,
@@ -154,6 +171,10 @@ class BaseAdapter:
 
     @property
     def stops_process(self) -> bool:
+        return False
+
+    @property
+    def per_model(self) -> bool:
         return False
 
     @property
@@ -268,6 +289,10 @@ class BaseAdapter:
         """It answers OpenAI routes (/v1/chat/completions, /v1/audio/speech...) itself."""
         return self.config.openai
 
+    def model_key(self, model: str) -> str:
+        """The name this upstream lists `model` under."""
+        return model
+
     async def installed_models(self) -> dict[str, int | None] | None:
         """The models the upstream can serve now, with their size in MiB where it says one;
         None: it keeps no list the broker can read."""
@@ -323,6 +348,16 @@ class BaseAdapter:
     async def load(self) -> None:
         if self.config.load is not None:
             await self.call(self.config.load, timeout_s=self.config.load.timeout_s)
+
+    async def unload_model(self, model: str) -> None:
+        raise BrokerError(
+            ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model", consumer=self.name
+        )
+
+    async def load_model(self, model: str) -> None:
+        raise BrokerError(
+            ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model", consumer=self.name
+        )
 
     async def forward(
         self,

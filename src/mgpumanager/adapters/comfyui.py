@@ -23,10 +23,11 @@ from ..config import ConsumerConfig, HealthConfig, HttpCall
 from ..errors import BrokerError, Dialect, ErrorCode
 from ..lease import JobHandle
 from ..proxy import Body
-from .base import BaseAdapter, ResidencyReport
+from .base import BaseAdapter, ResidencyReport, residual_allowance_mib
 
 log = logging.getLogger(__name__)
 
+MIB = 1024 * 1024
 PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Newer ComfyUI serves every route under /api/ too; its own front end posts to /api/prompt.
 PROMPT_PATHS = ("/prompt", "/api/prompt")
@@ -54,10 +55,34 @@ class ComfyUIAdapter(BaseAdapter):
                     ids.add(str(item[1]))
         return ids
 
+    async def torch_reserved_mib(self) -> int | None:
+        """/system_stats `devices[0].torch_vram_total`: what ComfyUI's own allocator holds.
+        It sees models loaded by anyone (its web page too) and works where a container hides
+        the process from the GPU reader."""
+        stats = await self.request_json(
+            "GET", "/system_stats", timeout_s=self.health_config.timeout_s
+        )
+        devices = stats.get("devices") if isinstance(stats, dict) else None
+        first = devices[0] if isinstance(devices, list) and devices else None
+        total = first.get("torch_vram_total") if isinstance(first, dict) else None
+        return total // MIB if isinstance(total, int) and total >= 0 else None
+
+    async def unloaded(self) -> bool:
+        """Its own allocator holds no more than a CUDA context (where /system_stats says)."""
+        reserved = await self.torch_reserved_mib()
+        return reserved is None or reserved <= residual_allowance_mib(self.config.vram_resident_mib)
+
     async def residency(self) -> ResidencyReport:
-        outside = await self.queued_ids() - self.ours
+        outside_ids, reserved = await asyncio.gather(self.queued_ids(), self.torch_reserved_mib())
+        outside = outside_ids - self.ours
+        detail = f"{len(outside)} prompt(s) posted around the broker" if outside else ""
+        if reserved is None:
+            return ResidencyReport(None, busy=bool(outside), detail=detail)
+        # Above its CUDA context and allocator cache (a few hundred MiB) it has models loaded.
+        loaded = reserved > residual_allowance_mib(self.config.vram_resident_mib)
+        detail = ", ".join(filter(None, [f"torch holds {reserved} MiB", detail]))
         return ResidencyReport(
-            None, busy=bool(outside), detail=f"{len(outside)} prompt(s) posted around the broker"
+            loaded, busy=bool(outside), detail=detail, held_mib=reserved if loaded else None
         )
 
     async def unload(self) -> None:

@@ -40,6 +40,14 @@ class OllamaAdapter(BaseAdapter):
     def dialect(self) -> Dialect:
         return Dialect.OLLAMA
 
+    @property
+    def per_model(self) -> bool:
+        return True
+
+    def model_key(self, model: str) -> str:
+        # Ollama names every model with a tag; a name without one means `:latest`.
+        return model if ":" in model else f"{model}:latest"
+
     async def installed_models(self) -> dict[str, int | None]:
         """GET /api/tags: every pulled model with its size on disk (close to its VRAM cost)."""
         tags = await self.request_json("GET", "/api/tags", timeout_s=self.health_config.timeout_s)
@@ -52,31 +60,49 @@ class OllamaAdapter(BaseAdapter):
                 out[str(m.get("name") or m.get("model"))] = mib
         return out
 
+    async def resident_sizes(self) -> dict[str, int | None]:
+        """/api/ps: each resident model with `size_vram` (Ollama's own estimate) in MiB."""
+        out: dict[str, int | None] = {}
+        for m in await self.ps_models():
+            if isinstance(m, dict) and (m.get("name") or m.get("model")):
+                size = m.get("size_vram")
+                mib = -(-size // MIB) if isinstance(size, int) and size > 0 else None
+                out[str(m.get("name") or m.get("model"))] = mib
+        return out
+
     async def resident_models(self) -> list[str]:
-        models = await self.ps_models()
-        return [str(m.get("name") or m.get("model")) for m in models if isinstance(m, dict)]
+        return list(await self.resident_sizes())
 
     async def residency(self) -> ResidencyReport:
-        names = await self.resident_models()
-        return ResidencyReport(bool(names), detail=", ".join(names))
+        sizes = await self.resident_sizes()
+        held = sum(mib for mib in sizes.values() if mib is not None)
+        return ResidencyReport(
+            bool(sizes), detail=", ".join(sizes), held_mib=held or None, models=sizes
+        )
 
     async def unload(self) -> None:
         for model in await self.resident_models():
-            await self.request_json(
-                "POST",
-                "/api/generate",
-                body={"model": model, "keep_alive": 0},
-                timeout_s=self.config.unload_timeout_s,
-            )
+            await self.unload_model(model)
+
+    async def unload_model(self, model: str) -> None:
+        await self.request_json(
+            "POST",
+            "/api/generate",
+            body={"model": model, "keep_alive": 0},
+            timeout_s=self.config.unload_timeout_s,
+        )
+
+    async def load_model(self, model: str) -> None:
+        await self.request_json(
+            "POST",
+            "/api/generate",
+            body={"model": model, "stream": False},
+            timeout_s=self.config.load_timeout_s,
+        )
 
     async def unloaded(self) -> bool:
         return not await self.resident_models()
 
     async def load(self) -> None:
         for model in self.config.preload_models:
-            await self.request_json(
-                "POST",
-                "/api/generate",
-                body={"model": model, "stream": False},
-                timeout_s=self.config.load_timeout_s,
-            )
+            await self.load_model(model)

@@ -5,6 +5,7 @@ registry's `unload:` / `load:` do not apply: the /api/ps calls are its protocol.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 from ..config import HttpCall
 from ..errors import BrokerError, ErrorCode
@@ -30,6 +31,10 @@ class SpeachesAdapter(BaseAdapter):
     def serves_openai(self) -> bool:
         return True
 
+    @property
+    def per_model(self) -> bool:
+        return True
+
     async def loaded_models(self) -> list[str]:
         models = await self.ps_models()
         # speaches answers a list of ids; tolerate objects with an "id" as well.
@@ -37,18 +42,28 @@ class SpeachesAdapter(BaseAdapter):
 
     async def residency(self) -> ResidencyReport:
         models = await self.loaded_models()
-        return ResidencyReport(bool(models), detail=", ".join(models))
+        sizes: dict[str, int | None] = dict.fromkeys(models)  # speaches gives no sizes
+        return ResidencyReport(bool(models), detail=", ".join(models), models=sizes)
 
     async def unload(self) -> None:
+        await self._unload(None)
+
+    async def unload_model(self, model: str) -> None:
+        await self._unload(model)
+
+    async def _unload(self, only: str | None) -> None:
         timeout_s = self.config.unload_timeout_s
         model = ""
         try:
             async with asyncio.timeout(timeout_s):
-                for model in await self.loaded_models():
+                for model in [only] if only else await self.loaded_models():
                     while True:
                         try:
                             await self.request_json(
-                                "DELETE", f"/api/ps/{model}", timeout_s=5.0, ok=(200, 404)
+                                "DELETE",
+                                f"/api/ps/{quote(model, safe='/')}",
+                                timeout_s=5.0,
+                                ok=(200, 404),
                             )
                             break
                         except UpstreamStatus as exc:
@@ -70,9 +85,15 @@ class SpeachesAdapter(BaseAdapter):
 
     async def load(self) -> None:
         for model in self.config.preload_models:
-            await self.request_json(
-                "POST", f"/api/ps/{model}", timeout_s=self.config.load_timeout_s, ok=(200, 201, 409)
-            )
+            await self.load_model(model)
+
+    async def load_model(self, model: str) -> None:
+        await self.request_json(
+            "POST",
+            f"/api/ps/{quote(model, safe='/')}",
+            timeout_s=self.config.load_timeout_s,
+            ok=(200, 201, 409),
+        )
 
 
 def _named(model: object) -> bool:

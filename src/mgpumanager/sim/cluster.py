@@ -170,7 +170,7 @@ async def _start_whisper_process(
     if await proc.wait() != 0:
         raise RuntimeError(f"launcher could not start whisper; see {log_path}")
     await wait_until(
-        lambda: _read_port(port_file) is not None, timeout_s=20.0, message="whisper port file"
+        lambda: _read_port(port_file) is not None, timeout_s=20.0, what="whisper port file"
     )
     bound = _read_port(port_file)
     if bound is None:

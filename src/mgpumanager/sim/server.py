@@ -1,14 +1,19 @@
-"""Running a fake on a real loopback socket, and waiting for a condition without sleeping blind.
+"""Running an app on a real loopback socket, and waiting for a condition without sleeping blind.
+
+The one place the fakes, the tests, the benchmarks and the scripts get these from.
 
 ``serve_app`` binds (port 0 by default) and reads the real port back from the runner, so nothing
-ever guesses a free port. Apps run with ``handler_cancellation=True``: a client that disconnects
-cancels its handler, as with a production aiohttp/uvicorn server.
+ever guesses a free port. Apps run with ``handler_cancellation=True`` by default: a client that
+disconnects cancels its handler, as with a production aiohttp/uvicorn server. A server in
+another process gets its socket from ``bind_loopback`` in the parent (bound to port 0 and kept
+open, so the port is known before the child starts and nobody else can take it meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -33,25 +38,51 @@ class RunningApp:
         await self.runner.cleanup()
 
 
+def bind_loopback(host: str = "127.0.0.1") -> socket.socket:
+    """A listening TCP socket on ``host``, port 0 (any free port): read the port with
+    ``getsockname()``, hand the socket to ``serve_app(sock=...)`` or to a child process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve_app(
-    app: web.Application, *, host: str = "127.0.0.1", port: int = 0, shutdown_timeout_s: float = 2.0
+    app: web.Application,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    sock: socket.socket | None = None,
+    handler_cancellation: bool = True,
+    shutdown_timeout_s: float = 2.0,
 ) -> RunningApp:
-    """Start ``app`` on ``host:port`` (0 = any free port) and return it running."""
+    """Start ``app`` on ``host:port`` (0 = any free port), or on ``sock`` (bound already), and
+    return it running."""
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s, access_log=None
+        app,
+        handler_cancellation=handler_cancellation,
+        shutdown_timeout=shutdown_timeout_s,
+        access_log=None,
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site: web.BaseSite = (
+            web.TCPSite(runner, host, port) if sock is None else web.SockSite(runner, sock)
+        )
         await site.start()
         addresses = runner.addresses
         if not addresses:
             raise RuntimeError(f"no listening socket for {host}:{port}")
-        bound_port = int(addresses[0][1])
+        bound_host, bound_port = str(addresses[0][0]), int(addresses[0][1])
     except BaseException:
         await runner.cleanup()
         raise
-    return RunningApp(runner, host, bound_port)
+    return RunningApp(runner, host if sock is None else bound_host, bound_port)
 
 
 @asynccontextmanager
@@ -69,11 +100,12 @@ async def serving(
 async def wait_until(
     condition: Callable[[], bool | Awaitable[bool]],
     *,
-    timeout_s: float = 5.0,
-    interval_s: float = 0.01,
-    message: str = "condition",
+    timeout_s: float = 10.0,
+    interval_s: float = 0.005,
+    what: str = "",
 ) -> None:
-    """Poll ``condition`` (sync or async) until true; raise TimeoutError after ``timeout_s``."""
+    """Poll ``condition`` (sync or async) until it holds; raise TimeoutError naming ``what``
+    after ``timeout_s``. Waiting on a condition with a deadline, never a bare sleep."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = condition()
@@ -82,5 +114,5 @@ async def wait_until(
         if result:
             return
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"{message} not met within {timeout_s} s")
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what or condition}")
         await asyncio.sleep(interval_s)
