@@ -18,7 +18,7 @@ from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .idle import IdleKeeper
 from .lease import Lease
-from .proxy import check_declared_size, forward
+from .proxy import Body, check_declared_size, forward
 from .records import State
 from .residency import Residency
 from .scheduler import ConsumerPolicy, SchedulerCore
@@ -275,7 +275,7 @@ class Broker:
         priority: int | None = None,
         *,
         model: str | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
     ) -> web.StreamResponse:
         """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release
 
@@ -309,9 +309,17 @@ class Broker:
             finally:
                 self.residency.job_finished(name, per_model)
 
-    async def passthrough(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
-        """Relay a request that is no GPU work (generated audio, Ollama metadata) straight to
-        `name`: not scheduled, not health-gated (a failed connect still answers an envelope)."""
+    async def passthrough(
+        self,
+        request: web.Request,
+        name: str,
+        path: str,
+        *,
+        body: Body | None = None,
+    ) -> web.StreamResponse:
+        """Relay a request that is no GPU work (generated audio, Ollama metadata, model
+        management) straight to `name`: not scheduled, not health-gated (a failed connect
+        still answers an error). `body`: the body already read (else streamed)."""
         if self.session is None:
             raise RuntimeError("broker not started")
         return await forward(
@@ -322,6 +330,7 @@ class Broker:
             path=path,
             consumer=name,
             max_body_bytes=self.config.max_body_mib * MIB,
+            body=body,
         )
 
     async def admin(self, name: str, action: str) -> dict[str, object]:
@@ -340,3 +349,7 @@ class Broker:
 
     def status(self) -> Status:
         return build_status(self)
+
+
+# The broker an HTTP application serves (every listener's handlers find it here).
+BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
