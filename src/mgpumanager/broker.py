@@ -78,6 +78,7 @@ class Broker:
             probe=self._health.probe_ok,
             model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
             in_flight=self._jobs_on,
+            has_model=self._has_model,
         )
         core = SchedulerCore(
             config.scheduler,
@@ -119,6 +120,13 @@ class Broker:
                 await self.residency.reconcile()
             else:
                 await self.residency.read_gpu()
+
+    async def _has_model(self, name: str, model: str) -> bool | None:
+        """Whether `name`'s upstream lists `model`; on a miss its list is re-read once (a model
+        pulled a moment ago)."""
+        if self.catalog.has(name, model) is False:
+            await self.catalog.refresh([name])
+        return self.catalog.has(name, model)
 
     def _jobs_on(self, name: str) -> int:
         """The broker's jobs running on `name` now (only the lease holder has any)."""

@@ -235,7 +235,8 @@ class ResidencyView:
                 log.debug("%s: residency probe failed: %s", name, report)
             return
         record.busy_outside = report.busy
-        record.reported_mib = report.held_mib
+        # Per-model upstreams report their models' sizes, which the models themselves carry.
+        record.reported_mib = report.held_mib if report.models is None else None
         busy = self.busy(name)
         if report.models is not None:
             self._take_models(name, record, report.models)

@@ -110,3 +110,4 @@ def transition(name: str, record: Record, to: State, reason: str) -> None:
     record.generation += 1
     if to is State.UNLOADED:
         record.models.clear()
+        record.reported_mib = None

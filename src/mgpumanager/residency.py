@@ -59,6 +59,7 @@ class Residency(ResidencyView):
         probe: Callable[[str], Awaitable[bool]] | None = None,
         model_size: Callable[[str, str], int | None] | None = None,
         in_flight: Callable[[str], int] | None = None,
+        has_model: Callable[[str, str], Awaitable[bool | None]] | None = None,
     ) -> None:
         super().__init__(
             config, adapters, reader, clock, model_size=model_size, in_flight=in_flight
@@ -68,6 +69,8 @@ class Residency(ResidencyView):
         # that the monitor's verdict follows the load.
         self._probe = probe or self._adapter_healthy
         self.decisions: list[EvictionDecision] = []  # the last 100, newest last
+        # Whether a per-model upstream has a model (None: it cannot tell): the catalog's list.
+        self._has_model = has_model or _cannot_tell
 
     def reconfigure_probe(self, probe: Callable[[str], Awaitable[bool]]) -> None:
         self._probe = probe
@@ -102,6 +105,10 @@ class Residency(ResidencyView):
             return
         record = self.records[target]
         per_model = model if self.adapters[target].per_model else None
+        if per_model is not None and await self._has_model(target, per_model) is False:
+            # The upstream answers its own 404 for it: nothing to make room for, nothing to load.
+            log.info("%s has no model %r: nothing evicted, its own answer follows", target, model)
+            return
         if per_model is not None and record.state is State.RESIDENT:
             # Room for one more model inside a resident consumer: its other models stay counted.
             need, exclude = self.model_cost_mib(target, per_model), None
@@ -460,6 +467,10 @@ class Residency(ResidencyView):
         """An admin (or idle) unload: always asks and confirms, whatever the record says."""
         async with self.changing:
             await self.evict(name)
+
+
+async def _cannot_tell(name: str, model: str) -> bool | None:
+    return None
 
 
 def _consumer(unit: str) -> str:

@@ -43,6 +43,7 @@ class ConsumerStatus(BaseModel):
     health_detail: str
     residency: str = _from("state")
     residency_detail: str = _from("detail")
+    resident_models: list[str]  # per-model consumers (Ollama, speaches): the models in VRAM
     vram_declared_mib: int = _from("declared_mib")
     vram_measured_mib: int | None = _from("measured_mib")
     last_used_s_ago: float | None
@@ -117,6 +118,7 @@ def build_status(broker: Broker) -> Status:
                 **dataclasses.asdict(record),  # after health: its `detail` is the residency's
                 "state": str(record.state),
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
+                "resident_models": sorted(record.models),
                 **dataclasses.asdict(stats.consumers[name]),
             }
         )
