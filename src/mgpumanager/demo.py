@@ -60,8 +60,9 @@ def demo_spec(config: Config) -> FakeSpec:
 DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in config/demo.yaml
 
 
-def curl_examples(base: str) -> list[str]:
-    """Commands to try, one per surface; `#` lines say what the next one shows."""
+def curl_examples(base: str, comfyui_url: str | None = None) -> list[str]:
+    """Commands to try, one per surface; `#` lines say what the next one shows. `comfyui_url`:
+    the fake ComfyUI's own address, to show work done around the broker."""
     json_body = "-H 'Content-Type: application/json' -d"
     llm = f'{{"model": "{DEMO_MODEL}", "prompt": "Why is the sky blue?"}}'
     tts = '{"text": "Hello from the broker"}'
@@ -83,7 +84,7 @@ def curl_examples(base: str) -> list[str]:
         f'curl -s "{comfy}/view?filename=$F&type=output" -o comfyui.png '
         "-w '%{http_code} %{content_type} %{size_download} bytes -> comfyui.png\\n'"
     )
-    return [
+    examples = [
         "# the broker's own facade",
         f"curl -s {base}/v1/status",
         f"curl -sN {base}/v1/llm {json_body} '{llm}'",
@@ -98,6 +99,22 @@ def curl_examples(base: str) -> list[str]:
         "# ComfyUI's own API under /upstream/comfyui: prompt, wait, fetch the image",
         comfy_round_trip,
     ]
+    if comfyui_url is not None:
+        # A prompt posted straight to ComfyUI's own port loads FLUX there, around the broker;
+        # the LLM job after it needs that room, and still succeeds: the broker sees it.
+        around = (
+            f"P=$(curl -s {comfyui_url}/prompt {json_body} '{graph}' "
+            '| sed -E \'s/.*"prompt_id": *"([^"]+)".*/\\1/\') && '
+            f"for i in $(seq 120); do curl -s {comfyui_url}/history/$P | grep -q status "
+            "&& break; sleep 0.5; done && "
+            f"curl -s {base}/v1/llm {json_body} '{llm}'"
+        )
+        examples[2:2] = [
+            "# work done around the broker: a prompt straight to ComfyUI's own port, then an",
+            "# LLM job that needs its room (the broker sees FLUX loaded outside and evicts it)",
+            around,
+        ]
+    return examples
 
 
 def banner(server: Server, cluster: SimCluster, config: Config) -> str:
@@ -119,7 +136,8 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
         "",
         "Try:",
     ]
-    lines += curl_examples(base)
+    comfyui = config.consumers.get("comfyui")
+    lines += curl_examples(base, comfyui.url if comfyui is not None else None)
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
 
