@@ -1,4 +1,4 @@
-"""A fake ComfyUI server (see UPSTREAMS.md, "ComfyUI"): asynchronous prompts on its own queue.
+"""A fake ComfyUI server (docs/upstreams.md, "ComfyUI"): asynchronous prompts on its own queue.
 
 - ``POST /prompt`` validates the graph and answers AT ONCE ``{"prompt_id", "number",
   "node_errors": {}}``; one worker task runs the queue afterwards. A broker that releases the
@@ -43,17 +43,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from mgpumanager.sim._base import (
-    UPLOAD_CHUNK_BYTES,
     FakeService,
     read_json_object,
     sim_sleep,
-    tiny_png,
 )
 from mgpumanager.sim.activity import ActivitySink, recording
-from mgpumanager.sim.comfyui_nodes import object_info
+from mgpumanager.sim.comfyui_files import ComfyFiles
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger, GpuMemoryView
 
 
@@ -121,8 +119,7 @@ class FakeComfyUI(FakeService):
         self.prompts_started: list[str] = []
         self.model_loaded = False
         self.ctx_allocated = False
-        self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
-        self._counters: dict[str, itertools.count[int]] = {}
+        self.store = ComfyFiles()  # generated images and uploads
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.flags: dict[str, bool] = {}
         self._number = itertools.count()
@@ -148,10 +145,10 @@ class FakeComfyUI(FakeService):
             ("POST", "/interrupt", self._post_interrupt),
             ("POST", "/free", self._post_free),
             ("GET", "/system_stats", self._system_stats),
-            ("GET", "/view", self._view),
-            ("POST", "/upload/image", self._upload_image),
-            ("GET", "/object_info", self._object_info),
-            ("GET", "/object_info/{node_class}", self._object_info_one),
+            ("GET", "/view", self.store.view),
+            ("POST", "/upload/image", self.store.upload_image),
+            ("GET", "/object_info", self.store.object_info),
+            ("GET", "/object_info/{node_class}", self.store.object_info_one),
             ("GET", "/ws", self._ws),
         ]
         for prefix in ("", "/api"):
@@ -295,7 +292,7 @@ class FakeComfyUI(FakeService):
                         raise _Interrupted(node_id)
                     executed.append(node_id)
                     if node_id in item.outputs:
-                        out = {"images": [self._save_image(item.prompt[node_id])]}
+                        out = {"images": [self.store.save_image(item.prompt[node_id])]}
                         outputs[node_id] = out
                         data = {
                             "node": node_id,
@@ -491,71 +488,3 @@ class FakeComfyUI(FakeService):
                 ],
             }
         )
-
-    def _save_image(self, node: dict[str, Any]) -> dict[str, str]:
-        """Store one generated image as ComfyUI names it; its `images` entry."""
-        preview = str(node.get("class_type", "")).startswith("Preview")
-        inputs = node.get("inputs")
-        prefix = inputs.get("filename_prefix") if isinstance(inputs, dict) else None
-        if not isinstance(prefix, str) or not prefix or preview:
-            prefix = "ComfyUI_temp" if preview else "ComfyUI"
-        counter = self._counters.setdefault(prefix, itertools.count(1))
-        name = f"{prefix}_{next(counter):05d}_.png"
-        kind = "temp" if preview else "output"
-        self.files[(kind, "", name)] = tiny_png()
-        return {"filename": name, "subfolder": "", "type": kind}
-
-    async def _view(self, request: web.Request) -> web.Response:
-        q = request.query
-        key = (q.get("type", "output"), q.get("subfolder", ""), q.get("filename", ""))
-        data = self.files.get(key)
-        if data is None:
-            return web.Response(status=404)
-        ctype = "image/png" if key[2].endswith(".png") else "application/octet-stream"
-        return web.Response(body=data, content_type=ctype)
-
-    async def _upload_image(self, request: web.Request) -> web.Response:
-        if not request.content_type.startswith("multipart/"):
-            return web.Response(status=400)
-        fields: dict[str, str] = {}
-        filename: str | None = None
-        data = b""
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "image":
-                filename = part.filename
-                chunks = []
-                while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
-                    chunks.append(chunk)
-                data = b"".join(chunks)
-            elif part.name is not None:
-                fields[part.name] = await part.text()
-        kind = fields.get("type") or "input"
-        subfolder = fields.get("subfolder", "")
-        if not filename or kind not in ("input", "output", "temp") or ".." in subfolder:
-            return web.Response(status=400)
-        if fields.get("overwrite") not in ("true", "1"):
-            stem, dot, ext = filename.rpartition(".")
-            stem, ext = (stem, dot + ext) if dot else (filename, "")
-            i = 1
-            while (existing := self.files.get((kind, subfolder, filename))) is not None:
-                if existing == data:
-                    break  # the same image again: the same name
-                filename = f"{stem} ({i}){ext}"
-                i += 1
-        self.files[(kind, subfolder, filename)] = data
-        return web.json_response({"name": filename, "subfolder": subfolder, "type": kind})
-
-    def _nodes(self) -> dict[str, Any]:
-        inputs = sorted(name for kind, sub, name in self.files if kind == "input" and not sub)
-        return object_info(inputs)
-
-    async def _object_info(self, _request: web.Request) -> web.Response:
-        return web.json_response(self._nodes())
-
-    async def _object_info_one(self, request: web.Request) -> web.Response:
-        name = request.match_info["node_class"]
-        nodes = self._nodes()
-        return web.json_response({name: nodes[name]} if name in nodes else {})

@@ -1,4 +1,4 @@
-"""A fake Ollama server (see UPSTREAMS.md, "Ollama"), faithful in the parts a broker trips over.
+"""A fake Ollama server (docs/upstreams.md, "Ollama"), faithful in the parts a broker trips over.
 
 - ``/api/generate`` and ``/api/chat`` stream NDJSON chunks over ``run_s`` (the last with
   ``"done": true, "done_reason": "stop"``) unless ``"stream": false``; ``/api/embed``.
@@ -27,10 +27,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -40,113 +37,14 @@ from mgpumanager.sim.activity import ActivitySink, recording
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger
 from mgpumanager.sim.ollama_models import OllamaModels
 from mgpumanager.sim.ollama_openai import OllamaOpenAI
+from mgpumanager.sim.ollama_runner import (
+    FOREVER_ISO,
+    WORDS,
+    ModelRunner,
+    OllamaSettings,
+    parse_keep_alive,
+)
 from mgpumanager.sim.states import ModelState
-
-_WORDS = [
-    "The",
-    "sky",
-    "appears",
-    "blue",
-    "because",
-    "air",
-    "molecules",
-    "scatter",
-    "short",
-    "wavelengths",
-    "of",
-    "sunlight",
-    "more",
-]
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
-_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_FOREVER_ISO = "2318-08-16T00:00:00Z"
-
-
-def parse_keep_alive(value: object) -> float | None:
-    """Ollama's keep_alive in seconds; None = forever (negative), 0 = unload now.
-
-    Numbers (and numeric strings) are seconds; other strings are Go durations ("5m", "1h30m").
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"invalid keep_alive {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            sign = -1.0 if text.startswith("-") else 1.0
-            body = text.lstrip("+-")
-            if not _DURATION_RE.fullmatch(body):
-                raise ValueError(f'time: invalid duration "{value}"') from None
-            seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in _PART_RE.findall(body))
-    else:
-        raise ValueError(f"invalid keep_alive {value!r}")
-    return None if seconds < 0 else seconds
-
-
-@dataclass(frozen=True)
-class OllamaSettings:
-    name: str = "ollama"
-    owner: str = "ollama"
-    models: Mapping[str, int] = field(
-        default_factory=lambda: {"llama3.1:8b": 6200, "qwen2.5:14b": 10400}
-    )
-    load_s: float = 2.0
-    run_s: float = 1.0  # one generate / chat, spread over `chunks` NDJSON lines
-    embed_s: float = 0.1
-    free_delay_s: float = 1.0
-    chunks: int = 8
-    default_keep_alive: str = "5m"
-    num_parallel: int = 1
-    max_queue: int = 512
-    max_loaded_models: int = 3
-    vram_budget_mib: int | None = None  # Ollama's own idea of the card; None = no limit
-    version: str = "0.12.6"
-    # What /api/pull can fetch (name -> MiB), beside what is installed; a pull's progress
-    # lines are spread over pull_s.
-    library: Mapping[str, int] = field(
-        default_factory=lambda: {"llama3.2:3b": 2200, "nomic-embed-text:latest": 300}
-    )
-    pull_s: float = 2.0
-    pull_steps: int = 5
-
-
-class _Model:
-    """One model's runner, as Ollama's scheduler sees it. Mutated only on the event loop."""
-
-    def __init__(self, name: str, size_mib: int, num_parallel: int) -> None:
-        self.name = name
-        self.size_mib = size_mib
-        self.state = ModelState.UNLOADED
-        self.in_flight = 0
-        self.waiting = 0
-        self.keep_alive_s: float | None = 300.0
-        self.expires_at: dt.datetime | None = None
-        self.last_used = 0.0
-        self.unload_pending = False
-        self.parallel = asyncio.Semaphore(num_parallel)
-        self.expiry: asyncio.Task[None] | None = None
-        self.load_task: asyncio.Task[None] | None = None
-        self.free_task: asyncio.Task[None] | None = None
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.name.encode()).hexdigest()
-
-    @property
-    def details(self) -> dict[str, Any]:
-        family = self.name.split(":")[0].rstrip("0123456789.") or "llama"
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": family,
-            "families": [family],
-            "parameter_size": f"{self.size_mib / 700:.1f}B",
-            "quantization_level": "Q4_K_M",
-        }
 
 
 class FakeOllama(FakeService):
@@ -160,7 +58,8 @@ class FakeOllama(FakeService):
         self.settings = settings or OllamaSettings()
         self.default_keep_alive_s = parse_keep_alive(self.settings.default_keep_alive)
         self._models = {
-            n: _Model(n, mib, self.settings.num_parallel) for n, mib in self.settings.models.items()
+            n: ModelRunner(n, mib, self.settings.num_parallel)
+            for n, mib in self.settings.models.items()
         }
         self._sched = asyncio.Lock()  # one load/evict decision at a time, like Ollama's scheduler
         self.active_requests = 0
@@ -200,13 +99,13 @@ class FakeOllama(FakeService):
     def installed(self) -> list[str]:
         return list(self._models)
 
-    def model(self, name: str) -> _Model | None:
+    def model(self, name: str) -> ModelRunner | None:
         """An installed model by name (``x`` also finds ``x:latest``)."""
         return self._models.get(name) or self._models.get(f"{name}:latest")
 
     def install(self, name: str, size_mib: int) -> None:
         if name not in self._models:
-            self._models[name] = _Model(name, size_mib, self.settings.num_parallel)
+            self._models[name] = ModelRunner(name, size_mib, self.settings.num_parallel)
 
     def remove(self, name: str) -> None:
         """Delete an installed model; a loaded one is unloaded (once its requests end)."""
@@ -216,11 +115,11 @@ class FakeOllama(FakeService):
 
     def words(self) -> list[str]:
         """The words of one answer, one per streamed chunk."""
-        return [_WORDS[i % len(_WORDS)] + " " for i in range(max(1, self.settings.chunks))]
+        return [WORDS[i % len(WORDS)] + " " for i in range(max(1, self.settings.chunks))]
 
     # -- scheduler ------------------------------------------------------------------------
 
-    def lookup(self, body: dict[str, Any]) -> _Model:
+    def lookup(self, body: dict[str, Any]) -> ModelRunner:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise json_error(400, {"error": "model is required"})
@@ -237,7 +136,7 @@ class FakeOllama(FakeService):
         except ValueError as exc:
             raise json_error(400, {"error": str(exc)}) from exc
 
-    async def acquire(self, model: _Model, keep_alive_s: float | None) -> float:
+    async def acquire(self, model: ModelRunner, keep_alive_s: float | None) -> float:
         """Wait for a parallel slot, load the model if needed; return the load time spent."""
         if self.queued_requests >= self.settings.max_queue:
             raise json_error(
@@ -263,7 +162,7 @@ class FakeOllama(FakeService):
             raise
         return time.monotonic() - started
 
-    def release(self, model: _Model) -> None:
+    def release(self, model: ModelRunner) -> None:
         model.in_flight -= 1
         model.last_used = time.monotonic()
         model.parallel.release()
@@ -281,19 +180,19 @@ class FakeOllama(FakeService):
             )
         self._maybe_unload(model)
 
-    async def _expire_after(self, model: _Model, seconds: float) -> None:
+    async def _expire_after(self, model: ModelRunner, seconds: float) -> None:
         await asyncio.sleep(seconds)
         model.expiry = None
         if model.in_flight == 0:
             model.unload_pending = True
             self._maybe_unload(model)
 
-    def _cancel_expiry(self, model: _Model) -> None:
+    def _cancel_expiry(self, model: ModelRunner) -> None:
         if model.expiry is not None:
             model.expiry.cancel()
             model.expiry = None
 
-    def _maybe_unload(self, model: _Model) -> None:
+    def _maybe_unload(self, model: ModelRunner) -> None:
         if model.state is ModelState.LOADED and model.in_flight == 0 and model.unload_pending:
             model.unload_pending = False
             self._cancel_expiry(model)
@@ -302,14 +201,14 @@ class FakeOllama(FakeService):
             self.unload_count += 1
             model.free_task = self.spawn(self._free(model), name=f"ollama-free-{model.name}")
 
-    async def _free(self, model: _Model) -> None:
+    async def _free(self, model: ModelRunner) -> None:
         try:
             await sim_sleep(self.settings.free_delay_s)
             await self.ledger.release(self.owner, model.name)
         finally:
             model.state = ModelState.UNLOADED
 
-    async def _ensure_loaded_locked(self, model: _Model) -> None:
+    async def _ensure_loaded_locked(self, model: ModelRunner) -> None:
         while True:
             if model.state is ModelState.LOADED:
                 return
@@ -323,7 +222,7 @@ class FakeOllama(FakeService):
                 model.load_task = self.spawn(self._load(model), name=f"ollama-load-{model.name}")
                 await asyncio.shield(model.load_task)
 
-    async def _load(self, model: _Model) -> None:
+    async def _load(self, model: ModelRunner) -> None:
         model.state = ModelState.LOADING
         try:
             await sim_sleep(self.settings.load_s)
@@ -339,7 +238,7 @@ class FakeOllama(FakeService):
         model.last_used = time.monotonic()
         self.load_count += 1
 
-    async def _make_room_locked(self, target: _Model) -> None:
+    async def _make_room_locked(self, target: ModelRunner) -> None:
         """Ollama's own eviction: only its own idle models, by its own accounting."""
         budget = self.settings.vram_budget_mib
         while True:
@@ -396,7 +295,7 @@ class FakeOllama(FakeService):
             if m.state is not ModelState.LOADED:
                 continue
             expires = (
-                m.expires_at.isoformat().replace("+00:00", "Z") if m.expires_at else _FOREVER_ISO
+                m.expires_at.isoformat().replace("+00:00", "Z") if m.expires_at else FOREVER_ISO
             )
             if m.in_flight > 0 and m.keep_alive_s is not None:
                 expires = (
@@ -439,7 +338,7 @@ class FakeOllama(FakeService):
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._completion(request, chat=True)
 
-    def _reply(self, model: _Model, chat: bool, text: str, **extra: Any) -> dict[str, Any]:
+    def _reply(self, model: ModelRunner, chat: bool, text: str, **extra: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model.name, "created_at": utc_now_iso()}
         if chat:
             out["message"] = {"role": "assistant", "content": text}
@@ -533,7 +432,7 @@ class FakeOllama(FakeService):
         digest = hashlib.sha256(text.encode()).digest()
         return [round((b - 128) / 128, 4) for b in digest[:16]]
 
-    async def embed_work(self, body: dict[str, Any]) -> tuple[_Model, float]:
+    async def embed_work(self, body: dict[str, Any]) -> tuple[ModelRunner, float]:
         model = self.lookup(body)
         keep_alive_s = self.keep_alive(body)
         model.unload_pending = False
@@ -574,3 +473,6 @@ class FakeOllama(FakeService):
         body = await read_json_object(request)
         await self.embed_work(body)
         return web.json_response({"embedding": self.vector(str(body.get("prompt", "")))})
+
+
+__all__ = ["FakeOllama", "ModelRunner", "OllamaSettings", "parse_keep_alive"]

@@ -29,7 +29,7 @@ from mgpumanager.sim._base import JsonError, read_json_object, sim_sleep
 from mgpumanager.sim.activity import recording
 
 if TYPE_CHECKING:
-    from mgpumanager.sim.ollama import FakeOllama, _Model
+    from mgpumanager.sim.ollama import FakeOllama, ModelRunner
 
 
 def openai_error(status: int, message: str) -> web.Response:
@@ -73,7 +73,7 @@ class OllamaOpenAI:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=False)
 
-    async def _body_and_model(self, request: web.Request) -> tuple[dict[str, Any], _Model]:
+    async def _body_and_model(self, request: web.Request) -> tuple[dict[str, Any], ModelRunner]:
         body = await read_json_object(request)
         return body, self.fake.lookup(body)
 

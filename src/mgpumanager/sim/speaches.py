@@ -1,4 +1,4 @@
-"""A fake speaches server (formerly faster-whisper-server; see UPSTREAMS.md, "speaches").
+"""A fake speaches server (formerly faster-whisper-server; docs/upstreams.md, "speaches").
 
 - The OpenAI audio API as speaches (and kokoro-style servers) serve it: ``GET /v1/models``,
   ``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` (multipart: ``file``,
