@@ -1,0 +1,514 @@
+"""`mgpumanager init` on a simulated box: every fake found with its type, models and measured
+sizes, routing for each kind, coexistence that follows the sizes, a registry `check-config`
+accepts, and a broker started on it serving a job of each kind. Once through the CLI in a
+subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import sys
+from collections.abc import AsyncIterator
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import running_broker, wait_for
+from mgpumanager.cli import main as cli_main
+from mgpumanager.config import Config, load_config
+from mgpumanager.discover import Model, Scan, Service, ServiceKind, Target, Unit, parse_target
+from mgpumanager.gpu import GpuProcess, GpuReading
+from mgpumanager.init import (
+    Consumer,
+    Gpu,
+    InitError,
+    attribute,
+    make_plan,
+    process_pattern,
+    registry_text,
+    run_init,
+    size_consumer,
+)
+from mgpumanager.sim import launcher
+from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
+from mgpumanager.sim.comfyui import ComfyUISettings
+from mgpumanager.sim.mvoice import MVoiceSettings
+from mgpumanager.sim.ollama import OllamaSettings
+from mgpumanager.sim.server import serving
+from mgpumanager.sim.speaches import SpeachesSettings
+from mgpumanager.sim.vllm import VLLMSettings
+from mgpumanager.sim.whisper import WhisperSettings
+
+MIB = 1024 * 1024
+TOTAL = 40960
+MARGIN = 512
+SMALL, LARGE = "llama3.1:8b", "qwen2.5:32b"
+VLLM_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+STT_MODEL, TTS_MODEL = "Systran/faster-whisper-small", "speaches-ai/Kokoro-82M-v1.0-ONNX"
+GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}
+# What each fake holds on the card once warmed up (below): what init must measure.
+MEASURED = {
+    "mvoice": 6000,
+    "whisper": 3000,
+    "speaches": 200 + 1000,  # its CUDA context and the one model loaded
+    "ollama": 6200,  # SMALL loaded; LARGE only on disk
+    "vllm": 10000,
+    "comfyui": 12000 + 300,  # model and CUDA context
+}
+TYPES = {
+    "mvoice": "generic",
+    "whisper": "command",
+    "speaches": "speaches",
+    "ollama": "ollama",
+    "vllm": "vllm",
+    "comfyui": "comfyui",
+}
+
+
+def box_spec(**kwargs: Any) -> FakeSpec:
+    spec = FakeSpec(
+        mvoice=MVoiceSettings(vram_mib=6000, preload=True),
+        ollama=OllamaSettings(models={SMALL: 6200, LARGE: 30000}),
+        comfyui=ComfyUISettings(model_mib=12000, ctx_mib=300),
+        whisper=WhisperSettings(model_mib=3000),
+        speaches=SpeachesSettings(),
+        vllm=VLLMSettings(model=VLLM_MODEL, vram_mib=10000),
+    )
+    return FakeSpec(**{**spec.__dict__, **kwargs}).with_timing(
+        load_s=0, run_s=0, free_delay_s=0, wake_s=0, embed_s=0
+    )
+
+
+async def warm_up(cluster: SimCluster) -> None:
+    """Use the box as its owner would have: a chat, a transcription model, an image."""
+    urls = cluster.urls
+    async with aiohttp.ClientSession() as session:
+        if "ollama" in urls:
+            body = {"model": SMALL, "prompt": "hi", "stream": False}
+            async with session.post(urls["ollama"] + "/api/generate", json=body) as resp:
+                assert resp.status == 200
+        if "speaches" in urls:
+            async with session.post(f"{urls['speaches']}/api/ps/{STT_MODEL}") as resp:
+                assert resp.status == 201
+        async with session.post(urls["comfyui"] + "/prompt", json={"prompt": GRAPH}) as resp:
+            prompt_id = (await resp.json())["prompt_id"]
+
+        async def image_done() -> bool:
+            async with session.get(f"{urls['comfyui']}/history/{prompt_id}") as resp:
+                return bool(await resp.json())
+
+        await wait_for(image_done, what="the warm-up image")
+    expected = {n: mib for n, mib in MEASURED.items() if n in urls}
+    owners = {"whisper": "whisper-server"}
+    await wait_for(
+        lambda: all(cluster.gpu.held_by(owners.get(n, n)) == mib for n, mib in expected.items()),
+        what="every fake loaded",
+    )
+
+
+class FakeSystem:
+    """/proc and systemd as a test wants them: a pid per port, a unit per pid."""
+
+    def __init__(self, ports: dict[int, int], units: dict[int, Unit]) -> None:
+        self.ports = ports
+        self.units = units
+
+    def listening_pid(self, port: int) -> int | None:
+        return self.ports.get(port)
+
+    def descendants(self, pid: int) -> set[int]:
+        return set()
+
+    def unit_of(self, pid: int) -> Unit | None:
+        return self.units.get(pid)
+
+
+def fake_system(cluster: SimCluster) -> FakeSystem:
+    """A pid for each fake's port; whisper runs in a systemd unit."""
+    ports = {port_of(url): 1000 + i for i, url in enumerate(cluster.urls.values())}
+    return FakeSystem(
+        ports, {ports[port_of(cluster.urls["whisper"])]: Unit("whisper-server.service")}
+    )
+
+
+def port_of(url: str) -> int:
+    return parse_target(url.removeprefix("http://")).port
+
+
+def scan_of(cluster: SimCluster) -> list[Target]:
+    return [parse_target(u.removeprefix("http://")) for u in cluster.urls.values()]
+
+
+@pytest.fixture
+async def box() -> AsyncIterator[SimCluster]:
+    async with await start_cluster(total_mib=TOTAL, spec=box_spec()) as cluster:
+        await warm_up(cluster)
+        yield cluster
+
+
+def consumers_of(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return dict(data["consumers"])
+
+
+async def test_init_finds_every_service_and_writes_a_registry_that_checks(
+    box: SimCluster, tmp_path: Path
+) -> None:
+    unknown = web.Application()
+    with socket.socket() as silent:  # bound, not listening: nothing answers on its port
+        silent.bind(("127.0.0.1", 0))
+        async with serving(unknown) as other:
+            scan = [*scan_of(box), parse_target(other.url.removeprefix("http://"))]
+            scan.append(Target("127.0.0.1", silent.getsockname()[1], scanned=True))
+            out = tmp_path / "consumers.yaml"
+            plan, report = await run_init(
+                scan=scan,
+                out=out,
+                gpu_sim=box.gpu_url,
+                usual_ports=(),
+                system=fake_system(box),
+            )
+    config = load_config(out)  # what check-config and serve read
+    assert cli_main(["check-config", str(out)]) == 0
+    written = consumers_of(out)
+
+    # Every service, with the right type, at its URL.
+    assert {n: c["type"] for n, c in written.items()} == TYPES
+    assert {n: c.url for n, c in config.consumers.items()} == box.urls
+
+    # Measured sizes, the Ollama model that is not loaded estimated from its size on disk.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(box.urls["ollama"] + "/api/tags") as resp:
+            tags = {m["name"]: m["size"] for m in (await resp.json())["models"]}
+    large_estimate = math.ceil(math.ceil(tags[LARGE] / MIB) * 1.2)
+    costs = {n: c.vram_resident_mib for n, c in config.consumers.items()}
+    assert costs == {**MEASURED, "ollama": large_estimate}
+    assert written["ollama"]["models"] == [
+        {"name": SMALL, "vram_mib": 6200},
+        {"name": LARGE, "vram_mib": large_estimate},
+    ]
+    assert written["speaches"]["models"] == [
+        {"name": STT_MODEL, "vram_mib": MEASURED["speaches"]},
+        {"name": TTS_MODEL},
+    ]
+    assert written["vllm"]["models"] == [{"name": VLLM_MODEL, "vram_mib": 10000}]
+    assert {n: c.gpu_processes for n, c in config.consumers.items()} == {
+        n: ["whisper-server" if n == "whisper" else n] for n in TYPES
+    }
+
+    # Routing for each kind, speech above chat above images.
+    assert config.routing == {
+        "tts": "mvoice",
+        "stt": "whisper",
+        "llm": "ollama",
+        "image": "comfyui",
+    }
+    assert config.audio_proxy == "mvoice"
+    assert {n: c.priority for n, c in config.consumers.items()} == {
+        "mvoice": 3, "whisper": 3, "speaches": 3, "ollama": 2, "vllm": 2, "comfyui": 1,
+    }  # fmt: skip
+
+    # Coexistence: exactly the pairs that fit with the margin, and both cases occur.
+    usable = TOTAL - MARGIN
+    verdicts = []
+    for a, b in combinations(config.consumers, 2):
+        fits = costs[a] + costs[b] <= usable
+        assert config.coexist(a, b) == fits, (a, b, costs[a], costs[b])
+        assert (b in config.consumers[a].can_coexist_with) == fits
+        verdicts.append(fits)
+    assert True in verdicts and False in verdicts
+
+    # whisper.cpp is stopped and started through its unit.
+    whisper = config.consumers["whisper"]
+    assert whisper.unload is not None and whisper.load is not None
+    assert whisper.unload.command == [
+        "systemctl", "--no-ask-password", "stop", "whisper-server.service"
+    ]  # fmt: skip
+    assert whisper.load.command == [
+        "systemctl", "--no-ask-password", "start", "whisper-server.service"
+    ]  # fmt: skip
+
+    # Suggested front doors, as comments, with the move each needs.
+    text = out.read_text()
+    for name, url in box.urls.items():
+        assert f"# front_door: {url.removeprefix('http://')}" in text, name
+    assert "OLLAMA_HOST=127.0.0.1:" in text
+
+    # The unknown port and the silent one are reported, not guessed.
+    assert "not identified" in report and other.url in report
+    assert "nothing answers" in report
+    assert len(plan.consumers) == len(TYPES)
+    assert "CHECK" in text and f"{LARGE} are estimates" in report
+
+
+async def test_a_broker_on_the_written_registry_serves_a_job_of_each_kind(
+    box: SimCluster, tmp_path: Path
+) -> None:
+    out = tmp_path / "consumers.yaml"
+    await run_init(
+        scan=scan_of(box), out=out, gpu_sim=box.gpu_url, usual_ports=(), system=fake_system(box)
+    )
+    config = load_config(out)
+    box.activity.clear()
+    await serve_one_job_per_kind(config, llm_model=SMALL, tts={"text": "hello"})
+    # Each job ran on the consumer its kind routes to.
+    assert {i.consumer for i in box.activity.intervals()} == set(config.routing.values())
+    assert box.gpu.oom_count == 0
+
+
+async def test_speaches_and_vllm_get_the_routes_when_alone(tmp_path: Path) -> None:
+    spec = box_spec(mvoice=None, ollama=None, whisper=None)
+    async with await start_cluster(total_mib=TOTAL, spec=spec) as box:
+        await warm_up(box)
+        out = tmp_path / "consumers.yaml"
+        await run_init(scan=scan_of(box), out=out, gpu_sim=box.gpu_url, usual_ports=())
+        config = load_config(out)
+        assert config.routing == {
+            "tts": "speaches", "stt": "speaches", "llm": "vllm", "image": "comfyui"
+        }  # fmt: skip
+        assert config.audio_proxy is None
+        box.activity.clear()
+        await serve_one_job_per_kind(config, llm_model=VLLM_MODEL, tts={"input": "hello"})
+        assert {i.consumer for i in box.activity.intervals()} == {"speaches", "vllm", "comfyui"}
+        assert box.gpu.oom_count == 0
+
+
+async def serve_one_job_per_kind(config: Config, *, llm_model: str, tts: dict[str, Any]) -> None:
+    async with running_broker(config) as broker, aiohttp.ClientSession() as session:
+        form = aiohttp.FormData()
+        form.add_field("file", b"RIFF" + b"\0" * 1024, filename="a.wav")
+        jobs: dict[str, dict[str, Any]] = {
+            "tts": {"json": tts},
+            "stt": {"data": form},
+            "llm": {"json": {"model": llm_model, "prompt": "hi", "stream": False}},
+            "image": {"json": {"prompt": GRAPH}},
+        }
+        for kind, kwargs in jobs.items():
+            async with session.post(f"{broker.url}/v1/{kind}", **kwargs) as resp:
+                body = await resp.read()
+                assert resp.status == 200, (kind, body[:300])
+                assert body, kind
+
+        async def scheduler() -> dict[str, Any]:
+            async with session.get(broker.url + "/v1/status") as resp:
+                return dict((await resp.json())["scheduler"])
+
+        # The image job ends when its prompt has finished, after /v1/image answered.
+        async def all_done() -> bool:
+            return (await scheduler())["completed"] == 4
+
+        await wait_for(all_done, what="four completed jobs")
+        assert (await scheduler())["failed"] == 0
+
+
+async def test_the_cli_in_a_subprocess(tmp_path: Path) -> None:
+    """As a user runs it: the real /proc finds the whisper process (its own process, like a
+    whisper-server) and its GPU memory by process id."""
+    async with await start_cluster(total_mib=TOTAL, spec=box_spec(whisper_subprocess=True)) as box:
+        await warm_up(box)
+        out = tmp_path / "registry.yaml"
+        argv = ["init", "--no-usual-ports", "--gpu-sim", box.gpu_url, "--out", str(out)]
+        for url in box.urls.values():
+            argv += ["--scan", url.removeprefix("http://")]
+
+        async def cli(*extra: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mgpumanager.cli", *argv, *extra,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            stdout, stderr = await proc.communicate()
+            assert proc.returncode is not None
+            return proc.returncode, stdout.decode(), stderr.decode()
+
+        status, stdout, stderr = await cli()
+        assert status == 0, stderr
+        config = load_config(out)
+        assert {n: str(c.type) for n, c in config.consumers.items()} == TYPES
+        whisper = config.consumers["whisper"]
+        assert whisper.vram_resident_mib == 3000 and whisper.gpu_processes == ["whisper-server"]
+        assert box.whisper_process is not None
+        assert f"pid {launcher_pid(box)}" in out.read_text()
+        for name in TYPES:
+            assert f"\n  {name} " in stdout
+        assert "Check by hand:" in stdout
+        first = out.read_text()
+
+        # Never overwritten without --force: exit 2, a clear line, the file untouched.
+        status, stdout, stderr = await cli()
+        assert status == 2 and "--force" in stderr and "Traceback" not in stderr
+        assert out.read_text() == first
+
+        status, stdout, stderr = await cli("--force")
+        assert status == 0, stderr
+        assert (tmp_path / "registry.yaml.bak").read_text() == first
+        load_config(out)
+
+
+def launcher_pid(box: SimCluster) -> int:
+    assert box.whisper_process is not None
+    pid = launcher.running_pid(box.whisper_process.pidfile)
+    assert pid is not None
+    return pid
+
+
+async def test_an_existing_file_is_refused_before_anything_is_probed(tmp_path: Path) -> None:
+    out = tmp_path / "consumers.yaml"
+    out.write_text("keep me\n")
+    # No GPU answers at this URL: had init probed first, it would fail on that instead.
+    with pytest.raises(InitError, match="--force") as refused:
+        await run_init(out=out, gpu_sim="http://127.0.0.1:9", usual_ports=())
+    assert refused.value.status == 2
+    assert out.read_text() == "keep me\n"
+
+
+async def test_nothing_found_writes_nothing(tmp_path: Path) -> None:
+    async with await start_cluster(spec=FakeSpec(mvoice=None, ollama=None, comfyui=None,
+                                                 whisper=None)) as gpu_only:  # fmt: skip
+        out = tmp_path / "consumers.yaml"
+        with pytest.raises(InitError, match="found no GPU service") as nothing:
+            await run_init(out=out, gpu_sim=gpu_only.gpu_url, usual_ports=())
+    assert nothing.value.status == 1
+    assert not out.exists()
+
+
+def test_the_cli_says_what_is_wrong_with_a_scan_address(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["init", "--scan", "not-an-address"])
+    assert exited.value.code == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+
+
+# -- pure parts: sizes, attribution, the YAML -------------------------------------------------
+
+
+def service(kind: ServiceKind, port: int = 1, **kw: Any) -> Service:
+    return Service(Target("127.0.0.1", port), kind, healthy=True, **kw)
+
+
+def test_what_is_not_loaded_costs_the_whole_card_and_says_so() -> None:
+    usable = 24576 - 512
+    cases = {
+        "mvoice unloaded": (service(ServiceKind.MVOICE, loaded=False), None),
+        "vllm asleep": (service(ServiceKind.VLLM, loaded=False, sleep_mode=True), 500),
+        "comfyui context only": (service(ServiceKind.COMFYUI, loaded=False, held_mib=300), 300),
+        "mvoice silent, context only": (service(ServiceKind.MVOICE, loaded=None), 400),
+    }
+    for what, (svc, measured) in cases.items():
+        c = Consumer("x", svc, measured_mib=measured)
+        size_consumer(c, usable)
+        assert (c.cost.mib, c.cost.how) == (usable, "unknown"), what
+        assert c.cost.note.startswith("CHECK"), what
+
+
+def test_sizes_the_services_report_when_nothing_is_measured() -> None:
+    comfy = Consumer("c", service(ServiceKind.COMFYUI, loaded=True, held_mib=9000))
+    size_consumer(comfy, 24000)
+    assert (comfy.cost.mib, comfy.cost.how) == (9000, "reported")
+    two = (Model("a", True, 4000, 5000), Model("b", True, 8000, 9500), Model("c", False, 100))
+    ollama = Consumer("o", service(ServiceKind.OLLAMA, loaded=True, models=two), measured_mib=14500)
+    size_consumer(ollama, 24000)
+    # Two loaded: the measured sum is not split; each has Ollama's own figure.
+    assert [(s.mib, s.how) for _, s in ollama.models if s] == [
+        (5000, "reported"), (9500, "reported"), (120, "estimate")
+    ]  # fmt: skip
+    assert (ollama.cost.mib, ollama.cost.how) == (9500, "reported")
+    models = (Model("a", True), Model("b", True))
+    speaches_svc = service(ServiceKind.SPEACHES, loaded=True, models=models)
+    speaches = Consumer("s", speaches_svc, measured_mib=2400)
+    size_consumer(speaches, 24000)
+    assert [s for _, s in speaches.models] == [None, None]
+    assert (speaches.cost.mib, speaches.cost.how) == (2400, "measured")
+
+
+def reading(*procs: GpuProcess) -> GpuReading:
+    used = sum(p.used_mib or 0 for p in procs)
+    return GpuReading("nvml", "GPU 0", 24576, used, 24576 - used, 0, tuple(procs))
+
+
+def test_gpu_processes_go_to_their_service_by_pid_then_by_name() -> None:
+    ollama = Consumer("ollama", service(ServiceKind.OLLAMA, 1, pid=100))
+    comfy = Consumer("comfyui", service(ServiceKind.COMFYUI, 2, pid=200))
+    whisper = Consumer("whisper", service(ServiceKind.WHISPER, 3))
+    runner = GpuProcess(101, "/usr/bin/ollama runner --model /blobs/sha256-ab", 6000)
+    comfy_proc = GpuProcess(200, "/usr/bin/python3 /opt/ComfyUI/main.py --port 8188", 9000)
+    whisper_proc = GpuProcess(300, "/usr/local/bin/whisper-server -m large.bin", 3000)
+    stranger = GpuProcess(400, "python train.py", 2000)
+    system = FakeSystem({}, {})
+    system.descendants = lambda pid: {101} if pid == 100 else set()  # type: ignore[method-assign]
+    unclaimed = attribute(
+        [ollama, comfy, whisper], reading(runner, comfy_proc, whisper_proc, stranger), system
+    )
+    assert unclaimed == [stranger]
+    assert (ollama.measured_mib, ollama.gpu_processes) == (6000, ["ollama"])
+    assert (comfy.measured_mib, comfy.gpu_processes) == (9000, ["ComfyUI"])
+    assert (whisper.measured_mib, whisper.gpu_processes) == (3000, ["whisper-server"])
+
+
+def test_a_name_two_services_share_is_not_guessed() -> None:
+    a = Consumer("ollama-1", service(ServiceKind.OLLAMA, 1))
+    b = Consumer("ollama-2", service(ServiceKind.OLLAMA, 2))
+    proc = GpuProcess(None, "ollama", 5000)
+    assert attribute([a, b], reading(proc), FakeSystem({}, {})) == [proc]
+    assert a.measured_mib is None and b.measured_mib is None
+
+
+def test_process_pattern_is_the_script_or_module_it_runs() -> None:
+    assert process_pattern("/usr/bin/python3 /opt/ComfyUI/main.py --port 8188") == (
+        "/opt/ComfyUI/main.py"
+    )
+    assert process_pattern("python -u -m vllm.entrypoints.openai.api_server") == (
+        "vllm.entrypoints.openai.api_server"
+    )
+    assert process_pattern("/srv/mvoice/bin/server --listen 0") == "/srv/mvoice/bin/server"
+    assert process_pattern("pid:123") is None
+
+
+model_names = st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=6, unique=True)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    names=model_names,
+    sizes=st.lists(st.integers(min_value=0, max_value=200_000), min_size=6, max_size=6),
+    version=st.text(max_size=40),
+    kinds=st.lists(st.sampled_from(list(ServiceKind)), min_size=1, max_size=8),
+)
+def test_whatever_the_services_say_the_registry_checks(
+    names: list[str], sizes: list[int], version: str, kinds: list[ServiceKind]
+) -> None:
+    """Model names, versions and sizes come from the services: any of them must still give a
+    registry that reads back as planned and passes check-config."""
+    services = []
+    for port, kind in enumerate(kinds, start=1):
+        models = tuple(
+            Model(n, i % 2 == 0, sizes[i % len(sizes)] or None, sizes[-1 - i % len(sizes)] or None)
+            for i, n in enumerate(names)
+        )
+        services.append(
+            service(
+                kind,
+                port,
+                version=version,
+                models=models,
+                loaded=bool(port % 2),
+                held_mib=sizes[0],
+                unit=Unit(version or "x.service"),
+            )
+        )
+    procs = tuple(GpuProcess(None, k.value, sizes[i % 6]) for i, k in enumerate(kinds))
+    gpu = Gpu(GpuReading("sim", version or "g", 81920, 0, 81920, 0, procs), "http://127.0.0.1:1")
+    plan = make_plan(Scan(services=services), gpu, FakeSystem({}, {}))
+    text = registry_text(plan)  # raises if it does not read back or does not check
+    data = yaml.safe_load(text)
+    for c in plan.consumers:
+        written = data["consumers"][c.name]
+        assert [m["name"] for m in written.get("models", [])] == [m.name for m, _ in c.models]
