@@ -187,9 +187,11 @@ async def test_proc_finds_the_process_listening_on_a_port() -> None:
     server = await serve_app(web.Application())
     try:
         pid = await asyncio.to_thread(ProcSystem().listening_pid, server.port)
+        ports = await asyncio.to_thread(ProcSystem().listening_ports)
     finally:
         await server.aclose()
     assert pid == os.getpid()
+    assert server.port in ports
 
 
 def test_proc_finds_children() -> None:

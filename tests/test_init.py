@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pynvml
 import pytest
 import yaml
 from aiohttp import web
@@ -46,6 +47,8 @@ from mgpumanager.sim.server import serving
 from mgpumanager.sim.speaches import SpeachesSettings
 from mgpumanager.sim.vllm import VLLMSettings
 from mgpumanager.sim.whisper import WhisperSettings
+from test_gpu import FakeNvml
+from test_gpu import proc as gpu_proc
 
 MIB = 1024 * 1024
 TOTAL = 40960
@@ -124,6 +127,9 @@ class FakeSystem:
     def listening_pid(self, port: int) -> int | None:
         return self.ports.get(port)
 
+    def listening_ports(self) -> set[int]:
+        return set(self.ports)
+
     def descendants(self, pid: int) -> set[int]:
         return set()
 
@@ -168,7 +174,8 @@ async def test_init_finds_every_service_and_writes_a_registry_that_checks(
         silent.bind(("127.0.0.1", 0))
         async with serving(unknown) as other:
             scan = [*scan_of(box), parse_target(other.url.removeprefix("http://"))]
-            scan.append(Target("127.0.0.1", silent.getsockname()[1], scanned=True))
+            silent_port = silent.getsockname()[1]
+            scan.append(Target("127.0.0.1", silent_port, scanned=True))
             out = tmp_path / "consumers.yaml"
             plan, report = await run_init(
                 scan=scan,
@@ -242,6 +249,11 @@ async def test_init_finds_every_service_and_writes_a_registry_that_checks(
     for name, url in box.urls.items():
         assert f"# front_door: {url.removeprefix('http://')}" in text, name
     assert "OLLAMA_HOST=127.0.0.1:" in text
+    # Each service would move to a port nothing else uses (nor the silent one init was given).
+    moved = [port_of(c.front_door.moved_url) for c in plan.consumers if c.front_door]
+    assert len(moved) == len(set(moved)) == len(TYPES)
+    taken = {port_of(u) for u in box.urls.values()} | {port_of(other.url), silent_port, 8770}
+    assert not taken & set(moved)
 
     # The unknown port and the silent one are reported, not guessed.
     assert "not identified" in report and other.url in report
@@ -380,6 +392,59 @@ async def test_nothing_found_writes_nothing(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+async def test_an_unreadable_gpu_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as nobody:  # bound, not listening: the simulated GPU is not there
+        nobody.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{nobody.getsockname()[1]}"
+        with pytest.raises(InitError, match="cannot read the GPU") as failed:
+            await run_init(out=tmp_path / "r.yaml", gpu_sim=url, usual_ports=())
+    assert failed.value.status == 1
+    no_driver = FakeNvml(init_error=pynvml.NVMLError_LibraryNotFound())
+    with pytest.raises(InitError, match="--gpu-sim"):  # says how to try it without a GPU
+        await run_init(out=tmp_path / "r.yaml", nvml=no_driver, usual_ports=())
+    assert not (tmp_path / "r.yaml").exists()
+
+
+async def test_on_nvml_memory_goes_to_the_process_listening_and_its_children(
+    tmp_path: Path,
+) -> None:
+    """The NVML path: processes named by their command lines, attributed by process id (an
+    Ollama runner is a child of `ollama serve`), sizes from NVML, not from the services."""
+    spec = box_spec(mvoice=None, whisper=None, speaches=None, vllm=None)
+    async with await start_cluster(total_mib=TOTAL, spec=spec) as box:
+        await warm_up(box)
+        proc_root = tmp_path / "proc"
+        for pid, argv in {
+            101: "/usr/local/bin/ollama runner --model /blobs/sha256-1 --port 40001",
+            200: "/usr/bin/python3 /opt/ComfyUI/main.py --port 8188",
+        }.items():
+            (proc_root / str(pid)).mkdir(parents=True)
+            (proc_root / str(pid) / "cmdline").write_bytes(argv.replace(" ", "\0").encode())
+        nvml = FakeNvml(
+            total_mib=81920, used_mib=18400, procs=[gpu_proc(101, 6100), gpu_proc(200, 12300)]
+        )
+        ollama, comfyui = port_of(box.urls["ollama"]), port_of(box.urls["comfyui"])
+        system = FakeSystem({ollama: 100, comfyui: 200}, {100: Unit("ollama.service")})
+        system.descendants = lambda pid: {101} if pid == 100 else set()  # type: ignore[method-assign]
+        out = tmp_path / "consumers.yaml"
+        await run_init(
+            scan=scan_of(box), out=out, nvml=nvml, proc_root=proc_root, system=system,
+            usual_ports=(),
+        )  # fmt: skip
+    config = load_config(out)
+    assert config.gpu.backend == "nvml"
+    assert {n: (c.vram_resident_mib, c.gpu_processes) for n, c in config.consumers.items()} == {
+        "ollama": (
+            math.ceil(math.ceil(int(30000 * MIB * 0.85) / MIB) * 1.2),  # LARGE, not loaded
+            ["ollama"],
+        ),
+        "comfyui": (12300, ["ComfyUI"]),
+    }
+    assert config.consumers["ollama"].models[0].vram_mib == 6100  # SMALL: NVML's figure
+    text = " ".join(out.read_text().replace("#", " ").split())  # comments wrap
+    assert "sudo systemctl edit ollama.service" in text, text  # the port move through its unit
+
+
 def test_the_cli_says_what_is_wrong_with_a_scan_address(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli_main(["init", "--scan", "not-an-address"])
@@ -459,6 +524,15 @@ def test_a_name_two_services_share_is_not_guessed() -> None:
     proc = GpuProcess(None, "ollama", 5000)
     assert attribute([a, b], reading(proc), FakeSystem({}, {})) == [proc]
     assert a.measured_mib is None and b.measured_mib is None
+    # Nor written as their gpu_processes: each would measure the other's memory too.
+    assert a.gpu_processes == b.gpu_processes == []
+
+
+def test_a_service_not_on_the_gpu_gets_its_usual_names_marked_check() -> None:
+    comfy = Consumer("comfyui", service(ServiceKind.COMFYUI))
+    assert attribute([comfy], reading(GpuProcess(1, "python train.py", 100)), FakeSystem({}, {}))
+    assert comfy.measured_mib is None
+    assert (comfy.gpu_processes, comfy.patterns_seen) == (["ComfyUI", "comfyui"], False)
 
 
 def test_process_pattern_is_the_script_or_module_it_runs() -> None:

@@ -492,9 +492,9 @@ async def probe(
     )
     answers: dict[str, Answer | None] = dict(zip(PROBE_PATHS, results, strict=True))
     kind = identify(answers)
-    if kind is None and _status(answers, "/health") is not None:
-        # Last, and only where a /health answered: whisper-server refuses a request without
-        # a file before it touches its model.
+    if kind is None and _status(answers, "/health") in (200, 503):
+        # Last, and only where /health answers as whisper-server's does (503 while it loads):
+        # it refuses a request without a file before it touches its model.
         form = aiohttp.FormData()
         form.add_field("response_format", "json")
         refusal = await _fetch(session, "POST", target.url + "/inference", timeout_s, form)
@@ -511,6 +511,10 @@ async def probe(
 class LocalSystem(Protocol):
     def listening_pid(self, port: int) -> int | None:
         """The process listening on this TCP port of this machine, where it can be seen."""
+        ...
+
+    def listening_ports(self) -> set[int]:
+        """Every TCP port something listens on here (where a moved service must not go)."""
         ...
 
     def descendants(self, pid: int) -> set[int]:
@@ -530,8 +534,9 @@ class ProcSystem:
     def __init__(self, proc_root: Path = Path("/proc")) -> None:
         self.root = proc_root
 
-    def _listen_inodes(self, port: int) -> set[str]:
-        inodes = set()
+    def _listening(self) -> list[tuple[int, str]]:
+        """(port, socket inode) of every listening TCP socket."""
+        found = []
         for name in ("tcp", "tcp6"):
             try:
                 lines = (self.root / "net" / name).read_text().splitlines()[1:]
@@ -541,10 +546,11 @@ class ProcSystem:
                 fields = line.split()
                 if len(fields) < 10 or fields[3] != "0A":  # 0A: LISTEN
                     continue
-                _, _, hex_port = fields[1].rpartition(":")
-                if int(hex_port, 16) == port:
-                    inodes.add(fields[9])
-        return inodes
+                found.append((int(fields[1].rpartition(":")[2], 16), fields[9]))
+        return found
+
+    def listening_ports(self) -> set[int]:
+        return {port for port, _ in self._listening()}
 
     def _pids(self) -> list[Path]:
         try:
@@ -553,7 +559,7 @@ class ProcSystem:
             return []
 
     def listening_pid(self, port: int) -> int | None:
-        wanted = {f"socket:[{inode}]" for inode in self._listen_inodes(port)}
+        wanted = {f"socket:[{inode}]" for p, inode in self._listening() if p == port}
         if not wanted:
             return None
         for proc in self._pids():

@@ -49,7 +49,15 @@ from .discover import (
     scan_targets,
     targets_to_probe,
 )
-from .gpu import GpuInitError, GpuProcess, GpuReading, NvmlReader, SimReader, measured_mib
+from .gpu import (
+    GpuInitError,
+    GpuProcess,
+    GpuReading,
+    NvmlApi,
+    NvmlReader,
+    SimReader,
+    measured_mib,
+)
 
 LISTEN = "127.0.0.1:8770"
 OLLAMA_DISK_FACTOR = 1.2  # weights on disk + KV cache and CUDA context, roughly
@@ -113,9 +121,17 @@ class Gpu:
         return "sim" if self.sim_url is not None else "nvml"
 
 
-async def read_gpu(sim_url: str | None, index: int = 0) -> Gpu:
+async def read_gpu(
+    sim_url: str | None,
+    index: int = 0,
+    *,
+    nvml: NvmlApi | None = None,
+    proc_root: Path = Path("/proc"),
+) -> Gpu:
     """One reading of the card, or InitError saying why there is none."""
-    reader: SimReader | NvmlReader = SimReader(sim_url) if sim_url else NvmlReader(index)
+    reader: SimReader | NvmlReader = (
+        SimReader(sim_url) if sim_url else NvmlReader(index, nvml=nvml, proc_root=proc_root)
+    )
     try:
         await reader.start()
         reading = await reader.read()
@@ -161,6 +177,7 @@ class Consumer:
     cost: Size = Size(0, "unknown", "")
     models: list[tuple[Model, Size | None]] = field(default_factory=list)
     gpu_processes: list[str] = field(default_factory=list)
+    patterns_seen: bool = True  # gpu_processes matched a process now (else: the usual names)
     coexist: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     front_door: FrontDoor | None = None
@@ -289,6 +306,12 @@ def attribute(
             pattern = known[0] if known else process_pattern(proc.name)
             if pattern is not None and pattern not in patterns:
                 patterns.append(pattern)
+        alone = sum(o.service.kind is c.service.kind for o in consumers) == 1
+        if not patterns and alone:
+            # Nothing of it on the GPU now: its usual names, so that the broker can measure it
+            # once it loads (a name two services of one kind share would count both).
+            patterns = list(PROCESS_NAMES[c.service.kind])
+            c.patterns_seen = False
         c.gpu_processes = patterns
         held = [p.used_mib for p in c.processes if p.used_mib is not None]
         c.measured_mib = sum(held) if held else None
@@ -392,19 +415,26 @@ def make_plan(
             routing[kind] = able[0].name
             alternatives[kind] = [c.name for c in able[1:]]
     mvoices = [c for c in consumers if c.service.kind is ServiceKind.MVOICE]
-    broker_ports = {s.target.port for s in scan.services if s.kind is ServiceKind.BROKER}
-    propose_front_doors(consumers, broker_ports | {int(LISTEN.rsplit(":", 1)[1])})
+    seen = {s.target.port for s in scan.services} | {u.target.port for u in scan.unidentified}
+    seen |= {t.port for t in scan.silent} | system.listening_ports()
+    propose_front_doors(consumers, seen | {int(LISTEN.rsplit(":", 1)[1])})
     checks: list[str] = []
     for c in consumers:
         svc = c.service
-        if c.cost.check:
-            checks.append(f"{c.name}: vram_resident_mib {c.cost.mib} is a guess ({c.cost.note})")
         guessed = [m.name for m, s in c.models if s is not None and s.check]
+        if c.cost.check and not guessed:
+            checks.append(f"{c.name}: vram_resident_mib {c.cost.mib} is a guess ({c.cost.note})")
         if guessed:
             checks.append(
                 f"{c.name}: the sizes of {', '.join(guessed[:5])}"
                 + (f" and {len(guessed) - 5} more" if len(guessed) > 5 else "")
-                + " are estimates from their size on disk (not loaded now)"
+                + " are estimates from their size on disk (not loaded now); vram_resident_mib "
+                f"{c.cost.mib} follows the largest"
+            )
+        if not c.patterns_seen:
+            checks.append(
+                f"{c.name}: none of its processes is on the GPU now: gpu_processes "
+                f"{c.gpu_processes} are its usual names; check they match their command lines"
             )
         if not svc.healthy:
             checks.append(f"{c.name}: not healthy now ({svc.health_detail})")
@@ -685,6 +715,7 @@ def _write_consumer(doc: _Doc, c: Consumer, cdata: dict[str, Any], plan: Plan) -
         "priority": PRIORITY_WORD[c.priority],
         "pinned": "CHECK: no sleep mode, so nothing can unload it",
         "can_coexist_with": "fit together with it",
+        "gpu_processes": "" if c.patterns_seen else "CHECK: usual names, not seen on the GPU now",
     }
     if c.service.kind is ServiceKind.WHISPER and "unload" in cdata:
         notes["unload"] = "whisper-server has no unload call: stopping its unit frees the card"
@@ -823,11 +854,13 @@ async def run_init(
     usual_ports: Sequence[int] = USUAL_PORTS,
     system: LocalSystem | None = None,
     written_at: dt.datetime | None = None,
+    nvml: NvmlApi | None = None,
+    proc_root: Path = Path("/proc"),
 ) -> tuple[Plan, str]:
     """Everything `mgpumanager init` does but printing: returns the plan and the summary."""
     await asyncio.to_thread(refuse_overwrite, out, force)  # before any probing
-    gpu = await read_gpu(gpu_sim)
-    system = system if system is not None else ProcSystem()
+    gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root)
+    system = system if system is not None else ProcSystem(proc_root)
     found = await scan_targets(targets_to_probe(scan, usual_ports), system=system)
     plan = make_plan(found, gpu, system)
     if not plan.consumers:
