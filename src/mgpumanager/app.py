@@ -1,8 +1,10 @@
-"""The HTTP facade (DESIGN §7) and the daemon's lifecycle (§9).
+"""The HTTP facade and the daemon's lifecycle.
 
-Routes are thin: they resolve a consumer and hand the request to the broker. Every error the
-broker itself answers leaves through `error_middleware`, the one place a BrokerError becomes
-the JSON envelope — 404 and 405 included.
+Routes are thin: they resolve a consumer and hand the request to the broker. The broker's own
+facade is here; the protocols the box's clients already speak (Ollama's API at the root, the
+OpenAI-compatible /v1 routes, every consumer's API under /upstream/<name>/) are in compat.py.
+Every error the broker itself answers leaves through `error_middleware`, the one place a
+BrokerError becomes an answer — 404 and 405 included — in the dialect of the route it came from.
 """
 
 from __future__ import annotations
@@ -14,27 +16,25 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .adapters import NATIVE_KIND_PREFIX
-from .broker import CALLER, MIB, Broker
+from . import compat
+from .broker import BROKER, CALLER, MIB, Broker
+from .compat import Handler, scheduled
+from .compat import requested_priority as requested_priority  # its home before compat.py
 from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
 from .metrics import render
 from .notify import Notifier
-from .proxy import CONSUMED, PREPARED
+from .proxy import CONSUMED, PREPARED, safe_path
 from .redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
-
-BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
@@ -43,26 +43,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BrokerError as err:
         if request.get(PREPARED):
-            # The answer had started: no envelope can follow. Cutting the connection is the
+            # The answer had started: no error can follow. Cutting the connection is the
             # only honest signal left (the client sees a truncated answer, never a fake end).
             log.warning("%s after the answer started: %s", err.code, err.message)
             raise ConnectionResetError(err.message) from err
         if err.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.path, err.code, err.message)
-        return error_response(err)
+        return error_response(err, compat.request_dialect(request))
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return error_response(
-            BrokerError(
-                ErrorCode.METHOD_NOT_ALLOWED,
-                f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
-                headers={"Allow": allowed},
-            )
+        refused = BrokerError(
+            ErrorCode.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
+            headers={"Allow": allowed},
         )
     except web.HTTPNotFound:
-        return error_response(BrokerError(ErrorCode.NOT_FOUND, f"no route {request.path}"))
+        refused = BrokerError(ErrorCode.NOT_FOUND, f"no route {request.path}")
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large"))
+        refused = BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large")
+    return error_response(refused, compat.request_dialect(request))
 
 
 @web.middleware
@@ -96,54 +95,9 @@ def bearer_caller(auth: AuthConfig, header: str) -> Caller | None:
 # -- handlers ---------------------------------------------------------------------------------
 
 
-def requested_priority(request: web.Request) -> int | None:
-    """`X-Priority: 0..4` (clamped), honoured only where `scheduler.allow_priority_header` is on;
-    None: the consumer's own priority."""
-    raw = request.headers.get("X-Priority")
-    if raw is None or not request.app[BROKER].config.scheduler.allow_priority_header:
-        return None
-    try:
-        wanted = max(0, min(4, int(raw)))
-    except ValueError:
-        raise BrokerError(
-            ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
-        ) from None
-    caller = request.get(CALLER)  # a token asks for no more than its max_priority
-    return wanted if caller is None else min(wanted, caller.max_priority)
-
-
-async def scheduled(request: web.Request, kind: str, name: str) -> web.StreamResponse:
-    """Run `request` as a GPU job of consumer `name` (queue, lease, residency, relay)."""
-    return await request.app[BROKER].run_job(request, kind, name, requested_priority(request))
-
-
 async def kind_job(request: web.Request) -> web.StreamResponse:
     kind = request.match_info["kind"]
     return await scheduled(request, kind, request.app[BROKER].route(kind))
-
-
-async def ollama_job(request: web.Request) -> web.StreamResponse:
-    """Ollama's native generate/chat/embed, scheduled like /v1/llm."""
-    name = request.app[BROKER].ollama_consumer()
-    return await scheduled(request, f"{NATIVE_KIND_PREFIX}{request.path}", name)
-
-
-async def ollama_meta(request: web.Request) -> web.StreamResponse:
-    """Ollama's metadata calls (tags, ps, show, version): no GPU work, not scheduled."""
-    broker = request.app[BROKER]
-    return await broker.passthrough(request, broker.ollama_consumer(), request.path)
-
-
-def safe_audio_path(raw_tail: str) -> str:
-    """The raw (still percent-encoded) path below /audio/, refused if any segment, decoded
-    however many times, is `.`/`..` or hides a separator. It is forwarded exactly as sent."""
-    for segment in raw_tail.split("/"):
-        decoded, previous = segment, None
-        while decoded != previous:  # %252e%252e decodes twice
-            previous, decoded = decoded, unquote(decoded)
-        if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
-            raise BrokerError(ErrorCode.BAD_REQUEST, "path may not leave /audio/")
-    return raw_tail
 
 
 async def audio(request: web.Request) -> web.StreamResponse:
@@ -151,8 +105,10 @@ async def audio(request: web.Request) -> web.StreamResponse:
     name = broker.config.audio_proxy
     if name is None:
         raise BrokerError(ErrorCode.NO_CONSUMER, "no audio_proxy consumer is configured")
-    raw_path = request.raw_path.split("?", 1)[0]
-    tail = safe_audio_path(raw_path[len("/audio/") :])
+    raw = compat.raw_path(request)
+    if not raw.startswith("/audio/"):
+        raise BrokerError(ErrorCode.BAD_REQUEST, "path may not leave /audio/")
+    tail = safe_path(raw[len("/audio/") :], "/audio/")
     return await broker.passthrough(request, name, "/audio/" + tail)
 
 
@@ -189,6 +145,7 @@ def make_app(broker: Broker) -> web.Application:
     # counted as they pass (proxy._BodyLimit).
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_mib * MIB)
     app[BROKER] = broker
+    compat.add_routes(app.router)
     kinds = "|".join(sorted(set(KINDS) | {k for c in config.consumers.values() for k in c.paths}))
     app.router.add_post(f"/v1/{{kind:{kinds}}}", kind_job)
     app.router.add_get("/audio/{tail:.+}", audio)  # GET also answers HEAD
@@ -196,11 +153,6 @@ def make_app(broker: Broker) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/admin/consumers/{name}/{action:unload|load}", admin)
-    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings"):
-        app.router.add_post(path, ollama_job)
-    for path in ("/api/tags", "/api/ps", "/api/version"):
-        app.router.add_get(path, ollama_meta)
-    app.router.add_post("/api/show", ollama_meta)
     return app
 
 

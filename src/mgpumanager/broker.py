@@ -1,5 +1,5 @@
 """The broker: one object that wires config, GPU reader, adapters, health, residency and the
-lease together, and runs facade jobs through them (the path of DESIGN §2)."""
+lease together, and runs facade jobs through them (the path in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from .config import AdapterType, Caller, Config
 from .errors import BrokerError, ErrorCode
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
+from .idle import IdleKeeper
 from .lease import Lease
-from .proxy import check_declared_size, forward
+from .proxy import Body, check_declared_size, forward
 from .records import State
 from .residency import Residency
 from .scheduler import ConsumerPolicy, SchedulerCore
@@ -49,6 +50,7 @@ class Broker:
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.idle: IdleKeeper | None = None
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
 
@@ -91,11 +93,13 @@ class Broker:
             self._residency.resident_set,
             self._residency.swap_costs,
         )
+        self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(
             self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
         )
         self._health.start()
         self.catalog.start()
+        self.idle.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
             "broker up: %s (%d MiB), consumers %s",
@@ -128,6 +132,8 @@ class Broker:
         if lease is None:
             return
         log.info("draining: %d in flight", lease.core.in_flight)
+        if self.idle is not None:
+            await self.idle.aclose()  # no idle unload or warm load starts any more
         lease.shutdown()
         if not await lease.drain(self.config.scheduler.drain_timeout_s):
             log.warning(
@@ -142,6 +148,8 @@ class Broker:
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
+        if self.idle is not None:
+            await self.idle.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -267,7 +275,7 @@ class Broker:
         priority: int | None = None,
         *,
         model: str | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
     ) -> web.StreamResponse:
         """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release
 
@@ -279,7 +287,9 @@ class Broker:
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
-        per_model = model if adapter.per_model else None
+        per_model = self.residency.model_key(name, model) if adapter.per_model else None
+        if self.idle is not None:
+            self.idle.interrupt()  # a warm load gives way to a job at once
         async with self.lease.job(
             name,
             priority=priority,
@@ -299,9 +309,17 @@ class Broker:
             finally:
                 self.residency.job_finished(name, per_model)
 
-    async def passthrough(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
-        """Relay a request that is no GPU work (generated audio, Ollama metadata) straight to
-        `name`: not scheduled, not health-gated (a failed connect still answers an envelope)."""
+    async def passthrough(
+        self,
+        request: web.Request,
+        name: str,
+        path: str,
+        *,
+        body: Body | None = None,
+    ) -> web.StreamResponse:
+        """Relay a request that is no GPU work (generated audio, Ollama metadata, model
+        management) straight to `name`: not scheduled, not health-gated (a failed connect
+        still answers an error). `body`: the body already read (else streamed)."""
         if self.session is None:
             raise RuntimeError("broker not started")
         return await forward(
@@ -312,6 +330,7 @@ class Broker:
             path=path,
             consumer=name,
             max_body_bytes=self.config.max_body_mib * MIB,
+            body=body,
         )
 
     async def admin(self, name: str, action: str) -> dict[str, object]:
@@ -330,3 +349,7 @@ class Broker:
 
     def status(self) -> Status:
         return build_status(self)
+
+
+# The broker an HTTP application serves (every listener's handlers find it here).
+BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)

@@ -57,18 +57,46 @@ def demo_spec(config: Config) -> FakeSpec:
     )
 
 
+DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in config/demo.yaml
+
+
 def curl_examples(base: str) -> list[str]:
+    """Commands to try, one per surface; `#` lines say what the next one shows."""
     json_body = "-H 'Content-Type: application/json' -d"
     llm = f'{{"model": "{DEMO_MODEL}", "prompt": "Why is the sky blue?"}}'
     tts = '{"text": "Hello from the broker"}'
     graph = '{"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}}'
+    chat = '[{"role": "user", "content": "Why is the sky blue?"}]'
+    ollama_chat = f'{{"model": "{DEMO_MODEL}", "messages": {chat}, "stream": false}}'
+    openai_chat = f'{{"model": "{DEMO_ALIAS}", "messages": {chat}}}'
+    comfy = f"{base}/upstream/comfyui"
+    saved = '{"3": {"class_type": "KSampler", "inputs": {"seed": 2}}, "9": {"class_type": '
+    saved += '"SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "demo"}}}'
+    # ComfyUI's own API: post the prompt, wait for its history to name the image, fetch it.
+    comfy_round_trip = (
+        f"P=$(curl -s {comfy}/prompt {json_body} '{{\"prompt\": {saved}}}' "
+        '| sed -E \'s/.*"prompt_id": *"([^"]+)".*/\\1/\') && '
+        f"for i in $(seq 120); do curl -s {comfy}/history/$P | grep -q filename && break; "
+        "sleep 0.5; done && "
+        f'F=$(curl -s {comfy}/history/$P | grep -oE \'"filename": *"[^"]+"\' '
+        "| cut -d'\"' -f4) && "
+        f'curl -s "{comfy}/view?filename=$F&type=output" -o comfyui.png '
+        "-w '%{http_code} %{content_type} %{size_download} bytes -> comfyui.png\\n'"
+    )
     return [
+        "# the broker's own facade",
         f"curl -s {base}/v1/status",
         f"curl -sN {base}/v1/llm {json_body} '{llm}'",
         f"curl -s {base}/v1/tts {json_body} '{tts}'",
         f"curl -s {base}/v1/image {json_body} '{graph}'",
         f"curl -s {base}/v1/stt -F 'file=@/dev/null;filename=silence.wav'",
         f"curl -s {base}/metrics",
+        "# Ollama's API, as the ollama CLI, Open WebUI or Home Assistant call it",
+        f"curl -s {base}/api/chat {json_body} '{ollama_chat}'",
+        "# OpenAI-compatible /v1, as the OpenAI SDKs call it (an alias, routed by model)",
+        f"curl -s {base}/v1/chat/completions {json_body} '{openai_chat}'",
+        "# ComfyUI's own API under /upstream/comfyui: prompt, wait, fetch the image",
+        comfy_round_trip,
     ]
 
 
@@ -82,7 +110,15 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
     ]
     for name, c in config.consumers.items():
         lines.append(f"  {name:<11} {redact_url(c.url)}   ({c.type}, {c.vram_resident_mib} MiB)")
-    lines += ["", "Try:"]
+    lines += [
+        "",
+        "Point your clients at the broker:",
+        f"  Ollama clients   OLLAMA_HOST={base}   (ollama CLI, Open WebUI, Home Assistant)",
+        f"  OpenAI SDKs      base_url={base}/v1   (models: curl -s {base}/v1/models)",
+        f"  ComfyUI clients  {base}/upstream/comfyui   (every consumer: /upstream/<name>)",
+        "",
+        "Try:",
+    ]
     lines += curl_examples(base)
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)

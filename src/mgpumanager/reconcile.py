@@ -120,6 +120,14 @@ class ResidencyView:
             return int(listed * FILE_SIZE_FACTOR)
         return self.config.consumers[name].vram_resident_mib
 
+    def model_key(self, name: str, model: str | None) -> str | None:
+        """The upstream's own name for `model`: an alias resolved, Ollama's implicit `:latest`
+        added (so a job for "llama3" finds the resident "llama3:latest")."""
+        if model is None:
+            return None
+        entry = self.config.consumers[name].model_entry(model)
+        return self.adapters[name].model_key(entry.name if entry is not None else model)
+
     def busy(self, name: str) -> bool:
         return self._in_flight(name) > 0
 
@@ -237,6 +245,10 @@ class ResidencyView:
             # Its upstream cannot tell; its processes on the GPU can.
             resident = record.measured_mib > residual_allowance_mib(record.declared_mib)
             detail = f"GPU reading: {record.measured_mib} MiB"
+        if report.busy and not resident:
+            # Work posted around the broker runs or waits on it: it holds its model, or is about
+            # to load it. Counted as resident (and busy: not evicted) before it allocates.
+            resident = True
         if resident and record.state is State.UNLOADED:
             self.counters.outside_loads += 1
             transition(name, record, State.RESIDENT, f"loaded outside the broker ({detail})")

@@ -303,10 +303,14 @@ class Residency(ResidencyView):
     ) -> None:
         """Poll until the upstream says it let go and the GPU shows `expect_mib` back."""
         deadline = self.clock.now() + timeout_s
+        gone_since: float | None = None
         while True:
             gone = await _asked(name, upstream_let_go)
+            if gone and gone_since is None:
+                gone_since = self.clock.now()
             after = await self.read_gpu()
-            if gone and self._gpu_confirms(name, before, after, expect_mib):
+            settled_s = 0.0 if gone_since is None else self.clock.now() - gone_since
+            if gone and self._gpu_confirms(name, before, after, expect_mib, settled_s):
                 return
             if self.clock.now() >= deadline:
                 raise BrokerError(
@@ -333,15 +337,22 @@ class Residency(ResidencyView):
         return failed_at is not None and self.clock.now() - failed_at < timeout_s
 
     def _gpu_confirms(
-        self, name: str, before: GpuReading, after: GpuReading, expect_mib: int
+        self,
+        name: str,
+        before: GpuReading,
+        after: GpuReading,
+        expect_mib: int,
+        settled_s: float,
     ) -> bool:
         """The GPU's word that `expect_mib` of `name`'s memory is back. With per-process
         figures for it: they dropped by half of that, or (a whole unload) to no more than a
         CUDA context. Without them: used memory dropped by half of it. Nothing expected (it was
-        `unknown`), or no readings at all (static backend): the upstream's word is all there is.
+        `unknown`): the free figure decides later. No readings at all (static backend): the
+        upstream's word, `settled_s` ago, once the driver's usual lag (gpu.static_settle_s)
+        has passed since.
         """
         if self.reader.backend == "static":
-            return True
+            return settled_s >= self.config.gpu.static_settle_s
         if not after.ok:
             return False
         record = self.records[name]

@@ -20,6 +20,16 @@
   ``POST /queue {"delete": [...]} | {"clear": true}`` drops pending ones.
 - Output nodes are those whose ``class_type`` starts with ``Save`` or ``Preview``; a graph with
   none treats its last node as the output (real ComfyUI would refuse it; the fake is lenient).
+  An output is named as ComfyUI names it: ``{filename_prefix}_{counter:05}_.png`` (prefix from
+  the node's inputs, default ``ComfyUI``; a counter per prefix), type ``output`` (``temp`` for a
+  ``Preview`` node), and served by ``GET /view?filename=...&subfolder=...&type=...``.
+- ``POST /upload/image`` (multipart: ``image``, optional ``overwrite``, ``subfolder``, ``type``)
+  stores an input and answers ``{"name", "subfolder", "type"}``; a name in use gets `` (1)``
+  appended unless ``overwrite`` is ``true``/``1`` or the bytes are the same. ``GET /object_info``
+  (and ``/object_info/{class}``) describes a handful of core nodes; ``LoadImage`` lists the
+  uploaded inputs.
+- Every route is served under ``/api/`` too (``/api/prompt``, ``/api/ws``, ...), as newer
+  ComfyUI does for its own front end.
 """
 
 from __future__ import annotations
@@ -29,13 +39,21 @@ import contextlib
 import itertools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import BodyPartReader, WSCloseCode, WSMsgType, web
 
-from mgpumanager.sim._base import FakeService, read_json_object, sim_sleep, tiny_png
+from mgpumanager.sim._base import (
+    UPLOAD_CHUNK_BYTES,
+    FakeService,
+    read_json_object,
+    sim_sleep,
+    tiny_png,
+)
 from mgpumanager.sim.activity import ActivitySink, recording
+from mgpumanager.sim.comfyui_nodes import object_info
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger, GpuMemoryView
 
 
@@ -103,11 +121,11 @@ class FakeComfyUI(FakeService):
         self.prompts_started: list[str] = []
         self.model_loaded = False
         self.ctx_allocated = False
-        self.files: set[str] = set()
+        self.files: dict[tuple[str, str, str], bytes] = {}  # (type, subfolder, filename) -> bytes
+        self._counters: dict[str, itertools.count[int]] = {}
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.flags: dict[str, bool] = {}
         self._number = itertools.count()
-        self._file_number = itertools.count(1)
         self._wake = asyncio.Event()
         self._interrupt = asyncio.Event()
         super().__init__(
@@ -119,18 +137,29 @@ class FakeComfyUI(FakeService):
         return len(self.queue) + (1 if self.running is not None else 0)
 
     def _routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post("/prompt", self._post_prompt)
-        router.add_get("/prompt", self._get_prompt)
-        router.add_get("/queue", self._get_queue)
-        router.add_post("/queue", self._post_queue)
-        router.add_get("/history", self._get_history)
-        router.add_get("/history/{prompt_id}", self._get_history_one)
-        router.add_post("/history", self._post_history)
-        router.add_post("/interrupt", self._post_interrupt)
-        router.add_post("/free", self._post_free)
-        router.add_get("/system_stats", self._system_stats)
-        router.add_get("/view", self._view)
-        router.add_get("/ws", self._ws)
+        routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+            ("POST", "/prompt", self._post_prompt),
+            ("GET", "/prompt", self._get_prompt),
+            ("GET", "/queue", self._get_queue),
+            ("POST", "/queue", self._post_queue),
+            ("GET", "/history", self._get_history),
+            ("GET", "/history/{prompt_id}", self._get_history_one),
+            ("POST", "/history", self._post_history),
+            ("POST", "/interrupt", self._post_interrupt),
+            ("POST", "/free", self._post_free),
+            ("GET", "/system_stats", self._system_stats),
+            ("GET", "/view", self._view),
+            ("POST", "/upload/image", self._upload_image),
+            ("GET", "/object_info", self._object_info),
+            ("GET", "/object_info/{node_class}", self._object_info_one),
+            ("GET", "/ws", self._ws),
+        ]
+        for prefix in ("", "/api"):
+            for method, path, handler in routes:
+                if method == "GET":
+                    router.add_get(prefix + path, handler)  # GET also answers HEAD
+                else:
+                    router.add_route(method, prefix + path, handler)
 
     async def _on_startup(self) -> None:
         self.spawn(self._worker(), name=f"{self.name}-worker")
@@ -266,9 +295,7 @@ class FakeComfyUI(FakeService):
                         raise _Interrupted(node_id)
                     executed.append(node_id)
                     if node_id in item.outputs:
-                        name = f"ComfyUI_{next(self._file_number):05d}_.png"
-                        self.files.add(name)
-                        out = {"images": [{"filename": name, "subfolder": "", "type": "output"}]}
+                        out = {"images": [self._save_image(item.prompt[node_id])]}
                         outputs[node_id] = out
                         data = {
                             "node": node_id,
@@ -465,8 +492,70 @@ class FakeComfyUI(FakeService):
             }
         )
 
+    def _save_image(self, node: dict[str, Any]) -> dict[str, str]:
+        """Store one generated image as ComfyUI names it; its `images` entry."""
+        preview = str(node.get("class_type", "")).startswith("Preview")
+        inputs = node.get("inputs")
+        prefix = inputs.get("filename_prefix") if isinstance(inputs, dict) else None
+        if not isinstance(prefix, str) or not prefix or preview:
+            prefix = "ComfyUI_temp" if preview else "ComfyUI"
+        counter = self._counters.setdefault(prefix, itertools.count(1))
+        name = f"{prefix}_{next(counter):05d}_.png"
+        kind = "temp" if preview else "output"
+        self.files[(kind, "", name)] = tiny_png()
+        return {"filename": name, "subfolder": "", "type": kind}
+
     async def _view(self, request: web.Request) -> web.Response:
-        name = request.query.get("filename", "")
-        if request.query.get("type", "output") != "output" or name not in self.files:
+        q = request.query
+        key = (q.get("type", "output"), q.get("subfolder", ""), q.get("filename", ""))
+        data = self.files.get(key)
+        if data is None:
             return web.Response(status=404)
-        return web.Response(body=tiny_png(), content_type="image/png")
+        ctype = "image/png" if key[2].endswith(".png") else "application/octet-stream"
+        return web.Response(body=data, content_type=ctype)
+
+    async def _upload_image(self, request: web.Request) -> web.Response:
+        if not request.content_type.startswith("multipart/"):
+            return web.Response(status=400)
+        fields: dict[str, str] = {}
+        filename: str | None = None
+        data = b""
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "image":
+                filename = part.filename
+                chunks = []
+                while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            elif part.name is not None:
+                fields[part.name] = await part.text()
+        kind = fields.get("type") or "input"
+        subfolder = fields.get("subfolder", "")
+        if not filename or kind not in ("input", "output", "temp") or ".." in subfolder:
+            return web.Response(status=400)
+        if fields.get("overwrite") not in ("true", "1"):
+            stem, dot, ext = filename.rpartition(".")
+            stem, ext = (stem, dot + ext) if dot else (filename, "")
+            i = 1
+            while (existing := self.files.get((kind, subfolder, filename))) is not None:
+                if existing == data:
+                    break  # the same image again: the same name
+                filename = f"{stem} ({i}){ext}"
+                i += 1
+        self.files[(kind, subfolder, filename)] = data
+        return web.json_response({"name": filename, "subfolder": subfolder, "type": kind})
+
+    def _nodes(self) -> dict[str, Any]:
+        inputs = sorted(name for kind, sub, name in self.files if kind == "input" and not sub)
+        return object_info(inputs)
+
+    async def _object_info(self, _request: web.Request) -> web.Response:
+        return web.json_response(self._nodes())
+
+    async def _object_info_one(self, request: web.Request) -> web.Response:
+        name = request.match_info["node_class"]
+        nodes = self._nodes()
+        return web.json_response({name: nodes[name]} if name in nodes else {})

@@ -16,6 +16,9 @@
   ``{"error": "llama runner process has terminated: CUDA out of memory..."}``.
 - ``OLLAMA_NUM_PARALLEL`` (``num_parallel``) requests per model at once, ``OLLAMA_MAX_QUEUE``
   (``max_queue``) waiting, then 503 "server busy".
+- Its OpenAI-compatible routes (``sim/ollama_openai.py``) and model management: pull, push,
+  create, copy, delete, blobs (``sim/ollama_models.py``). ``HEAD /`` and ``GET /`` answer
+  "Ollama is running".
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from aiohttp import web
 from mgpumanager.sim._base import FakeService, json_error, read_json_object, sim_sleep, utc_now_iso
 from mgpumanager.sim.activity import ActivitySink, recording
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger
+from mgpumanager.sim.ollama_models import OllamaModels
+from mgpumanager.sim.ollama_openai import OllamaOpenAI
 from mgpumanager.sim.states import ModelState
 
 _WORDS = [
@@ -100,6 +105,13 @@ class OllamaSettings:
     max_loaded_models: int = 3
     vram_budget_mib: int | None = None  # Ollama's own idea of the card; None = no limit
     version: str = "0.12.6"
+    # What /api/pull can fetch (name -> MiB), beside what is installed; a pull's progress
+    # lines are spread over pull_s.
+    library: Mapping[str, int] = field(
+        default_factory=lambda: {"llama3.2:3b": 2200, "nomic-embed-text:latest": 300}
+    )
+    pull_s: float = 2.0
+    pull_steps: int = 5
 
 
 class _Model:
@@ -154,12 +166,15 @@ class FakeOllama(FakeService):
         self.active_requests = 0
         self.aborted_requests = 0
         self.completed_requests = 0
+        self.models_api = OllamaModels(self)
         super().__init__(
             name=self.settings.name, owner=self.settings.owner, ledger=ledger, activity=activity
         )
 
     def _routes(self, router: web.UrlDispatcher) -> None:
-        router.add_get("/", self._root)
+        OllamaOpenAI(self).routes(router)
+        self.models_api.routes(router)
+        router.add_get("/", self._root)  # GET also answers HEAD
         router.add_get("/api/version", self._version)
         router.add_get("/api/tags", self._tags)
         router.add_get("/api/ps", self._ps)
@@ -182,18 +197,39 @@ class FakeOllama(FakeService):
     def resident_models(self) -> list[str]:
         return [m.name for m in self._models.values() if m.state is ModelState.LOADED]
 
+    def installed(self) -> list[str]:
+        return list(self._models)
+
+    def model(self, name: str) -> _Model | None:
+        """An installed model by name (``x`` also finds ``x:latest``)."""
+        return self._models.get(name) or self._models.get(f"{name}:latest")
+
+    def install(self, name: str, size_mib: int) -> None:
+        if name not in self._models:
+            self._models[name] = _Model(name, size_mib, self.settings.num_parallel)
+
+    def remove(self, name: str) -> None:
+        """Delete an installed model; a loaded one is unloaded (once its requests end)."""
+        model = self._models.pop(name)
+        model.unload_pending = True
+        self._maybe_unload(model)
+
+    def words(self) -> list[str]:
+        """The words of one answer, one per streamed chunk."""
+        return [_WORDS[i % len(_WORDS)] + " " for i in range(max(1, self.settings.chunks))]
+
     # -- scheduler ------------------------------------------------------------------------
 
-    def _lookup(self, body: dict[str, Any]) -> _Model:
+    def lookup(self, body: dict[str, Any]) -> _Model:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise json_error(400, {"error": "model is required"})
-        model = self._models.get(name) or self._models.get(f"{name}:latest")
+        model = self.model(name)
         if model is None:
             raise json_error(404, {"error": f'model "{name}" not found, try pulling it first'})
         return model
 
-    def _keep_alive(self, body: dict[str, Any]) -> float | None:
+    def keep_alive(self, body: dict[str, Any]) -> float | None:
         if "keep_alive" not in body or body["keep_alive"] is None:
             return self.default_keep_alive_s
         try:
@@ -201,7 +237,7 @@ class FakeOllama(FakeService):
         except ValueError as exc:
             raise json_error(400, {"error": str(exc)}) from exc
 
-    async def _acquire(self, model: _Model, keep_alive_s: float | None) -> float:
+    async def acquire(self, model: _Model, keep_alive_s: float | None) -> float:
         """Wait for a parallel slot, load the model if needed; return the load time spent."""
         if self.queued_requests >= self.settings.max_queue:
             raise json_error(
@@ -227,7 +263,7 @@ class FakeOllama(FakeService):
             raise
         return time.monotonic() - started
 
-    def _release(self, model: _Model) -> None:
+    def release(self, model: _Model) -> None:
         model.in_flight -= 1
         model.last_used = time.monotonic()
         model.parallel.release()
@@ -381,7 +417,7 @@ class FakeOllama(FakeService):
         return web.json_response({"models": out})
 
     async def _show(self, request: web.Request) -> web.Response:
-        model = self._lookup(await read_json_object(request))
+        model = self.lookup(await read_json_object(request))
         return web.json_response(
             {
                 "modelfile": f"FROM {model.name}\n",
@@ -414,8 +450,8 @@ class FakeOllama(FakeService):
 
     async def _completion(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await read_json_object(request)
-        model = self._lookup(body)
-        keep_alive_s = self._keep_alive(body)
+        model = self.lookup(body)
+        keep_alive_s = self.keep_alive(body)
         stream = body.get("stream", True) is not False
         empty = (
             not body.get("messages") if chat else not body.get("prompt") and not body.get("images")
@@ -428,15 +464,15 @@ class FakeOllama(FakeService):
             return self._one(self._reply(model, chat, "", done=True, done_reason="unload"))
         model.unload_pending = False  # a request after an unload keeps the model
         if empty:
-            await self._acquire(model, keep_alive_s)
-            self._release(model)
+            await self.acquire(model, keep_alive_s)
+            self.release(model)
             return self._one(self._reply(model, chat, "", done=True, done_reason="load"))
 
-        load_s = await self._acquire(model, keep_alive_s)
+        load_s = await self.acquire(model, keep_alive_s)
         self.active_requests += 1
         started = time.monotonic()
-        n = max(1, self.settings.chunks)
-        words = [_WORDS[i % len(_WORDS)] + " " for i in range(n)]
+        words = self.words()
+        n = len(words)
         prompt_tokens = len(
             json.dumps(body.get("messages") if chat else body.get("prompt", "")).split()
         )
@@ -481,7 +517,7 @@ class FakeOllama(FakeService):
             raise
         finally:
             self.active_requests -= 1
-            self._release(model)
+            self.release(model)
 
     @staticmethod
     def _line(obj: dict[str, Any]) -> bytes:
@@ -493,22 +529,22 @@ class FakeOllama(FakeService):
         return web.json_response(obj)
 
     @staticmethod
-    def _vector(text: str) -> list[float]:
+    def vector(text: str) -> list[float]:
         digest = hashlib.sha256(text.encode()).digest()
         return [round((b - 128) / 128, 4) for b in digest[:16]]
 
-    async def _embed_work(self, body: dict[str, Any]) -> tuple[_Model, float]:
-        model = self._lookup(body)
-        keep_alive_s = self._keep_alive(body)
+    async def embed_work(self, body: dict[str, Any]) -> tuple[_Model, float]:
+        model = self.lookup(body)
+        keep_alive_s = self.keep_alive(body)
         model.unload_pending = False
-        load_s = await self._acquire(model, keep_alive_s)
+        load_s = await self.acquire(model, keep_alive_s)
         self.active_requests += 1
         try:
             async with recording(self.activity, self.name):
                 await sim_sleep(self.settings.embed_s)
         finally:
             self.active_requests -= 1
-            self._release(model)
+            self.release(model)
         return model, load_s
 
     async def _embed(self, request: web.Request) -> web.Response:
@@ -523,11 +559,11 @@ class FakeOllama(FakeService):
         )
         if inputs is None:
             return web.json_response({"error": "invalid input type"}, status=400)
-        model, load_s = await self._embed_work(body)
+        model, load_s = await self.embed_work(body)
         return web.json_response(
             {
                 "model": model.name,
-                "embeddings": [self._vector(t) for t in inputs],
+                "embeddings": [self.vector(t) for t in inputs],
                 "total_duration": int((load_s + self.settings.embed_s) * 1e9),
                 "load_duration": int(load_s * 1e9),
                 "prompt_eval_count": sum(len(t.split()) for t in inputs),
@@ -536,5 +572,5 @@ class FakeOllama(FakeService):
 
     async def _embeddings_legacy(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
-        await self._embed_work(body)
-        return web.json_response({"embedding": self._vector(str(body.get("prompt", "")))})
+        await self.embed_work(body)
+        return web.json_response({"embedding": self.vector(str(body.get("prompt", "")))})
