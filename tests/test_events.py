@@ -14,11 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import core, running_broker, sim_registry, sim_spec, wait_for
+from conftest import SIM_MODEL, core, running_broker, sim_registry, sim_spec, wait_for
 from mgpumanager.app import Server
 from mgpumanager.clock import FakeClock
+from mgpumanager.config import Config
 from mgpumanager.events import Event, EventBus, History, JobEvents
-from mgpumanager.scheduler import Outcome
+from mgpumanager.scheduler import ConsumerPolicy, Outcome
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 
 MODEL = "llm:14b"
@@ -146,6 +147,19 @@ def test_a_job_that_leaves_the_queue_finishes_without_a_run() -> None:
             "run_s": None,
         }
     ]
+
+
+def test_a_job_of_a_consumer_removed_by_a_reload_finishes_failed() -> None:
+    clock = FakeClock()
+    c = core(clock)
+    events: list[tuple[str, dict[str, Any]]] = []
+    JobEvents(c, clock, lambda kind, **f: events.append((kind, f)))
+    c.submit("mvoice")
+    c.schedule()
+    gone = c.submit("comfyui", label="/v1/image")
+    c.reconfigure(c.settings, {"mvoice": ConsumerPolicy(3, 1)})
+    [(kind, finished)] = [e for e in events if e[1]["job"] == gone and e[0] != "job.queued"]
+    assert (kind, finished["outcome"], finished["run_s"]) == ("job.finished", "failed", None)
 
 
 def test_history_keeps_evictions_with_their_outcome_and_unloads_asked_for() -> None:
@@ -365,3 +379,36 @@ async def test_a_draining_broker_ends_the_streams(cluster: SimCluster) -> None:
         # The stream ends while the server still runs: its shutdown need not cut it.
         await asyncio.wait_for(follower._task, timeout=10)
         assert follower.response.content.at_eof()
+
+
+async def test_failed_evictions_loads_and_health_changes_are_events(cluster: SimCluster) -> None:
+    data = sim_registry(cluster).model_dump(mode="json", exclude_unset=True)
+    # comfyui's "unload" answers 200 and frees nothing; mVoice's load call does not exist.
+    data["consumers"]["comfyui"]["unload"] = {"method": "GET", "path": "/system_stats"}
+    data["consumers"]["comfyui"]["unload_timeout_s"] = 0.5
+    data["consumers"]["mvoice"]["load"] = {"path": "/no-such-load"}
+    async with running_broker(Config.model_validate(data)) as server, aiohttp.ClientSession() as s:
+        seen: list[Event] = []
+        server.broker.events.taps.append(seen.append)
+        await post_ok(s, server.url + "/v1/image", {"prompt": GRAPH})
+        async with s.post(server.url + "/v1/llm", json={"model": SIM_MODEL}) as resp:
+            assert (await resp.json())["error"] == "eviction_failed"
+        async with s.post(server.url + "/v1/tts", json={"text": "hi"}) as resp:
+            assert (await resp.json())["error"] == "load_failed"
+        await cluster.servers["comfyui"].aclose()  # its health probes fail from now on
+        await wait_for(lambda: any(e.type == "health.changed" for e in seen), what="health.changed")
+    types = [e.type for e in seen]
+    failed = next(e.figures for e in seen if e.type == "eviction.failed")
+    assert failed["consumer"] == "comfyui" and "not back" in failed["reason"]
+    assert types.index("eviction.planned") < types.index("eviction.failed")
+    [row] = [r for r in server.broker.history.evictions if r.target == "ollama"]
+    assert row.outcome == "failed" and row.victims == ["comfyui"]
+    llm = next(
+        e.figures for e in seen if e.type == "job.finished" and e.figures["consumer"] == "ollama"
+    )
+    assert llm["outcome"] == "failed"
+    load = next(e.figures for e in seen if e.type == "load.failed")
+    assert load["consumer"] == "mvoice" and "404" in load["reason"]
+    assert types.index("load.started") < types.index("load.failed")
+    health = next(e.figures for e in seen if e.type == "health.changed")
+    assert (health["consumer"], health["healthy"]) == ("comfyui", False)

@@ -301,7 +301,8 @@ class History:
         f = event.figures
         name, failed = f["consumer"], event.type == "eviction.failed"
         for row in reversed(self.evictions):
-            if name in row.pending and row.target == f.get("for_consumer"):
+            # A failure does not say for whom: the newest row still waiting for this victim.
+            if name in row.pending and ("for_consumer" not in f or row.target == f["for_consumer"]):
                 break
         else:  # an unload asked for: a row of its own
             unit = name if f.get("model") is None else f"{name}/{f['model']}"
