@@ -6,7 +6,8 @@ The page asks for the token before it shows any data, lists every consumer, show
 that a job sent with aiohttp forces (the evictions table and the memory bar change) without a
 reload, unloads a consumer with its Unload button, comes back by itself when the broker
 restarts, and makes no request anywhere but the broker. It saves a screenshot: with
-MGPUMANAGER_SCREENSHOT=path it is also written there (docs/dashboard.png is one).
+MGPUMANAGER_SCREENSHOT=path it is also written there (docs/dashboard.png is one). The browser is
+`chromium` on PATH, or MGPUMANAGER_CHROMIUM; playwright never downloads one.
 """
 
 from __future__ import annotations

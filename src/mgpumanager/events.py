@@ -64,19 +64,20 @@ class Event:
         return f"id: {self.seq}\nevent: {self.type}\ndata: {data}\n\n".encode()
 
 
-@dataclass(eq=False)
 class Subscription:
-    """One follower's buffer. `get` answers None once the subscription is over: dropped for
-    falling behind, unsubscribed, or the bus closed."""
+    """One follower's buffer of encoded events. `get` answers None once the subscription is
+    over: dropped for falling behind, unsubscribed, or the bus closed."""
 
-    buffer: int
-    # Called once when the bus drops this subscriber (the web handler closes its connection:
-    # a handler stuck writing to a client that does not read would otherwise never notice).
-    on_drop: Callable[[], None] | None = None
-    dropped: bool = False
-    _items: deque[bytes] = field(default_factory=deque)
-    _closed: bool = False
-    _waiter: asyncio.Future[None] | None = None  # while `get` waits
+    def __init__(self, buffer: int) -> None:
+        self.buffer = buffer
+        # Called once when the bus drops this subscriber (the web handler closes its
+        # connection: a handler stuck writing to a client that reads nothing would otherwise
+        # never notice).
+        self.on_drop: Callable[[], None] | None = None
+        self.dropped = False
+        self._items: deque[bytes] = deque()
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None  # while `get` waits
 
     def put(self, item: bytes) -> bool:
         """False if the buffer is full (the caller drops the subscriber)."""

@@ -86,9 +86,12 @@ class Remote:
         except aiohttp.InvalidURL:
             raise RemoteError(f"{self.url} is not a URL") from None
         except aiohttp.ClientConnectorError as exc:
-            errno = exc.os_error.errno
-            reason = os.strerror(errno).lower() if errno else str(exc.os_error)
-            raise RemoteError(f"no broker answers at {self.url} ({reason})") from None
+            # asyncio words a refusal "Connect call failed (...)": the errno says it plainly. A
+            # failed name lookup has a negative errno and says it in its strerror.
+            error = exc.os_error
+            plain = os.strerror(error.errno) if error.errno and error.errno > 0 else None
+            reason = plain or error.strerror or str(error)
+            raise RemoteError(f"no broker answers at {self.url} ({reason.lower()})") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             what = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             raise RemoteError(f"the broker at {self.url} failed: {what}") from None
