@@ -264,6 +264,7 @@ function renderMemory(status) {
   const legend = [];
   const seg = (cls, mibs, label, title, color, extra) => {
     if (mibs <= 0) return;
+    if (mibs / scale < 0.06) label = "";  // too narrow for words: the legend and title tell
     segs.push(h("div", {
       class: "seg " + cls, title, "data-mib": mibs, ...extra,
       style: { flex: `0 0 ${(100 * mibs / scale).toFixed(3)}%`, "--c": color || "" },
