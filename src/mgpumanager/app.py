@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from . import compat
+from . import compat, dashboard
 from .broker import BROKER, CALLER, MIB, Broker
 from .compat import Handler, scheduled
 from .compat import requested_priority as requested_priority  # its home before compat.py
@@ -66,11 +66,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a token in `auth`, every route but /healthz needs `Authorization: Bearer <token>`;
-    the token names the caller (request[CALLER]). Reads the registry on each request, so a
-    SIGHUP reload applies to it."""
+    """With a token in `auth`, every route but /healthz and the dashboard's own files (not its
+    data) needs `Authorization: Bearer <token>`; the token names the caller (request[CALLER]).
+    Reads the registry on each request, so a SIGHUP reload applies to it."""
     auth = request.app[BROKER].config.auth
-    if auth.required and request.path != "/healthz":
+    if auth.required and not dashboard.needs_no_token(request):
         caller = bearer_caller(auth, request.headers.get("Authorization", ""))
         if caller is None:
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
@@ -117,6 +117,11 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(text=snapshot.model_dump_json(indent=2))
 
 
+async def events(request: web.Request) -> web.StreamResponse:
+    broker = request.app[BROKER]
+    return await dashboard.stream_events(request, broker.events, broker.status)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -150,6 +155,9 @@ def make_app(broker: Broker) -> web.Application:
     app.router.add_post(f"/v1/{{kind:{kinds}}}", kind_job)
     app.router.add_get("/audio/{tail:.+}", audio)  # GET also answers HEAD
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/events", events)
+    dashboard.add_routes(app)  # the page at /ui/, and at / for browsers (Ollama's root else)
+    app[compat.HTML_ROOT] = dashboard.page
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/admin/consumers/{name}/{action:unload|load}", admin)

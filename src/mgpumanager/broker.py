@@ -14,6 +14,7 @@ from .catalog import ModelCatalog
 from .clock import Clock, MonotonicClock
 from .config import AdapterType, Caller, Config
 from .errors import BrokerError, ErrorCode
+from .events import EventBus, History, JobEvents
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .idle import IdleKeeper
@@ -53,6 +54,11 @@ class Broker:
         self.idle: IdleKeeper | None = None
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
+        # What happens, as it happens (/v1/events), and the recent past /v1/status shows.
+        self.events = EventBus()
+        self.history = History()
+        self.events.taps.append(self.history)
+        self._jobs: JobEvents | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -68,7 +74,7 @@ class Broker:
         self.adapters = {
             name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
         }
-        self._health = HealthMonitor(self.adapters, self.clock)
+        self._health = HealthMonitor(self.adapters, self.clock, emit=self.events.emit)
         self.catalog = ModelCatalog(config, self.adapters)
         self._residency = Residency(
             config,
@@ -79,6 +85,7 @@ class Broker:
             model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
             in_flight=self._jobs_on,
             has_model=self._has_model,
+            emit=self.events.emit,
         )
         core = SchedulerCore(
             config.scheduler,
@@ -88,6 +95,7 @@ class Broker:
             },
             self.clock,
         )
+        self._jobs = JobEvents(core, self.clock, self.events.emit)
         self._lease = Lease(
             core,
             self._residency.ensure_resident,
@@ -138,6 +146,7 @@ class Broker:
         drain_timeout_s, then cancel held ComfyUI prompts (interrupting them upstream)."""
         lease = self._lease
         if lease is None:
+            self.events.close()
             return
         log.info("draining: %d in flight", lease.core.in_flight)
         if self.idle is not None:
@@ -148,6 +157,7 @@ class Broker:
                 "drain timed out after %g s; cancelling", self.config.scheduler.drain_timeout_s
             )
         await lease.cancel_held()
+        self.events.close()  # followers' streams end: closing the server waits for none
 
     async def aclose(self) -> None:
         if self._sampler is not None:
@@ -197,7 +207,7 @@ class Broker:
             for name, c in new.consumers.items()
         }
         # Every await first, on the new parts only; then everything is swapped in one step.
-        health = HealthMonitor(adapters, self.clock)
+        health = HealthMonitor(adapters, self.clock, emit=self.events.emit)
         catalog = ModelCatalog(new, adapters)
         catalog.upstream.update({n: m for n, m in self.catalog.upstream.items() if n in same})
         await asyncio.gather(health.probe_all_of(fresh), catalog.refresh(fresh))
@@ -240,6 +250,12 @@ class Broker:
         if self._residency is None:
             raise RuntimeError("broker not started")
         return self._residency
+
+    @property
+    def jobs(self) -> JobEvents:
+        if self._jobs is None:
+            raise RuntimeError("broker not started")
+        return self._jobs
 
     @property
     def health(self) -> HealthMonitor:
@@ -303,6 +319,7 @@ class Broker:
             priority=priority,
             queue_timeout_s=self.config.scheduler.queue_timeout_s,
             model=per_model,
+            label=request.path if model is None else f"{request.path} {model}",
         ) as job:
             self.residency.job_started(name, per_model)
             try:
@@ -347,7 +364,10 @@ class Broker:
             raise BrokerError(ErrorCode.NOT_FOUND, f"no consumer named {name!r}")
         residency = self.residency
         async with self.lease.job(
-            name, queue_timeout_s=self.config.scheduler.queue_timeout_s, exclusive=True
+            name,
+            queue_timeout_s=self.config.scheduler.queue_timeout_s,
+            exclusive=True,
+            label=f"admin {action}",
         ):
             if action == "unload":
                 await residency.unload(name)  # whatever the record says: it may be wrong

@@ -1,4 +1,4 @@
-"""`mgpumanager serve | check-config | demo | deploy-rules | init`."""
+"""`mgpumanager serve | check-config | demo | deploy-rules | init | status | load | unload`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="probe only the --scan addresses, not Ollama's, ComfyUI's... usual ports",
     )
+    _remote_parsers(sub)
     return parser
 
 
@@ -74,6 +75,29 @@ def _target(text: str) -> Target:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _remote_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands against a running broker (remote.py); the token comes from
+    $MGPUMANAGER_TOKEN."""
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--url", help="the broker (default: the registry's `listen`, else http://127.0.0.1:8770)"
+    )
+    where.add_argument(
+        "--config",
+        type=Path,
+        help="the registry whose `listen` to use (default: config/consumers.yaml, then "
+        "/etc/mgpumanager/consumers.yaml)",
+    )
+    status = sub.add_parser(
+        "status", parents=[where], help="memory, consumers, queue and evictions of a broker"
+    )
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    for action in ("load", "unload"):
+        one = sub.add_parser(action, parents=[where], help=f"{action} one consumer now")
+        one.add_argument("name", help="the consumer, as the registry names it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -81,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("status", "load", "unload"):
+        from .remote import run
+
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            return 0 if args.command == "status" else 130
     try:
         if args.command == "check-config":
             config = load_config(args.file)

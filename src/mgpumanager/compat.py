@@ -36,6 +36,7 @@ from .bodies import Found, find_model, renamed
 from .broker import BROKER, CALLER, MIB, Broker
 from .catalog import ModelOwner
 from .config import AdapterType
+from .dashboard import wants_html
 from .errors import BrokerError, Dialect, ErrorCode, route_dialect
 from .proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
 
@@ -149,7 +150,7 @@ async def root(request: web.Request) -> web.StreamResponse:
     it sets one (HTML_ROOT); every other client gets Ollama's own answer ("Ollama is running"),
     which the `ollama` CLI checks before anything else."""
     page = request.app.get(HTML_ROOT)
-    if page is not None and "text/html" in request.headers.get("Accept", ""):
+    if page is not None and wants_html(request):
         return await page(request)
     return await ollama_heartbeat(request)
 

@@ -8,19 +8,24 @@ broker will start on the first transcription (its `load.command`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+import yaml
 
 from .app import Server, start_server
 from .broker import Broker
-from .config import AdapterType, Config, load_config, redact_url
+from .config import AdapterType, Config, load_config, parse_config, redact_url
 from .sim.cluster import FakeSpec, SimCluster, start_cluster
 from .sim.comfyui import ComfyUISettings
 from .sim.mvoice import MVoiceSettings
 from .sim.ollama import OllamaSettings
+from .sim.whisper import WhisperSettings
 
 DEMO_MODEL = "qwen2.5:14b"
 
@@ -55,6 +60,31 @@ def demo_spec(config: Config) -> FakeSpec:
         ),
         whisper=None,  # a process of its own, started and stopped by the broker's commands
     )
+
+
+def ephemeral_spec(config: Config) -> FakeSpec:
+    """`demo_spec`, with whisper started by the cluster as a process of its own (its pidfile in
+    the cluster's directory, not the demo's fixed one)."""
+    whisper = WhisperSettings(
+        model_mib=config.consumers["whisper"].vram_resident_mib, load_s=0.5, run_s=0.4
+    )
+    return dataclasses.replace(demo_spec(config), whisper=whisper, whisper_subprocess=True)
+
+
+def ephemeral_registry(path: Path, cluster: SimCluster, **top: Any) -> Config:
+    """The demo's registry at `path`, pointed at `cluster` (started on any free ports, with
+    `ephemeral_spec`) and listening on port 0: the stack of `make demo` for tests and
+    benchmarks, which must never take the demo's fixed ports. `top`: keys to replace (auth)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["listen"] = "127.0.0.1:0"
+    data["gpu"]["sim_url"] = cluster.gpu_url
+    for name, consumer in data["consumers"].items():
+        consumer["url"] = cluster.urls[name]
+        if consumer.get("type") == "command" and cluster.whisper_process is not None:
+            consumer["load"]["command"] = cluster.whisper_process.start_argv
+            consumer["unload"]["command"] = cluster.whisper_process.stop_argv
+    data.update(top)
+    return parse_config(yaml.safe_dump(data), str(path))
 
 
 DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in config/demo.yaml
@@ -123,6 +153,7 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
         "",
         "mgpumanager demo — simulated GPU, fake consumers, the broker",
         f"  broker      {base}   (status: {base}/v1/status, metrics: {base}/metrics)",
+        f"  dashboard   {base}/ui/   (or `mgpumanager status --watch --url {base}`)",
         f"  sim GPU     {cluster.gpu_url}/v1/gpu   ({cluster.gpu.total_mib} MiB)",
     ]
     for name, c in config.consumers.items():
@@ -181,4 +212,4 @@ async def _stop_command_consumers(config: Config) -> None:
                 await proc.wait()
 
 
-__all__ = ["curl_examples", "demo_spec", "run_demo"]
+__all__ = ["curl_examples", "demo_spec", "ephemeral_registry", "ephemeral_spec", "run_demo"]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from .clock import Clock
 from .config import Config
+from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading, measured_mib
 from .records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 
@@ -61,8 +62,23 @@ class ResidencyView:
         *,
         model_size: Callable[[str, str], int | None] | None = None,
         in_flight: Callable[[str], int] | None = None,
+        emit: Emit = no_emit,
     ) -> None:
         self.config = config
+        self._emit = emit
+
+        def changed(name: str, record: Record, previous: State) -> None:
+            emit(
+                "residency.changed",
+                consumer=name,
+                previous=str(previous),
+                residency=str(record.state),
+                reason=record.detail,
+                resident_models=sorted(record.models),
+                vram_mib=record.cost_mib,
+            )
+
+        self._changed = changed  # every record's on_change
         self.adapters = adapters
         self.reader = reader
         self.clock = clock
@@ -73,7 +89,7 @@ class ResidencyView:
         self.counters = Counters()
         self.last_reading: GpuReading | None = None
         self.records = {
-            name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             for name, c in config.consumers.items()
         }
         # Sizes per (consumer, model) seen while resident: better than any file size.
@@ -195,7 +211,7 @@ class ResidencyView:
         out = {}
         for name, report in zip(names, reports, strict=True):
             c = config.consumers[name]
-            record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             record.measured_mib = self._measure(name, reading, config)
             record.detail = "no residency probe or GPU figure"
             self._apply(name, record, report, at_start=True)

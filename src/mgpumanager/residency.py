@@ -23,6 +23,7 @@ from .adapters import ConsumerAdapter, residual_allowance_mib
 from .clock import Clock
 from .config import Config
 from .errors import BrokerError, ErrorCode
+from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading
 from .planner import CannotFit, Resident, plan_eviction
 from .reconcile import Counters, ResidencyView
@@ -60,9 +61,10 @@ class Residency(ResidencyView):
         model_size: Callable[[str, str], int | None] | None = None,
         in_flight: Callable[[str], int] | None = None,
         has_model: Callable[[str, str], Awaitable[bool | None]] | None = None,
+        emit: Emit = no_emit,
     ) -> None:
         super().__init__(
-            config, adapters, reader, clock, model_size=model_size, in_flight=in_flight
+            config, adapters, reader, clock, model_size=model_size, in_flight=in_flight, emit=emit
         )
         self._sleep = sleep
         # How "ready" is checked after a load; the broker passes its health monitor's probe so
@@ -203,6 +205,14 @@ class Residency(ResidencyView):
             )
         )
         del self.decisions[:-100]
+        self._emit(
+            "eviction.planned",
+            target=target,
+            need_mib=need,
+            headroom_mib=headroom,
+            victims=list(victims),
+            residents=[r.name for r in residents],
+        )
         log.info(
             "%s needs %d MiB, headroom %d MiB: evicting %s",
             target,
@@ -268,6 +278,12 @@ class Residency(ResidencyView):
         self.counters.evictions += 1
         confirmed = f"unload confirmed in {record.last_unload_s:.2f} s"
         transition(name, record, State.UNLOADED, confirmed)
+        self._emit(
+            "eviction.confirmed",
+            consumer=name,
+            for_consumer=for_consumer,
+            unload_s=record.last_unload_s,
+        )
 
     async def evict_model(self, name: str, model: str, *, for_consumer: str) -> None:
         """Unload one model of a per-model consumer that keeps others resident."""
@@ -298,6 +314,7 @@ class Residency(ResidencyView):
         del record.models[model]
         record.generation += 1
         self.counters.evictions += 1
+        self._emit("eviction.confirmed", consumer=name, model=model, for_consumer=for_consumer)
 
     async def _confirm(
         self,
@@ -334,6 +351,7 @@ class Residency(ResidencyView):
         transition(name, record, State.UNKNOWN, f"{reason}; state unknown")
         record.unload_failed_at = self.clock.now()
         self.counters.eviction_failures += 1
+        self._emit("eviction.failed", consumer=name, reason=reason)
 
     def _cooling_down(self, name: str) -> bool:
         """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
@@ -409,6 +427,7 @@ class Residency(ResidencyView):
         config = self.config.consumers[name]
         started = self.clock.now()
         transition(name, record, State.LOADING, "needed by a job")
+        self._emit("load.started", consumer=name, vram_mib=record.cost_mib)
         if adapter.has_load:
             try:
                 async with asyncio.timeout(config.load_timeout_s):
@@ -417,6 +436,7 @@ class Residency(ResidencyView):
                         await self._sleep(self.config.gpu.poll_interval_s)
             except asyncio.CancelledError:
                 transition(name, record, State.UNKNOWN, "load cut off")  # the safe side
+                self._emit("load.failed", consumer=name, reason="load cut off")
                 raise
             except (TimeoutError, BrokerError) as exc:
                 self.counters.load_failures += 1
@@ -427,6 +447,7 @@ class Residency(ResidencyView):
                 )
                 # It may hold part of its memory: the safe side.
                 transition(name, record, State.UNKNOWN, f"load failed: {message}")
+                self._emit("load.failed", consumer=name, reason=message)
                 raise BrokerError(
                     ErrorCode.LOAD_FAILED, f"loading {name} failed: {message}", consumer=name
                 ) from exc
@@ -437,6 +458,9 @@ class Residency(ResidencyView):
             for model in config.preload_models if adapter.has_load else ():
                 record.models[model] = ModelRecord(self.model_cost_mib(name, model))
         transition(name, record, State.RESIDENT, how)
+        self._emit(
+            "load.ready", consumer=name, load_s=record.last_load_s, lazy=not adapter.has_load
+        )
         self.counters.swaps += 1
         if adapter.has_load:
             await self.read_gpu()  # so /v1/status shows the loaded figure, not the one before
@@ -461,6 +485,7 @@ class Residency(ResidencyView):
         except BrokerError as exc:
             self.counters.load_failures += 1
             message = f"loading {name}/{model} failed: {exc.message}"
+            self._emit("load.failed", consumer=name, model=model, reason=exc.message)
             raise BrokerError(ErrorCode.LOAD_FAILED, message, consumer=name) from exc
 
     async def unload(self, name: str) -> None:

@@ -12,8 +12,9 @@ pick belongs to another consumer, the holder gets no more grants and the lease p
 jobs finished, so two consumers never run on the GPU at once.
 
 Which waiting job is picked next is the core's `order` (policy.py): `priority` or `fifo`, from
-the settings, or one passed in. Observers (`on_grant`, `on_finish`) see every grant and every
-finished job, for benchmarks and logs.
+the settings, or one passed in. Observers see every job queued (`on_submit`), granted
+(`on_grant`), finished after its grant (`on_finish`) or gone from the queue without one
+(`on_leave`), for benchmarks, logs and the event stream.
 """
 
 from __future__ import annotations
@@ -117,13 +118,23 @@ class SchedulerCore:
         self._c = _Counters()
         # Called synchronously, in order, for every grant and every finished job. They must not
         # raise or call back into the core.
+        self.on_submit: list[Callable[[QueuedJob], None]] = []
         self.on_grant: list[Callable[[Grant], None]] = []
         self.on_finish: list[Callable[[int, Outcome], None]] = []
+        self.on_leave: list[Callable[[QueuedJob, Outcome], None]] = []
 
     # -- what happened ------------------------------------------------------------------------
 
-    def submit(self, consumer: str, priority: int | None = None, *, exclusive: bool = False) -> int:
+    def submit(
+        self,
+        consumer: str,
+        priority: int | None = None,
+        *,
+        exclusive: bool = False,
+        label: str = "",
+    ) -> int:
         """Queue a job; returns its id. Raises BrokerError(queue_full | shutting_down).
+        `label` says what the job is (its route), for whoever watches the queue.
 
         An exclusive job (admin load/unload) starts only when nothing runs, and nothing else is
         granted until it finishes: it is never `ready`."""
@@ -148,9 +159,12 @@ class SchedulerCore:
             priority=max(0, min(MAX_PRIORITY, level)),
             enqueued_at=self._clock.now(),
             exclusive=exclusive,
+            label=label,
         )
         self._waiting[job.id] = job
         self._c.total_jobs += 1
+        for observer in self.on_submit:
+            observer(job)
         return job.id
 
     def cancel(self, job_id: int, outcome: Outcome = Outcome.CANCELLED) -> bool:
@@ -159,6 +173,8 @@ class SchedulerCore:
         if job is None:
             return False
         self._count(outcome)
+        for observer in self.on_leave:
+            observer(job, outcome)
         return True
 
     def ready(self, job_id: int) -> None:
@@ -189,8 +205,10 @@ class SchedulerCore:
         self._consumers = dict(consumers)
         gone = [(j.id, j.consumer) for j in self._waiting.values() if j.consumer not in consumers]
         for job_id, _ in gone:
-            del self._waiting[job_id]
+            job = self._waiting.pop(job_id)
             self._count(Outcome.FAILED)
+            for observer in self.on_leave:
+                observer(job, Outcome.FAILED)
         return gone
 
     def stop_accepting(self) -> list[int]:
