@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from conftest import consumer, make_config
 from mgpumanager.clock import FakeClock
 from mgpumanager.planner import CannotFit, Evict, plan_eviction
+from mgpumanager.reconcile import UNIT_SEPARATOR
 from mgpumanager.records import ModelRecord, State
-from mgpumanager.residency import UNIT_SEPARATOR, Residency
+from mgpumanager.residency import Residency
 
 NAMES = ["a", "b", "c", "t"]  # t: the target
 
@@ -75,7 +76,7 @@ def test_plans_over_units_evict_only_what_is_needed_and_never_pinned_or_busy(
 ) -> None:
     residency, model, need, headroom = world
     inside = model is not None and residency.records["t"].state is State.RESIDENT
-    units = residency._units("t", model if inside else None)
+    units = residency.units("t", model if inside else None)
     by_name = {u.name: u for u in units}
     assert len(by_name) == len(units)  # unit names are unique
     # The target's own job model is never a candidate; outside a resident target, none of it.
@@ -115,7 +116,7 @@ def test_a_busy_model_is_never_a_candidate_but_its_idle_sibling_is() -> None:
     o = residency.records["o"]
     o.state = State.RESIDENT
     o.models = {"busy": ModelRecord(5000, 1.0, in_flight=1), "idle": ModelRecord(5000, 2.0)}
-    units = {u.name: u for u in residency._units("t", None)}
+    units = {u.name: u for u in residency.units("t", None)}
     assert units["o/busy"].busy and not units["o/idle"].busy
     plan = plan_eviction(
         target="t",

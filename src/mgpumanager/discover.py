@@ -19,15 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import aiohttp
 
 from .config import is_loopback, split_listen
+from .gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
+from .identify import (
+    PROBE_PATHS,
+    Answer,
+    Answers,
+    ServiceKind,
+    describe_unknown,
+    identify,
+    is_whisper_refusal,
+    list_of,
+    ok_json,
+    openai_models,
+    speaches_loaded,
+    status_of,
+)
 from .procfs import LocalSystem, Unit
 
 MIB = 1024 * 1024
@@ -36,30 +49,6 @@ MAX_ANSWER_BYTES = 4 * MIB  # /api/tags of a box with many models is large; a we
 # Below this, memory a service holds is its CUDA context and allocator cache, not a model.
 CONTEXT_MIB = 512
 
-
-class ServiceKind(enum.StrEnum):
-    OLLAMA = "ollama"
-    COMFYUI = "comfyui"
-    SPEACHES = "speaches"
-    VLLM = "vllm"
-    WHISPER = "whisper"
-    MVOICE = "mvoice"
-    BROKER = "mgpumanager"  # a broker already: reported, never a consumer
-
-    @property
-    def label(self) -> str:
-        return _LABELS[self]
-
-
-_LABELS = {
-    ServiceKind.OLLAMA: "Ollama",
-    ServiceKind.COMFYUI: "ComfyUI",
-    ServiceKind.SPEACHES: "speaches",
-    ServiceKind.VLLM: "vLLM",
-    ServiceKind.WHISPER: "whisper.cpp server",
-    ServiceKind.MVOICE: "mVoice",
-    ServiceKind.BROKER: "mgpumanager broker",
-}
 
 # Where each service listens unless told otherwise (speaches and vLLM share 8000; mVoice's is
 # the one its own documentation uses).
@@ -106,184 +95,6 @@ def targets_to_probe(scan: Sequence[Target], usual: Sequence[int] = USUAL_PORTS)
     for port in usual:
         out.setdefault(("127.0.0.1", port), Target("127.0.0.1", port))
     return sorted(out.values(), key=lambda t: (not t.scanned, t.host, t.port))
-
-
-# -- what a service answered ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    content_type: str
-    server: str
-    text: str
-
-    def json(self) -> Any:
-        if "json" not in self.content_type and not self.text.lstrip().startswith(("{", "[")):
-            return None
-        try:
-            return json.loads(self.text)
-        except ValueError:
-            return None
-
-    def json_object(self) -> dict[str, Any]:
-        value = self.json()
-        return value if isinstance(value, dict) and self.status == 200 else {}
-
-
-Answers = Mapping[str, Answer | None]
-
-# Every GET a probe sends: side-effect free by HTTP's rules and by what these services do.
-PROBE_PATHS = (
-    "/",
-    "/v1/status",
-    "/healthz",
-    "/api/version",
-    "/api/tags",
-    "/api/ps",
-    "/system_stats",
-    "/v1/models",
-    "/is_sleeping",
-    "/version",
-    "/health",
-    "/api/synthesize",
-    "/api/admin/unload",
-)
-
-
-def _list_of(value: Any, key: str) -> list[Any] | None:
-    inner = value.get(key) if isinstance(value, dict) else None
-    return inner if isinstance(inner, list) else None
-
-
-def _get(answers: Answers, path: str) -> Answer | None:
-    return answers.get(path)
-
-
-def _ok_json(answers: Answers, path: str) -> dict[str, Any]:
-    a = _get(answers, path)
-    return a.json_object() if a is not None else {}
-
-
-def _status(answers: Answers, path: str) -> int | None:
-    a = _get(answers, path)
-    return a.status if a is not None else None
-
-
-def _is_broker(a: Answers) -> bool:
-    status = _ok_json(a, "/v1/status")
-    if {"scheduler", "consumers", "gpu"} <= status.keys():
-        return True
-    # With a token set only /healthz is open; /v1/status then answers the broker's envelope.
-    denied = _get(a, "/v1/status")
-    body = denied.json() if denied is not None and denied.status == 401 else None
-    return (
-        isinstance(body, dict)
-        and {"error", "consumer", "retryable"} <= body.keys()
-        and _ok_json(a, "/healthz").get("status") == "ok"
-    )
-
-
-def _is_ollama(a: Answers) -> bool:
-    version = _ok_json(a, "/api/version").get("version")
-    return isinstance(version, str) and _list_of(_ok_json(a, "/api/tags"), "models") is not None
-
-
-def _is_comfyui(a: Answers) -> bool:
-    devices = _list_of(_ok_json(a, "/system_stats"), "devices") or [None]
-    return isinstance(devices[0], dict) and "torch_vram_total" in devices[0]
-
-
-def _openai_models(a: Answers) -> list[dict[str, Any]] | None:
-    data = _list_of(_ok_json(a, "/v1/models"), "data")
-    return None if data is None else [m for m in data if isinstance(m, dict) and m.get("id")]
-
-
-def _is_vllm(a: Answers) -> bool:
-    models = _openai_models(a)
-    if models is None:
-        return False
-    sleeping = _ok_json(a, "/is_sleeping").get("is_sleeping")
-    return isinstance(sleeping, bool) or any(m.get("owned_by") == "vllm" for m in models)
-
-
-def _speaches_loaded(a: Answers) -> list[str] | None:
-    """speaches' /api/ps: a list of model ids (objects with an id tolerated)."""
-    models = _list_of(_ok_json(a, "/api/ps"), "models")
-    if models is None:
-        return None
-    out = []
-    for m in models:
-        name = m if isinstance(m, str) else m.get("id") if isinstance(m, dict) else None
-        if not isinstance(name, str):
-            return None  # Ollama-shaped or something else: not speaches
-        out.append(name)
-    return out
-
-
-def _is_speaches(a: Answers) -> bool:
-    return _openai_models(a) is not None and _speaches_loaded(a) is not None
-
-
-def _is_mvoice(a: Answers) -> bool:
-    # Its job and admin routes take POST only: a GET finds them (405), a server without them
-    # answers 404. /health must answer too.
-    health = _get(a, "/health")
-    return (
-        health is not None
-        and health.status == 200
-        and _status(a, "/api/synthesize") == 405
-        and _status(a, "/api/admin/unload") == 405
-    )
-
-
-def _is_whisper_page(a: Answers) -> bool:
-    root = _get(a, "/")
-    if root is None:
-        return False
-    return root.server.startswith("whisper.cpp") or "<title>Whisper.cpp Server" in root.text
-
-
-def _is_whisper_refusal(answer: Answer | None) -> bool:
-    """whisper-server's answer to `POST /inference` without a file: `{"error": "no 'file'
-    field in the request"}` (HTTP 200 from the real server, 400 from some builds)."""
-    if answer is None:
-        return False
-    error = answer.json().get("error") if isinstance(answer.json(), dict) else None
-    return isinstance(error, str) and "'file'" in error
-
-
-def identify(answers: Answers) -> ServiceKind | None:
-    """Which known service gave these answers, or None. Order matters: the broker answers
-    Ollama's API too, and Ollama answers /api/ps and /v1/models like speaches and vLLM."""
-    checks = (
-        (ServiceKind.BROKER, _is_broker),
-        (ServiceKind.OLLAMA, _is_ollama),
-        (ServiceKind.COMFYUI, _is_comfyui),
-        (ServiceKind.VLLM, _is_vllm),
-        (ServiceKind.SPEACHES, _is_speaches),
-        (ServiceKind.MVOICE, _is_mvoice),
-        (ServiceKind.WHISPER, _is_whisper_page),
-    )
-    return next((kind for kind, check in checks if check(answers)), None)
-
-
-def describe_unknown(answers: Answers) -> str:
-    """What an unidentified service answered, briefly, with a hint where one fits."""
-    root = _get(answers, "/")
-    if all(a is None for a in answers.values()):
-        return "accepts connections but does not answer HTTP"
-    parts = [f"GET / answered {root.status} {root.content_type or ''}".rstrip()] if root else []
-    if _openai_models(answers) is not None:
-        parts.append(
-            "it lists /v1/models like an OpenAI-compatible server: if it uses the GPU, add it "
-            "by hand (type: generic, openai: true)"
-        )
-    elif _status(answers, "/health") == 200:
-        parts.append("/health answers 200: if it uses the GPU, add it by hand (type: generic)")
-    else:
-        parts.append("like none of Ollama, ComfyUI, speaches, vLLM, whisper.cpp or mVoice")
-    return "; ".join(parts)
 
 
 # -- what init records about a service ------------------------------------------------------
@@ -333,7 +144,7 @@ def _health(kind: ServiceKind, a: Answers) -> tuple[bool, str]:
         ServiceKind.COMFYUI: "/system_stats",
         ServiceKind.BROKER: "/healthz",
     }.get(kind, "/health")
-    status = _status(a, path)
+    status = status_of(a, path)
     if status is None:
         return False, f"GET {path}: no answer"
     if 200 <= status < 300:
@@ -345,13 +156,13 @@ def _health(kind: ServiceKind, a: Answers) -> tuple[bool, str]:
 
 def _ollama_models(a: Answers) -> tuple[Model, ...]:
     loaded: dict[str, int | None] = {}
-    for m in _list_of(_ok_json(a, "/api/ps"), "models") or []:
+    for m in list_of(ok_json(a, "/api/ps"), "models") or []:
         name = m.get("name") or m.get("model") if isinstance(m, dict) else None
         if isinstance(name, str) and name:
             size = m.get("size_vram")
             loaded[name] = -(-size // MIB) if isinstance(size, int) and size > 0 else None
     out: dict[str, Model] = {}
-    for m in _list_of(_ok_json(a, "/api/tags"), "models") or []:
+    for m in list_of(ok_json(a, "/api/tags"), "models") or []:
         name = m.get("name") or m.get("model") if isinstance(m, dict) else None
         if isinstance(name, str) and name and name not in out:
             size = m.get("size")
@@ -371,17 +182,17 @@ def describe(target: Target, kind: ServiceKind, a: Answers) -> Service:
         return Service(
             target,
             kind,
-            version=str(_ok_json(a, "/api/version").get("version")),
+            version=str(ok_json(a, "/api/version").get("version")),
             healthy=healthy,
             health_detail=detail,
             models=models,
             loaded=any(m.loaded for m in models),
         )
     if kind is ServiceKind.COMFYUI:
-        stats = _ok_json(a, "/system_stats")
+        stats = ok_json(a, "/system_stats")
         system = stats.get("system")
         version = system.get("comfyui_version") if isinstance(system, dict) else None
-        devices = _list_of(stats, "devices") or [{}]
+        devices = list_of(stats, "devices") or [{}]
         torch = devices[0].get("torch_vram_total") if isinstance(devices[0], dict) else None
         held = torch // MIB if isinstance(torch, int) and torch >= 0 else None
         if len(devices) > 1:
@@ -397,17 +208,17 @@ def describe(target: Target, kind: ServiceKind, a: Answers) -> Service:
             notes=tuple(notes),
         )
     if kind in (ServiceKind.SPEACHES, ServiceKind.VLLM):
-        listed = [str(m["id"]) for m in _openai_models(a) or []]
+        listed = [str(m["id"]) for m in openai_models(a) or []]
         if kind is ServiceKind.SPEACHES:
-            resident = set(_speaches_loaded(a) or [])
+            resident = set(speaches_loaded(a) or [])
             sleep_mode = None
             loaded: bool | None = bool(resident)
         else:
-            sleeping = _ok_json(a, "/is_sleeping").get("is_sleeping")
+            sleeping = ok_json(a, "/is_sleeping").get("is_sleeping")
             sleep_mode = isinstance(sleeping, bool)
             loaded = not sleeping if isinstance(sleeping, bool) else True
             resident = set(listed) if loaded else set()
-        version = _ok_json(a, "/version").get("version")
+        version = ok_json(a, "/version").get("version")
         models = tuple(Model(n, n in resident) for n in dict.fromkeys(listed))
         return Service(
             target,
@@ -420,7 +231,7 @@ def describe(target: Target, kind: ServiceKind, a: Answers) -> Service:
             sleep_mode=sleep_mode,
         )
     if kind is ServiceKind.MVOICE:
-        says = _ok_json(a, "/health").get("loaded")
+        says = ok_json(a, "/health").get("loaded")
         return Service(
             target,
             kind,
@@ -483,13 +294,13 @@ async def probe(
     )
     answers: dict[str, Answer | None] = dict(zip(PROBE_PATHS, results, strict=True))
     kind = identify(answers)
-    if kind is None and _status(answers, "/health") in (200, 503):
+    if kind is None and status_of(answers, "/health") in (200, 503):
         # Last, and only where /health answers as whisper-server's does (503 while it loads):
         # it refuses a request without a file before it touches its model.
         form = aiohttp.FormData()
         form.add_field("response_format", "json")
         refusal = await _fetch(session, "POST", target.url + "/inference", timeout_s, form)
-        if _is_whisper_refusal(refusal):
+        if is_whisper_refusal(refusal):
             kind = ServiceKind.WHISPER
     if kind is None:
         return Unidentified(target, describe_unknown(answers))
@@ -532,10 +343,71 @@ def _with_process(service: Service, system: LocalSystem) -> Service:
     return dataclasses.replace(service, pid=pid, unit=system.unit_of(pid))
 
 
+# -- the card and errors ----------------------------------------------------------------
+
+
+class InitError(Exception):
+    """Init cannot go on; the message says what to do. `status` is the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """Text from a service or a process, fit for a comment: one line, printable, bounded."""
+    out = "".join(c if c.isprintable() else "?" for c in text.replace("\n", " "))
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+# -- the GPU --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    reading: GpuReading
+    sim_url: str | None = None  # the simulated GPU's URL; None: NVML
+
+    @property
+    def backend(self) -> str:
+        return "sim" if self.sim_url is not None else "nvml"
+
+
+async def read_gpu(
+    sim_url: str | None,
+    index: int = 0,
+    *,
+    nvml: NvmlApi | None = None,
+    proc_root: Path = Path("/proc"),
+) -> Gpu:
+    """One reading of the card, or InitError saying why there is none."""
+    reader: SimReader | NvmlReader = (
+        SimReader(sim_url) if sim_url else NvmlReader(index, nvml=nvml, proc_root=proc_root)
+    )
+    try:
+        await reader.start()
+        reading = await reader.read()
+    except GpuInitError as exc:
+        hint = (
+            "is the simulated GPU running?"
+            if sim_url
+            else "init needs NVIDIA's driver to read the card; without one, try it against "
+            "the simulated GPU of `mgpumanager demo` with --gpu-sim http://127.0.0.1:8799"
+        )
+        raise InitError(f"cannot read the GPU: {exc}; {hint}") from exc
+    finally:
+        await reader.aclose()
+    if not reading.ok:
+        raise InitError(f"cannot read the GPU: {reading.error}")
+    return Gpu(reading, sim_url)
+
+
 __all__ = [
     "CONTEXT_MIB",
     "USUAL_PORTS",
     "Answer",
+    "Gpu",
+    "InitError",
     "Model",
     "Scan",
     "Service",
@@ -544,8 +416,10 @@ __all__ = [
     "Unidentified",
     "describe",
     "identify",
+    "one_line",
     "parse_target",
     "probe",
+    "read_gpu",
     "scan_targets",
     "targets_to_probe",
 ]

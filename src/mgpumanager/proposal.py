@@ -20,18 +20,24 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from .config import KINDS, GpuConfig
-from .discover import CONTEXT_MIB, Model, Scan, Service, ServiceKind, Target
+from .discover import (
+    CONTEXT_MIB,
+    Gpu,
+    InitError,
+    Model,
+    Scan,
+    Service,
+    ServiceKind,
+    Target,
+    one_line,
+    read_gpu,
+)
 from .gpu import (
-    GpuInitError,
     GpuProcess,
     GpuReading,
-    NvmlApi,
-    NvmlReader,
-    SimReader,
     measured_mib,
 )
 from .procfs import LocalSystem
@@ -75,62 +81,6 @@ ORDER = (
     ServiceKind.VLLM,
     ServiceKind.COMFYUI,
 )
-
-
-class InitError(Exception):
-    """Init cannot go on; the message says what to do. `status` is the exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    """Text from a service or a process, fit for a comment: one line, printable, bounded."""
-    out = "".join(c if c.isprintable() else "?" for c in text.replace("\n", " "))
-    return out if len(out) <= limit else out[: limit - 3] + "..."
-
-
-# -- the GPU --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Gpu:
-    reading: GpuReading
-    sim_url: str | None = None  # the simulated GPU's URL; None: NVML
-
-    @property
-    def backend(self) -> str:
-        return "sim" if self.sim_url is not None else "nvml"
-
-
-async def read_gpu(
-    sim_url: str | None,
-    index: int = 0,
-    *,
-    nvml: NvmlApi | None = None,
-    proc_root: Path = Path("/proc"),
-) -> Gpu:
-    """One reading of the card, or InitError saying why there is none."""
-    reader: SimReader | NvmlReader = (
-        SimReader(sim_url) if sim_url else NvmlReader(index, nvml=nvml, proc_root=proc_root)
-    )
-    try:
-        await reader.start()
-        reading = await reader.read()
-    except GpuInitError as exc:
-        hint = (
-            "is the simulated GPU running?"
-            if sim_url
-            else "init needs NVIDIA's driver to read the card; without one, try it against "
-            "the simulated GPU of `mgpumanager demo` with --gpu-sim http://127.0.0.1:8799"
-        )
-        raise InitError(f"cannot read the GPU: {exc}; {hint}") from exc
-    finally:
-        await reader.aclose()
-    if not reading.ok:
-        raise InitError(f"cannot read the GPU: {reading.error}")
-    return Gpu(reading, sim_url)
 
 
 # -- sizes ----------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ memory to a consumer's processes:
 - one that left by itself (Ollama's keep_alive ran out) becomes `unloaded`;
 - per-model consumers get their list of resident models, with sizes.
 
+It also says what the planner sees (`units`): every consumer holding memory, and for per-model
+consumers each resident model, with its cost, LRU time and whether it may be evicted.
+
 Reconciliation never touches a record that is being changed (`loading`, `unloading`), one with
 the broker's jobs on it, or one that changed while its upstream was being asked (the record's
 generation moved on): what it read may be older than that change.
@@ -31,6 +34,7 @@ from .clock import Clock
 from .config import Config
 from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading, measured_mib
+from .planner import Resident
 from .records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 
 log = logging.getLogger("mgpumanager.residency")
@@ -50,6 +54,9 @@ class Counters:
     # failed attempts and admin loads included; not a lazy load inside a job (ComfyUI's).
     swap_seconds: float = 0.0
     outside_loads: int = 0  # consumers found resident that the broker had not loaded
+
+
+UNIT_SEPARATOR = "/"  # a model's unit in plans and decisions: "ollama/llama3.1:8b"
 
 
 class ResidencyView:
@@ -193,6 +200,54 @@ class ResidencyView:
             for p in reading.processes
             if not any(pattern in p.name for pattern in patterns)
         ]
+
+    # -- what the planner sees ---------------------------------------------------------------
+
+    def units(self, target: str, model: str | None) -> list[Resident]:
+        """What may be evicted for `target`: every other consumer holding memory, per model
+        where it is tracked per model; with `model`, also the target's own other models."""
+        out = []
+        for name, r in self.records.items():
+            if r.state not in HOLDS_MEMORY or (name == target and model is None):
+                continue
+            # Without an unload call nothing can evict it: as good as pinned.
+            pinned = r.pinned or not self.adapters[name].can_unload
+            busy = r.busy_outside or self._cooling_down(name)
+            coexists = name == target or self.config.coexist(name, target)
+            if self.adapters[name].per_model and r.models:
+                for m, unit in r.models.items():
+                    if name == target and m == model:
+                        continue
+                    out.append(
+                        Resident(
+                            name=f"{name}{UNIT_SEPARATOR}{m}",
+                            cost_mib=unit.cost_mib,
+                            last_used=_lru(unit.last_used, r.last_used),
+                            pinned=pinned,
+                            busy=busy or unit.in_flight > 0,
+                            coexists=coexists,
+                        )
+                    )
+            elif name != target:
+                out.append(
+                    Resident(
+                        name=name,
+                        cost_mib=r.cost_mib,
+                        last_used=_lru(r.last_used, None),
+                        pinned=pinned,
+                        busy=busy or self.busy(name),
+                        coexists=coexists,
+                    )
+                )
+        return out
+
+    def _cooling_down(self, name: str) -> bool:
+        """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
+        the way (like a busy one): jobs that need its room fail fast, retryable, instead of
+        each holding the lease for another unload_timeout_s on the same stuck unload."""
+        failed_at = self.records[name].unload_failed_at
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        return failed_at is not None and self.clock.now() - failed_at < timeout_s
 
     # -- reconciling ----------------------------------------------------------------------------
 
@@ -340,3 +395,12 @@ async def _ask(
 
 
 Probe = Callable[[str], Awaitable[bool]]
+
+
+def unit_consumer(unit: str) -> str:
+    return unit.partition(UNIT_SEPARATOR)[0]
+
+
+def _lru(*times: float | None) -> float:
+    """LRU sort key: the first known time; never used sorts first."""
+    return next((t for t in times if t is not None), float("-inf"))

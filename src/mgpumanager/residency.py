@@ -26,14 +26,12 @@ from .errors import BrokerError, ErrorCode
 from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading
 from .planner import CannotFit, Resident, plan_eviction
-from .reconcile import Counters, ResidencyView
-from .records import HOLDS_MEMORY, ModelRecord, State, transition
+from .reconcile import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
+from .records import ModelRecord, State, transition
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Counters", "EvictionDecision", "Residency"]
-
-UNIT_SEPARATOR = "/"  # a model's unit in plans and decisions: "ollama/llama3.1:8b"
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class Residency(ResidencyView):
             need = record.cost_mib if per_model is None else self.model_cost_mib(target, per_model)
             exclude = target
         headroom = self.headroom_mib(reading, exclude=exclude)
-        residents = self._units(target, per_model if exclude is None else None)
+        residents = self.units(target, per_model if exclude is None else None)
         plan = plan_eviction(
             target=target,
             target_cost_mib=need,
@@ -139,49 +137,11 @@ class Residency(ResidencyView):
         else:
             await self.load(target)
 
-    def _units(self, target: str, model: str | None) -> list[Resident]:
-        """What may be evicted for `target`: every other consumer holding memory, per model
-        where it is tracked per model; with `model`, also the target's own other models."""
-        out = []
-        for name, r in self.records.items():
-            if r.state not in HOLDS_MEMORY or (name == target and model is None):
-                continue
-            # Without an unload call nothing can evict it: as good as pinned.
-            pinned = r.pinned or not self.adapters[name].can_unload
-            busy = r.busy_outside or self._cooling_down(name)
-            coexists = name == target or self.config.coexist(name, target)
-            if self.adapters[name].per_model and r.models:
-                for m, unit in r.models.items():
-                    if name == target and m == model:
-                        continue
-                    out.append(
-                        Resident(
-                            name=f"{name}{UNIT_SEPARATOR}{m}",
-                            cost_mib=unit.cost_mib,
-                            last_used=_lru(unit.last_used, r.last_used),
-                            pinned=pinned,
-                            busy=busy or unit.in_flight > 0,
-                            coexists=coexists,
-                        )
-                    )
-            elif name != target:
-                out.append(
-                    Resident(
-                        name=name,
-                        cost_mib=r.cost_mib,
-                        last_used=_lru(r.last_used, None),
-                        pinned=pinned,
-                        busy=busy or self.busy(name),
-                        coexists=coexists,
-                    )
-                )
-        return out
-
     def _cannot_fit(
         self, target: str, plan: CannotFit, residents: list[Resident], reading: GpuReading
     ) -> BrokerError:
         reason = plan.reason
-        stuck = [r.name for r in residents if self._cooling_down(_consumer(r.name))]
+        stuck = [r.name for r in residents if self._cooling_down(unit_consumer(r.name))]
         if stuck:
             reason += f" ({', '.join(stuck)}: last unload not confirmed, state unknown)"
         outside = self.outside_processes(reading)
@@ -353,14 +313,6 @@ class Residency(ResidencyView):
         self.counters.eviction_failures += 1
         self._emit("eviction.failed", consumer=name, reason=reason)
 
-    def _cooling_down(self, name: str) -> bool:
-        """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
-        the way (like a busy one): jobs that need its room fail fast, retryable, instead of
-        each holding the lease for another unload_timeout_s on the same stuck unload."""
-        failed_at = self.records[name].unload_failed_at
-        timeout_s = self.config.consumers[name].unload_timeout_s
-        return failed_at is not None and self.clock.now() - failed_at < timeout_s
-
     def _gpu_confirms(
         self,
         name: str,
@@ -496,15 +448,6 @@ class Residency(ResidencyView):
 
 async def _cannot_tell(name: str, model: str) -> bool | None:
     return None
-
-
-def _consumer(unit: str) -> str:
-    return unit.partition(UNIT_SEPARATOR)[0]
-
-
-def _lru(*times: float | None) -> float:
-    """LRU sort key: the first known time; never used sorts first."""
-    return next((t for t in times if t is not None), float("-inf"))
 
 
 async def _asked(name: str, question: Callable[[], Awaitable[bool]]) -> bool:
