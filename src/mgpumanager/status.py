@@ -54,6 +54,7 @@ class ConsumerStatus(BaseModel):
     max_concurrency: int
     queue_depth: int
     in_flight: int
+    front_door: str | None
 
 
 class SchedulerStatus(BaseModel):
@@ -117,6 +118,7 @@ def build_status(broker: Broker) -> Status:
                 **dataclasses.asdict(record),  # after health: its `detail` is the residency's
                 "state": str(record.state),
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
+                "front_door": broker.front_doors.get(name),
                 **dataclasses.asdict(stats.consumers[name]),
             }
         )
