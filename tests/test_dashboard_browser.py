@@ -24,7 +24,7 @@ from playwright.async_api import async_playwright, expect
 
 from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config, load_config
+from mgpumanager.config import Config, load_config, split_listen
 from mgpumanager.demo import DEMO_MODEL, ephemeral_registry, ephemeral_spec
 from mgpumanager.sim.cluster import start_cluster
 
@@ -126,7 +126,7 @@ async def test_the_dashboard_in_chromium(demo_registry: Config, tmp_path: Path) 
             await expect(bar.locator('[data-consumer="comfyui"]')).to_have_count(0)
 
             # 5. The broker restarts on the same port: the page reconnects by itself.
-            host, port = server.runner.addresses[0][:2]
+            host, port = split_listen(server.listener.address)
             await server.stop()
             server = None
             await expect(page.locator("#conn")).not_to_have_text("live", timeout=WITHIN_MS)

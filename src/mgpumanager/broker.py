@@ -59,6 +59,8 @@ class Broker:
         self.history = History()
         self.events.taps.append(self.history)
         self._jobs: JobEvents | None = None
+        # Where each consumer's front door listens (HOST:PORT), as the server bound them.
+        self.front_doors: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -200,7 +202,15 @@ class Broker:
             log.warning("%s removed while %s: its memory now shows only as used", name, state)
         if self.session is None:
             raise RuntimeError("broker not started")
-        same = {n for n, c in new.consumers.items() if old.consumers.get(n) == c}
+        # A consumer whose front door alone changed is the same to the broker (the server
+        # opens and closes doors): its adapter, health and residency go on.
+        same = {
+            n
+            for n, c in new.consumers.items()
+            if n in old.consumers
+            and old.consumers[n].model_dump(exclude={"front_door"})
+            == c.model_dump(exclude={"front_door"})
+        }
         fresh = [n for n in new.consumers if n not in same]
         adapters = {
             name: self.adapters[name] if name in same else make_adapter(name, c, self.session)

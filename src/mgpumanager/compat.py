@@ -15,8 +15,9 @@ URL and nothing else, and the lease sees every GPU job.
   upload), an alias resolved to the upstream's own name.
 - **Every consumer's own API under `/upstream/<consumer>/`**, unchanged: methods, query,
   headers, bodies both ways, websockets. Its GPU routes (`BaseAdapter.uses_gpu`) are scheduled,
-  the rest passes without the lease. `consumer_api` builds that handler for any path prefix, so
-  the same code can serve one consumer's API at the root of a listener of its own.
+  the rest passes without the lease. `consumer_api` builds that handler for any path prefix: a
+  consumer's front door (app.make_front_door) is the same code at the root of a listener of
+  its own.
 
 Errors leave through app.error_middleware in each surface's dialect (errors.route_dialect;
 under /upstream/ the consumer's adapter decides).
@@ -49,6 +50,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HTML_ROOT: web.AppKey[Handler] = web.AppKey("mgpumanager.html_root")
 # The dialect of every error of an application that serves one consumer's API at its root.
 DIALECT: web.AppKey[Dialect] = web.AppKey("mgpumanager.dialect", Dialect)
+# The consumer whose API an application serves at its root (a front door): its errors take
+# that consumer's dialect, read per request (a reload may change the consumer's type).
+FRONT_DOOR: web.AppKey[str] = web.AppKey("mgpumanager.front_door", str)
 
 UPSTREAM_PREFIX = "/upstream/"
 OLLAMA_RUN = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
@@ -357,14 +361,17 @@ def same_site_origin(request: web.Request, base_url: str) -> dict[str, str]:
 
 
 def request_dialect(request: web.Request) -> Dialect:
-    """The dialect of an error answered to `request`: the application's own where it serves
-    one consumer's API, the consumer's under /upstream/<name>/, else the route's."""
+    """The dialect of an error answered to `request`: the application's own where it sets one,
+    the consumer's on its front door and under /upstream/<name>/, else the route's."""
     fixed = request.app.get(DIALECT)
     if fixed is not None:
         return fixed
     path = request.path
-    if path.startswith(UPSTREAM_PREFIX):
-        adapter = request.app[BROKER].adapters.get(path[len(UPSTREAM_PREFIX) :].split("/")[0])
+    door = request.app.get(FRONT_DOOR)
+    if door is None and path.startswith(UPSTREAM_PREFIX):
+        door = path[len(UPSTREAM_PREFIX) :].split("/")[0]
+    if door is not None:
+        adapter = request.app[BROKER].adapters.get(door)
         return adapter.dialect if adapter is not None else Dialect.ENVELOPE
     return route_dialect(path)
 

@@ -134,6 +134,23 @@ class ConsumerConfig(_Model):
     scheduled: list[HttpCall] = []
     # Unload it after this many seconds unused (when no job waits). None: never.
     idle_unload_s: PositiveFloat | None = None
+    # HOST:PORT where the broker also listens with this consumer's own API at the root (the
+    # service moves to another port and the broker takes its usual one). None: no front door.
+    front_door: str | None = None
+
+    @field_validator("front_door", mode="before")
+    @classmethod
+    def _front_door_address(cls, v: object) -> object:
+        wanted = f"front_door must be HOST:PORT, e.g. 127.0.0.1:11434 (got {v!r})"
+        if v is None:
+            return v
+        if not isinstance(v, str):  # `front_door: 11434` is an int to YAML
+            raise ValueError(wanted)
+        try:
+            split_listen(v)
+        except ValueError:
+            raise ValueError(wanted) from None
+        return v
 
     @property
     def preload_models(self) -> list[str]:
@@ -268,20 +285,34 @@ class Config(_Model):
     def listen_host_port(self) -> tuple[str, int]:
         return split_listen(self.listen)
 
-    def exposure_problem(self) -> str | None:
-        """Why serving this registry would be unsafe, or None: listening beyond loopback with
-        no token lets anyone who reaches the port drive the GPU and its admin routes."""
-        try:
-            host, _ = self.listen_host_port
-        except ValueError:
-            return None  # reported as a bad `listen` already
-        if self.auth.required or self.auth.allow_unauthenticated or is_loopback(host):
-            return None
-        return (
-            f"listen {self.listen!r} is reachable beyond this machine and auth has no token: "
-            "set auth.token (or auth.tokens), or auth.allow_unauthenticated: true to serve "
-            "without one on purpose"
-        )
+    def exposure_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Why serving this registry would be unsafe, by key: a listener (`listen`, a consumer's
+        `front_door`) beyond loopback with no token lets anyone who reaches the port drive the
+        GPU (and, on `listen`, its admin routes)."""
+        if self.auth.required or self.auth.allow_unauthenticated:
+            return []
+        listeners: list[tuple[tuple[str, ...], str]] = [(("listen",), self.listen)]
+        listeners += [
+            (("consumers", name, "front_door"), c.front_door)
+            for name, c in self.consumers.items()
+            if c.front_door is not None
+        ]
+        problems = []
+        for loc, address in listeners:
+            try:
+                host, _ = split_listen(address)
+            except ValueError:
+                continue  # reported as a bad address already
+            if not is_loopback(host):
+                problems.append(
+                    (
+                        loc,
+                        f"{loc[-1]} {address!r} is reachable beyond this machine and auth has no "
+                        "token: set auth.token (or auth.tokens), or auth.allow_unauthenticated: "
+                        "true to serve without one on purpose",
+                    )
+                )
+        return problems
 
     def coexist(self, a: str, b: str) -> bool:
         """`can_coexist_with` is symmetric: one side listing the other is enough."""

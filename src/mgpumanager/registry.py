@@ -297,8 +297,8 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
             data, lambda loc, message: ConfigProblem(_dotted(loc), _line_of(loc, lines), message)
         )
     )
-    if config is not None and (exposed := config.exposure_problem()) is not None:
-        problems.append(ConfigProblem("listen", _line_of(("listen",), lines), exposed))
+    for loc, exposed in config.exposure_problems() if config is not None else []:
+        problems.append(ConfigProblem(_dotted(loc), _line_of(loc, lines), exposed))
     if problems:
         raise ConfigError(source, _in_order(problems))
     assert config is not None  # for mypy: no problems means validated

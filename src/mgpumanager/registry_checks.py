@@ -11,7 +11,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .config import DEFAULT_CALLER, AdapterType, GpuConfig, redact_url, split_listen
+from .config import (
+    DEFAULT_CALLER,
+    AdapterType,
+    Config,
+    GpuConfig,
+    is_loopback,
+    redact_url,
+    split_listen,
+)
 
 if TYPE_CHECKING:
     from .registry import ConfigProblem, Loc
@@ -42,6 +50,7 @@ def cross_key_problems(data: Mapping[str, Any], problem: Problem) -> Iterator[Co
     if isinstance(audio_proxy, str) and audio_proxy not in names:
         yield problem(("audio_proxy",), f"{audio_proxy!r} is not a consumer")
     yield from _auth_problems(section(data.get("auth")), problem)
+    yield from _listener_problems(data.get("listen"), consumers, problem)
     gpu = section(data.get("gpu"))
     total = gpu.get("total_mib")
     margin = gpu.get("safety_margin_mib", GpuConfig().safety_margin_mib)
@@ -160,6 +169,79 @@ def _auth_problems(
                 ("auth", "tokens", i, "token"),
                 f"the same token as {secrets[secret]}: each token names one caller",
             )
+
+
+# A host that binds every address: it takes the port from any other host.
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _same_address(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two HOST:PORTs (hosts lower-cased) cannot both be bound: the same port (not
+    0, any free one) on the same host, a wildcard host, or `localhost` and a loopback one."""
+    (host_a, port_a), (host_b, port_b) = a, b
+    if port_a != port_b or port_a == 0:
+        return False
+    if host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS:
+        return True
+    local = {"localhost", "localhost."}
+    return (host_a in local and is_loopback(host_b)) or (host_b in local and is_loopback(host_a))
+
+
+def _listener_problems(
+    listen: Any, consumers: Mapping[str, Any], problem: Problem
+) -> Iterator[ConfigProblem]:
+    """Each listener needs an address of its own: two front doors on one HOST:PORT, or a front
+    door on `listen`'s, cannot both bind. And no consumer's `url` may point at one of them:
+    the broker would relay its requests back to itself (a service not moved off the port its
+    front door takes)."""
+    taken: list[tuple[tuple[str, int], str]] = []  # (host, port), the key that has it
+
+    def bound(address: Any) -> tuple[str, int] | None:
+        if not isinstance(address, str):
+            return None
+        try:
+            host, port = split_listen(address)
+        except ValueError:
+            return None  # reported where the key is validated
+        return host.lower(), port
+
+    def holder(where: tuple[str, int]) -> str | None:
+        return next((key for other, key in taken if _same_address(where, other)), None)
+
+    listening = bound(listen if listen is not None else Config.model_fields["listen"].default)
+    if listening is not None:
+        taken.append((listening, "listen"))
+    for name, raw in consumers.items():
+        door = raw.get("front_door") if isinstance(raw, Mapping) else None
+        where = bound(door)
+        if where is None:
+            continue
+        other = holder(where)
+        if other is not None:
+            yield problem(
+                ("consumers", name, "front_door"),
+                f"{door} is taken by `{other}`: each front door needs an address of its own",
+            )
+        taken.append((where, f"consumers.{name}.front_door"))
+    for name, raw in consumers.items():
+        url = raw.get("url") if isinstance(raw, Mapping) else None
+        target = _url_address(url)
+        other = holder(target) if target is not None else None
+        if other is not None:
+            yield problem(
+                ("consumers", name, "url"),
+                f"points at `{other}`, where the broker itself listens: its requests would come "
+                "back to the broker (move the service to another port first)",
+            )
+
+
+def _url_address(url: Any) -> tuple[str, int] | None:
+    """A consumer URL's host (lower-cased) and port, the scheme's default if none."""
+    if not isinstance(url, str) or check_url(url) is not None:
+        return None
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.hostname or "").lower(), port
 
 
 def _is_int(v: Any) -> bool:

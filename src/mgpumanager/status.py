@@ -55,6 +55,7 @@ class ConsumerStatus(BaseModel):
     queue_depth: int
     in_flight: int
     resident_models: list[str]  # per-model consumers (Ollama, speaches); [] for the others
+    front_door: str | None  # where its front door listens, if it has one
 
 
 class QueuedJobStatus(BaseModel):
@@ -169,6 +170,7 @@ def build_status(broker: Broker) -> Status:
                 "state": str(record.state),
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
                 "resident_models": sorted(record.models),
+                "front_door": broker.front_doors.get(name),
                 **dataclasses.asdict(stats.consumers[name]),
             }
         )
