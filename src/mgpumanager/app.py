@@ -29,9 +29,18 @@ from .compat import Handler, scheduled
 from .compat import requested_priority as requested_priority  # its home before compat.py
 from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config
 from .errors import BrokerError, ErrorCode, error_response
+from .listener import ConnectionGuard, guard_runner, raise_file_limit
+from .logs import shown
 from .metrics import render
 from .notify import Notifier
-from .proxy import CONSUMED, PREPARED, safe_path
+from .proxy import (
+    CLIENT_IDLE_S,
+    CONSUMED,
+    PREPARED,
+    abandon_delivery,
+    finish_delivery,
+    safe_path,
+)
 from .redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
@@ -39,17 +48,23 @@ log = logging.getLogger(__name__)
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[CLIENT_IDLE_S] = request.app[BROKER].config.client_idle_s
     try:
-        return await handler(request)
+        return await _answered(request, handler)
     except BrokerError as err:
         if request.get(PREPARED):
             # The answer had started: no error can follow. Cutting the connection is the
             # only honest signal left (the client sees a truncated answer, never a fake end).
             log.warning("%s after the answer started: %s", err.code, err.message)
-            raise ConnectionResetError(err.message) from err
+            raise ConnectionResetError(err.message) from None
         if err.status >= 500:
-            log.warning("%s %s -> %s: %s", request.method, request.path, err.code, err.message)
-        return error_response(err, compat.request_dialect(request))
+            log.warning(
+                "%s %s -> %s: %s", request.method, shown(request.path), err.code, err.message
+            )
+        response = error_response(err, compat.request_dialect(request))
+        if err.code is ErrorCode.CLIENT_TIMEOUT:
+            response.force_close()  # the rest of its body is not waited for
+        return response
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         refused = BrokerError(
@@ -62,6 +77,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPRequestEntityTooLarge as exc:
         refused = BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large")
     return error_response(refused, compat.request_dialect(request))
+
+
+async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's answer, written to the client to its end: a relayed answer is still
+    being delivered from its buffer when the handler returns (the lease is gone already).
+    After a failure, what the upstream had sent goes out before the connection is cut."""
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        abandon_delivery(request)  # the client left, or the daemon is stopping
+        raise
+    except BaseException:
+        with contextlib.suppress(ConnectionError):
+            await finish_delivery(request)
+        raise
+    await finish_delivery(request)
+    return response
 
 
 @web.middleware
@@ -171,10 +203,17 @@ class StartupError(Exception):
 class Server:
     """A started broker behind a listening aiohttp site."""
 
-    def __init__(self, broker: Broker, runner: web.AppRunner, site: web.TCPSite) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        runner: web.AppRunner,
+        site: web.TCPSite,
+        guard: ConnectionGuard | None = None,
+    ) -> None:
         self.broker = broker
         self.runner = runner
         self.site = site
+        self.guard = guard or ConnectionGuard(lambda: broker.config)
         self.reload_read_timeout_s = RELOAD_READ_TIMEOUT_S
         self._reloads: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
@@ -286,6 +325,15 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
     # shutdown_timeout: by cleanup time the broker has drained; what still runs is cancelled.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
+    guard = ConnectionGuard(lambda: broker.config)
+    guard_runner(runner, guard)  # every listener: header deadline, connection cap, envelope
+    if guard.max_connections < broker.config.max_connections:
+        log.warning(
+            "max_connections %d lowered to %d: this process may open %s files (LimitNOFILE)",
+            broker.config.max_connections,
+            guard.max_connections,
+            guard.files,
+        )
     site = web.TCPSite(
         runner, cfg_host if host is None else host, cfg_port if port is None else port
     )
@@ -295,7 +343,7 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
         await runner.cleanup()
         await broker.aclose()
         raise
-    return Server(broker, runner, site)
+    return Server(broker, runner, site, guard)
 
 
 async def serve(
@@ -308,6 +356,7 @@ async def serve(
     systemd (`Type=notify`) it says READY=1 once the port accepts connections and the first
     residency discovery is done, and sends watchdog keep-alives from this loop throughout."""
     config = load_config(config_path)
+    raise_file_limit()  # before the first connection: the cap follows from it
     own = notifier is None
     notifier = Notifier.from_environ() if notifier is None else notifier
     # From the start: discovery may take a while, and the watchdog runs from the exec.

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import logs
 from .config import ConfigError, load_config
 
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logs.install()  # a flood of lines any client can cause is cut to a trickle
     try:
         if args.command == "check-config":
             config = load_config(args.file)

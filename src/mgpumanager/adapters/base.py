@@ -249,12 +249,12 @@ class BaseAdapter:
                 f"{self.name}: {method} {path} took longer than {timeout_s:g} s",
                 consumer=self.name,
             ) from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise BrokerError(
                 ErrorCode.UPSTREAM_ERROR,
-                f"{self.name}: {method} {path} answered non-JSON: {exc}",
+                f"{self.name}: {method} {path} answered non-JSON: {type(exc).__name__}",
                 consumer=self.name,
-            ) from exc
+            ) from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise translate_client_error(exc, self.name) from exc
 

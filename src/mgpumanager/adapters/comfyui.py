@@ -18,7 +18,7 @@ import uuid
 import aiohttp
 from aiohttp import web
 
-from ..bodies import read_body
+from ..bodies import encode_json, parse_json, read_body
 from ..config import ConsumerConfig, HealthConfig, HttpCall
 from ..errors import BrokerError, Dialect, ErrorCode
 from ..lease import JobHandle
@@ -109,16 +109,8 @@ class ComfyUIAdapter(BaseAdapter):
         started = loop.time()
         if body is None:
             body = await read_body(request, max_body_bytes, self.name)
-        elif not isinstance(body, bytes):
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST, "a prompt is a JSON body, not a form", consumer=self.name
-            )
-        try:
-            prompt = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST, f"the prompt is not JSON: {exc}", consumer=self.name
-            ) from exc
+        raw = body if isinstance(body, bytes) else body.read_all()  # received whole: a prompt
+        prompt = parse_json(raw, "the prompt", self.name)
         if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
             raise BrokerError(
                 ErrorCode.BAD_REQUEST,
@@ -139,15 +131,16 @@ class ComfyUIAdapter(BaseAdapter):
         # A caller that names its client_id listens on its own socket under that id. ComfyUI
         # keeps one socket per client_id (a second connect replaces the first), so a broker
         # socket under the same id would steal the caller's events: follow /history instead.
+        client_id = None
         if not prompt.get("client_id"):
             prompt["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+        posted = encode_json(prompt, "the prompt", self.name)
+        if client_id is not None:
             # Open the socket before posting, or the prompt's events may come before we listen.
             ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
-            response = await self.relay(
-                request, call, max_body_bytes, body=json.dumps(prompt).encode()
-            )
+            response = await self.relay(request, call, max_body_bytes, body=posted)
         except BaseException:
             # The prompt may be on ComfyUI's queue already (the client went away while its
             # answer was relayed): stop it before the lease goes, or it runs unguarded.
@@ -213,7 +206,7 @@ class ComfyUIAdapter(BaseAdapter):
                 continue  # binary frames are previews
             try:
                 event = json.loads(msg.data)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
             data = event.get("data") if isinstance(event, dict) else None
             if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
