@@ -27,8 +27,10 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(BIN)/mgpumanager serve --config $(CONFIG)
 
+# DEMO_ARGS="--port N" moves the whole demo (N for the broker, the rest as far from it);
+# --port 0: free ports, named in the banner.
 demo: $(STAMP)
-	$(BIN)/mgpumanager demo
+	$(BIN)/mgpumanager demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_swap.py

@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="simulated 24 GiB GPU + fake Ollama/ComfyUI/mVoice/whisper + the broker"
     )
     demo.add_argument("--config", type=Path, default=Path("config/demo.yaml"))
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the broker's port; every other piece moves by as much (the simulated GPU to "
+        "N+29, the fakes to N+31..N+34); 0: free ports for all, named in the banner",
+    )
     rules = sub.add_parser(
         "deploy-rules",
         help="print the polkit rule letting the daemon's user start/stop its command consumers' "
@@ -71,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.config}: {exc}", file=sys.stderr)
                 return 2
             return 0
+        from .app import StartupError
         from .demo import run_demo
 
-        return asyncio.run(run_demo(args.config))
+        try:
+            return asyncio.run(run_demo(args.config, args.port))
+        except StartupError as exc:
+            print(f"mgpumanager: {exc}", file=sys.stderr)
+            return 1
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

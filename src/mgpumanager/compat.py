@@ -180,7 +180,10 @@ async def ollama_default(request: web.Request) -> web.StreamResponse:
     """/api/version and /api/blobs/*: the default Ollama consumer (a blob goes where the
     `create` that uses it will go, absent a model to route by)."""
     broker = request.app[BROKER]
-    return await broker.passthrough(request, broker.ollama_consumer(), raw_path(request))
+    raw = raw_path(request)
+    if raw.startswith("/api/blobs/"):  # the digest is the client's: it may not leave the route
+        raw = "/api/blobs/" + safe_path(raw[len("/api/blobs/") :], "/api/blobs/")
+    return await broker.passthrough(request, broker.ollama_consumer(), raw)
 
 
 async def ollama_list(request: web.Request) -> web.StreamResponse:
