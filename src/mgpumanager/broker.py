@@ -297,6 +297,7 @@ class Broker:
         # lease (one byte every half second would otherwise hold every consumer's jobs).
         whole = await receive_whole(request, body, max_body, name)
         try:
+            adapter.check_body(kind, whole)  # a body that could never run does not queue
             if self.idle is not None:
                 self.idle.interrupt()  # a warm load gives way to a job at once
             async with self.lease.job(

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import uuid
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -94,6 +95,33 @@ class ComfyUIAdapter(BaseAdapter):
                 "POST", "/free", body=body, timeout_s=self.config.unload_timeout_s
             )
 
+    def check_body(self, kind: str, body: Body | None) -> None:
+        """A prompt that could never run is refused before it queues for the GPU."""
+        call = self.path_for(kind)
+        if call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS:
+            self._prompt(body if body is not None else b"")
+
+    def _prompt(self, body: Body) -> dict[str, Any]:
+        """The prompt a body holds (received whole), or a bad_request saying why not."""
+        raw = body if isinstance(body, bytes) else body.read_all()
+        prompt = parse_json(raw, "the prompt", self.name)
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                'expected {"prompt": {...graph...}}',
+                consumer=self.name,
+            )
+        given = str(prompt.get("prompt_id") or "")
+        if given and (not PROMPT_ID.fullmatch(given) or given.strip(".") == ""):
+            # The id goes into ComfyUI URLs (/history/{id}): "../free" would poll another route
+            # and hold the lease until run_timeout_s although the prompt ended long before.
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                "prompt_id may hold only letters, digits and . _ : - (at most 128)",
+                consumer=self.name,
+            )
+        return prompt
+
     async def forward(
         self,
         request: web.Request,
@@ -109,23 +137,8 @@ class ComfyUIAdapter(BaseAdapter):
         started = loop.time()
         if body is None:
             body = await read_body(request, max_body_bytes, self.name)
-        raw = body if isinstance(body, bytes) else body.read_all()  # received whole: a prompt
-        prompt = parse_json(raw, "the prompt", self.name)
-        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST,
-                'expected {"prompt": {...graph...}}',
-                consumer=self.name,
-            )
+        prompt = self._prompt(body)
         prompt_id = str(prompt.get("prompt_id") or uuid.uuid4())
-        if not PROMPT_ID.fullmatch(prompt_id) or prompt_id.strip(".") == "":
-            # The id goes into ComfyUI URLs (/history/{id}): "../free" would poll another route
-            # and hold the lease until run_timeout_s although the prompt ended long before.
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST,
-                "prompt_id may hold only letters, digits and . _ : - (at most 128)",
-                consumer=self.name,
-            )
         prompt["prompt_id"] = prompt_id
         ws: aiohttp.ClientWebSocketResponse | None = None
         # A caller that names its client_id listens on its own socket under that id. ComfyUI
