@@ -197,6 +197,20 @@ class GuardedHandler(RequestHandler):
         self._guard.open -= 1
         super().connection_lost(exc)
 
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own "Unhandled exception" (a body it cannot decode, found while it drains
+        one the handler did not read): one line, the traceback only at DEBUG."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError | HttpProcessingError | ConnectionError):
+            log.warning(
+                "dropped a connection: its request body was malformed (%s)",
+                fault_of(exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc),
+            )
+        else:
+            name = type(exc).__name__ if isinstance(exc, BaseException) else "error"
+            log.error("connection failed: %s: %s", name, shown(str(exc)))
+        log.debug("traceback", exc_info=exc if isinstance(exc, BaseException) else None)
+
     def handle_error(
         self,
         request: web.BaseRequest,
