@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint run demo bench bench-sched deploy undeploy clean
+.PHONY: build test lint soak run demo bench bench-sched deploy undeploy clean
 
 build: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
+# 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
+# FIGURE lines are what README's reliability section publishes.
+soak: $(STAMP)
+	MGPU_SOAK=1 $(BIN)/pytest -q -s -p no:randomly tests/reliability | grep -E "FIGURE|passed|failed"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

@@ -54,7 +54,8 @@ def raise_open_file_limit() -> int:
 
 def write_registry(path: Path, config: Config | Mapping[str, Any], **top: Any) -> Path:
     """`config` as a registry file (JSON is YAML), with top-level keys replaced by `top`."""
-    data = config.model_dump() if isinstance(config, Config) else dict(config)
+    # What was written, not the defaults: `command: null` would read as a key set.
+    data = config.model_dump(exclude_unset=True) if isinstance(config, Config) else dict(config)
     data.update(top)
     path.write_text(json.dumps(data, indent=1, default=_plain))
     return path

@@ -219,6 +219,7 @@ def fuzz_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon,
         run(upstream.aclose())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()
 
 
 def exchange(url: str, raw: bytes) -> bytes:
