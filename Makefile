@@ -21,9 +21,11 @@ test: $(STAMP)
 
 # The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
 # 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
-# FIGURE lines are what README's reliability section publishes.
+# Their figures (what README's reliability section publishes) end up in $(VENV)/soak-figures.
 soak: $(STAMP)
-	MGPU_SOAK=1 $(BIN)/pytest -q -s -p no:randomly tests/reliability | grep -E "FIGURE|passed|failed"
+	rm -f $(VENV)/soak-figures
+	MGPU_SOAK=1 MGPU_FIGURES=$(VENV)/soak-figures $(BIN)/pytest -q tests/reliability
+	cat $(VENV)/soak-figures
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts

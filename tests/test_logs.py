@@ -44,6 +44,25 @@ def test_all_messages_together_are_bounded() -> None:
     assert passed == 2
 
 
+def test_the_brokers_own_info_lines_pass_and_client_loggers_are_limited_at_every_level() -> None:
+    limit = RateLimit(burst=1, per_message_s=0.01, clock=Clock())
+    info = [
+        logging.LogRecord("mgpumanager.residency", logging.INFO, __file__, 1, "swap", (), None)
+        for _ in range(5)
+    ]
+    assert all(limit.filter(r) for r in info)
+    left = [
+        logging.LogRecord("mgpumanager.proxy", logging.INFO, __file__, 1, "left", (), None)
+        for _ in range(5)
+    ]
+    assert [limit.filter(r) for r in left] == [True, False, False, False, False]
+    warn = [
+        logging.LogRecord("mgpumanager.app", logging.WARNING, __file__, 1, "w", (), None)
+        for _ in range(3)
+    ]
+    assert [limit.filter(r) for r in warn] == [True, False, False]
+
+
 def test_install_puts_it_on_the_root_handlers_once() -> None:
     handler = logging.NullHandler()
     root = logging.getLogger()

@@ -214,7 +214,16 @@ class Broker:
         changes = [f"+{n}" for n in new.consumers if n not in old.consumers]
         changes += [f"-{n}" for n in old.consumers if n not in new.consumers]
         changes += [f"~{n}" for n in new.consumers if n in old.consumers and n not in same]
-        for key in ("routing", "audio_proxy", "scheduler", "auth", "max_body_mib"):
+        for key in (
+            "routing",
+            "audio_proxy",
+            "scheduler",
+            "auth",
+            "max_body_mib",
+            "client_idle_s",
+            "header_timeout_s",  # new connections get the new limits
+            "max_connections",
+        ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
         if dropped:

@@ -172,7 +172,7 @@ async def ollama_manage(request: web.Request) -> web.StreamResponse:
     name, found = await ollama_route(request, OLLAMA_MANAGE[request.path])
     response = await broker.passthrough(request, name, request.path, body=found.body)
     if request.path in OLLAMA_CHANGES and response.status < 300:
-        await broker.catalog.refresh([name])  # the client has its answer already
+        await broker.catalog.refresh([name])  # the upstream is done; the client reads on
     return response
 
 

@@ -7,6 +7,11 @@ for all messages together. A burst passes, then a trickle; what was held back is
 said on the next line of that message that passes ("N similar lines suppressed"). `install`
 puts it on the root logger's handlers (the daemon's stderr, the journal under systemd), so it
 sees every line, aiohttp's and asyncio's included.
+
+It limits every WARNING and ERROR, and every line at all of the loggers that speak for clients
+(aiohttp's, asyncio's, the listener's and the relay's: one line per connection or request).
+The broker's own INFO lines (a residency change, a reload) follow work that takes seconds on a
+real card and are what an operator reads afterwards: they pass.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# Loggers whose every line (any level) one request or connection can cause.
+CLIENT_LOGGERS = ("aiohttp", "asyncio", "mgpumanager.listener", "mgpumanager.proxy")
 
 
 @dataclass
@@ -50,6 +58,8 @@ class RateLimit(logging.Filter):
         self.suppressed = 0  # lines held back in all
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and not record.name.startswith(CLIENT_LOGGERS):
+            return True
         now = self.clock()
         key = (record.name, record.levelno, str(record.msg))
         bucket = self._buckets.get(key)

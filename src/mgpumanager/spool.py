@@ -3,9 +3,10 @@
 A job takes the lease only once its request body is all here: `SpooledBody` holds it, in memory
 up to `SPOOL_MEMORY_BYTES` and in a temporary file past that, so memory stays bounded whatever
 the upload's size (`max_body_mib` bounds the file). The answer goes the other way through an
-`AnswerBuffer`: the upstream is read at its own pace into it (memory, then a temporary file)
-while the client takes from it at its own, so the lease ends when the upstream is done, not
-when the slowest reader is. A client that keeps up gets each chunk as soon as it arrives.
+`AnswerBuffer`: the upstream is read at its own pace into it (memory up to
+`ANSWER_MEMORY_BYTES`, then a temporary file) while the client takes from it at its own, so
+the lease ends when the upstream is done, not when the slowest reader is. A client that keeps
+up gets each chunk as soon as it arrives.
 
 Reading the client with a deadline (`read_client`) is here too: a client that sends nothing for
 `client_idle_s` is answered `client_timeout`.
@@ -24,6 +25,9 @@ from aiohttp import StreamReader, web
 from .errors import BrokerError, ClientDisconnected, ErrorCode
 
 SPOOL_MEMORY_BYTES = 1024 * 1024
+# An answer's share of memory: the kernel's socket buffers hold a few MiB more for a client
+# that keeps up; past both, a slow reader's answer waits on disk.
+ANSWER_MEMORY_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
 
 
@@ -129,7 +133,7 @@ class AnswerBuffer:
     temporary file and is read back in order. Once the file has been read to its end it is
     emptied and memory is used again. The writer ends it with `end()` or `fail()`."""
 
-    def __init__(self, memory_bytes: int = SPOOL_MEMORY_BYTES) -> None:
+    def __init__(self, memory_bytes: int = ANSWER_MEMORY_BYTES) -> None:
         self.memory_bytes = memory_bytes
         self._memory: deque[bytes] = deque()
         self._memory_size = 0
