@@ -144,15 +144,19 @@ async def test_a_storm_of_leaving_clients_leaves_nothing_behind(
         _, kwargs = requests_for(kind, box.url, direct=False)
         body = json.dumps(kwargs["json"]).encode()
         reader, writer = await asyncio.open_connection(u.host, u.port)
+        when = rng.choice(["mid-body", "queued", "queued", "mid-answer", "mid-answer"])
+        sent = body[: rng.randrange(len(body))] if when == "mid-body" else body
         writer.write(
             f"POST {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body[: rng.randrange(len(body) + 1)]  # some leave before their body is in
+            + sent
         )
         await writer.drain()
-        if rng.random() < 0.5:  # others once their answer has begun
+        if when == "mid-answer":
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(reader.read(1), 5)
+                await asyncio.wait_for(reader.read(1), 10)
+        elif when == "queued":
+            await asyncio.sleep(rng.random() * 0.2)  # the leaver's own moment
         writer.transport.abort()
 
     await asyncio.gather(*(leaver(i) for i in range(storm)))
@@ -163,8 +167,8 @@ async def test_a_storm_of_leaving_clients_leaves_nothing_behind(
             assert resp.status == 200
         s = (await status(session, box.url))["scheduler"]
     figure(
-        f"disconnect storm: {storm} clients left; cancelled / completed",
-        f"{s['cancelled']} / {s['completed']}",
+        f"disconnect storm: {storm} clients left; queued / cancelled / completed",
+        f"{s['total_jobs']} / {s['cancelled']} / {s['completed']}",
     )
     assert s["failed"] == 0
     assert cluster.gpu.oom_count == 0
