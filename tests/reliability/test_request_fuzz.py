@@ -10,21 +10,22 @@ echoed where a secret could be; and it still serves afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
 from harness import Daemon, assert_clean_log, daemon, figure, scaled, write_registry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from conftest import Upstream, consumer, make_config
+from conftest import consumer, make_config
 from mgpumanager.errors import ERROR_TABLE, ErrorCode
 
 pytestmark = pytest.mark.slow
@@ -159,75 +160,53 @@ def requests(draw: st.DrawFn) -> bytes:
 
 @pytest.fixture(scope="module")
 def fuzz_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, dict[str, int]]]:
-    """The daemon in front of a quick upstream on its own loop thread (hypothesis runs the
-    examples synchronously)."""
-    import asyncio
-    import threading
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
-
-    upstream = Upstream()
-
-    async def echo(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        return web.json_response({"bytes": len(body), "response": "ok", "done": True})
-
-    async def prompt(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"prompt_id": "p", "number": 1, "node_errors": {}})
-
-    async def history(request: web.Request) -> web.Response:
-        return web.json_response({request.match_info["id"]: {"status": {"completed": True}}})
-
-    for method, path in [
-        ("POST", "/api/generate"), ("POST", "/api/chat"), ("POST", "/api/embed"),
-        ("POST", "/v1/chat/completions"), ("POST", "/v1/audio/transcriptions"),
-        ("POST", "/api/synthesize"), ("POST", "/api/transcribe"), ("GET", "/api/version"),
-        ("GET", "/api/tags"), ("GET", "/v1/models"), ("POST", "/api/show"),
-    ]:  # fmt: skip
-        upstream.route(method, path, echo)
-    upstream.route("POST", "/prompt", prompt)
-    upstream.route("GET", "/history/{id}", history)
-    run(upstream.start())
-    tmp = tmp_path_factory.mktemp("fuzz")
-    health = {"path": "/health", "interval_s": 1, "timeout_s": 5}  # a loaded box is slow
-    config = make_config(
-        {
-            "mvoice": consumer(upstream.url, health=health),
-            "ollama": consumer(upstream.url, type="ollama", models=["m"], health=health),
-            "comfyui": consumer(upstream.url, type="comfyui", run_timeout_s=5, health=health),
-        },
-        routing={"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"},
-        audio_proxy="mvoice",
-        client_idle_s=0.5,
-        header_timeout_s=2,
-        auth={"token": TOKEN},
-        scheduler={"queue_timeout_s": 10, "allow_priority_header": True},
+    """The daemon in front of a quick upstream, each a process of its own; hypothesis runs
+    the examples synchronously from here."""
+    echo = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("echo_upstream.py"))],
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    registry = write_registry(tmp / "registry.yaml", config)
-    box = daemon(registry, tmp / "daemon.log")
-    d = run(box.__aenter__())
-    counts: dict[str, int] = {}
+    loop = asyncio.new_event_loop()
     try:
-        yield d, counts
+        assert echo.stdout is not None
+        line = echo.stdout.readline()
+        assert line.startswith("PORT "), line
+        url = f"http://127.0.0.1:{int(line.split()[1])}"
+        tmp = tmp_path_factory.mktemp("fuzz")
+        health = {"path": "/health", "interval_s": 1, "timeout_s": 5}
+        config = make_config(
+            {
+                "mvoice": consumer(url, health=health),
+                "ollama": consumer(url, type="ollama", models=["m"], health=health),
+                "comfyui": consumer(url, type="comfyui", run_timeout_s=5, health=health),
+            },
+            routing={"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"},
+            audio_proxy="mvoice",
+            client_idle_s=0.5,
+            header_timeout_s=2,
+            auth={"token": TOKEN},
+            scheduler={"queue_timeout_s": 10, "allow_priority_header": True},
+        )
+        registry = write_registry(tmp / "registry.yaml", config)
+        box = daemon(registry, tmp / "daemon.log")
+        d = loop.run_until_complete(box.__aenter__())
+        try:
+            yield d, {}
+        finally:
+            loop.run_until_complete(box.__aexit__(None, None, None))
     finally:
-        run(box.__aexit__(None, None, None))
-        run(upstream.aclose())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
         loop.close()
+        echo.kill()
+        echo.wait()
+        if echo.stdout is not None:
+            echo.stdout.close()
 
 
 def exchange(url: str, raw: bytes) -> bytes:
     u = URL(url)
     assert u.host is not None and u.port is not None
-    # Generous: on a busy 2-core box the upstream's thread may be starved for seconds.
-    with socket.create_connection((u.host, u.port), timeout=60) as sock:
+    with socket.create_connection((u.host, u.port), timeout=30) as sock:
         with contextlib.suppress(ConnectionError):  # refused before all was sent: what
             sock.sendall(raw)  # came back still counts
         chunks = []
@@ -268,7 +247,17 @@ def test_generated_requests_get_answers_never_tracebacks(
     )
     @given(raw=requests())
     def one(raw: bytes) -> None:
-        answer = exchange(box.url, raw)
+        try:
+            answer = exchange(box.url, raw)
+        except TimeoutError:
+            try:
+                healthz = exchange(box.url, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+            except TimeoutError:
+                healthz = b"(no answer either)"
+            raise AssertionError(
+                f"no answer in 30 s to {raw[:300]!r}; /healthz: {healthz[:100]!r}; "
+                f"descriptors {box.open_fds()}; log tail:\n{box.log()[-3000:]}"
+            ) from None
         counts["sent"] = counts.get("sent", 0) + 1
         if not answer:
             counts["closed"] = counts.get("closed", 0) + 1
