@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint run demo bench bench-events bench-sched deploy undeploy clean
+.PHONY: build test lint soak run demo bench bench-events bench-sched deploy undeploy clean
 
 build: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
+# 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
+# Their figures (what README's reliability section publishes) end up in $(VENV)/soak-figures.
+soak: $(STAMP)
+	rm -f $(VENV)/soak-figures
+	MGPU_SOAK=1 MGPU_FIGURES=$(VENV)/soak-figures $(BIN)/pytest -q tests/reliability
+	cat $(VENV)/soak-figures
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
@@ -27,8 +35,10 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(BIN)/mgpumanager serve --config $(CONFIG)
 
+# DEMO_ARGS="--port N" moves the whole demo (N for the broker, the rest as far from it);
+# --port 0: free ports, named in the banner.
 demo: $(STAMP)
-	$(BIN)/mgpumanager demo
+	$(BIN)/mgpumanager demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_swap.py

@@ -1,7 +1,7 @@
 """The compatibility surfaces against real loopback upstreams: errors in each surface's dialect,
-routing by model across several consumers, multipart uploads streamed while their `model` is
-read, every consumer's API under /upstream/ (GPU routes scheduled, the rest passed through,
-websockets both ways, paths that may not escape), and the seam at `GET /`."""
+routing by model across several consumers, multipart uploads routed by the `model` of their
+head and sent on whole, every consumer's API under /upstream/ (GPU routes scheduled, the rest
+passed through, websockets both ways, paths that may not escape), and the seam at `GET /`."""
 
 from __future__ import annotations
 
@@ -219,11 +219,14 @@ def stt_config(url: str) -> Any:
     )
 
 
-async def test_an_upload_streams_on_while_its_model_is_read(
+async def test_an_upload_is_routed_by_its_head_and_sent_whole_with_its_length(
     speech_server: SpeechServer, client: aiohttp.ClientSession
 ) -> None:
+    """The model is read from the form's head; the job starts only once the rest is here, and
+    the upstream gets the upload with its exact length."""
     upstream, received, first_file_bytes = speech_server
     boundary = "XyZ"
+    rest = asyncio.Event()
 
     async def body() -> AsyncIterator[bytes]:
         yield (
@@ -232,19 +235,26 @@ async def test_an_upload_streams_on_while_its_model_is_read(
             'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
             "Content-Type: audio/wav\r\n\r\n"
         ).encode() + b"\x01" * 65536
-        # Only continue once the upstream has the first file bytes: a broker that read the
-        # upload whole before sending it would never get there, and this test would time out.
-        await asyncio.wait_for(first_file_bytes.wait(), 10)
+        await asyncio.wait_for(rest.wait(), 10)
         yield b"\x02" * 65536 + f"\r\n--{boundary}--\r\n".encode()
 
     async with running_broker(stt_config(upstream.url)) as server:
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        async with client.post(
-            f"{server.url}/v1/audio/transcriptions", data=body(), headers=headers
-        ) as resp:
+        sending = asyncio.create_task(
+            client.post(f"{server.url}/v1/audio/transcriptions", data=body(), headers=headers)
+        )
+        # Another request answered meanwhile: the broker has had time to act on the head.
+        await (await client.get(f"{server.url}/v1/models")).read()
+        assert not first_file_bytes.is_set() and upstream.requests == []
+        assert server.broker.lease.core.stats().total_jobs == 0  # not even queued
+        rest.set()
+        async with await sending as resp:
             assert resp.status == 200 and await resp.json() == {"text": "ok"}
-    [(fields, size, _)] = received
+            sent_length = resp.request_info.headers.get("Content-Length")
+    [(fields, size, length)] = received
     assert fields == {"model": "whisper-large"} and size == 131072
+    assert sent_length is None  # the client sent it chunked; the broker knows its length
+    assert length is not None and int(length) > size
 
 
 async def test_a_file_before_its_model_is_spooled_and_an_alias_resolved(
@@ -260,7 +270,7 @@ async def test_a_file_before_its_model_is_spooled_and_an_alias_resolved(
             assert resp.status == 200
     [(fields, size, length)] = received
     assert fields == {"model": "whisper-large", "language": "de"} and size == 300_000
-    assert length is None  # the body changed length: sent chunked
+    assert length is not None  # the body changed length: received whole, sent with its own
 
 
 async def test_an_unchanged_upload_keeps_its_length(

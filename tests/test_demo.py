@@ -1,23 +1,30 @@
 """`make demo` as a user runs it: started as a subprocess, every printed command run against it
 as printed (the broker's facade, an Ollama call, an OpenAI call, a ComfyUI round trip through
 /upstream/comfyui that ends with the image's bytes), then Ctrl-C stops everything and leaves no
-process behind."""
+process behind. It runs on free ports (`--port 0`), so it passes while a `make demo` of the
+shipped ports runs beside it: the test holds the broker's default port itself to show that."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import queue
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+WHISPER = re.compile(r"\s+whisper\s+(http://[\d.]+:\d+)\s")
 
 
 def read_banner(proc: subprocess.Popen[str], timeout_s: float) -> list[str]:
@@ -47,13 +54,44 @@ def read_banner(proc: subprocess.Popen[str], timeout_s: float) -> list[str]:
     raise AssertionError(f"demo did not come up in {timeout_s} s; printed: {seen}")
 
 
+@contextlib.contextmanager
+def default_port_taken() -> Iterator[None]:
+    """The demo's default broker port busy for the test's length, as a `make demo` running
+    beside it would have it (already busy, when one does)."""
+    sock = socket.socket()
+    try:
+        try:
+            sock.bind(("127.0.0.1", 8770))
+            sock.listen()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        yield
+    finally:
+        sock.close()
+
+
+def refused(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_make_demo_and_every_printed_command(tmp_path: Path) -> None:
+    with default_port_taken():
+        run_the_demo(tmp_path)
+
+
+def run_the_demo(tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.fail("curl is needed to run the demo's printed commands (apt-get install curl)")
     proc = subprocess.Popen(
-        ["make", "--no-print-directory", "demo"],
+        ["make", "--no-print-directory", "demo", "DEMO_ARGS=--port 0"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -62,6 +100,8 @@ def test_make_demo_and_every_printed_command(tmp_path: Path) -> None:
     )
     try:
         banner = read_banner(proc, timeout_s=120)
+        [whisper_url] = [m.group(1) for line in banner if (m := WHISPER.match(line))]
+        assert ":8770" not in "\n".join(banner)
         tried = banner[banner.index("Try:") + 1 :]
         tried = tried[: tried.index("")]  # the block ends at its blank line
         commands = [line for line in tried if not line.startswith("#")]
@@ -105,12 +145,34 @@ def test_make_demo_and_every_printed_command(tmp_path: Path) -> None:
             proc.stdout.close()
     # make itself dies of the SIGINT it forwards (-2), or reports the demo's exit status.
     assert proc.returncode in (0, 2, 130, -signal.SIGINT), proc.returncode
-    status = subprocess.run(
-        [
-            "python3",
-            "-c",
-            "import os,sys; sys.exit(os.path.exists('/tmp/mgpumanager-demo-whisper.pid'))",
-        ],
-        check=False,
-    )
-    assert status.returncode == 0, "the demo left its whisper process behind"
+    assert refused(whisper_url), "the demo left its whisper process behind"
+
+
+def test_port_moves_every_piece_and_the_commands_follow(tmp_path: Path) -> None:
+    from mgpumanager.config import load_config
+    from mgpumanager.demo import demo_ports, relocated
+
+    config = load_config(ROOT / "config" / "demo.yaml")
+    ports = demo_ports(config, 9000)
+    assert ports == {
+        "broker": 9000,
+        "gpu": 9029,
+        "mvoice": 9031,
+        "ollama": 9032,
+        "comfyui": 9033,
+        "whisper": 9034,
+    }
+    assert set(demo_ports(config, 0).values()) == {0}
+    assert demo_ports(config, None)["broker"] == 8770
+    urls = {name: f"http://127.0.0.1:{p}" for name, p in ports.items()}
+    moved = relocated(config, urls, 9000, tmp_path)
+    assert moved.listen == "127.0.0.1:9000" and moved.gpu.sim_url == urls["gpu"]
+    whisper = moved.consumers["whisper"]
+    assert whisper.load is not None and whisper.unload is not None
+    start, stop = whisper.load.command or [], whisper.unload.command or []
+    assert start[start.index("--port") + 1] == "9034"
+    assert start[start.index("--ledger") + 1] == urls["gpu"]
+    pidfile = str(tmp_path / "whisper.pid")
+    assert start[start.index("--pidfile") + 1] == pidfile
+    assert stop[stop.index("--pidfile") + 1] == pidfile
+    assert all(":87" not in token and ":88" not in token for token in start + stop)

@@ -70,13 +70,15 @@ async def test_llm_answer_streams_line_by_line(
             assert json.loads(await resp.content.readline())["done"] is True
 
 
-async def test_upload_is_relayed_as_it_arrives(
+async def test_an_upload_that_is_no_gpu_work_is_relayed_as_it_arrives(
     upstream: Upstream, client: aiohttp.ClientSession
 ) -> None:
+    """A passed-through request holds no lease: its body streams on as it comes (a GPU job's
+    body is received whole first: tests/test_slow_clients.py)."""
     first_chunk_seen = asyncio.Event()
     received: list[int] = []
 
-    async def transcribe(request: web.Request) -> web.Response:
+    async def upload(request: web.Request) -> web.Response:
         total = 0
         async for chunk in request.content.iter_any():
             total += len(chunk)
@@ -84,7 +86,7 @@ async def test_upload_is_relayed_as_it_arrives(
         received.append(total)
         return web.json_response({"bytes": total})
 
-    upstream.route("POST", "/api/transcribe", transcribe)
+    upstream.route("POST", "/api/upload", upload)
     await upstream.start()
 
     async def body() -> AsyncIterator[bytes]:
@@ -96,9 +98,11 @@ async def test_upload_is_relayed_as_it_arrives(
 
     config = make_config({"mvoice": consumer(upstream.url)}, routing={"stt": "mvoice"})
     async with running_broker(config) as server:
-        async with client.post(f"{server.url}/v1/stt", data=body()) as resp:
+        url = f"{server.url}/upstream/mvoice/api/upload"
+        async with client.post(url, data=body()) as resp:
             assert resp.status == 200
             assert (await resp.json()) == {"bytes": 131072}
+        assert server.broker.lease.core.stats().total_jobs == 0
 
 
 async def test_query_status_headers_and_body_pass_through(

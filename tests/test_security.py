@@ -300,3 +300,38 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path)
     assert "listen (line 1)" in run.stderr
     assert "auth.allow_unauthenticated: true" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# -- identifiers from clients in upstream URLs -------------------------------------------------
+
+
+def test_a_model_id_never_leaves_its_route_on_speaches() -> None:
+    from mgpumanager.adapters.speaches import model_path
+    from mgpumanager.errors import BrokerError
+
+    assert model_path("Systran/faster-whisper-small", "s") == "Systran/faster-whisper-small"
+    assert model_path("a b?c#d%", "s") == "a%20b%3Fc%23d%25"
+    for hostile in ("../../free", "a/./b", "a//b", "/abs", ".."):
+        with pytest.raises(BrokerError) as refused:
+            model_path(hostile, "s")
+        assert refused.value.status == 400
+
+
+async def test_a_blob_digest_may_not_leave_its_route(upstream: Upstream) -> None:
+    async def blob(request: web.Request) -> web.Response:
+        return web.Response(status=201)
+
+    upstream.route("POST", "/api/blobs/{digest}", blob)
+    await upstream.start()
+    config = make_config({"ollama": consumer(upstream.url, type="ollama")})
+    async with running_broker(config) as server:
+        async with aiohttp.ClientSession() as session:
+            ok = URL(f"{server.url}/api/blobs/sha256:abc", encoded=True)
+            async with session.post(ok, data=b"x") as resp:
+                assert resp.status == 201
+            for hostile in ("%2e%2e", "%252e%252e", "..%2fdelete"):
+                url = URL(f"{server.url}/api/blobs/{hostile}", encoded=True)
+                async with session.post(url, data=b"x") as resp:
+                    assert resp.status == 400, hostile
+                    assert (await resp.json())["code"] == "bad_request"
+        assert [r.path for r in upstream.requests] == ["/api/blobs/sha256:abc"]

@@ -31,9 +31,18 @@ from .compat import Handler, scheduled
 from .compat import requested_priority as requested_priority  # its home before compat.py
 from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config, split_listen
 from .errors import BrokerError, ErrorCode, error_response
+from .listener import ConnectionGuard, guard_runner, raise_file_limit
+from .logs import shown
 from .metrics import render
 from .notify import Notifier
-from .proxy import CONSUMED, PREPARED, safe_path
+from .proxy import (
+    CLIENT_IDLE_S,
+    CONSUMED,
+    PREPARED,
+    abandon_delivery,
+    finish_delivery,
+    safe_path,
+)
 from .redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
@@ -41,17 +50,23 @@ log = logging.getLogger(__name__)
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[CLIENT_IDLE_S] = request.app[BROKER].config.client_idle_s
     try:
-        return await handler(request)
+        return await _answered(request, handler)
     except BrokerError as err:
         if request.get(PREPARED):
             # The answer had started: no error can follow. Cutting the connection is the
             # only honest signal left (the client sees a truncated answer, never a fake end).
             log.warning("%s after the answer started: %s", err.code, err.message)
-            raise ConnectionResetError(err.message) from err
+            raise ConnectionResetError(err.message) from None
         if err.status >= 500:
-            log.warning("%s %s -> %s: %s", request.method, request.path, err.code, err.message)
-        return error_response(err, compat.request_dialect(request))
+            log.warning(
+                "%s %s -> %s: %s", request.method, shown(request.path), err.code, err.message
+            )
+        response = error_response(err, compat.request_dialect(request))
+        if err.code is ErrorCode.CLIENT_TIMEOUT:
+            response.force_close()  # the rest of its body is not waited for
+        return response
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         refused = BrokerError(
@@ -64,6 +79,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPRequestEntityTooLarge as exc:
         refused = BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large")
     return error_response(refused, compat.request_dialect(request))
+
+
+async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler's answer, written to the client to its end: a relayed answer is still
+    being delivered from its buffer when the handler returns (the lease is gone already).
+    After a failure, what the upstream had sent goes out before the connection is cut."""
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        abandon_delivery(request)  # the client left, or the daemon is stopping
+        raise
+    except BaseException:
+        with contextlib.suppress(ConnectionError):
+            await finish_delivery(request)
+        raise
+    await finish_delivery(request)
+    return response
 
 
 @web.middleware
@@ -268,7 +300,12 @@ def _bind_reason(exc: OSError) -> str:
 
 
 async def open_listener(
-    app: web.Application, key: str, address: str, *, consumer: str | None = None
+    app: web.Application,
+    key: str,
+    address: str,
+    *,
+    guard: ConnectionGuard,
+    consumer: str | None = None,
 ) -> Listener:
     """Bind HOST:PORT `address` for `app`, not accepting yet (`Listener.serve`). Every listener
     the daemon opens, `listen` and each front door, is opened here: one place for the settings
@@ -279,6 +316,7 @@ async def open_listener(
     # shutdown_timeout: by cleanup time the broker has drained; what still runs is cancelled.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
+    guard_runner(runner, guard)  # header deadline, connection cap, protocol errors as envelopes
     handlers = runner.server
     if handlers is None:
         raise RuntimeError("the runner has no server after setup")
@@ -293,9 +331,15 @@ async def open_listener(
     return Listener(key, address, runner, server)
 
 
-async def open_front_door(broker: Broker, name: str, address: str) -> Listener:
+async def open_front_door(
+    broker: Broker, name: str, address: str, guard: ConnectionGuard
+) -> Listener:
     return await open_listener(
-        make_front_door(broker, name), f"consumers.{name}.front_door", address, consumer=name
+        make_front_door(broker, name),
+        f"consumers.{name}.front_door",
+        address,
+        guard=guard,
+        consumer=name,
     )
 
 
@@ -308,11 +352,14 @@ class Server:
         broker: Broker,
         listener: Listener,
         front_doors: dict[str, Listener] | None = None,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self.broker = broker
         self.listener = listener
         self.front_doors: dict[str, Listener] = {}
         self._set_front_doors(front_doors or {})
+        # One guard for every listener: the connection cap counts across them all.
+        self.guard = guard or ConnectionGuard(lambda: broker.config)
         self.reload_read_timeout_s = RELOAD_READ_TIMEOUT_S
         self._reloads: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
@@ -389,7 +436,9 @@ class Server:
             for name, c in new.consumers.items():
                 door = self.front_doors.get(name)
                 if c.front_door is not None and (door is None or door.configured != c.front_door):
-                    opened[name] = await open_front_door(self.broker, name, c.front_door)
+                    opened[name] = await open_front_door(
+                        self.broker, name, c.front_door, self.guard
+                    )
             changes = await self.broker.reload(new)
         except BaseException:
             await asyncio.gather(*(door.aclose() for door in opened.values()))
@@ -479,12 +528,20 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
     address = _join(cfg_host if host is None else host, cfg_port if port is None else port)
     opened: list[Listener] = []
     doors: dict[str, Listener] = {}
+    guard = ConnectionGuard(lambda: broker.config)
+    if guard.max_connections < broker.config.max_connections:
+        log.warning(
+            "max_connections %d lowered to %d: this process may open %s files (LimitNOFILE)",
+            broker.config.max_connections,
+            guard.max_connections,
+            guard.files,
+        )
     try:
-        listener = await open_listener(make_app(broker), "listen", address)
+        listener = await open_listener(make_app(broker), "listen", address, guard=guard)
         opened.append(listener)
         for name, c in broker.config.consumers.items():
             if c.front_door is not None:
-                doors[name] = await open_front_door(broker, name, c.front_door)
+                doors[name] = await open_front_door(broker, name, c.front_door, guard)
                 opened.append(doors[name])
         for each in opened:
             await each.serve()
@@ -492,7 +549,7 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
         await asyncio.gather(*(each.aclose() for each in opened))
         await broker.aclose()
         raise
-    return Server(broker, listener, doors)
+    return Server(broker, listener, doors, guard)
 
 
 async def serve(
@@ -505,6 +562,7 @@ async def serve(
     systemd (`Type=notify`) it says READY=1 once the port accepts connections and the first
     residency discovery is done, and sends watchdog keep-alives from this loop throughout."""
     config = load_config(config_path)
+    raise_file_limit()  # before the first connection: the cap follows from it
     own = notifier is None
     notifier = Notifier.from_environ() if notifier is None else notifier
     # From the start: discovery may take a while, and the watchdog runs from the exec.

@@ -1,18 +1,18 @@
-"""Reading the `model` a request names, so it can be routed to the consumer that serves it.
+"""Reading the `model` a request names, so it can be routed to the consumer that serves it, and
+receiving a job's body whole before the job takes the lease.
 
 JSON bodies (Ollama's API, OpenAI's chat, completions, embeddings, speech and image routes) are
 small: they are read whole, bounded by `max_body_mib`. Audio uploads are multipart forms that
-may be large: only their head is read, up to the end of the `model` form field, and the head is
-then sent on followed by the rest of the upload as it arrives (a `ReplayBody`). The OpenAI SDKs,
-`requests` and Open WebUI put form fields before the file, so the head is a few hundred bytes;
-a client that sends the file first has it spooled (in memory up to `SPOOL_MEMORY_BYTES`, then
-in a temporary file) until the field comes, still bounded by `max_body_mib`.
+may be large: only their head is read to find the model, up to the end of the `model` form
+field, into a `SpooledBody` (memory up to 1 MiB, then a temporary file); the
+rest of the upload follows it into the same file before the job starts (`receive_whole`), so a
+client that sends slowly holds its own connection, never the GPU. Every read waits at most
+`client_idle_s` for the client.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +21,15 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import BrokerError, ErrorCode
-from .proxy import CHUNK_BYTES, Body, ReplayBody, check_declared_size, too_large
+from .proxy import Body, check_declared_size, client_idle_s
+from .spool import (
+    CHUNK_BYTES,
+    SpooledBody,
+    read_client,
+    spooled_file,
+    too_large,
+)
 
-SPOOL_MEMORY_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 1024  # a model name; a longer `model` field is not one
 
 
@@ -40,22 +46,70 @@ class Found:
     span: tuple[int, int] | None = None
 
     def close(self) -> None:
-        """Release a spooled head (its temporary file), once the request has been relayed."""
-        if isinstance(self.body, ReplayBody):
+        """Release a spooled body (its temporary file), once the request has been relayed."""
+        if isinstance(self.body, SpooledBody):
             self.body.close()
 
 
 async def read_body(request: web.Request, max_body_bytes: int, consumer: str | None) -> bytes:
-    """The whole body, refused with payload_too_large past `max_body_bytes`."""
+    """The whole body, in memory, refused with payload_too_large past `max_body_bytes`."""
     check_declared_size(request, max_body_bytes, consumer)
+    idle_s = client_idle_s(request)
     chunks: list[bytes] = []
     seen = 0
-    async for chunk in request.content.iter_chunked(CHUNK_BYTES):
+    while chunk := await read_client(request.content, idle_s, consumer):
         seen += len(chunk)
         if seen > max_body_bytes:
             raise too_large(max_body_bytes, consumer)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def receive_whole(
+    request: web.Request, body: Body | None, max_body_bytes: int, consumer: str
+) -> Body | None:
+    """A job's body, all of it here: `body` as a surface read it (bytes; a SpooledBody whose
+    head was read, completed in place), else the client's whole body spooled (a new
+    SpooledBody: the caller closes it). None: the request has no body."""
+    check_declared_size(request, max_body_bytes, consumer)
+    idle_s = client_idle_s(request)
+    if isinstance(body, SpooledBody):
+        await body.receive_rest(max_body_bytes, idle_s, consumer)
+        return body
+    if body is not None or not request.body_exists:
+        return body
+    return await SpooledBody.receive(request.content, max_body_bytes, idle_s, consumer)
+
+
+def parse_json(body: bytes, what: str, consumer: str | None) -> Any:
+    """`body` decoded as JSON, or a bad_request saying why. Deep nesting (RecursionError) and
+    numbers too long to convert are malformed input too, never a traceback."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST, f"{what} is nested too deeply", consumer=consumer
+        ) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST, f"{what} is not JSON: {_short(exc)}", consumer=consumer
+        ) from None
+
+
+def encode_json(obj: Any, what: str, consumer: str | None) -> bytes:
+    """`obj` encoded again (after a field was rewritten); the decoder and encoder count depth
+    alike, but not to the frame, so a body at the edge is refused here too, never a crash."""
+    try:
+        return json.dumps(obj).encode()
+    except RecursionError:
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST, f"{what} is nested too deeply", consumer=consumer
+        ) from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def is_multipart(request: web.Request) -> bool:
@@ -77,12 +131,10 @@ async def find_model(
         return await _multipart_model(request, max_body_bytes, fields[0], consumer)
     body = await read_body(request, max_body_bytes, consumer)
     try:
-        obj = json.loads(body) if body.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        obj = parse_json(body, "the body", consumer) if body.strip() else {}
+    except BrokerError:
         if strict:
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST, f"the body is not JSON: {exc}", consumer=consumer
-            ) from None
+            raise
         return Found(None, body)
     if not isinstance(obj, dict):
         if strict:
@@ -104,22 +156,22 @@ def renamed(found: Found, field: str, target: str) -> Found:
         if found.obj.get(field) == target:
             return found
         obj = {**found.obj, field: target}
-        return Found(target, json.dumps(obj).encode(), obj)
+        return Found(target, encode_json(obj, "the body", None), obj)
     body = found.body
-    if isinstance(body, ReplayBody) and found.span is not None and found.model != target:
+    if isinstance(body, SpooledBody) and found.span is not None and found.model != target:
         start, end = found.span
-        body.head.seek(start)
-        if body.head.read(end - start).strip().decode("utf-8", "replace") != found.model:
+        body.file.seek(start)
+        if body.file.read(end - start).strip().decode("utf-8", "replace") != found.model:
             return found  # not where the scan said: leave the form as it came
-        head = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
-        body.head.seek(0)
-        head.write(body.head.read(start))
+        head = spooled_file()
+        body.file.seek(0)
+        head.write(body.file.read(start))
         head.write(target.encode())
-        body.head.seek(end)
-        while chunk := body.head.read(CHUNK_BYTES):
+        body.file.seek(end)
+        while chunk := body.file.read(CHUNK_BYTES):
             head.write(chunk)
         body.close()
-        return Found(target, ReplayBody(head, body.rest, exact=False))
+        return Found(target, SpooledBody(head, body.rest, exact=False))
     return found
 
 
@@ -140,10 +192,11 @@ async def _multipart_model(
         raise BrokerError(
             ErrorCode.BAD_REQUEST, f"malformed multipart body: {exc}", consumer=consumer
         ) from None
-    head = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
+    head = spooled_file()
+    idle_s = client_idle_s(request)
     try:
         while not scan.done:
-            chunk = await request.content.readany()
+            chunk = await read_client(request.content, idle_s, consumer)
             if not chunk:
                 break
             if scan.offset + len(chunk) > max_body_bytes:
@@ -160,7 +213,7 @@ async def _multipart_model(
         head.close()
         raise
     span = scan.span if scan.value is not None else None
-    return Found(scan.value, ReplayBody(head, request.content), span=span)
+    return Found(scan.value, SpooledBody(head, request.content), span=span)
 
 
 class _FieldScan:

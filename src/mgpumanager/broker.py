@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from .adapters import BaseAdapter, make_adapter
+from .bodies import receive_whole
 from .catalog import ModelCatalog
 from .clock import Clock, MonotonicClock
 from .config import AdapterType, Caller, Config
@@ -23,6 +24,7 @@ from .proxy import Body, check_declared_size, forward
 from .records import State
 from .residency import Residency
 from .scheduler import ConsumerPolicy, SchedulerCore
+from .spool import SpooledBody
 from .status import Status, build_status
 
 log = logging.getLogger(__name__)
@@ -240,7 +242,16 @@ class Broker:
         changes = [f"+{n}" for n in new.consumers if n not in old.consumers]
         changes += [f"-{n}" for n in old.consumers if n not in new.consumers]
         changes += [f"~{n}" for n in new.consumers if n in old.consumers and n not in same]
-        for key in ("routing", "audio_proxy", "scheduler", "auth", "max_body_mib"):
+        for key in (
+            "routing",
+            "audio_proxy",
+            "scheduler",
+            "auth",
+            "max_body_mib",
+            "client_idle_s",
+            "header_timeout_s",  # new connections get the new limits
+            "max_connections",
+        ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
         if dropped:
@@ -311,10 +322,13 @@ class Broker:
         model: str | None = None,
         body: Body | None = None,
     ) -> web.StreamResponse:
-        """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release
+        """health gate ► body received ► queue ► lease ► resident ► relay (until the upstream
+        is done) ► (ComfyUI: prompt finished) ► release; the client then takes the rest of its
+        answer from the buffer at its own pace (proxy.finish_delivery).
 
         `model`: the model the request names, where the surface read it (its cost is the
-        model's); `body`: the request body when the surface has read it already."""
+        model's); `body`: the request body when the surface has read it already (a SpooledBody
+        whose head was read is completed here, before the lease)."""
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
         self.gate(name)
@@ -322,27 +336,35 @@ class Broker:
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
         per_model = self.residency.model_key(name, model) if adapter.per_model else None
-        if self.idle is not None:
-            self.idle.interrupt()  # a warm load gives way to a job at once
-        async with self.lease.job(
-            name,
-            priority=priority,
-            queue_timeout_s=self.config.scheduler.queue_timeout_s,
-            model=per_model,
-            label=request.path if model is None else f"{request.path} {model}",
-        ) as job:
-            self.residency.job_started(name, per_model)
-            try:
-                async with asyncio.timeout(consumer.run_timeout_s):
-                    return await adapter.forward(request, kind, job, max_body, body)
-            except TimeoutError:
-                raise BrokerError(
-                    ErrorCode.UPSTREAM_TIMEOUT,
-                    f"{name} ran longer than run_timeout_s ({consumer.run_timeout_s:g} s)",
-                    consumer=name,
-                ) from None
-            finally:
-                self.residency.job_finished(name, per_model)
+        # The whole body first: a client that sends slowly holds its own connection, never the
+        # lease (one byte every half second would otherwise hold every consumer's jobs).
+        whole = await receive_whole(request, body, max_body, name)
+        try:
+            adapter.check_body(kind, whole)  # a body that could never run does not queue
+            if self.idle is not None:
+                self.idle.interrupt()  # a warm load gives way to a job at once
+            async with self.lease.job(
+                name,
+                priority=priority,
+                queue_timeout_s=self.config.scheduler.queue_timeout_s,
+                model=per_model,
+                label=request.path if model is None else f"{request.path} {model}",
+            ) as job:
+                self.residency.job_started(name, per_model)
+                try:
+                    async with asyncio.timeout(consumer.run_timeout_s):
+                        return await adapter.forward(request, kind, job, max_body, whole)
+                except TimeoutError:
+                    raise BrokerError(
+                        ErrorCode.UPSTREAM_TIMEOUT,
+                        f"{name} ran longer than run_timeout_s ({consumer.run_timeout_s:g} s)",
+                        consumer=name,
+                    ) from None
+                finally:
+                    self.residency.job_finished(name, per_model)
+        finally:
+            if body is None and isinstance(whole, SpooledBody):
+                whole.close()  # spooled here; a surface's own body is closed by the surface
 
     async def passthrough(
         self,

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import logs
 from .config import ConfigError, load_config
 from .discover import Target, parse_target
 
@@ -27,6 +28,13 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="simulated 24 GiB GPU + fake Ollama/ComfyUI/mVoice/whisper + the broker"
     )
     demo.add_argument("--config", type=Path, default=Path("config/demo.yaml"))
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the broker's port; every other piece moves by as much (the simulated GPU to "
+        "N+29, the fakes to N+31..N+34); 0: free ports for all, named in the banner",
+    )
     rules = sub.add_parser(
         "deploy-rules",
         help="print the polkit rule letting the daemon's user start/stop its command consumers' "
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logs.install()  # a flood of lines any client can cause is cut to a trickle
     if args.command in ("status", "load", "unload"):
         from .remote import run
 
@@ -142,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
             from .init import main_init
 
             return main_init(args)
+        from .app import StartupError
         from .demo import run_demo
 
-        return asyncio.run(run_demo(args.config))
+        try:
+            return asyncio.run(run_demo(args.config, args.port))
+        except StartupError as exc:
+            print(f"mgpumanager: {exc}", file=sys.stderr)
+            return 1
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

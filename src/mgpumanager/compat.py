@@ -177,7 +177,7 @@ async def ollama_manage(request: web.Request) -> web.StreamResponse:
     name, found = await ollama_route(request, OLLAMA_MANAGE[request.path])
     response = await broker.passthrough(request, name, request.path, body=found.body)
     if request.path in OLLAMA_CHANGES and response.status < 300:
-        await broker.catalog.refresh([name])  # the client has its answer already
+        await broker.catalog.refresh([name])  # the upstream is done; the client reads on
     return response
 
 
@@ -185,7 +185,10 @@ async def ollama_default(request: web.Request) -> web.StreamResponse:
     """/api/version and /api/blobs/*: the default Ollama consumer (a blob goes where the
     `create` that uses it will go, absent a model to route by)."""
     broker = request.app[BROKER]
-    return await broker.passthrough(request, broker.ollama_consumer(), raw_path(request))
+    raw = raw_path(request)
+    if raw.startswith("/api/blobs/"):  # the digest is the client's: it may not leave the route
+        raw = "/api/blobs/" + safe_path(raw[len("/api/blobs/") :], "/api/blobs/")
+    return await broker.passthrough(request, broker.ollama_consumer(), raw)
 
 
 async def ollama_list(request: web.Request) -> web.StreamResponse:

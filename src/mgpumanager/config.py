@@ -265,6 +265,17 @@ class AuthConfig(_Model):
 class Config(_Model):
     listen: str = "127.0.0.1:8770"
     max_body_mib: int = Field(default=256, ge=1)
+    # A client that sends nothing of its body, or takes nothing of its answer, for this long
+    # is dropped (its body is received whole before its job takes the GPU, and its answer is
+    # buffered, so a slow client never holds the lease).
+    client_idle_s: PositiveFloat = 60.0
+    # A connection must deliver a whole request head within this many seconds of opening or
+    # of its previous answer, or it is closed (slow header trickling; idle keep-alive too).
+    header_timeout_s: PositiveFloat = 15.0
+    # Open client connections across every listener; one more is answered
+    # too_many_connections and closed. Lowered at start when the process's file limit is
+    # too small to honour it.
+    max_connections: int = Field(default=4096, ge=1)
     gpu: GpuConfig = GpuConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     auth: AuthConfig = AuthConfig()

@@ -2,7 +2,10 @@
 servers that speak the real protocols, and the broker in front of them — no GPU needed.
 
 The fakes listen where `config/demo.yaml` says; whisper starts stopped, like a service the
-broker will start on the first transcription (its `load.command`).
+broker will start on the first transcription (its `load.command`). `--port N` moves the whole
+demo: the broker to N and every other piece by the same distance (the simulated GPU to N+29,
+the fakes to N+31..N+34 with the shipped registry); `--port 0` gives every piece a free port,
+and the banner names them. A port that is taken is one line naming the piece and the flag.
 """
 
 from __future__ import annotations
@@ -11,17 +14,19 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .app import Server, start_server
+from .app import Server, StartupError, start_server
 from .broker import Broker
-from .config import AdapterType, Config, load_config, parse_config, redact_url
-from .sim.cluster import FakeSpec, SimCluster, start_cluster
+from .config import Action, AdapterType, Config, load_config, parse_config, redact_url
+from .sim.cluster import BindError, FakeSpec, SimCluster, start_cluster
 from .sim.comfyui import ComfyUISettings
 from .sim.mvoice import MVoiceSettings
 from .sim.ollama import OllamaSettings
@@ -173,16 +178,117 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
     return "\n".join(lines)
 
 
-async def run_demo(config_path: Path) -> int:
+PIECES = {"gpu": "the simulated GPU"}  # any other piece is a fake consumer of that name
+
+
+def demo_ports(config: Config, port: int | None) -> dict[str, int]:
+    """Where each piece listens: `broker`, `gpu` and every consumer. None: where the registry
+    says; N: the broker at N and each piece as far from it as in the registry; 0: any."""
+    _, registry_port = config.listen_host_port
+    ports = {name: _port(c.url) for name, c in config.consumers.items()}
+    ports["gpu"] = _port(config.gpu.sim_url)
+    ports["broker"] = registry_port
+    if port is None:
+        return ports
+    if port == 0:
+        return dict.fromkeys(ports, 0)
+    moved = {name: p - registry_port + port for name, p in ports.items()}
+    if not all(0 < p <= 65535 for p in moved.values()):
+        raise StartupError(f"demo: --port {port} puts a piece past port 65535; choose a lower N")
+    return moved
+
+
+def _spare_port(host: str) -> int:
+    """A free port for a `command` consumer, whose process the broker starts later and must
+    know its URL now: bound and released at once (the one port the demo names before its
+    process exists)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _moved(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
+
+
+def relocated(config: Config, urls: Mapping[str, str], broker_port: int, run_dir: Path) -> Config:
+    """The registry with the broker on `broker_port` and every piece at its URL in `urls`
+    (`gpu` and the consumers'). A `command` consumer's argv follows: its `--port`, a URL of
+    another piece, and its `--pidfile` (moved into `run_dir`, so two demos never share one)."""
+    old_urls = {c.url: urls[name] for name, c in config.consumers.items()}
+    old_urls[config.gpu.sim_url] = urls["gpu"]
+
+    def argv(name: str, command: list[str]) -> list[str]:
+        out: list[str] = []
+        for i, token in enumerate(command):
+            flag = command[i - 1] if i else ""
+            if flag == "--port" and token == str(_port(config.consumers[name].url)):
+                token = str(_port(urls[name]))
+            elif flag == "--pidfile":
+                token = str(run_dir / f"{name}.pid")
+            out.append(old_urls.get(token, token))
+        return out
+
+    def action(name: str, act: Action | None) -> Action | None:
+        if act is None or act.command is None:
+            return act
+        return act.model_copy(update={"command": argv(name, act.command)})
+
+    consumers = {
+        name: c.model_copy(
+            update={
+                "url": urls[name],
+                "load": action(name, c.load),
+                "unload": action(name, c.unload),
+            }
+        )
+        for name, c in config.consumers.items()
+    }
+    host, _ = config.listen_host_port
+    return config.model_copy(
+        update={
+            "listen": f"[{host}]:{broker_port}" if ":" in host else f"{host}:{broker_port}",
+            "gpu": config.gpu.model_copy(update={"sim_url": urls["gpu"]}),
+            "consumers": consumers,
+        }
+    )
+
+
+async def run_demo(config_path: Path, port: int | None = None) -> int:
     config = load_config(config_path)
     # The registry's commands say `python`: make that the interpreter running the demo.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    ports = {name: _port(c.url) for name, c in config.consumers.items()}
-    ports["gpu"] = _port(config.gpu.sim_url)
-    cluster = await start_cluster(ports=ports, spec=demo_spec(config))
+    ports = demo_ports(config, port)
+    host = urlsplit(config.gpu.sim_url).hostname or "127.0.0.1"
+    commands = [n for n, c in config.consumers.items() if c.type is AdapterType.COMMAND]
+    in_process = {n: p for n, p in ports.items() if n != "broker" and n not in commands}
+    flag = "start the demo with --port N (it moves every piece), or --port 0 for free ports"
+    try:
+        cluster = await start_cluster(host=host, ports=in_process, spec=demo_spec(config))
+    except BindError as exc:
+        what = PIECES.get(exc.piece, f"the fake {exc.piece}")
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror
+        raise StartupError(
+            f"demo: {what} cannot listen on {exc.host}:{exc.port}: {reason}; {flag}"
+        ) from None
     server: Server | None = None
     try:
-        server = await start_server(Broker(config))
+        if port is not None:
+            urls = {**cluster.urls, "gpu": cluster.gpu_url}
+            for name in commands:
+                spare = ports[name] or _spare_port(host)
+                urls[name] = _moved(config.consumers[name].url, spare)
+            config = relocated(config, urls, ports["broker"], cluster.run_dir)
+        try:
+            server = await start_server(Broker(config))
+        except OSError as exc:
+            raise StartupError(
+                f"demo: the broker cannot listen on {config.listen}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc}; {flag}"
+            ) from None
         print(banner(server, cluster, config), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -212,4 +318,12 @@ async def _stop_command_consumers(config: Config) -> None:
                 await proc.wait()
 
 
-__all__ = ["curl_examples", "demo_spec", "ephemeral_registry", "ephemeral_spec", "run_demo"]
+__all__ = [
+    "curl_examples",
+    "demo_ports",
+    "demo_spec",
+    "ephemeral_registry",
+    "ephemeral_spec",
+    "relocated",
+    "run_demo",
+]

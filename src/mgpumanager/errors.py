@@ -50,6 +50,8 @@ class ErrorCode(enum.StrEnum):
     LOAD_FAILED = "load_failed"
     UNAUTHORIZED = "unauthorized"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    CLIENT_TIMEOUT = "client_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTTING_DOWN = "shutting_down"
 
 
@@ -71,6 +73,9 @@ ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
     ErrorCode.NO_CONSUMER: ErrorSpec(404, False, "no consumer is routed for this kind"),
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, False, "no consumer serves the requested model"),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(405, False, "route exists, method does not"),
+    ErrorCode.CLIENT_TIMEOUT: ErrorSpec(
+        408, False, "the client sent nothing of its body for client_idle_s"
+    ),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, False, "request body larger than max_body_mib"),
     ErrorCode.SCHEDULER_ERROR: ErrorSpec(
         500, True, "internal scheduler fault (a bug: please report)"
@@ -88,6 +93,9 @@ ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
         503, True, "an unload was not confirmed by the GPU reading"
     ),
     ErrorCode.SHUTTING_DOWN: ErrorSpec(503, True, "broker is draining after SIGTERM"),
+    ErrorCode.TOO_MANY_CONNECTIONS: ErrorSpec(
+        503, True, "max_connections client connections are open already (see Retry-After)"
+    ),
     ErrorCode.QUEUE_TIMEOUT: ErrorSpec(504, True, "waited longer than queue_timeout_s for the GPU"),
     ErrorCode.UPSTREAM_TIMEOUT: ErrorSpec(
         504, True, "job ran longer than the consumer's run_timeout_s"

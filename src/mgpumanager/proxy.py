@@ -1,11 +1,20 @@
-"""Streaming relay between a facade request and an upstream, in both directions.
+"""Relay between a facade request and an upstream, in both directions.
 
-The request body is relayed as it arrives (an audio upload is never collected whole) and the
-answer is written back chunk by chunk (the first NDJSON line of an Ollama answer reaches the
-client while Ollama is still generating). Status, headers (minus hop-by-hop) and body come back
-unchanged, upstream 4xx/5xx included. aiohttp exceptions are translated here, at the boundary:
-before the answer has started they become a BrokerError envelope; after it has started the
-only honest signal left is to cut the client's connection, which is what happens.
+The request body is sent as the broker has it: bytes a surface rewrote, a `SpooledBody` (a job's
+body is received whole before it takes the lease), or, for a request that is no GPU work, the
+client's stream as it arrives. The answer is read from the upstream at the upstream's pace into
+an `AnswerBuffer` (memory, then a temporary file) while a task of its own writes it to the
+client at the client's pace (`Delivery`): `forward` returns once the upstream is done, so the
+lease never waits for a slow reader, and a client that keeps up still gets every chunk as it
+comes (the first NDJSON line of an Ollama answer while Ollama is still generating). The
+facade's outermost middleware waits for the delivery (`finish_delivery`) before the handler
+ends. A client that takes nothing for `client_idle_s` is dropped.
+
+Status, headers (minus hop-by-hop) and body come back unchanged, upstream 4xx/5xx included.
+aiohttp exceptions are translated here, at the boundary: before the answer has started they
+become a BrokerError envelope; after it has started the only honest signal left is to cut the
+client's connection (after what had arrived), which is what happens. A client that leaves is
+ClientDisconnected, never an upstream failure.
 
 Websockets are relayed too (`forward_websocket`): both directions, message by message, with the
 client's query (ComfyUI's `clientId`) and close code.
@@ -17,15 +26,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import IO
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import BrokerError, ClientDisconnected, ErrorCode
+from .spool import AnswerBuffer, SpooledBody, read_client, too_large
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +53,19 @@ HOP_BY_HOP = frozenset(
         "host",
     }
 )
-CHUNK_BYTES = 64 * 1024
 # Request headers the broker consumed itself (its own bearer token): never sent upstream.
 CONSUMED: web.RequestKey[tuple[str, ...]] = web.RequestKey("mgpumanager.consumed", tuple)
 # Set on the request once the answer has started: from then on an error can only cut it off.
 PREPARED: web.RequestKey[bool] = web.RequestKey("mgpumanager.prepared", bool)
 # Headers sent upstream in place of the client's (a same-site Origin made the upstream's own).
 OVERRIDES: web.RequestKey[dict[str, str]] = web.RequestKey("mgpumanager.overrides", dict)
+# How long a client may send or take nothing (the registry's client_idle_s), set per request.
+CLIENT_IDLE_S: web.RequestKey[float] = web.RequestKey("mgpumanager.client_idle_s", float)
+DEFAULT_CLIENT_IDLE_S = 60.0
+
+
+def client_idle_s(request: web.Request) -> float:
+    return float(request.get(CLIENT_IDLE_S, DEFAULT_CLIENT_IDLE_S))
 
 
 def upstream_url(base: str, path: str, raw_query: str = "") -> URL:
@@ -80,14 +95,6 @@ def check_declared_size(request: web.Request, max_body_bytes: int, consumer: str
         raise too_large(max_body_bytes, consumer)
 
 
-def too_large(max_body_bytes: int, consumer: str | None) -> BrokerError:
-    return BrokerError(
-        ErrorCode.PAYLOAD_TOO_LARGE,
-        f"request body is larger than max_body_mib ({max_body_bytes // (1024 * 1024)} MiB)",
-        consumer=consumer,
-    )
-
-
 def safe_path(raw_tail: str, below: str) -> str:
     """The raw (still percent-encoded) path below `below`, refused if any segment, decoded
     however many times, is `.`/`..` or hides a separator. It is forwarded exactly as sent."""
@@ -100,47 +107,123 @@ def safe_path(raw_tail: str, below: str) -> str:
     return raw_tail
 
 
-class ReplayBody:
-    """A request body whose head was read already (to find the model a multipart upload
-    names): the head, spooled, then the rest of the client's stream as it arrives. `exact`:
-    the head is sent byte for byte, so the client's Content-Length still holds (False once a
-    field in it was rewritten)."""
-
-    def __init__(self, head: IO[bytes], rest: aiohttp.StreamReader, *, exact: bool = True) -> None:
-        self.head = head
-        self.rest = rest
-        self.exact = exact
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.head.seek(0)
-        while chunk := self.head.read(CHUNK_BYTES):
-            yield chunk
-        async for chunk in self.rest.iter_chunked(CHUNK_BYTES):
-            yield chunk
-
-    def close(self) -> None:
-        self.head.close()
+Body = bytes | SpooledBody
 
 
-Body = bytes | ReplayBody
+async def client_chunks(
+    stream: StreamReader, idle_s: float, consumer: str | None
+) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, each piece within `idle_s`."""
+    while chunk := await read_client(stream, idle_s, consumer):
+        yield chunk
 
 
-class _BodyLimit:
-    """Counts a streamed body. aiohttp wraps an exception raised inside a request body in its
-    own ClientConnectionError, so the verdict is kept here, where the caller can read it."""
+class _ClientBody:
+    """Counts a body sent upstream as it goes. aiohttp wraps an exception raised inside a
+    request body in its own ClientConnectionError, so the verdict (too large, the client went
+    quiet or away) is kept here, where the caller can read it."""
 
-    def __init__(self, max_body_bytes: int) -> None:
+    def __init__(self, max_body_bytes: int, consumer: str) -> None:
         self.max_body_bytes = max_body_bytes
-        self.exceeded = False
+        self.consumer = consumer
+        self.error: BrokerError | ClientDisconnected | None = None
 
     async def relay(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in chunks:
-            seen += len(chunk)
-            if seen > self.max_body_bytes:
-                self.exceeded = True
-                raise ValueError("request body too large")
-            yield chunk
+        try:
+            async for chunk in chunks:
+                seen += len(chunk)
+                if seen > self.max_body_bytes:
+                    raise too_large(self.max_body_bytes, self.consumer)
+                yield chunk
+        except (BrokerError, ClientDisconnected) as exc:
+            self.error = exc
+            raise
+
+
+# The answer being written to the client by its Delivery, while the handler goes on.
+DELIVERY: web.RequestKey[Delivery] = web.RequestKey("mgpumanager.delivery")
+
+
+class Delivery:
+    """Writes an answer to the client from its AnswerBuffer, in a task of its own, each write
+    within `idle_s`: a client that takes nothing for that long is dropped."""
+
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, idle_s: float, consumer: str
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.idle_s = idle_s
+        self.consumer = consumer
+        self.buffer = AnswerBuffer()
+        self.task = asyncio.create_task(self._write(), name=f"answer of {consumer}")
+        self.task.add_done_callback(_retrieve)
+
+    @classmethod
+    async def start(
+        cls, request: web.Request, response: web.StreamResponse, idle_s: float, consumer: str
+    ) -> Delivery:
+        """Send the status line and headers, then deliver the body as it is put."""
+        try:
+            async with asyncio.timeout(idle_s):
+                await response.prepare(request)
+        except TimeoutError:
+            raise _dropped(request, consumer, idle_s) from None
+        except ConnectionError as exc:
+            raise ClientDisconnected(f"the client of {consumer} went away") from exc
+        request[PREPARED] = True
+        delivery = cls(request, response, idle_s, consumer)
+        request[DELIVERY] = delivery
+        return delivery
+
+    async def _write(self) -> None:
+        try:
+            while (chunk := await self.buffer.get()) is not None:
+                async with asyncio.timeout(self.idle_s):
+                    await self.response.write(chunk)
+            if not self.buffer.failed:  # a failed answer is cut off by the handler
+                async with asyncio.timeout(self.idle_s):
+                    await self.response.write_eof()
+        except TimeoutError:
+            raise _dropped(self.request, self.consumer, self.idle_s) from None
+        except ConnectionError as exc:
+            log.info("the client of %s went away before its answer ended", self.consumer)
+            raise ClientDisconnected(f"the client of {self.consumer} went away") from exc
+        finally:
+            self.buffer.close()
+
+
+def _dropped(request: web.Request, consumer: str, idle_s: float) -> ClientDisconnected:
+    """Drop a client that took nothing for `idle_s`: abort its connection (closing would wait
+    for it to read what is queued)."""
+    log.info("the client of %s took nothing for client_idle_s (%g s): dropped", consumer, idle_s)
+    if request.transport is not None:
+        request.transport.abort()
+    return ClientDisconnected(f"the client of {consumer} took nothing for {idle_s:g} s")
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A delivery's failure is read by finish_delivery, or by nobody when the handler was
+    cancelled: never reported as an exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def finish_delivery(request: web.Request) -> None:
+    """Wait until the answer `forward` started has been written (or cut off after what had
+    arrived, where the upstream broke off). ClientDisconnected if the client went away or was
+    dropped. Cancelling the caller cancels the delivery."""
+    delivery = request.get(DELIVERY)
+    if delivery is not None:
+        await delivery.task
+
+
+def abandon_delivery(request: web.Request) -> None:
+    """Stop writing an answer whose client is gone."""
+    delivery = request.get(DELIVERY)
+    if delivery is not None:
+        delivery.task.cancel()
 
 
 async def forward(
@@ -154,33 +237,39 @@ async def forward(
     max_body_bytes: int,
     body: Body | None = None,
 ) -> web.StreamResponse:
-    """Relay `request` to `base_url + path` and stream the answer back to the client.
+    """Relay `request` to `base_url + path`; return once the upstream's answer has been read
+    to its end (the client may still be taking it: `finish_delivery`).
 
     `body`, when given, replaces the client's body: bytes (a surface or adapter that rewrote
-    it: a ComfyUI prompt_id, an alias resolved) or a ReplayBody (its head read already);
-    otherwise the client's body is streamed through as it arrives.
+    it: a ComfyUI prompt_id, an alias resolved) or a SpooledBody (received whole, or its head
+    read already); otherwise the client's body is streamed through as it arrives.
     """
     check_declared_size(request, max_body_bytes, consumer)
+    idle_s = client_idle_s(request)
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
     drop = list(request.get(CONSUMED, ()))
-    rewritten = isinstance(body, bytes) or (isinstance(body, ReplayBody) and not body.exact)
-    if rewritten or "Content-Encoding" in request.headers:
-        # A rewritten body has its own length; and aiohttp's server has already decompressed
-        # a gzip/deflate body, so its encoding and length no longer describe what is sent.
+    whole = isinstance(body, SpooledBody) and body.rest is None
+    rewritten = isinstance(body, bytes) or (isinstance(body, SpooledBody) and not body.exact)
+    if whole or rewritten or "Content-Encoding" in request.headers:
+        # A body held or rewritten has its own length; and aiohttp's server has already
+        # decompressed a gzip/deflate body, so its encoding and length no longer describe
+        # what is sent.
         drop += ["content-length", "content-encoding"]
     headers = filter_headers(request.headers, drop=drop)
     headers.update(request.get(OVERRIDES, {}))
-    limit = _BodyLimit(max_body_bytes)
+    source = _ClientBody(max_body_bytes, consumer)
     data: bytes | AsyncIterator[bytes] | None
     if isinstance(body, bytes):
         data = body
     elif body is not None:
-        data = limit.relay(body.chunks())
+        if whole:
+            headers["Content-Length"] = str(body.size)  # upstreams need not take chunked
+        data = source.relay(body.chunks(idle_s, consumer))
     elif request.body_exists:
-        data = limit.relay(request.content.iter_chunked(CHUNK_BYTES))
+        data = source.relay(client_chunks(request.content, idle_s, consumer))
     else:
         data = None
-    response: web.StreamResponse | None = None
+    delivery: Delivery | None = None
     try:
         async with session.request(
             method,
@@ -193,27 +282,27 @@ async def forward(
         ) as upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.update(filter_headers(upstream.headers))
-            await response.prepare(request)
-            request[PREPARED] = True
+            delivery = await Delivery.start(request, response, idle_s, consumer)
             try:
                 async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-            except ConnectionResetError as exc:
-                # Leaving the `async with` closes the upstream connection: the upstream request
-                # is aborted, and the lease layer counts the job as cancelled.
-                raise ClientDisconnected(f"client of {consumer} went away") from exc
+                    delivery.buffer.put(chunk)
+                    if delivery.task.done() and not delivery.task.cancelled():
+                        delivery.task.result()  # the client went away or was dropped
+            except BaseException:
+                # Leaving the `async with` closes the upstream connection (a cancelled job
+                # aborts the upstream request); the client gets what came, then is cut off.
+                delivery.buffer.fail()
+                raise
+            delivery.buffer.end()
             return response
-    except ClientDisconnected:
-        raise
-    except asyncio.CancelledError:
+    except (ClientDisconnected, asyncio.CancelledError):
         raise
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        if limit.exceeded and response is None:
-            raise too_large(max_body_bytes, consumer) from None
+        if source.error is not None and delivery is None:
+            raise source.error from None
         # ValueError: aiohttp's answer to a malformed upstream status line or header.
         error = translate_client_error(exc, consumer)
-        if response is None:
+        if delivery is None:
             raise error from exc
         log.warning("%s: upstream failed mid-answer, cutting the client off: %s", consumer, exc)
         raise ConnectionResetError(error.message) from exc

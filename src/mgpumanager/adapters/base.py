@@ -120,6 +120,10 @@ class ConsumerAdapter(Protocol):
     def model_key(self, model: str) -> str: ...
     async def unload_model(self, model: str) -> None: ...
     async def load_model(self, model: str) -> None: ...
+    def check_body(self, kind: str, body: Body | None) -> None:
+        """Refuse (bad_request) a job's body, received whole, that could never run: before it
+        queues for the GPU, not under the lease."""
+
     async def forward(
         self,
         request: web.Request,
@@ -128,7 +132,7 @@ class ConsumerAdapter(Protocol):
         max_body_bytes: int,
         body: Body | None = None,
     ) -> web.StreamResponse:
-        """Run one job; `body`: the request body the facade already read (else streamed)."""
+        """Run one job; `body`: the request body, received whole before the job started."""
 
 
 class UpstreamStatus(BrokerError):
@@ -249,12 +253,12 @@ class BaseAdapter:
                 f"{self.name}: {method} {path} took longer than {timeout_s:g} s",
                 consumer=self.name,
             ) from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise BrokerError(
                 ErrorCode.UPSTREAM_ERROR,
-                f"{self.name}: {method} {path} answered non-JSON: {exc}",
+                f"{self.name}: {method} {path} answered non-JSON: {type(exc).__name__}",
                 consumer=self.name,
-            ) from exc
+            ) from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise translate_client_error(exc, self.name) from exc
 
@@ -358,6 +362,9 @@ class BaseAdapter:
         raise BrokerError(
             ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model", consumer=self.name
         )
+
+    def check_body(self, kind: str, body: Body | None) -> None:
+        return None  # most upstreams judge their own bodies
 
     async def forward(
         self,

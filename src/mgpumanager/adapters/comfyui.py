@@ -14,11 +14,12 @@ import json
 import logging
 import re
 import uuid
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from ..bodies import read_body
+from ..bodies import encode_json, parse_json, read_body
 from ..config import ConsumerConfig, HealthConfig, HttpCall
 from ..errors import BrokerError, Dialect, ErrorCode
 from ..lease import JobHandle
@@ -94,6 +95,33 @@ class ComfyUIAdapter(BaseAdapter):
                 "POST", "/free", body=body, timeout_s=self.config.unload_timeout_s
             )
 
+    def check_body(self, kind: str, body: Body | None) -> None:
+        """A prompt that could never run is refused before it queues for the GPU."""
+        call = self.path_for(kind)
+        if call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS:
+            self._prompt(body if body is not None else b"")
+
+    def _prompt(self, body: Body) -> dict[str, Any]:
+        """The prompt a body holds (received whole), or a bad_request saying why not."""
+        raw = body if isinstance(body, bytes) else body.read_all()
+        prompt = parse_json(raw, "the prompt", self.name)
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                'expected {"prompt": {...graph...}}',
+                consumer=self.name,
+            )
+        given = str(prompt.get("prompt_id") or "")
+        if given and (not PROMPT_ID.fullmatch(given) or given.strip(".") == ""):
+            # The id goes into ComfyUI URLs (/history/{id}): "../free" would poll another route
+            # and hold the lease until run_timeout_s although the prompt ended long before.
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                "prompt_id may hold only letters, digits and . _ : - (at most 128)",
+                consumer=self.name,
+            )
+        return prompt
+
     async def forward(
         self,
         request: web.Request,
@@ -109,45 +137,23 @@ class ComfyUIAdapter(BaseAdapter):
         started = loop.time()
         if body is None:
             body = await read_body(request, max_body_bytes, self.name)
-        elif not isinstance(body, bytes):
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST, "a prompt is a JSON body, not a form", consumer=self.name
-            )
-        try:
-            prompt = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST, f"the prompt is not JSON: {exc}", consumer=self.name
-            ) from exc
-        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST,
-                'expected {"prompt": {...graph...}}',
-                consumer=self.name,
-            )
+        prompt = self._prompt(body)
         prompt_id = str(prompt.get("prompt_id") or uuid.uuid4())
-        if not PROMPT_ID.fullmatch(prompt_id) or prompt_id.strip(".") == "":
-            # The id goes into ComfyUI URLs (/history/{id}): "../free" would poll another route
-            # and hold the lease until run_timeout_s although the prompt ended long before.
-            raise BrokerError(
-                ErrorCode.BAD_REQUEST,
-                "prompt_id may hold only letters, digits and . _ : - (at most 128)",
-                consumer=self.name,
-            )
         prompt["prompt_id"] = prompt_id
         ws: aiohttp.ClientWebSocketResponse | None = None
         # A caller that names its client_id listens on its own socket under that id. ComfyUI
         # keeps one socket per client_id (a second connect replaces the first), so a broker
         # socket under the same id would steal the caller's events: follow /history instead.
+        client_id = None
         if not prompt.get("client_id"):
             prompt["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+        posted = encode_json(prompt, "the prompt", self.name)
+        if client_id is not None:
             # Open the socket before posting, or the prompt's events may come before we listen.
             ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
-            response = await self.relay(
-                request, call, max_body_bytes, body=json.dumps(prompt).encode()
-            )
+            response = await self.relay(request, call, max_body_bytes, body=posted)
         except BaseException:
             # The prompt may be on ComfyUI's queue already (the client went away while its
             # answer was relayed): stop it before the lease goes, or it runs unguarded.
@@ -213,7 +219,7 @@ class ComfyUIAdapter(BaseAdapter):
                 continue  # binary frames are previews
             try:
                 event = json.loads(msg.data)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 continue
             data = event.get("data") if isinstance(event, dict) else None
             if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:

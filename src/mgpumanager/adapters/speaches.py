@@ -61,7 +61,7 @@ class SpeachesAdapter(BaseAdapter):
                         try:
                             await self.request_json(
                                 "DELETE",
-                                f"/api/ps/{quote(model, safe='/')}",
+                                f"/api/ps/{model_path(model, self.name)}",
                                 timeout_s=5.0,
                                 ok=(200, 404),
                             )
@@ -90,7 +90,7 @@ class SpeachesAdapter(BaseAdapter):
     async def load_model(self, model: str) -> None:
         await self.request_json(
             "POST",
-            f"/api/ps/{quote(model, safe='/')}",
+            f"/api/ps/{model_path(model, self.name)}",
             timeout_s=self.config.load_timeout_s,
             ok=(200, 201, 409),
         )
@@ -98,3 +98,15 @@ class SpeachesAdapter(BaseAdapter):
 
 def _named(model: object) -> bool:
     return isinstance(model, str) or (isinstance(model, dict) and model.get("id") is not None)
+
+
+def model_path(model: str, consumer: str) -> str:
+    """A model id as a path below /api/ps/ (speaches ids hold a `/`: `Systran/faster-whisper`).
+    The id may come from a client: a `.` or `..` segment, or an empty one, would make it
+    another route once the URL is normalised, so it is refused."""
+    segments = model.split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST, f"not a model id: {model[:200]!r}", consumer=consumer
+        )
+    return "/".join(quote(s, safe="") for s in segments)

@@ -91,6 +91,23 @@ class WhisperProcess:
         return launcher.running_pid(self.pidfile) is not None
 
 
+class BindError(OSError):
+    """A piece of the cluster could not listen where it was told: which one, and where."""
+
+    def __init__(self, piece: str, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.piece = piece
+        self.host = host
+        self.port = port
+
+
+async def _serve(piece: str, app: Any, host: str, port: int) -> RunningApp:
+    try:
+        return await serve_app(app, host=host, port=port)
+    except OSError as exc:
+        raise BindError(piece, host, port, exc) from exc
+
+
 class SimCluster:
     def __init__(
         self,
@@ -205,7 +222,7 @@ async def start_cluster(
     ports = dict(ports or {})
     activity = ActivityLog()
     gpu = SimGPU(total_mib, gpu_name, busy=activity.busy)
-    gpu_server = await serve_app(gpu_app(gpu, activity), host=host, port=ports.get("gpu", 0))
+    gpu_server = await _serve("gpu", gpu_app(gpu, activity), host, ports.get("gpu", 0))
     own_dir = run_dir is None
     cluster = SimCluster(
         gpu, activity, gpu_server, run_dir or Path(tempfile.mkdtemp(prefix="mgpu-sim-")), own_dir
@@ -229,7 +246,7 @@ async def start_cluster(
         if spec.vllm is not None:
             fakes["vllm"] = FakeVLLM(spec.vllm, ledger=ledger, activity=activity)
         for name, fake in fakes.items():
-            server = await serve_app(fake.app, host=host, port=ports.get(name, 0))
+            server = await _serve(name, fake.app, host, ports.get(name, 0))
             cluster.servers[name] = server
             cluster.urls[name] = server.url
             cluster.fakes[name] = fake

@@ -1,0 +1,210 @@
+"""Bodies held by the broker so that no client's pace reaches the GPU lease.
+
+A job takes the lease only once its request body is all here: `SpooledBody` holds it, in memory
+up to `SPOOL_MEMORY_BYTES` and in a temporary file past that, so memory stays bounded whatever
+the upload's size (`max_body_mib` bounds the file). The answer goes the other way through an
+`AnswerBuffer`: the upstream is read at its own pace into it (memory up to
+`ANSWER_MEMORY_BYTES`, then a temporary file) while the client takes from it at its own, so
+the lease ends when the upstream is done, not when the slowest reader is. A client that keeps
+up gets each chunk as soon as it arrives.
+
+Reading the client with a deadline (`read_client`) is here too: a client that sends nothing for
+`client_idle_s` is answered `client_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import IO
+
+from aiohttp import StreamReader, web
+
+from .errors import BrokerError, ClientDisconnected, ErrorCode
+
+SPOOL_MEMORY_BYTES = 1024 * 1024
+# An answer's share of memory: the kernel's socket buffers hold a few MiB more for a client
+# that keeps up; past both, a slow reader's answer waits on disk.
+ANSWER_MEMORY_BYTES = 256 * 1024
+CHUNK_BYTES = 64 * 1024
+
+
+def spooled_file() -> IO[bytes]:
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+
+
+async def read_client(
+    stream: StreamReader, idle_s: float, consumer: str | None, *, limit: int = CHUNK_BYTES
+) -> bytes:
+    """The next piece of a request body (b"" at its end). A client that sends nothing for
+    `idle_s` gets `client_timeout`; a body aiohttp cannot decode (bad chunked framing, a
+    broken gzip stream) is a `bad_request`; a client that went away mid-body is
+    ClientDisconnected."""
+    try:
+        async with asyncio.timeout(idle_s):
+            return await stream.read(limit)
+    except TimeoutError:
+        raise BrokerError(
+            ErrorCode.CLIENT_TIMEOUT,
+            f"the client sent nothing for client_idle_s ({idle_s:g} s)",
+            consumer=consumer,
+        ) from None
+    except web.RequestPayloadError as exc:
+        raise BrokerError(
+            ErrorCode.BAD_REQUEST, f"malformed request body: {exc}", consumer=consumer
+        ) from None
+    except ConnectionError as exc:
+        raise ClientDisconnected(f"the client of {consumer or 'the broker'} went away") from exc
+
+
+class SpooledBody:
+    """A request body in a spooled temporary file, maybe followed by the part of the client's
+    stream not read yet (`rest`; None once `receive_rest` has read it all). `exact`: the file
+    holds the client's bytes unchanged (False once a field in it was rewritten)."""
+
+    def __init__(
+        self, file: IO[bytes], rest: StreamReader | None = None, *, exact: bool = True
+    ) -> None:
+        self.file = file
+        self.rest = rest
+        self.exact = exact
+
+    @classmethod
+    async def receive(
+        cls, stream: StreamReader, max_bytes: int, idle_s: float, consumer: str | None
+    ) -> SpooledBody:
+        """The client's whole body, spooled."""
+        body = cls(spooled_file(), stream)
+        try:
+            await body.receive_rest(max_bytes, idle_s, consumer)
+        except BaseException:
+            body.close()
+            raise
+        return body
+
+    @property
+    def size(self) -> int:
+        self.file.seek(0, 2)
+        return self.file.tell()
+
+    async def receive_rest(self, max_bytes: int, idle_s: float, consumer: str | None) -> None:
+        """Read what the client has still to send into the file, bounded by `max_bytes` in
+        all (then `payload_too_large`) and by `idle_s` between pieces."""
+        if self.rest is None:
+            return
+        seen = self.size
+        while chunk := await read_client(self.rest, idle_s, consumer):
+            seen += len(chunk)
+            if seen > max_bytes:
+                raise too_large(max_bytes, consumer)
+            self.file.write(chunk)
+        self.rest = None
+
+    def read_all(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
+
+    async def chunks(self, idle_s: float, consumer: str | None) -> AsyncIterator[bytes]:
+        """The file, then whatever the client still sends (each piece within `idle_s`)."""
+        self.file.seek(0)
+        while chunk := self.file.read(CHUNK_BYTES):
+            yield chunk
+        if self.rest is not None:
+            while chunk := await read_client(self.rest, idle_s, consumer):
+                yield chunk
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def too_large(max_body_bytes: int, consumer: str | None) -> BrokerError:
+    return BrokerError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"request body is larger than max_body_mib ({max_body_bytes // (1024 * 1024)} MiB)",
+        consumer=consumer,
+    )
+
+
+class AnswerBuffer:
+    """A first-in first-out byte queue between an upstream (`put`, never waits) and a client
+    (`get`, waits for data): chunks stay in memory up to `memory_bytes`, the rest goes to a
+    temporary file and is read back in order. Once the file has been read to its end it is
+    emptied and memory is used again. The writer ends it with `end()` or `fail()`."""
+
+    def __init__(self, memory_bytes: int = ANSWER_MEMORY_BYTES) -> None:
+        self.memory_bytes = memory_bytes
+        self._memory: deque[bytes] = deque()
+        self._memory_size = 0
+        self._file: IO[bytes] | None = None
+        self._read_at = 0
+        self._written_at = 0
+        self._ended = False
+        self.failed = False
+        self._ready = asyncio.Event()
+        self.total = 0  # bytes put in all
+        self.spilled = 0  # of which went through the file
+
+    @property
+    def pending(self) -> int:
+        """Bytes put and not taken yet."""
+        return self._memory_size + self._written_at - self._read_at
+
+    def put(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.total += len(chunk)
+        # Once the file holds bytes not read yet, everything after them goes there too: the
+        # memory deque only ever holds bytes older than the file's.
+        if self._written_at == self._read_at and self._memory_size + len(chunk) <= max(
+            self.memory_bytes, 1
+        ):
+            self._memory.append(chunk)
+            self._memory_size += len(chunk)
+        else:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile()  # noqa: SIM115
+            self._file.seek(self._written_at)
+            self._file.write(chunk)
+            self._written_at += len(chunk)
+            self.spilled += len(chunk)
+        self._ready.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._ready.set()
+
+    def fail(self) -> None:
+        """The upstream broke off: the client gets what came, then is cut off."""
+        self.failed = True
+        self.end()
+
+    async def get(self) -> bytes | None:
+        """The next chunk; None once everything put before `end()` has been taken."""
+        while True:
+            if self._memory:
+                chunk = self._memory.popleft()
+                self._memory_size -= len(chunk)
+                return chunk
+            if self._file is not None and self._read_at < self._written_at:
+                self._file.seek(self._read_at)
+                chunk = self._file.read(min(CHUNK_BYTES, self._written_at - self._read_at))
+                self._read_at += len(chunk)
+                if self._read_at == self._written_at:  # all read back: start the file over
+                    self._file.seek(0)
+                    self._file.truncate()
+                    self._read_at = self._written_at = 0
+                return chunk
+            if self._ended:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._memory.clear()
+        self._memory_size = 0
+        self._read_at = self._written_at = 0
