@@ -32,9 +32,9 @@ from typing import Any
 
 import aiohttp
 
-from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
 from mgpumanager.config import Config
+from mgpumanager.daemon import Server, start_server
 from mgpumanager.events import CLIENT_BUFFER
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.mvoice import MVoiceSettings

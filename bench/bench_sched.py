@@ -52,9 +52,9 @@ from sched_traces import (
     summary,
 )
 
-from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
 from mgpumanager.config import Config
+from mgpumanager.daemon import Server, start_server
 from mgpumanager.scheduler import Grant, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings

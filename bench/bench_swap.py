@@ -31,9 +31,9 @@ from typing import Any
 
 import aiohttp
 
-from mgpumanager.app import start_server
 from mgpumanager.broker import Broker
 from mgpumanager.config import Config
+from mgpumanager.daemon import start_server
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.ollama import OllamaSettings

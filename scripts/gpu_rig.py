@@ -30,9 +30,9 @@ except ImportError:  # run from a checkout without installing
 import aiohttp
 import yaml
 
-from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
 from mgpumanager.config import Config, parse_config
+from mgpumanager.daemon import Server, start_server
 from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.sim.server import bind_loopback, wait_until
 

@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import Config, SchedulerConfig
+from mgpumanager.daemon import Server, start_server
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, SimCluster
 from mgpumanager.sim.ollama import OllamaSettings

@@ -30,8 +30,8 @@ from mgpumanager.adapters import (
     SpeachesAdapter,
     make_adapter,
 )
-from mgpumanager.app import Server
 from mgpumanager.config import Config, ConsumerConfig
+from mgpumanager.daemon import Server
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings, FakeComfyUI

@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from mgpumanager.app import Server, start_server
 from mgpumanager.broker import Broker
 from mgpumanager.config import Config, load_config, split_listen
+from mgpumanager.daemon import Server, start_server
 from mgpumanager.demo import DEMO_MODEL, ephemeral_registry, ephemeral_spec
 from mgpumanager.sim.cluster import start_cluster
 

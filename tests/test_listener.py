@@ -15,7 +15,7 @@ from aiohttp import web
 from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.app import Server
+from mgpumanager.daemon import Server
 from mgpumanager.listener import ConnectionGuard, fault_of
 
 # Each is refused by aiohttp's parser or before routing; the secret must never come back.

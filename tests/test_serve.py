@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from conftest import Upstream, wait_for
-from mgpumanager.app import serve as serve_in_process
+from mgpumanager.daemon import serve as serve_in_process
 from mgpumanager.notify import Notifier
 
 REGISTRY = """\

@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .app import Server, make_app, start_server
+    from .app import make_app
     from .broker import Broker
     from .config import Config, ConfigError, ConfigProblem, load_config, parse_config
+    from .daemon import Server, start_server
     from .errors import ERROR_TABLE, BrokerError, ErrorCode
 
 _EXPORTS = {
-    "Server": ".app",
+    "Server": ".daemon",
     "make_app": ".app",
-    "start_server": ".app",
+    "start_server": ".daemon",
     "Broker": ".broker",
     "Config": ".config",
     "ConfigError": ".config",

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "serve":
-            from .app import StartupError, serve
+            from .daemon import StartupError, serve
 
             try:
                 return asyncio.run(serve(args.config))
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             from .init import main_init
 
             return main_init(args)
-        from .app import StartupError
+        from .daemon import StartupError
         from .demo import run_demo
 
         try:

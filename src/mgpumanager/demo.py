@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .app import Server, StartupError, start_server
 from .broker import Broker
 from .config import Action, AdapterType, Config, load_config, parse_config, redact_url
+from .daemon import Server, StartupError, start_server
 from .sim.cluster import BindError, FakeSpec, SimCluster, start_cluster
 from .sim.comfyui import ComfyUISettings
 from .sim.mvoice import MVoiceSettings
