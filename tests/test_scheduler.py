@@ -316,3 +316,20 @@ def test_a_run_time_is_the_median_of_the_last_samples() -> None:
     assert c.recent_run_s["ollama"] == 1
     c.reconfigure(SchedulerConfig(policy="priority"), {"mvoice": ConsumerPolicy()})
     assert c.recent_run_s == {}  # a consumer that is gone leaves no figure behind
+
+
+def test_startable_says_whether_schedule_could_grant() -> None:
+    c = core()  # ollama: two at once
+    assert not c.startable  # nothing waits
+    a = c.submit("ollama")
+    assert c.startable
+    [g] = c.schedule()
+    c.submit("ollama")
+    assert not c.startable  # a tenure is being prepared
+    c.ready(g.job_id)
+    assert c.startable  # a second slot
+    assert len(c.schedule()) == 1
+    c.submit("ollama")
+    assert not c.startable  # both slots taken
+    c.finish(a, Outcome.COMPLETED)
+    assert c.startable

@@ -290,6 +290,15 @@ class SchedulerCore:
             grants.append(self._start(job, prepare=running == 0, warm=job.consumer in resident))
         return grants
 
+    @property
+    def startable(self) -> bool:
+        """Whether `schedule` could grant anything now: jobs wait, no tenure is being prepared
+        and the holder has a free slot. False spares a caller the figures `schedule` takes."""
+        if not self._waiting or self._preparing:
+            return False
+        holder = self._consumers.get(self._holder or "", _ANY)
+        return len(self._running) < holder.max_concurrency
+
     def _view(self, resident: Set[str], costs: Mapping[str, float]) -> QueueView:
         return QueueView(
             heads=[next(iter(cls.values())) for cls in self._classes.values()],
