@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint run demo bench bench-sched deploy undeploy clean
+.PHONY: build test lint run demo bench bench-events bench-sched deploy undeploy clean
 
 build: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_swap.py
+	$(BIN)/python bench/bench_events.py
+
+# Job latency with and without a /v1/events client that stops reading (needs curl).
+bench-events: $(STAMP)
+	$(BIN)/python bench/bench_events.py
 
 bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -519,27 +519,30 @@ async def queue_cost(broker: Child, upstream: Child, depths: Sequence[int]) -> d
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for depth in depths:
-            await session.post(upstream.url + "/control/reset")
+            await control(session, upstream.url + "/control/reset")
             before = broker.rss_mib()
             url = broker.url + "/v1/llm?hold=1"
             holder = asyncio.create_task(post(session, url))
             await until(session, broker.url, lambda s: s["scheduler"]["in_flight"] == 1)
             jobs = [asyncio.create_task(post(session, url)) for _ in range(depth)]
-            await until(session, broker.url, depth_is(depth))
+            # /v1/status lists every waiting job: polled slowly, and never while measuring.
+            await until(session, broker.url, depth_is(depth), every_s=0.25)
+            started = time.monotonic()
+            await status(session, broker.url)
+            status_ms = (time.monotonic() - started) * 1000
+            await asyncio.sleep(0.5)
             per_job_kib = (broker.rss_mib() - before) * 1024 / depth
-            handoffs = min(20, depth)
-            for _ in range(handoffs):
-                await session.post(upstream.url + "/control/release")
-                await until(session, broker.url, depth_below(depth))
+            for _ in range(min(20, depth)):
+                await control(session, upstream.url + "/control/release")
                 await until_held(session, upstream.url)
-                depth -= 1
             async with session.get(upstream.url + "/control/arrivals") as resp:
                 timeline = await resp.json()
             gaps = handoff_gaps(timeline["releases"], timeline["arrivals"])
-            await session.post(upstream.url + "/control/release?all=1")
+            await control(session, upstream.url + "/control/release?all=1")
             await asyncio.gather(holder, *jobs)
             out[str(len(jobs))] = {
                 "rss_per_waiting_job_kib": per_job_kib,
+                "status_ms": status_ms,
                 "handoff_ms": {
                     "median": statistics.median(gaps) * 1000,
                     "max": max(gaps) * 1000,
@@ -548,18 +551,19 @@ async def queue_cost(broker: Child, upstream: Child, depths: Sequence[int]) -> d
             }
             print(
                 f"  queue {len(jobs):6}: {per_job_kib:6.1f} KiB per waiting job, handoff median "
-                f"{statistics.median(gaps) * 1000:.2f} ms",
+                f"{statistics.median(gaps) * 1000:.2f} ms, /v1/status {status_ms:.0f} ms",
                 flush=True,
             )
     return out
 
 
+async def control(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.post(url) as resp:
+        await resp.read()
+
+
 def depth_is(depth: int) -> Callable[[dict[str, Any]], bool]:
     return lambda doc: bool(doc["scheduler"]["queue_depth"] == depth)
-
-
-def depth_below(depth: int) -> Callable[[dict[str, Any]], bool]:
-    return lambda doc: bool(doc["scheduler"]["queue_depth"] < depth)
 
 
 async def post(session: aiohttp.ClientSession, url: str) -> int:
@@ -573,12 +577,13 @@ async def until(
     broker: str,
     ok: Callable[[dict[str, Any]], bool],
     timeout_s: float = 120.0,
+    every_s: float = 0.01,
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while not ok(await status(session, broker)):
         if time.monotonic() > deadline:
             raise RuntimeError("the broker did not get there in time")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(every_s)
 
 
 async def until_held(session: aiohttp.ClientSession, upstream: str) -> None:

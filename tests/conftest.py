@@ -17,6 +17,8 @@ from mgpumanager.broker import Broker
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import Config, SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.sim.cluster import FakeSpec, SimCluster
+from mgpumanager.sim.ollama import OllamaSettings
 from mgpumanager.sim.server import RunningApp, serve_app, wait_until
 
 # The one poll-until helper, under the name the tests import from here.
@@ -144,3 +146,54 @@ def grant_one(c: SchedulerCore, **kwargs: object) -> int:
 
 def done(c: SchedulerCore, job: int) -> None:
     c.finish(job, Outcome.COMPLETED)
+
+
+# -- the simulated box ---------------------------------------------------------------------
+
+SIM_MODEL = "llm:14b"
+
+
+def sim_spec() -> FakeSpec:
+    """The fakes of `sim_registry`, without delays."""
+    ollama = OllamaSettings(models={SIM_MODEL: 14000}, chunks=2)
+    return FakeSpec.instant(whisper=None, ollama=ollama).with_timing(
+        load_s=0, run_s=0, free_delay_s=0
+    )
+
+
+def sim_registry(cluster: SimCluster, **top: Any) -> Config:
+    """mvoice (6000 MiB), ollama (14000) and comfyui (12300) on a cluster's simulated 24 GiB:
+    ollama and comfyui never fit together."""
+    health = {"interval_s": 0.2, "timeout_s": 2}
+    return Config.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "gpu": {"backend": "sim", "sim_url": cluster.gpu_url, "poll_interval_s": 0.02},
+            "routing": {"tts": "mvoice", "llm": "ollama", "image": "comfyui"},
+            "consumers": {
+                "mvoice": {
+                    "url": cluster.urls["mvoice"],
+                    "health": {"path": "/health", **health},
+                    "vram_resident_mib": 6000,
+                    "unload": {"path": "/api/admin/unload"},
+                    "load": {"path": "/api/admin/load"},
+                    "gpu_processes": ["mvoice"],
+                },
+                "ollama": {
+                    "type": "ollama",
+                    "url": cluster.urls["ollama"],
+                    "health": {"path": "/api/version", **health},
+                    "vram_resident_mib": 14000,
+                    "gpu_processes": ["ollama"],
+                },
+                "comfyui": {
+                    "type": "comfyui",
+                    "url": cluster.urls["comfyui"],
+                    "health": {"path": "/system_stats", **health},
+                    "vram_resident_mib": 12300,
+                    "gpu_processes": ["comfyui"],
+                },
+            },
+            **top,
+        }
+    )

@@ -75,3 +75,58 @@ async def test_a_partial_health_section_keeps_the_types_default_path() -> None:
         adapter = make_adapter("o", config, session)
     assert adapter.health_config.path == "/api/version"
     assert adapter.health_config.interval_s == 2
+
+
+GPU_ROUTES: dict[AdapterType, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
+    # type: (routes of its own API that are GPU jobs, routes that are not)
+    AdapterType.OLLAMA: (
+        [("POST", "/api/chat"), ("POST", "/api/embed"), ("POST", "/v1/chat/completions")],
+        [("POST", "/api/pull"), ("GET", "/api/tags"), ("POST", "/api/show"), ("GET", "/")],
+    ),
+    AdapterType.COMFYUI: (
+        [("POST", "/prompt"), ("POST", "/api/prompt")],
+        [("GET", "/prompt"), ("GET", "/view"), ("POST", "/upload/image"), ("GET", "/ws")],
+    ),
+    AdapterType.SPEACHES: (
+        [("POST", "/v1/audio/transcriptions"), ("POST", "/v1/audio/speech")],
+        [("GET", "/v1/models"), ("DELETE", "/api/ps/m")],
+    ),
+    AdapterType.VLLM: (
+        [("POST", "/v1/completions"), ("POST", "/v1/chat/completions")],
+        [("POST", "/sleep"), ("GET", "/is_sleeping"), ("GET", "/metrics")],
+    ),
+    AdapterType.GENERIC: (
+        [("POST", "/speak"), ("PUT", "/render")],
+        [("GET", "/speak"), ("POST", "/v1/chat/completions"), ("GET", "/audio/x.wav")],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(GPU_ROUTES))
+async def test_which_routes_of_a_consumers_own_api_are_gpu_work(kind: AdapterType) -> None:
+    config = ConsumerConfig.model_validate(
+        {
+            "type": kind,
+            "url": "http://127.0.0.1:9",
+            "vram_resident_mib": 1000,
+            "paths": {"tts": {"path": "/speak"}} if kind is AdapterType.GENERIC else {},
+            "scheduled": [{"method": "PUT", "path": "/render"}],
+        }
+    )
+    gpu, other = GPU_ROUTES[kind]
+    async with aiohttp.ClientSession() as session:
+        adapter = make_adapter("x", config, session)
+    assert [r for r in gpu if not adapter.uses_gpu(*r)] == []
+    assert [r for r in other if adapter.uses_gpu(*r)] == []
+
+
+async def test_a_generic_consumer_that_serves_openai_routes() -> None:
+    config = ConsumerConfig.model_validate(
+        {"url": "http://127.0.0.1:9", "vram_resident_mib": 1000, "openai": True}
+    )
+    async with aiohttp.ClientSession() as session:
+        adapter = make_adapter("tts", config, session)
+    assert adapter.uses_gpu("POST", "/v1/audio/speech")
+    assert adapter.names_model("POST", "/v1/audio/speech")
+    assert not adapter.uses_gpu("GET", "/v1/models")
+    assert str(adapter.dialect) == "openai"

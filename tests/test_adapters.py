@@ -442,12 +442,13 @@ async def test_comfyui_free_only_sets_flags_and_its_cuda_context_stays() -> None
             await comfy.unload()  # answered at once: only flags
             assert fake.flags == {"unload_models": True, "free_memory": True}
             assert cluster.gpu.held_by("comfyui") == 12300  # the prompt still runs on it
-            assert await comfy.unloaded()  # ComfyUI cannot tell: the GPU reading decides
             # Its own allocator still holds the model while the prompt runs...
+            assert not await comfy.unloaded()
             report = await comfy.residency()
             assert (report.resident, report.held_mib) == (True, 12300)
             await wait_for(lambda: cluster.gpu.held_by("comfyui") == 300, what="weights freed")
             # ...and only its CUDA context once the flags were acted on.
+            assert await comfy.unloaded()
             report = await comfy.residency()
             assert (report.resident, report.held_mib) == (False, None)
             assert fake.running is None and fake.ctx_allocated  # the CUDA context stays

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import mgpumanager.config as config_module
+import mgpumanager.registry as config_module
 from mgpumanager.config import AdapterType, ConfigError, load_config, parse_config, redact_url
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,6 +24,9 @@ def test_models_may_be_plain_names_or_mappings() -> None:
       - {name: nomic-embed-text, vram_mib: 600}
       - {name: llama3:8b, vram_mib: 6000, preload: true}
     aliases: {gpt-4o-mini: qwen2.5:14b}
+  tts:
+    url: http://127.0.0.1:9000
+    vram_resident_mib: 2000
     idle_unload_s: 1800
 idle:
   warm: [ollama/llama3:8b]
@@ -39,7 +42,7 @@ idle:
     assert c.preload_models == ["qwen2.5:14b", "llama3:8b"]
     entry = c.model_entry("gpt-4o-mini")
     assert entry is not None and entry.name == "qwen2.5:14b"
-    assert c.idle_unload_s == 1800
+    assert config.consumers["tts"].idle_unload_s == 1800
     assert config.idle.warm == ["ollama/llama3:8b"] and config.idle.warm_after_s == 45
 
 
@@ -52,6 +55,7 @@ idle:
         ("idle: {warm: [nobody]}\n", "idle.warm.0", "not a consumer"),
         ("    models: [a]\nidle: {warm: [ollama/b]}\n", "idle.warm.0", "not one of"),
         ("    idle_unload_s: 0\n", "consumers.ollama.idle_unload_s", "greater than 0"),
+        ("    idle_unload_s: 60\nidle: {warm: [ollama]}\n", "idle.warm.0", "warm it or unload it"),
     ],
 )
 def test_bad_model_keys_are_refused_with_their_path(extra: str, path: str, words: str) -> None:

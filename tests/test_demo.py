@@ -1,5 +1,7 @@
-"""`make demo` as a user runs it: started as a subprocess, every printed curl command run
-against it as printed, then Ctrl-C stops everything and leaves no process behind."""
+"""`make demo` as a user runs it: started as a subprocess, every printed command run against it
+as printed (the broker's facade, an Ollama call, an OpenAI call, a ComfyUI round trip through
+/upstream/comfyui that ends with the image's bytes), then Ctrl-C stops everything and leaves no
+process behind."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def read_banner(proc: subprocess.Popen[str], timeout_s: float) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_make_demo_and_every_printed_curl_command() -> None:
+def test_make_demo_and_every_printed_command(tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.fail("curl is needed to run the demo's printed commands (apt-get install curl)")
     proc = subprocess.Popen(
@@ -60,20 +62,29 @@ def test_make_demo_and_every_printed_curl_command() -> None:
     )
     try:
         banner = read_banner(proc, timeout_s=120)
-        curls = [line for line in banner if line.startswith("curl ")]
-        assert len(curls) >= 3, banner
-        for command in curls:
+        tried = banner[banner.index("Try:") + 1 :]
+        tried = tried[: tried.index("")]  # the block ends at its blank line
+        commands = [line for line in tried if not line.startswith("#")]
+        assert len(commands) >= 9, banner
+        surfaces = ["/api/chat", "/v1/chat/completions", "/upstream/comfyui/prompt"]
+        assert all(any(s in c for c in commands) for s in surfaces), commands
+        for command in commands:
             run = subprocess.run(
                 ["bash", "-c", command + " --fail-with-body --max-time 60"],
                 capture_output=True,
                 text=True,
                 check=False,
                 timeout=90,
+                cwd=tmp_path,
             )
             assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
             assert run.stdout.strip(), command
             if "/metrics" in command:
                 assert "mgpumanager_queue_depth" in run.stdout
+            elif "/upstream/comfyui" in command:
+                # prompt -> history -> the image's bytes, saved where the user ran it
+                assert run.stdout.startswith("200 image/png"), run.stdout
+                assert (tmp_path / "comfyui.png").read_bytes().startswith(b"\x89PNG")
             else:
                 # NDJSON for the streamed LLM answer, one JSON document otherwise
                 try:

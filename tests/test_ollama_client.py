@@ -1,6 +1,7 @@
-"""The real `ollama` Python client pointed at the broker, which serves Ollama's native API in
+"""The real `ollama` Python client pointed at the broker, which serves Ollama's whole API in
 front of the fake Ollama: generate, chat and embed are scheduled through the lease and stream
-as they are produced; tags, ps, show and version pass straight through."""
+as they are produced; tags, ps, show, version and model management (pull, create, copy,
+delete, blobs) pass straight through, a pull's progress line by line."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mgpumanager.sim.ollama import FakeOllama, OllamaSettings
 
 MODEL = "llama3.1:8b"
 OTHER = "qwen2.5:14b"
+PULLABLE = "tiny:1b"
 CHUNKS = 4
 
 
@@ -44,6 +46,9 @@ async def box() -> AsyncIterator[Box]:
         embed_s=0,
         free_delay_s=0,
         chunks=CHUNKS,
+        library={PULLABLE: 800},
+        pull_s=0,
+        pull_steps=3,
     )
     spec = FakeSpec(mvoice=None, ollama=settings, comfyui=None, whisper=None)
     async with await start_cluster(spec=spec) as cluster:
@@ -52,6 +57,7 @@ async def box() -> AsyncIterator[Box]:
                 "listen": "127.0.0.1:0",
                 "gpu": {"backend": "sim", "sim_url": cluster.gpu_url, "poll_interval_s": 0.02},
                 "routing": {"llm": "ollama"},
+                "scheduler": {"allow_priority_header": True},
                 "consumers": {
                     "ollama": {
                         "type": "ollama",
@@ -148,3 +154,69 @@ async def test_chunks_reach_the_client_while_ollama_is_still_generating(box: Box
     assert len(rest) == 8 and rest[-1].done is True
     await wait_for(lambda: box.fake.active_requests == 0, what="generate finished")
     assert box.fake.completed_requests == 1
+
+
+async def test_heartbeat_head_and_get_root(box: Box) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.head(box.server.url + "/") as resp:
+            assert resp.status == 200  # the `ollama` CLI's first call
+        async with http.get(box.server.url + "/") as resp:
+            assert await resp.text() == "Ollama is running"
+
+
+async def test_pull_progress_reaches_the_client_before_the_pull_ends(box: Box) -> None:
+    box.fake.settings = dataclasses.replace(box.fake.settings, pull_s=1.0, pull_steps=4)
+    stream = await box.client.pull(PULLABLE, stream=True)
+    statuses = []
+    async for progress in stream:
+        if not statuses:
+            # The first line is here; the fake is still downloading.
+            assert progress.status == "pulling manifest"
+            assert box.fake.models_api.pulls_in_progress == 1
+        statuses.append(progress)
+    downloads = [p for p in statuses if p.completed is not None]
+    assert len(downloads) == 4 and downloads[-1].completed == downloads[-1].total
+    assert statuses[-1].status == "success"
+    assert box.fake.models_api.pulls_in_progress == 0
+    assert PULLABLE in {m.model for m in (await box.client.list()).models}
+    assert box.jobs() == 0  # a download is no GPU work
+
+
+async def test_pull_without_streaming_and_a_pull_that_fails(box: Box) -> None:
+    assert (await box.client.pull(PULLABLE)).status == "success"
+    with pytest.raises(ollama.ResponseError) as caught:
+        await box.client.pull("no-such-model")
+    assert caught.value.error == "pull model manifest: file does not exist"
+
+
+async def test_copy_create_and_delete(box: Box) -> None:
+    assert (await box.client.copy(MODEL, "backup")).status == "success"
+    progress = [p.status async for p in await box.client.create("mine", from_=MODEL, stream=True)]
+    assert progress[-1] == "success"
+    assert {"backup:latest", "mine:latest"} <= {m.model for m in (await box.client.list()).models}
+    assert (await box.client.delete("backup")).status == "success"
+    with pytest.raises(ollama.ResponseError) as caught:
+        await box.client.delete("backup")
+    assert caught.value.status_code == 404 and caught.value.error == "model 'backup' not found"
+    assert "backup:latest" not in {m.model for m in (await box.client.list()).models}
+    assert box.jobs() == 0
+
+
+async def test_a_blob_upload_streams_through(box: Box, tmp_path: Any) -> None:
+    path = tmp_path / "adapter.bin"
+    path.write_bytes(b"\x01" * 200_000)
+    digest = await box.client.create_blob(path)
+    async with aiohttp.ClientSession() as http:
+        async with http.head(f"{box.server.url}/api/blobs/{digest}") as resp:
+            assert resp.status == 200
+    assert box.fake.models_api.blobs == {digest: 200_000}
+
+
+async def test_a_broker_error_shows_its_message(box: Box) -> None:
+    async with ollama.AsyncClient(
+        host=box.server.url, trust_env=False, headers={"X-Priority": "urgent"}
+    ) as client:
+        with pytest.raises(ollama.ResponseError) as caught:
+            await client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 400
+    assert caught.value.error == "X-Priority must be an integer 0..4, got 'urgent'"

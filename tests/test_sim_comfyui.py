@@ -187,3 +187,70 @@ async def test_cuda_oom_is_an_execution_error() -> None:
     assert device["vram_total"] == 24576 * 1024 * 1024
     assert device["vram_free"] == (24576 - 14300) * 1024 * 1024
     assert device["torch_vram_total"] == 300 * 1024 * 1024
+
+
+async def test_outputs_are_named_as_comfyui_names_them() -> None:
+    fake = make(SimGPU(24576))
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.ws_connect("/ws?clientId=n") as ws:
+            first = await post_prompt(http, client_id="n")
+            await until_done(ws, first)
+            second = await post_prompt(http, client_id="n")
+            await until_done(ws, second)
+        names = []
+        for pid in (first, second):
+            async with http.get(f"/history/{pid}") as r:
+                names.append((await r.json())[pid]["outputs"]["9"]["images"][0]["filename"])
+    assert names == ["x_00001_.png", "x_00002_.png"]  # GRAPH's filename_prefix is "x"
+
+
+async def test_every_route_is_served_under_api_too() -> None:
+    fake = make(SimGPU(24576))
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.ws_connect("/api/ws?clientId=front") as ws:
+            async with http.post("/api/prompt", json={"prompt": GRAPH, "client_id": "front"}) as r:
+                pid = (await r.json())["prompt_id"]
+            events = await until_done(ws, pid)
+        assert any(e["type"] == "execution_success" for e in events)
+        async with http.get(f"/api/history/{pid}") as r:
+            image = (await r.json())[pid]["outputs"]["9"]["images"][0]
+        async with http.get("/api/view", params=image) as r:
+            assert (await r.read()).startswith(b"\x89PNG")
+        async with http.get("/api/system_stats") as r:
+            assert "devices" in await r.json()
+
+
+def image_form(data: bytes, name: str = "cat.png", **fields: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("image", data, filename=name, content_type="image/png")
+    for key, value in fields.items():
+        form.add_field(key, value)
+    return form
+
+
+async def test_upload_image_view_it_and_object_info_lists_it() -> None:
+    fake = make(SimGPU(24576))
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.post("/upload/image", data=image_form(b"one")) as r:
+            assert await r.json() == {"name": "cat.png", "subfolder": "", "type": "input"}
+        async with http.post("/upload/image", data=image_form(b"one")) as r:
+            assert (await r.json())["name"] == "cat.png"  # the same bytes: the same file
+        async with http.post("/upload/image", data=image_form(b"two")) as r:
+            assert (await r.json())["name"] == "cat (1).png"
+        async with http.post("/upload/image", data=image_form(b"3", overwrite="true")) as r:
+            assert (await r.json())["name"] == "cat.png"
+        async with http.get("/view", params={"filename": "cat.png", "type": "input"}) as r:
+            assert await r.read() == b"3"
+        async with http.get("/view", params={"filename": "cat.png", "type": "output"}) as r:
+            assert r.status == 404
+        async with http.post("/upload/image", data=b"not a form") as r:
+            assert r.status == 400
+        async with http.get("/object_info") as r:
+            nodes = await r.json()
+        assert {"KSampler", "SaveImage", "CheckpointLoaderSimple", "LoadImage"} <= set(nodes)
+        assert nodes["SaveImage"]["output_node"] is True
+        assert nodes["LoadImage"]["input"]["required"]["image"][0] == ["cat (1).png", "cat.png"]
+        async with http.get("/object_info/KSampler") as r:
+            assert list(await r.json()) == ["KSampler"]
+        async with http.get("/object_info/Nope") as r:
+            assert await r.json() == {}

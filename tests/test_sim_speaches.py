@@ -106,3 +106,27 @@ async def test_cuda_oom_is_a_500() -> None:
         assert r.status == 500
         assert "CUDA out of memory" in (await r.json())["detail"]
     assert gpu.oom_count == 1 and fake.loaded == {}
+
+
+async def test_openai_audio_routes_and_response_formats() -> None:
+    fake = make(SimGPU(24576))
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.get("/v1/models") as r:
+            assert {m["id"] for m in (await r.json())["data"]} == {STT, TTS}
+        async with http.post("/v1/audio/translations", data=transcription_form()) as r:
+            assert await r.json() == {"text": fake.settings.translation}
+        form = transcription_form()
+        form.add_field("response_format", "text")
+        async with http.post("/v1/audio/transcriptions", data=form) as r:
+            assert await r.text() == fake.settings.transcript
+        form = transcription_form()
+        form.add_field("response_format", "verbose_json")
+        async with http.post("/v1/audio/transcriptions", data=form) as r:
+            verbose = await r.json()
+        assert verbose["text"] == fake.settings.transcript and verbose["segments"]
+        no_file = aiohttp.FormData()
+        no_file.add_field("model", STT)
+        async with http.post("/v1/audio/transcriptions", data=no_file) as r:
+            assert r.status == 422
+    assert [u.fields["model"] for u in fake.uploads] == [STT] * 3
+    assert all(u.file_bytes == 4096 for u in fake.uploads)

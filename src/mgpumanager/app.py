@@ -1,8 +1,12 @@
-"""The HTTP facade (DESIGN §7) and the daemon's lifecycle (§9).
+"""The HTTP facade and the daemon's lifecycle.
 
-Routes are thin: they resolve a consumer and hand the request to the broker. Every error the
-broker itself answers leaves through `error_middleware`, the one place a BrokerError becomes
-the JSON envelope — 404 and 405 included.
+Routes are thin: they resolve a consumer and hand the request to the broker. The broker's own
+facade is here; the protocols the box's clients already speak (Ollama's API at the root, the
+OpenAI-compatible /v1 routes, every consumer's API under /upstream/<name>/) are in compat.py.
+The daemon listens on `listen` and on each consumer's `front_door` (that consumer's API at the
+root); every listener is opened by `open_listener`, with the same settings and middlewares.
+Every error the broker itself answers leaves through `error_middleware`, the one place a
+BrokerError becomes an answer — 404 and 405 included — in the dialect of the route it came from.
 """
 
 from __future__ import annotations
@@ -14,27 +18,25 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .adapters import NATIVE_KIND_PREFIX
-from .broker import CALLER, MIB, Broker
-from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config
+from . import compat, dashboard
+from .broker import BROKER, CALLER, MIB, Broker
+from .compat import Handler, scheduled
+from .compat import requested_priority as requested_priority  # its home before compat.py
+from .config import KINDS, AuthConfig, Caller, Config, ConfigError, load_config, split_listen
 from .errors import BrokerError, ErrorCode, error_response
 from .metrics import render
 from .notify import Notifier
-from .proxy import CONSUMED, PREPARED
+from .proxy import CONSUMED, PREPARED, safe_path
 from .redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
-
-BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
@@ -43,35 +45,37 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except BrokerError as err:
         if request.get(PREPARED):
-            # The answer had started: no envelope can follow. Cutting the connection is the
+            # The answer had started: no error can follow. Cutting the connection is the
             # only honest signal left (the client sees a truncated answer, never a fake end).
             log.warning("%s after the answer started: %s", err.code, err.message)
             raise ConnectionResetError(err.message) from err
         if err.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.path, err.code, err.message)
-        return error_response(err)
+        return error_response(err, compat.request_dialect(request))
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return error_response(
-            BrokerError(
-                ErrorCode.METHOD_NOT_ALLOWED,
-                f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
-                headers={"Allow": allowed},
-            )
+        refused = BrokerError(
+            ErrorCode.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed on {request.path} (allowed: {allowed})",
+            headers={"Allow": allowed},
         )
     except web.HTTPNotFound:
-        return error_response(BrokerError(ErrorCode.NOT_FOUND, f"no route {request.path}"))
+        refused = BrokerError(ErrorCode.NOT_FOUND, f"no route {request.path}")
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large"))
+        refused = BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, exc.text or "too large")
+    return error_response(refused, compat.request_dialect(request))
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a token in `auth`, every route but /healthz needs `Authorization: Bearer <token>`;
-    the token names the caller (request[CALLER]). Reads the registry on each request, so a
-    SIGHUP reload applies to it."""
+    """With a token in `auth`, every route but the broker's /healthz and the dashboard's own
+    files (not its data) needs `Authorization: Bearer <token>`, on every listener (front doors
+    included); the token names the caller (request[CALLER]). Reads the registry on each
+    request, so a SIGHUP reload applies to it."""
     auth = request.app[BROKER].config.auth
-    if auth.required and request.path != "/healthz":
+    # /healthz and /ui/ are the broker's own; on a front door those paths are the consumer's.
+    front_door = request.app.get(compat.FRONT_DOOR) is not None
+    if auth.required and (front_door or not dashboard.needs_no_token(request)):
         caller = bearer_caller(auth, request.headers.get("Authorization", ""))
         if caller is None:
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
@@ -96,54 +100,9 @@ def bearer_caller(auth: AuthConfig, header: str) -> Caller | None:
 # -- handlers ---------------------------------------------------------------------------------
 
 
-def requested_priority(request: web.Request) -> int | None:
-    """`X-Priority: 0..4` (clamped), honoured only where `scheduler.allow_priority_header` is on;
-    None: the consumer's own priority."""
-    raw = request.headers.get("X-Priority")
-    if raw is None or not request.app[BROKER].config.scheduler.allow_priority_header:
-        return None
-    try:
-        wanted = max(0, min(4, int(raw)))
-    except ValueError:
-        raise BrokerError(
-            ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
-        ) from None
-    caller = request.get(CALLER)  # a token asks for no more than its max_priority
-    return wanted if caller is None else min(wanted, caller.max_priority)
-
-
-async def scheduled(request: web.Request, kind: str, name: str) -> web.StreamResponse:
-    """Run `request` as a GPU job of consumer `name` (queue, lease, residency, relay)."""
-    return await request.app[BROKER].run_job(request, kind, name, requested_priority(request))
-
-
 async def kind_job(request: web.Request) -> web.StreamResponse:
     kind = request.match_info["kind"]
     return await scheduled(request, kind, request.app[BROKER].route(kind))
-
-
-async def ollama_job(request: web.Request) -> web.StreamResponse:
-    """Ollama's native generate/chat/embed, scheduled like /v1/llm."""
-    name = request.app[BROKER].ollama_consumer()
-    return await scheduled(request, f"{NATIVE_KIND_PREFIX}{request.path}", name)
-
-
-async def ollama_meta(request: web.Request) -> web.StreamResponse:
-    """Ollama's metadata calls (tags, ps, show, version): no GPU work, not scheduled."""
-    broker = request.app[BROKER]
-    return await broker.passthrough(request, broker.ollama_consumer(), request.path)
-
-
-def safe_audio_path(raw_tail: str) -> str:
-    """The raw (still percent-encoded) path below /audio/, refused if any segment, decoded
-    however many times, is `.`/`..` or hides a separator. It is forwarded exactly as sent."""
-    for segment in raw_tail.split("/"):
-        decoded, previous = segment, None
-        while decoded != previous:  # %252e%252e decodes twice
-            previous, decoded = decoded, unquote(decoded)
-        if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
-            raise BrokerError(ErrorCode.BAD_REQUEST, "path may not leave /audio/")
-    return raw_tail
 
 
 async def audio(request: web.Request) -> web.StreamResponse:
@@ -151,14 +110,21 @@ async def audio(request: web.Request) -> web.StreamResponse:
     name = broker.config.audio_proxy
     if name is None:
         raise BrokerError(ErrorCode.NO_CONSUMER, "no audio_proxy consumer is configured")
-    raw_path = request.raw_path.split("?", 1)[0]
-    tail = safe_audio_path(raw_path[len("/audio/") :])
+    raw = compat.raw_path(request)
+    if not raw.startswith("/audio/"):
+        raise BrokerError(ErrorCode.BAD_REQUEST, "path may not leave /audio/")
+    tail = safe_path(raw[len("/audio/") :], "/audio/")
     return await broker.passthrough(request, name, "/audio/" + tail)
 
 
 async def status(request: web.Request) -> web.Response:
     snapshot = request.app[BROKER].status()
     return web.json_response(text=snapshot.model_dump_json(indent=2))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    broker = request.app[BROKER]
+    return await dashboard.stream_events(request, broker.events, broker.status)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -181,26 +147,43 @@ async def admin(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
-def make_app(broker: Broker) -> web.Application:
-    config = broker.config
+def _application(broker: Broker) -> web.Application:
+    """An application of the broker: what every listener's has in common (the errors, auth,
+    the body limit)."""
     install_log_redaction()  # aiohttp quotes unparsable header lines, tokens included
     middlewares: list[Middleware] = [error_middleware, auth_middleware]
     # client_max_size bounds only bodies read whole (a ComfyUI prompt); streamed bodies are
     # counted as they pass (proxy._BodyLimit).
-    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_mib * MIB)
+    app = web.Application(middlewares=middlewares, client_max_size=broker.config.max_body_mib * MIB)
     app[BROKER] = broker
+    return app
+
+
+def make_app(broker: Broker) -> web.Application:
+    """The application on `listen`: the broker's facade and every compatible surface."""
+    config = broker.config
+    app = _application(broker)
+    compat.add_routes(app.router)
     kinds = "|".join(sorted(set(KINDS) | {k for c in config.consumers.values() for k in c.paths}))
     app.router.add_post(f"/v1/{{kind:{kinds}}}", kind_job)
     app.router.add_get("/audio/{tail:.+}", audio)  # GET also answers HEAD
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/events", events)
+    dashboard.add_routes(app)  # the page at /ui/, and at / for browsers (Ollama's root else)
+    app[compat.HTML_ROOT] = dashboard.page
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/admin/consumers/{name}/{action:unload|load}", admin)
-    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings"):
-        app.router.add_post(path, ollama_job)
-    for path in ("/api/tags", "/api/ps", "/api/version"):
-        app.router.add_get(path, ollama_meta)
-    app.router.add_post("/api/show", ollama_meta)
+    return app
+
+
+def make_front_door(broker: Broker, name: str) -> web.Application:
+    """The application on consumer `name`'s front door: its own API at the root, served by the
+    same code as /upstream/<name>/ (scheduling, websockets, its error dialect), with the same
+    middlewares and limits as `listen`."""
+    app = _application(broker)
+    app[compat.FRONT_DOOR] = name
+    app.router.add_route("*", "/{tail:.*}", compat.consumer_api("/", name))
     return app
 
 
@@ -216,22 +199,134 @@ class StartupError(Exception):
     taken): one line for the operator, no traceback."""
 
 
-class Server:
-    """A started broker behind a listening aiohttp site."""
+class ListenError(StartupError):
+    """A listener cannot bind its address. `key` is the registry key that asked for it
+    (`listen`, `consumers.NAME.front_door`): the one to change."""
 
-    def __init__(self, broker: Broker, runner: web.AppRunner, site: web.TCPSite) -> None:
-        self.broker = broker
+    def __init__(self, key: str, address: str, reason: str, consumer: str | None = None) -> None:
+        self.key = key
+        what = "" if consumer is None else f" (front door of {consumer})"
+        super().__init__(f"cannot listen on {address}{what}: {reason}")
+
+
+class Listener:
+    """One address the daemon accepts connections on: an application's runner and the sockets
+    bound for it. `open_listener` binds without accepting, so that a reload can take a front
+    door's port before it changes anything (and be refused whole if the port is taken);
+    `serve` starts accepting."""
+
+    def __init__(
+        self, key: str, configured: str, runner: web.AppRunner, server: asyncio.Server
+    ) -> None:
+        self.key = key
+        self.configured = configured  # HOST:PORT as the registry says (port 0: any free one)
         self.runner = runner
-        self.site = site
+        self.server = server
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT it is bound to (the port chosen, where the registry said 0)."""
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return _join(host, port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    async def serve(self) -> None:
+        await self.server.start_serving()
+
+    async def aclose(self, grace_s: float = 0.0, cut: asyncio.Event | None = None) -> None:
+        """Stop accepting at once. Requests in flight get `grace_s` to finish (idle keep-alive
+        connections close now), or until `cut` is set; what still runs then is cancelled (1 s
+        bound), and everything is released."""
+        self.server.close()  # not wait_closed(): it would wait for every connection to end
+        handlers = self.runner.server
+        if grace_s > 0 and handlers is not None:
+            handlers.pre_shutdown()
+            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(handlers.shutdown(grace_s))}
+            if cut is not None:
+                waits.add(asyncio.ensure_future(cut.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+        await self.runner.cleanup()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_reason(exc: OSError) -> str:
+    # asyncio words it "error while attempting to bind on address ...": say only why.
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)  # a host that does not resolve (negative errno)
+
+
+async def open_listener(
+    app: web.Application, key: str, address: str, *, consumer: str | None = None
+) -> Listener:
+    """Bind HOST:PORT `address` for `app`, not accepting yet (`Listener.serve`). Every listener
+    the daemon opens, `listen` and each front door, is opened here: one place for the settings
+    they all share. A port that cannot be bound is a ListenError naming `key`."""
+    host, port = split_listen(address)
+    # handler_cancellation: a client that disconnects cancels its handler, which leaves the
+    # queue or aborts the upstream request (aiohttp ≥3.9 no longer does this by default).
+    # shutdown_timeout: by cleanup time the broker has drained; what still runs is cancelled.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    handlers = runner.server
+    if handlers is None:
+        raise RuntimeError("the runner has no server after setup")
+    try:
+        # The host's every address (a name, or empty for all), as aiohttp's TCPSite binds.
+        server = await asyncio.get_running_loop().create_server(
+            handlers, host or None, port, start_serving=False
+        )
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(key, address, _bind_reason(exc), consumer) from exc
+    return Listener(key, address, runner, server)
+
+
+async def open_front_door(broker: Broker, name: str, address: str) -> Listener:
+    return await open_listener(
+        make_front_door(broker, name), f"consumers.{name}.front_door", address, consumer=name
+    )
+
+
+class Server:
+    """A started broker behind its listeners: `listen`, and the front door of each consumer
+    that declares one."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        listener: Listener,
+        front_doors: dict[str, Listener] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.listener = listener
+        self.front_doors: dict[str, Listener] = {}
+        self._set_front_doors(front_doors or {})
         self.reload_read_timeout_s = RELOAD_READ_TIMEOUT_S
         self._reloads: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self._stopping = False
+        self._retiring: set[asyncio.Task[None]] = set()  # front doors a reload removed
+        self._cut = asyncio.Event()  # set at shutdown: retired doors' requests are cut
 
     @property
     def url(self) -> str:
-        host, port = self.runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        return self.listener.url
+
+    def _set_front_doors(self, doors: dict[str, Listener]) -> None:
+        self.front_doors = doors
+        self.broker.front_doors = {name: door.address for name, door in doors.items()}
 
     def reload_later(self, path: Path, notifier: Notifier | None = None) -> asyncio.Task[None]:
         """What SIGHUP does (a signal handler cannot await): reload in a task that `stop`
@@ -243,10 +338,11 @@ class Server:
 
     async def reload(self, path: Path, notifier: Notifier | None = None) -> None:
         """Re-read the registry at `path` and apply it. A file that cannot be read in time, a
-        bad file, or one that changes what needs a restart is refused with one ERROR line
-        (every problem listed in it), and the old registry stays in force. Reloads run one at
-        a time; systemd hears RELOADING=1 before and READY=1 after, whatever the outcome
-        (unless the daemon has begun to stop meanwhile: it said STOPPING=1 then)."""
+        bad file, one that changes what needs a restart, or a front door whose port cannot be
+        bound is refused with one ERROR line (every problem listed in it), and the old registry
+        stays in force. Reloads run one at a time; systemd hears RELOADING=1 before and READY=1
+        after, whatever the outcome (unless the daemon has begun to stop meanwhile: it said
+        STOPPING=1 then)."""
         async with self._reload_lock:
             if notifier is not None:
                 notifier.reloading("reloading the registry")
@@ -276,21 +372,70 @@ class Server:
             log.info("SIGHUP: registry unchanged")
             return
         try:
-            changes = await self.broker.reload(new)
-        except ValueError as exc:
+            changes = await self.apply(new)
+        except (ValueError, ListenError) as exc:
             log.error("%s: %s", refused, exc)
             return
         log.info("SIGHUP: registry reloaded (%s)", ", ".join(changes) or "no effective change")
 
+    async def apply(self, new: Config) -> list[str]:
+        """Apply a re-read registry: the broker's part (`Broker.reload`) and the front doors.
+        The doors `new` adds or moves are bound first, not yet accepting; a port that cannot
+        be bound (ListenError), or a registry the broker refuses (ValueError), leaves
+        everything as it was. Then the new doors accept, and those `new` removes or moves stop
+        accepting at once, their requests in flight given `scheduler.drain_timeout_s`."""
+        opened: dict[str, Listener] = {}
+        try:
+            for name, c in new.consumers.items():
+                door = self.front_doors.get(name)
+                if c.front_door is not None and (door is None or door.configured != c.front_door):
+                    opened[name] = await open_front_door(self.broker, name, c.front_door)
+            changes = await self.broker.reload(new)
+        except BaseException:
+            await asyncio.gather(*(door.aclose() for door in opened.values()))
+            raise
+        doors: dict[str, Listener] = {}
+        for name, door in self.front_doors.items():
+            now = new.consumers.get(name)
+            if name not in opened and now is not None and now.front_door == door.configured:
+                doors[name] = door
+                continue
+            if name not in opened:
+                changes.append(f"front door of {name} closed")
+            task = asyncio.create_task(
+                door.aclose(new.scheduler.drain_timeout_s, self._cut), name=f"close {door.key}"
+            )
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        for name, door in opened.items():
+            try:
+                await door.serve()
+            except OSError as exc:  # bound, yet it cannot listen: the rest stays applied
+                log.error(
+                    "front door of %s: %s",
+                    name,
+                    ListenError(door.key, door.configured, _bind_reason(exc), name),
+                )
+                await door.aclose()
+                continue
+            doors[name] = door
+            changes.append(f"front door of {name} on {door.address}")
+        self._set_front_doors(doors)
+        return changes
+
     async def stop(self) -> None:
-        """Ordered shutdown: finish reloads in flight (their reads are bounded), stop accepting,
-        drain with a bound, cancel the rest (closing the server cancels handlers still running,
-        which aborts their upstream requests), release."""
+        """Ordered shutdown: finish reloads in flight (their reads are bounded), drain with a
+        bound, stop accepting on every listener, cancel the rest (closing a listener cancels
+        handlers still running, which aborts their upstream requests), release."""
         self._stopping = True
         while pending := [task for task in self._reloads if not task.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.broker.drain()
-        await self.runner.cleanup()
+        self._cut.set()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await asyncio.gather(
+            *(each.aclose() for each in (self.listener, *self.front_doors.values()))
+        )
         await self.broker.aclose()
 
 
@@ -326,24 +471,28 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 async def start_server(broker: Broker, host: str | None = None, port: int | None = None) -> Server:
+    """Start `broker` behind its listeners: `listen` (`host`, `port` override it) and each
+    consumer's `front_door`. A port that cannot be bound is a ListenError naming its registry
+    key, and nothing is left running."""
     await broker.start()
     cfg_host, cfg_port = broker.config.listen_host_port
-    app = make_app(broker)
-    # handler_cancellation: a client that disconnects cancels its handler, which leaves the
-    # queue or aborts the upstream request (aiohttp ≥3.9 no longer does this by default).
-    # shutdown_timeout: by cleanup time the broker has drained; what still runs is cancelled.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(
-        runner, cfg_host if host is None else host, cfg_port if port is None else port
-    )
+    address = _join(cfg_host if host is None else host, cfg_port if port is None else port)
+    opened: list[Listener] = []
+    doors: dict[str, Listener] = {}
     try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
+        listener = await open_listener(make_app(broker), "listen", address)
+        opened.append(listener)
+        for name, c in broker.config.consumers.items():
+            if c.front_door is not None:
+                doors[name] = await open_front_door(broker, name, c.front_door)
+                opened.append(doors[name])
+        for each in opened:
+            await each.serve()
+    except BaseException:
+        await asyncio.gather(*(each.aclose() for each in opened))
         await broker.aclose()
         raise
-    return Server(broker, runner, site)
+    return Server(broker, listener, doors)
 
 
 async def serve(
@@ -375,12 +524,8 @@ async def _serve(
 ) -> int:
     try:
         server = await start_server(Broker(config))
-    except OSError as exc:
-        # asyncio words it "error while attempting to bind on address ...": say only why.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise StartupError(
-            f"broker: cannot listen on {config.listen}: {reason}; change `listen` in {config_path}"
-        ) from exc
+    except ListenError as exc:
+        raise StartupError(f"broker: {exc}; change `{exc.key}` in {config_path}") from exc
     server.reload_read_timeout_s = reload_read_timeout_s
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -396,6 +541,8 @@ async def _serve(
         # Only now: whoever waits for this line (or READY=1) may signal us, and the handlers
         # are in place.
         log.info("listening on %s", server.url)
+        for name, door in server.front_doors.items():
+            log.info("front door of %s on %s", name, door.url)
         notifier.ready(f"listening on {server.url}")
         await stop.wait()
         notifier.stopping("draining")

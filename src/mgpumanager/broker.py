@@ -1,5 +1,5 @@
 """The broker: one object that wires config, GPU reader, adapters, health, residency and the
-lease together, and runs facade jobs through them (the path of DESIGN §2)."""
+lease together, and runs facade jobs through them (the path in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from .catalog import ModelCatalog
 from .clock import Clock, MonotonicClock
 from .config import AdapterType, Caller, Config
 from .errors import BrokerError, ErrorCode
+from .events import EventBus, History, JobEvents
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
+from .idle import IdleKeeper
 from .lease import Lease
-from .proxy import check_declared_size, forward
+from .proxy import Body, check_declared_size, forward
 from .records import State
 from .residency import Residency
 from .scheduler import ConsumerPolicy, SchedulerCore
@@ -49,8 +51,16 @@ class Broker:
         self._health: HealthMonitor | None = None
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.idle: IdleKeeper | None = None
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
+        # What happens, as it happens (/v1/events), and the recent past /v1/status shows.
+        self.events = EventBus()
+        self.history = History()
+        self.events.taps.append(self.history)
+        self._jobs: JobEvents | None = None
+        # Where each consumer's front door listens (HOST:PORT), as the server bound them.
+        self.front_doors: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -66,7 +76,7 @@ class Broker:
         self.adapters = {
             name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
         }
-        self._health = HealthMonitor(self.adapters, self.clock)
+        self._health = HealthMonitor(self.adapters, self.clock, emit=self.events.emit)
         self.catalog = ModelCatalog(config, self.adapters)
         self._residency = Residency(
             config,
@@ -76,6 +86,8 @@ class Broker:
             probe=self._health.probe_ok,
             model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
             in_flight=self._jobs_on,
+            has_model=self._has_model,
+            emit=self.events.emit,
         )
         core = SchedulerCore(
             config.scheduler,
@@ -85,17 +97,20 @@ class Broker:
             },
             self.clock,
         )
+        self._jobs = JobEvents(core, self.clock, self.events.emit)
         self._lease = Lease(
             core,
             self._residency.ensure_resident,
             self._residency.resident_set,
             self._residency.swap_costs,
         )
+        self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(
             self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
         )
         self._health.start()
         self.catalog.start()
+        self.idle.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
             "broker up: %s (%d MiB), consumers %s",
@@ -116,6 +131,13 @@ class Broker:
             else:
                 await self.residency.read_gpu()
 
+    async def _has_model(self, name: str, model: str) -> bool | None:
+        """Whether `name`'s upstream lists `model`; on a miss its list is re-read once (a model
+        pulled a moment ago)."""
+        if self.catalog.has(name, model) is False:
+            await self.catalog.refresh([name])
+        return self.catalog.has(name, model)
+
     def _jobs_on(self, name: str) -> int:
         """The broker's jobs running on `name` now (only the lease holder has any)."""
         core = self.lease.core
@@ -126,14 +148,18 @@ class Broker:
         drain_timeout_s, then cancel held ComfyUI prompts (interrupting them upstream)."""
         lease = self._lease
         if lease is None:
+            self.events.close()
             return
         log.info("draining: %d in flight", lease.core.in_flight)
+        if self.idle is not None:
+            await self.idle.aclose()  # no idle unload or warm load starts any more
         lease.shutdown()
         if not await lease.drain(self.config.scheduler.drain_timeout_s):
             log.warning(
                 "drain timed out after %g s; cancelling", self.config.scheduler.drain_timeout_s
             )
         await lease.cancel_held()
+        self.events.close()  # followers' streams end: closing the server waits for none
 
     async def aclose(self) -> None:
         if self._sampler is not None:
@@ -142,6 +168,8 @@ class Broker:
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
+        if self.idle is not None:
+            await self.idle.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -174,14 +202,22 @@ class Broker:
             log.warning("%s removed while %s: its memory now shows only as used", name, state)
         if self.session is None:
             raise RuntimeError("broker not started")
-        same = {n for n, c in new.consumers.items() if old.consumers.get(n) == c}
+        # A consumer whose front door alone changed is the same to the broker (the server
+        # opens and closes doors): its adapter, health and residency go on.
+        same = {
+            n
+            for n, c in new.consumers.items()
+            if n in old.consumers
+            and old.consumers[n].model_dump(exclude={"front_door"})
+            == c.model_dump(exclude={"front_door"})
+        }
         fresh = [n for n in new.consumers if n not in same]
         adapters = {
             name: self.adapters[name] if name in same else make_adapter(name, c, self.session)
             for name, c in new.consumers.items()
         }
         # Every await first, on the new parts only; then everything is swapped in one step.
-        health = HealthMonitor(adapters, self.clock)
+        health = HealthMonitor(adapters, self.clock, emit=self.events.emit)
         catalog = ModelCatalog(new, adapters)
         catalog.upstream.update({n: m for n, m in self.catalog.upstream.items() if n in same})
         await asyncio.gather(health.probe_all_of(fresh), catalog.refresh(fresh))
@@ -226,6 +262,12 @@ class Broker:
         return self._residency
 
     @property
+    def jobs(self) -> JobEvents:
+        if self._jobs is None:
+            raise RuntimeError("broker not started")
+        return self._jobs
+
+    @property
     def health(self) -> HealthMonitor:
         if self._health is None:
             raise RuntimeError("broker not started")
@@ -267,7 +309,7 @@ class Broker:
         priority: int | None = None,
         *,
         model: str | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
     ) -> web.StreamResponse:
         """health gate ► queue ► lease ► resident ► stream ► (ComfyUI: prompt finished) ► release
 
@@ -279,12 +321,15 @@ class Broker:
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
         check_declared_size(request, max_body, name)  # refuse before queueing, not after
-        per_model = model if adapter.per_model else None
+        per_model = self.residency.model_key(name, model) if adapter.per_model else None
+        if self.idle is not None:
+            self.idle.interrupt()  # a warm load gives way to a job at once
         async with self.lease.job(
             name,
             priority=priority,
             queue_timeout_s=self.config.scheduler.queue_timeout_s,
             model=per_model,
+            label=request.path if model is None else f"{request.path} {model}",
         ) as job:
             self.residency.job_started(name, per_model)
             try:
@@ -299,9 +344,17 @@ class Broker:
             finally:
                 self.residency.job_finished(name, per_model)
 
-    async def passthrough(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
-        """Relay a request that is no GPU work (generated audio, Ollama metadata) straight to
-        `name`: not scheduled, not health-gated (a failed connect still answers an envelope)."""
+    async def passthrough(
+        self,
+        request: web.Request,
+        name: str,
+        path: str,
+        *,
+        body: Body | None = None,
+    ) -> web.StreamResponse:
+        """Relay a request that is no GPU work (generated audio, Ollama metadata, model
+        management) straight to `name`: not scheduled, not health-gated (a failed connect
+        still answers an error). `body`: the body already read (else streamed)."""
         if self.session is None:
             raise RuntimeError("broker not started")
         return await forward(
@@ -312,6 +365,7 @@ class Broker:
             path=path,
             consumer=name,
             max_body_bytes=self.config.max_body_mib * MIB,
+            body=body,
         )
 
     async def admin(self, name: str, action: str) -> dict[str, object]:
@@ -320,7 +374,10 @@ class Broker:
             raise BrokerError(ErrorCode.NOT_FOUND, f"no consumer named {name!r}")
         residency = self.residency
         async with self.lease.job(
-            name, queue_timeout_s=self.config.scheduler.queue_timeout_s, exclusive=True
+            name,
+            queue_timeout_s=self.config.scheduler.queue_timeout_s,
+            exclusive=True,
+            label=f"admin {action}",
         ):
             if action == "unload":
                 await residency.unload(name)  # whatever the record says: it may be wrong
@@ -330,3 +387,7 @@ class Broker:
 
     def status(self) -> Status:
         return build_status(self)
+
+
+# The broker an HTTP application serves (every listener's handlers find it here).
+BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)

@@ -73,9 +73,12 @@ class ModelCatalog:
         consumers asked (say, only those of type ollama)."""
         names = [n for n in self.config.consumers if among is None or n in among]
         for name in names:
-            entry = self.config.consumers[name].model_entry(model)
+            consumer = self.config.consumers[name]
+            entry = consumer.model_entry(model)
             if entry is not None:
                 return ModelOwner(model, name, entry.name)
+            if model in consumer.aliases:  # an alias of a model only its upstream lists
+                return ModelOwner(model, name, consumer.aliases[model])
         for name in names:
             listed = self.upstream.get(name, {})
             if model in listed:

@@ -1,4 +1,4 @@
-"""`mgpumanager serve | check-config | demo | deploy-rules`."""
+"""`mgpumanager serve | check-config | demo | deploy-rules | init | status | load | unload`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .discover import Target, parse_target
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +34,68 @@ def _parser() -> argparse.ArgumentParser:
     )
     rules.add_argument("--config", type=Path, required=True, help="the registry")
     rules.add_argument("--user", default="mgpumanager", help="the daemon's user (mgpumanager)")
+    init = sub.add_parser(
+        "init",
+        help="look at this box (GPU, services on their usual ports, systemd units) and write "
+        "an annotated registry",
+    )
+    init.add_argument(
+        "--scan",
+        action="append",
+        default=[],
+        type=_target,
+        metavar="HOST:PORT",
+        help="also probe this address (repeatable; a bare PORT means 127.0.0.1:PORT)",
+    )
+    init.add_argument(
+        "--out",
+        type=Path,
+        default=Path("config/consumers.yaml"),
+        help="where to write the registry (default config/consumers.yaml)",
+    )
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing file (kept as FILE.bak)"
+    )
+    init.add_argument(
+        "--gpu-sim", metavar="URL", help="read the simulated GPU at URL instead of NVML"
+    )
+    init.add_argument(
+        "--no-usual-ports",
+        action="store_true",
+        help="probe only the --scan addresses, not Ollama's, ComfyUI's... usual ports",
+    )
+    _remote_parsers(sub)
     return parser
+
+
+def _target(text: str) -> Target:
+    try:
+        return parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _remote_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands against a running broker (remote.py); the token comes from
+    $MGPUMANAGER_TOKEN."""
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--url", help="the broker (default: the registry's `listen`, else http://127.0.0.1:8770)"
+    )
+    where.add_argument(
+        "--config",
+        type=Path,
+        help="the registry whose `listen` to use (default: config/consumers.yaml, then "
+        "/etc/mgpumanager/consumers.yaml)",
+    )
+    status = sub.add_parser(
+        "status", parents=[where], help="memory, consumers, queue and evictions of a broker"
+    )
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    for action in ("load", "unload"):
+        one = sub.add_parser(action, parents=[where], help=f"{action} one consumer now")
+        one.add_argument("name", help="the consumer, as the registry names it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command in ("status", "load", "unload"):
+        from .remote import run
+
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            return 0 if args.command == "status" else 130
     try:
         if args.command == "check-config":
             config = load_config(args.file)
@@ -69,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.config}: {exc}", file=sys.stderr)
                 return 2
             return 0
+        if args.command == "init":
+            from .init import main_init
+
+            return main_init(args)
         from .demo import run_demo
 
         return asyncio.run(run_demo(args.config))

@@ -8,19 +8,24 @@ broker will start on the first transcription (its `load.command`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+import yaml
 
 from .app import Server, start_server
 from .broker import Broker
-from .config import AdapterType, Config, load_config, redact_url
+from .config import AdapterType, Config, load_config, parse_config, redact_url
 from .sim.cluster import FakeSpec, SimCluster, start_cluster
 from .sim.comfyui import ComfyUISettings
 from .sim.mvoice import MVoiceSettings
 from .sim.ollama import OllamaSettings
+from .sim.whisper import WhisperSettings
 
 DEMO_MODEL = "qwen2.5:14b"
 
@@ -57,19 +62,89 @@ def demo_spec(config: Config) -> FakeSpec:
     )
 
 
-def curl_examples(base: str) -> list[str]:
+def ephemeral_spec(config: Config) -> FakeSpec:
+    """`demo_spec`, with whisper started by the cluster as a process of its own (its pidfile in
+    the cluster's directory, not the demo's fixed one)."""
+    whisper = WhisperSettings(
+        model_mib=config.consumers["whisper"].vram_resident_mib, load_s=0.5, run_s=0.4
+    )
+    return dataclasses.replace(demo_spec(config), whisper=whisper, whisper_subprocess=True)
+
+
+def ephemeral_registry(path: Path, cluster: SimCluster, **top: Any) -> Config:
+    """The demo's registry at `path`, pointed at `cluster` (started on any free ports, with
+    `ephemeral_spec`) and listening on port 0: the stack of `make demo` for tests and
+    benchmarks, which must never take the demo's fixed ports. `top`: keys to replace (auth)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["listen"] = "127.0.0.1:0"
+    data["gpu"]["sim_url"] = cluster.gpu_url
+    for name, consumer in data["consumers"].items():
+        consumer["url"] = cluster.urls[name]
+        if consumer.get("type") == "command" and cluster.whisper_process is not None:
+            consumer["load"]["command"] = cluster.whisper_process.start_argv
+            consumer["unload"]["command"] = cluster.whisper_process.stop_argv
+    data.update(top)
+    return parse_config(yaml.safe_dump(data), str(path))
+
+
+DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in config/demo.yaml
+
+
+def curl_examples(base: str, comfyui_url: str | None = None) -> list[str]:
+    """Commands to try, one per surface; `#` lines say what the next one shows. `comfyui_url`:
+    the fake ComfyUI's own address, to show work done around the broker."""
     json_body = "-H 'Content-Type: application/json' -d"
     llm = f'{{"model": "{DEMO_MODEL}", "prompt": "Why is the sky blue?"}}'
     tts = '{"text": "Hello from the broker"}'
     graph = '{"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}}'
-    return [
+    chat = '[{"role": "user", "content": "Why is the sky blue?"}]'
+    ollama_chat = f'{{"model": "{DEMO_MODEL}", "messages": {chat}, "stream": false}}'
+    openai_chat = f'{{"model": "{DEMO_ALIAS}", "messages": {chat}}}'
+    comfy = f"{base}/upstream/comfyui"
+    saved = '{"3": {"class_type": "KSampler", "inputs": {"seed": 2}}, "9": {"class_type": '
+    saved += '"SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "demo"}}}'
+    # ComfyUI's own API: post the prompt, wait for its history to name the image, fetch it.
+    comfy_round_trip = (
+        f"P=$(curl -s {comfy}/prompt {json_body} '{{\"prompt\": {saved}}}' "
+        '| sed -E \'s/.*"prompt_id": *"([^"]+)".*/\\1/\') && '
+        f"for i in $(seq 120); do curl -s {comfy}/history/$P | grep -q filename && break; "
+        "sleep 0.5; done && "
+        f'F=$(curl -s {comfy}/history/$P | grep -oE \'"filename": *"[^"]+"\' '
+        "| cut -d'\"' -f4) && "
+        f'curl -s "{comfy}/view?filename=$F&type=output" -o comfyui.png '
+        "-w '%{http_code} %{content_type} %{size_download} bytes -> comfyui.png\\n'"
+    )
+    examples = [
+        "# the broker's own facade",
         f"curl -s {base}/v1/status",
         f"curl -sN {base}/v1/llm {json_body} '{llm}'",
         f"curl -s {base}/v1/tts {json_body} '{tts}'",
         f"curl -s {base}/v1/image {json_body} '{graph}'",
         f"curl -s {base}/v1/stt -F 'file=@/dev/null;filename=silence.wav'",
         f"curl -s {base}/metrics",
+        "# Ollama's API, as the ollama CLI, Open WebUI or Home Assistant call it",
+        f"curl -s {base}/api/chat {json_body} '{ollama_chat}'",
+        "# OpenAI-compatible /v1, as the OpenAI SDKs call it (an alias, routed by model)",
+        f"curl -s {base}/v1/chat/completions {json_body} '{openai_chat}'",
+        "# ComfyUI's own API under /upstream/comfyui: prompt, wait, fetch the image",
+        comfy_round_trip,
     ]
+    if comfyui_url is not None:
+        # A prompt posted straight to ComfyUI's own port loads FLUX there, around the broker;
+        # the LLM job after it needs that room, and still succeeds: the broker sees it.
+        around = (
+            f"P=$(curl -s {comfyui_url}/prompt {json_body} '{graph}' "
+            '| sed -E \'s/.*"prompt_id": *"([^"]+)".*/\\1/\') && '
+            f"for i in $(seq 120); do curl -s {comfyui_url}/history/$P | grep -q status "
+            "&& break; sleep 0.5; done && "
+            f"curl -s {base}/v1/llm {json_body} '{llm}'"
+        )
+        examples[2:2] = [
+            "# work done around the broker: a prompt straight to ComfyUI's own port, then an",
+            "# LLM job that needs its room (the broker sees FLUX loaded outside and evicts it)",
+            around,
+        ]
+    return examples
 
 
 def banner(server: Server, cluster: SimCluster, config: Config) -> str:
@@ -78,12 +153,22 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
         "",
         "mgpumanager demo — simulated GPU, fake consumers, the broker",
         f"  broker      {base}   (status: {base}/v1/status, metrics: {base}/metrics)",
+        f"  dashboard   {base}/ui/   (or `mgpumanager status --watch --url {base}`)",
         f"  sim GPU     {cluster.gpu_url}/v1/gpu   ({cluster.gpu.total_mib} MiB)",
     ]
     for name, c in config.consumers.items():
         lines.append(f"  {name:<11} {redact_url(c.url)}   ({c.type}, {c.vram_resident_mib} MiB)")
-    lines += ["", "Try:"]
-    lines += curl_examples(base)
+    lines += [
+        "",
+        "Point your clients at the broker:",
+        f"  Ollama clients   OLLAMA_HOST={base}   (ollama CLI, Open WebUI, Home Assistant)",
+        f"  OpenAI SDKs      base_url={base}/v1   (models: curl -s {base}/v1/models)",
+        f"  ComfyUI clients  {base}/upstream/comfyui   (every consumer: /upstream/<name>)",
+        "",
+        "Try:",
+    ]
+    comfyui = config.consumers.get("comfyui")
+    lines += curl_examples(base, comfyui.url if comfyui is not None else None)
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
 
@@ -127,4 +212,4 @@ async def _stop_command_consumers(config: Config) -> None:
                 await proc.wait()
 
 
-__all__ = ["curl_examples", "demo_spec", "run_demo"]
+__all__ = ["curl_examples", "demo_spec", "ephemeral_registry", "ephemeral_spec", "run_demo"]

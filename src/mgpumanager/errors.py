@@ -1,4 +1,4 @@
-"""Every error the broker itself answers, and the one place it becomes the JSON envelope.
+"""Every error the broker itself answers, and the one place it becomes an HTTP answer.
 
 Tree::
 
@@ -7,6 +7,19 @@ Tree::
 
 Third-party exceptions (aiohttp, NVML, YAML) are translated into a BrokerError at the boundary
 where they occur; nothing else reaches a client.
+
+One error, several dialects: the same fields in the shape each surface's clients read, so a user
+sees the message and not a bare code (`route_dialect` picks it from the path):
+
+    envelope  the broker's own facade    {"error": code, "message", "consumer", "retryable"}
+    ollama    Ollama's API at the root   {"error": message, "code", "consumer", "retryable"}
+    openai    OpenAI-compatible /v1      {"error": {"message", "type", "code", "param",
+                                                    "consumer", "retryable"}}
+    comfyui   a ComfyUI consumer's API   {"error": {"type", "message", "details", "extra_info",
+                                                    "code", "consumer", "retryable"},
+                                          "node_errors": {}}
+
+The HTTP status is the table's in every dialect.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ class ErrorCode(enum.StrEnum):
     BAD_CONSUMER_URL = "bad_consumer_url"
     BAD_REQUEST = "bad_request"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
@@ -55,6 +69,7 @@ ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
     ErrorCode.UNAUTHORIZED: ErrorSpec(401, False, "missing or wrong bearer token"),
     ErrorCode.NOT_FOUND: ErrorSpec(404, False, "no such route"),
     ErrorCode.NO_CONSUMER: ErrorSpec(404, False, "no consumer is routed for this kind"),
+    ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, False, "no consumer serves the requested model"),
     ErrorCode.METHOD_NOT_ALLOWED: ErrorSpec(405, False, "route exists, method does not"),
     ErrorCode.PAYLOAD_TOO_LARGE: ErrorSpec(413, False, "request body larger than max_body_mib"),
     ErrorCode.SCHEDULER_ERROR: ErrorSpec(
@@ -94,11 +109,13 @@ class BrokerError(Exception):
         consumer: str | None = None,
         retryable: bool | None = None,
         headers: Mapping[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.consumer = consumer
+        self.param = param  # the request field at fault ("model"), where one is
         self.retryable = ERROR_TABLE[code].retryable if retryable is None else retryable
         self.headers: dict[str, str] = dict(headers or {})
 
@@ -114,15 +131,89 @@ class BrokerError(Exception):
             "retryable": self.retryable,
         }
 
+    def body(self, dialect: Dialect) -> dict[str, object]:
+        """The answer's JSON body in `dialect`."""
+        if dialect is Dialect.ENVELOPE:
+            return self.envelope()
+        if dialect is Dialect.OLLAMA:
+            # Ollama clients show the string under "error" (ollama-python's ResponseError.error).
+            return {
+                "error": self.message,
+                "code": str(self.code),
+                "consumer": self.consumer,
+                "retryable": self.retryable,
+            }
+        if dialect is Dialect.OPENAI:
+            # The OpenAI SDKs read message, type, code and param from the nested object.
+            return {
+                "error": {
+                    "message": self.message,
+                    "type": openai_type(self.status),
+                    "code": str(self.code),
+                    "param": self.param,
+                    "consumer": self.consumer,
+                    "retryable": self.retryable,
+                }
+            }
+        # ComfyUI answers a refused /prompt with this shape; its clients show error.message.
+        return {
+            "error": {
+                "type": str(self.code),
+                "message": self.message,
+                "details": "",
+                "extra_info": {},
+                "code": str(self.code),
+                "consumer": self.consumer,
+                "retryable": self.retryable,
+            },
+            "node_errors": {},
+        }
+
     def __repr__(self) -> str:
         return f"BrokerError({self.code!s}, {self.message!r}, consumer={self.consumer!r})"
 
 
-def error_response(err: BrokerError) -> web.Response:
+class Dialect(enum.StrEnum):
+    ENVELOPE = "envelope"
+    OLLAMA = "ollama"
+    OPENAI = "openai"
+    COMFYUI = "comfyui"
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+# The OpenAI-compatible routes under /v1 (the rest of /v1 is the broker's own facade).
+OPENAI_PREFIXES = (
+    "/v1/models",
+    "/v1/chat/",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/audio/",
+    "/v1/images/",
+)
+
+
+def route_dialect(path: str) -> Dialect:
+    """The dialect of the routes the broker serves at fixed paths: Ollama's API at the root,
+    the OpenAI-compatible /v1 routes, else the envelope. (Under /upstream/<consumer>/ the
+    consumer's type decides: its adapter's `dialect`.)"""
+    if path == "/" or path.startswith("/api/"):
+        return Dialect.OLLAMA
+    if path.startswith(OPENAI_PREFIXES):
+        return Dialect.OPENAI
+    return Dialect.ENVELOPE
+
+
+def error_response(err: BrokerError, dialect: Dialect = Dialect.ENVELOPE) -> web.Response:
     """The only place a BrokerError becomes an HTTP answer."""
     return web.Response(
         status=err.status,
-        body=json.dumps(err.envelope()).encode(),
+        body=json.dumps(err.body(dialect)).encode(),
         content_type="application/json",
         headers=err.headers,
     )

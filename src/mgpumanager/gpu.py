@@ -1,4 +1,4 @@
-"""GPU readers: one Protocol, three backends (DESIGN §5).
+"""GPU readers: one Protocol, three backends (docs/architecture.md, "GPU readers").
 
 - `NvmlReader`: the NVIDIA Management Library through `nvidia-ml-py` (module `pynvml`).
 - `StaticReader`: no readings at all; the total comes from `gpu.total_mib`.
@@ -459,7 +459,7 @@ async def make_reader(
     nvml: NvmlApi | None = None,
     session: aiohttp.ClientSession | None = None,
 ) -> GpuReader:
-    """The started reader `gpu.backend` asks for (DESIGN §5). Raises `GpuInitError`."""
+    """The started reader `gpu.backend` asks for. Raises `GpuInitError`."""
     if gpu.backend == "static":
         if gpu.total_mib is None:
             raise GpuInitError("gpu.backend 'static' needs gpu.total_mib")

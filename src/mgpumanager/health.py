@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .adapters import ConsumerAdapter, HealthResult
 from .clock import Clock
 from .errors import BrokerError, ErrorCode
+from .events import Emit, no_emit
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,12 @@ class HealthState:
 
 
 class HealthMonitor:
-    def __init__(self, adapters: Mapping[str, ConsumerAdapter], clock: Clock) -> None:
+    def __init__(
+        self, adapters: Mapping[str, ConsumerAdapter], clock: Clock, *, emit: Emit = no_emit
+    ) -> None:
         self.adapters = adapters
         self.clock = clock
+        self._emit = emit
         self.states: dict[str, HealthState] = {
             name: HealthState(None, "not probed yet", None) for name in adapters
         }
@@ -60,6 +64,7 @@ class HealthMonitor:
             log.log(
                 level, "%s: health %s (%s)", name, "ok" if result.ok else "FAILED", result.detail
             )
+            self._emit("health.changed", consumer=name, healthy=result.ok, detail=result.detail)
         self.states[name] = state
         return state
 

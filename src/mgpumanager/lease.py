@@ -78,11 +78,13 @@ class Lease:
         queue_timeout_s: float,
         exclusive: bool = False,
         model: str | None = None,
+        label: str = "",
     ) -> AsyncIterator[JobHandle]:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
         run alone, with no prepare step, and nothing else is granted until they finish.
-        `model`: the model the job needs; a job joining a tenure still prepares it."""
-        grant = await self._acquire(consumer, priority, queue_timeout_s, exclusive)
+        `model`: the model the job needs; a job joining a tenure still prepares it.
+        `label`: what the job is (its route), shown in the queue and the events."""
+        grant = await self._acquire(consumer, priority, queue_timeout_s, exclusive, label)
         handle = JobHandle(self, grant)
         try:
             if not exclusive and (grant.prepare or model is not None):
@@ -109,9 +111,9 @@ class Lease:
                 self._finish(handle)
 
     async def _acquire(
-        self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool
+        self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool, label: str
     ) -> Grant:
-        job_id = self.core.submit(consumer, priority, exclusive=exclusive)
+        job_id = self.core.submit(consumer, priority, exclusive=exclusive, label=label)
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = future
         self.dispatch()

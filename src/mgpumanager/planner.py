@@ -1,4 +1,4 @@
-"""The eviction planner (DESIGN §4): a pure function, no I/O, no clock.
+"""The eviction planner (docs/residency.md): a pure function, no I/O, no clock.
 
 `plan_eviction` answers "what must be unloaded before `target` can load?":
 

@@ -67,6 +67,7 @@ class QueuedJob:
     priority: int  # 0..MAX_PRIORITY, clamped when queued
     enqueued_at: float
     exclusive: bool = False
+    label: str = ""  # what the job is (its route, or `admin unload`), for status and events
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ memory to a consumer's processes:
 - one that left by itself (Ollama's keep_alive ran out) becomes `unloaded`;
 - per-model consumers get their list of resident models, with sizes.
 
+It also says what the planner sees (`units`): every consumer holding memory, and for per-model
+consumers each resident model, with its cost, LRU time and whether it may be evicted.
+
 Reconciliation never touches a record that is being changed (`loading`, `unloading`), one with
 the broker's jobs on it, or one that changed while its upstream was being asked (the record's
 generation moved on): what it read may be older than that change.
@@ -29,7 +32,9 @@ from dataclasses import dataclass
 from .adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from .clock import Clock
 from .config import Config
+from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading, measured_mib
+from .planner import Resident
 from .records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 
 log = logging.getLogger("mgpumanager.residency")
@@ -51,6 +56,9 @@ class Counters:
     outside_loads: int = 0  # consumers found resident that the broker had not loaded
 
 
+UNIT_SEPARATOR = "/"  # a model's unit in plans and decisions: "ollama/llama3.1:8b"
+
+
 class ResidencyView:
     def __init__(
         self,
@@ -61,8 +69,23 @@ class ResidencyView:
         *,
         model_size: Callable[[str, str], int | None] | None = None,
         in_flight: Callable[[str], int] | None = None,
+        emit: Emit = no_emit,
     ) -> None:
         self.config = config
+        self._emit = emit
+
+        def changed(name: str, record: Record, previous: State) -> None:
+            emit(
+                "residency.changed",
+                consumer=name,
+                previous=str(previous),
+                residency=str(record.state),
+                reason=record.detail,
+                resident_models=sorted(record.models),
+                vram_mib=record.cost_mib,
+            )
+
+        self._changed = changed  # every record's on_change
         self.adapters = adapters
         self.reader = reader
         self.clock = clock
@@ -73,7 +96,7 @@ class ResidencyView:
         self.counters = Counters()
         self.last_reading: GpuReading | None = None
         self.records = {
-            name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             for name, c in config.consumers.items()
         }
         # Sizes per (consumer, model) seen while resident: better than any file size.
@@ -119,6 +142,14 @@ class ResidencyView:
         if listed is not None:
             return int(listed * FILE_SIZE_FACTOR)
         return self.config.consumers[name].vram_resident_mib
+
+    def model_key(self, name: str, model: str | None) -> str | None:
+        """The upstream's own name for `model`: an alias resolved, Ollama's implicit `:latest`
+        added (so a job for "llama3" finds the resident "llama3:latest")."""
+        if model is None:
+            return None
+        entry = self.config.consumers[name].model_entry(model)
+        return self.adapters[name].model_key(entry.name if entry is not None else model)
 
     def busy(self, name: str) -> bool:
         return self._in_flight(name) > 0
@@ -170,6 +201,54 @@ class ResidencyView:
             if not any(pattern in p.name for pattern in patterns)
         ]
 
+    # -- what the planner sees ---------------------------------------------------------------
+
+    def units(self, target: str, model: str | None) -> list[Resident]:
+        """What may be evicted for `target`: every other consumer holding memory, per model
+        where it is tracked per model; with `model`, also the target's own other models."""
+        out = []
+        for name, r in self.records.items():
+            if r.state not in HOLDS_MEMORY or (name == target and model is None):
+                continue
+            # Without an unload call nothing can evict it: as good as pinned.
+            pinned = r.pinned or not self.adapters[name].can_unload
+            busy = r.busy_outside or self._cooling_down(name)
+            coexists = name == target or self.config.coexist(name, target)
+            if self.adapters[name].per_model and r.models:
+                for m, unit in r.models.items():
+                    if name == target and m == model:
+                        continue
+                    out.append(
+                        Resident(
+                            name=f"{name}{UNIT_SEPARATOR}{m}",
+                            cost_mib=unit.cost_mib,
+                            last_used=_lru(unit.last_used, r.last_used),
+                            pinned=pinned,
+                            busy=busy or unit.in_flight > 0,
+                            coexists=coexists,
+                        )
+                    )
+            elif name != target:
+                out.append(
+                    Resident(
+                        name=name,
+                        cost_mib=r.cost_mib,
+                        last_used=_lru(r.last_used, None),
+                        pinned=pinned,
+                        busy=busy or self.busy(name),
+                        coexists=coexists,
+                    )
+                )
+        return out
+
+    def _cooling_down(self, name: str) -> bool:
+        """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
+        the way (like a busy one): jobs that need its room fail fast, retryable, instead of
+        each holding the lease for another unload_timeout_s on the same stuck unload."""
+        failed_at = self.records[name].unload_failed_at
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        return failed_at is not None and self.clock.now() - failed_at < timeout_s
+
     # -- reconciling ----------------------------------------------------------------------------
 
     async def discover(self) -> None:
@@ -187,7 +266,7 @@ class ResidencyView:
         out = {}
         for name, report in zip(names, reports, strict=True):
             c = config.consumers[name]
-            record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned)
+            record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             record.measured_mib = self._measure(name, reading, config)
             record.detail = "no residency probe or GPU figure"
             self._apply(name, record, report, at_start=True)
@@ -227,7 +306,8 @@ class ResidencyView:
                 log.debug("%s: residency probe failed: %s", name, report)
             return
         record.busy_outside = report.busy
-        record.reported_mib = report.held_mib
+        # Per-model upstreams report their models' sizes, which the models themselves carry.
+        record.reported_mib = report.held_mib if report.models is None else None
         busy = self.busy(name)
         if report.models is not None:
             self._take_models(name, record, report.models)
@@ -237,6 +317,10 @@ class ResidencyView:
             # Its upstream cannot tell; its processes on the GPU can.
             resident = record.measured_mib > residual_allowance_mib(record.declared_mib)
             detail = f"GPU reading: {record.measured_mib} MiB"
+        if report.busy and not resident:
+            # Work posted around the broker runs or waits on it: it holds its model, or is about
+            # to load it. Counted as resident (and busy: not evicted) before it allocates.
+            resident = True
         if resident and record.state is State.UNLOADED:
             self.counters.outside_loads += 1
             transition(name, record, State.RESIDENT, f"loaded outside the broker ({detail})")
@@ -311,3 +395,12 @@ async def _ask(
 
 
 Probe = Callable[[str], Awaitable[bool]]
+
+
+def unit_consumer(unit: str) -> str:
+    return unit.partition(UNIT_SEPARATOR)[0]
+
+
+def _lru(*times: float | None) -> float:
+    """LRU sort key: the first known time; never used sorts first."""
+    return next((t for t in times if t is not None), float("-inf"))

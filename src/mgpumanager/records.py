@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger("mgpumanager.residency")
@@ -88,6 +88,11 @@ class Record:
     # Bumped by every change; a reconciliation that read the upstream before a change made
     # meanwhile must not overwrite it with what it read.
     generation: int = 0
+    # Told of every change of state, after it (name, record, previous state): the event
+    # stream's residency.changed. A plain function, so that dataclasses.asdict copies it as is.
+    on_change: Callable[[str, Record, State], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def cost_mib(self) -> int:
@@ -106,7 +111,11 @@ def transition(name: str, record: Record, to: State, reason: str) -> None:
     if to not in TRANSITIONS[record.state]:
         raise IllegalTransition(f"{name}: {record.state} -> {to} is not allowed ({reason})")
     log.info("%s: %s -> %s (%s)", name, record.state, to, reason)
+    previous = record.state
     record.state, record.detail = to, reason
     record.generation += 1
     if to is State.UNLOADED:
         record.models.clear()
+        record.reported_mib = None
+    if record.on_change is not None:
+        record.on_change(name, record, previous)

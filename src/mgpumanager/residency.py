@@ -23,16 +23,15 @@ from .adapters import ConsumerAdapter, residual_allowance_mib
 from .clock import Clock
 from .config import Config
 from .errors import BrokerError, ErrorCode
+from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading
 from .planner import CannotFit, Resident, plan_eviction
-from .reconcile import Counters, ResidencyView
-from .records import HOLDS_MEMORY, ModelRecord, State, transition
+from .reconcile import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
+from .records import ModelRecord, State, transition
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Counters", "EvictionDecision", "Residency"]
-
-UNIT_SEPARATOR = "/"  # a model's unit in plans and decisions: "ollama/llama3.1:8b"
 
 
 @dataclass(frozen=True)
@@ -59,15 +58,19 @@ class Residency(ResidencyView):
         probe: Callable[[str], Awaitable[bool]] | None = None,
         model_size: Callable[[str, str], int | None] | None = None,
         in_flight: Callable[[str], int] | None = None,
+        has_model: Callable[[str, str], Awaitable[bool | None]] | None = None,
+        emit: Emit = no_emit,
     ) -> None:
         super().__init__(
-            config, adapters, reader, clock, model_size=model_size, in_flight=in_flight
+            config, adapters, reader, clock, model_size=model_size, in_flight=in_flight, emit=emit
         )
         self._sleep = sleep
         # How "ready" is checked after a load; the broker passes its health monitor's probe so
         # that the monitor's verdict follows the load.
         self._probe = probe or self._adapter_healthy
         self.decisions: list[EvictionDecision] = []  # the last 100, newest last
+        # Whether a per-model upstream has a model (None: it cannot tell): the catalog's list.
+        self._has_model = has_model or _cannot_tell
 
     def reconfigure_probe(self, probe: Callable[[str], Awaitable[bool]]) -> None:
         self._probe = probe
@@ -102,6 +105,10 @@ class Residency(ResidencyView):
             return
         record = self.records[target]
         per_model = model if self.adapters[target].per_model else None
+        if per_model is not None and await self._has_model(target, per_model) is False:
+            # The upstream answers its own 404 for it: nothing to make room for, nothing to load.
+            log.info("%s has no model %r: nothing evicted, its own answer follows", target, model)
+            return
         if per_model is not None and record.state is State.RESIDENT:
             # Room for one more model inside a resident consumer: its other models stay counted.
             need, exclude = self.model_cost_mib(target, per_model), None
@@ -111,7 +118,7 @@ class Residency(ResidencyView):
             need = record.cost_mib if per_model is None else self.model_cost_mib(target, per_model)
             exclude = target
         headroom = self.headroom_mib(reading, exclude=exclude)
-        residents = self._units(target, per_model if exclude is None else None)
+        residents = self.units(target, per_model if exclude is None else None)
         plan = plan_eviction(
             target=target,
             target_cost_mib=need,
@@ -130,49 +137,11 @@ class Residency(ResidencyView):
         else:
             await self.load(target)
 
-    def _units(self, target: str, model: str | None) -> list[Resident]:
-        """What may be evicted for `target`: every other consumer holding memory, per model
-        where it is tracked per model; with `model`, also the target's own other models."""
-        out = []
-        for name, r in self.records.items():
-            if r.state not in HOLDS_MEMORY or (name == target and model is None):
-                continue
-            # Without an unload call nothing can evict it: as good as pinned.
-            pinned = r.pinned or not self.adapters[name].can_unload
-            busy = r.busy_outside or self._cooling_down(name)
-            coexists = name == target or self.config.coexist(name, target)
-            if self.adapters[name].per_model and r.models:
-                for m, unit in r.models.items():
-                    if name == target and m == model:
-                        continue
-                    out.append(
-                        Resident(
-                            name=f"{name}{UNIT_SEPARATOR}{m}",
-                            cost_mib=unit.cost_mib,
-                            last_used=_lru(unit.last_used, r.last_used),
-                            pinned=pinned,
-                            busy=busy or unit.in_flight > 0,
-                            coexists=coexists,
-                        )
-                    )
-            elif name != target:
-                out.append(
-                    Resident(
-                        name=name,
-                        cost_mib=r.cost_mib,
-                        last_used=_lru(r.last_used, None),
-                        pinned=pinned,
-                        busy=busy or self.busy(name),
-                        coexists=coexists,
-                    )
-                )
-        return out
-
     def _cannot_fit(
         self, target: str, plan: CannotFit, residents: list[Resident], reading: GpuReading
     ) -> BrokerError:
         reason = plan.reason
-        stuck = [r.name for r in residents if self._cooling_down(_consumer(r.name))]
+        stuck = [r.name for r in residents if self._cooling_down(unit_consumer(r.name))]
         if stuck:
             reason += f" ({', '.join(stuck)}: last unload not confirmed, state unknown)"
         outside = self.outside_processes(reading)
@@ -196,6 +165,14 @@ class Residency(ResidencyView):
             )
         )
         del self.decisions[:-100]
+        self._emit(
+            "eviction.planned",
+            target=target,
+            need_mib=need,
+            headroom_mib=headroom,
+            victims=list(victims),
+            residents=[r.name for r in residents],
+        )
         log.info(
             "%s needs %d MiB, headroom %d MiB: evicting %s",
             target,
@@ -261,6 +238,12 @@ class Residency(ResidencyView):
         self.counters.evictions += 1
         confirmed = f"unload confirmed in {record.last_unload_s:.2f} s"
         transition(name, record, State.UNLOADED, confirmed)
+        self._emit(
+            "eviction.confirmed",
+            consumer=name,
+            for_consumer=for_consumer,
+            unload_s=record.last_unload_s,
+        )
 
     async def evict_model(self, name: str, model: str, *, for_consumer: str) -> None:
         """Unload one model of a per-model consumer that keeps others resident."""
@@ -291,6 +274,7 @@ class Residency(ResidencyView):
         del record.models[model]
         record.generation += 1
         self.counters.evictions += 1
+        self._emit("eviction.confirmed", consumer=name, model=model, for_consumer=for_consumer)
 
     async def _confirm(
         self,
@@ -303,10 +287,14 @@ class Residency(ResidencyView):
     ) -> None:
         """Poll until the upstream says it let go and the GPU shows `expect_mib` back."""
         deadline = self.clock.now() + timeout_s
+        gone_since: float | None = None
         while True:
             gone = await _asked(name, upstream_let_go)
+            if gone and gone_since is None:
+                gone_since = self.clock.now()
             after = await self.read_gpu()
-            if gone and self._gpu_confirms(name, before, after, expect_mib):
+            settled_s = 0.0 if gone_since is None else self.clock.now() - gone_since
+            if gone and self._gpu_confirms(name, before, after, expect_mib, settled_s):
                 return
             if self.clock.now() >= deadline:
                 raise BrokerError(
@@ -323,25 +311,25 @@ class Residency(ResidencyView):
         transition(name, record, State.UNKNOWN, f"{reason}; state unknown")
         record.unload_failed_at = self.clock.now()
         self.counters.eviction_failures += 1
-
-    def _cooling_down(self, name: str) -> bool:
-        """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
-        the way (like a busy one): jobs that need its room fail fast, retryable, instead of
-        each holding the lease for another unload_timeout_s on the same stuck unload."""
-        failed_at = self.records[name].unload_failed_at
-        timeout_s = self.config.consumers[name].unload_timeout_s
-        return failed_at is not None and self.clock.now() - failed_at < timeout_s
+        self._emit("eviction.failed", consumer=name, reason=reason)
 
     def _gpu_confirms(
-        self, name: str, before: GpuReading, after: GpuReading, expect_mib: int
+        self,
+        name: str,
+        before: GpuReading,
+        after: GpuReading,
+        expect_mib: int,
+        settled_s: float,
     ) -> bool:
         """The GPU's word that `expect_mib` of `name`'s memory is back. With per-process
         figures for it: they dropped by half of that, or (a whole unload) to no more than a
         CUDA context. Without them: used memory dropped by half of it. Nothing expected (it was
-        `unknown`), or no readings at all (static backend): the upstream's word is all there is.
+        `unknown`): the free figure decides later. No readings at all (static backend): the
+        upstream's word, `settled_s` ago, once the driver's usual lag (gpu.static_settle_s)
+        has passed since.
         """
         if self.reader.backend == "static":
-            return True
+            return settled_s >= self.config.gpu.static_settle_s
         if not after.ok:
             return False
         record = self.records[name]
@@ -391,6 +379,7 @@ class Residency(ResidencyView):
         config = self.config.consumers[name]
         started = self.clock.now()
         transition(name, record, State.LOADING, "needed by a job")
+        self._emit("load.started", consumer=name, vram_mib=record.cost_mib)
         if adapter.has_load:
             try:
                 async with asyncio.timeout(config.load_timeout_s):
@@ -399,6 +388,7 @@ class Residency(ResidencyView):
                         await self._sleep(self.config.gpu.poll_interval_s)
             except asyncio.CancelledError:
                 transition(name, record, State.UNKNOWN, "load cut off")  # the safe side
+                self._emit("load.failed", consumer=name, reason="load cut off")
                 raise
             except (TimeoutError, BrokerError) as exc:
                 self.counters.load_failures += 1
@@ -409,6 +399,7 @@ class Residency(ResidencyView):
                 )
                 # It may hold part of its memory: the safe side.
                 transition(name, record, State.UNKNOWN, f"load failed: {message}")
+                self._emit("load.failed", consumer=name, reason=message)
                 raise BrokerError(
                     ErrorCode.LOAD_FAILED, f"loading {name} failed: {message}", consumer=name
                 ) from exc
@@ -419,6 +410,9 @@ class Residency(ResidencyView):
             for model in config.preload_models if adapter.has_load else ():
                 record.models[model] = ModelRecord(self.model_cost_mib(name, model))
         transition(name, record, State.RESIDENT, how)
+        self._emit(
+            "load.ready", consumer=name, load_s=record.last_load_s, lazy=not adapter.has_load
+        )
         self.counters.swaps += 1
         if adapter.has_load:
             await self.read_gpu()  # so /v1/status shows the loaded figure, not the one before
@@ -443,6 +437,7 @@ class Residency(ResidencyView):
         except BrokerError as exc:
             self.counters.load_failures += 1
             message = f"loading {name}/{model} failed: {exc.message}"
+            self._emit("load.failed", consumer=name, model=model, reason=exc.message)
             raise BrokerError(ErrorCode.LOAD_FAILED, message, consumer=name) from exc
 
     async def unload(self, name: str) -> None:
@@ -451,13 +446,8 @@ class Residency(ResidencyView):
             await self.evict(name)
 
 
-def _consumer(unit: str) -> str:
-    return unit.partition(UNIT_SEPARATOR)[0]
-
-
-def _lru(*times: float | None) -> float:
-    """LRU sort key: the first known time; never used sorts first."""
-    return next((t for t in times if t is not None), float("-inf"))
+async def _cannot_tell(name: str, model: str) -> bool | None:
+    return None
 
 
 async def _asked(name: str, question: Callable[[], Awaitable[bool]]) -> bool:

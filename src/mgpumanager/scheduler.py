@@ -15,8 +15,9 @@ Which waiting job is picked next is the core's `order` (policy.py): `priority` o
 the settings, or one passed in. The queue is kept per (consumer, priority) class, in arrival
 order, and an order sees each class's oldest job only: submitting, cancelling and granting cost
 the same whatever the queue's depth. The core also measures each consumer's recent run times
-(ready to finish, completed jobs), which the order weighs the queued work with. Observers
-(`on_grant`, `on_finish`) see every grant and every finished job, for benchmarks and logs.
+(ready to finish, completed jobs), which the order weighs the queued work with. Observers see
+every job queued (`on_submit`), granted (`on_grant`), finished after its grant (`on_finish`) or
+gone from the queue without one (`on_leave`), for benchmarks, logs and the event stream.
 """
 
 from __future__ import annotations
@@ -138,13 +139,23 @@ class SchedulerCore:
         self._c = _Counters()
         # Called synchronously, in order, for every grant and every finished job. They must not
         # raise or call back into the core.
+        self.on_submit: list[Callable[[QueuedJob], None]] = []
         self.on_grant: list[Callable[[Grant], None]] = []
         self.on_finish: list[Callable[[int, Outcome], None]] = []
+        self.on_leave: list[Callable[[QueuedJob, Outcome], None]] = []
 
     # -- what happened ------------------------------------------------------------------------
 
-    def submit(self, consumer: str, priority: int | None = None, *, exclusive: bool = False) -> int:
+    def submit(
+        self,
+        consumer: str,
+        priority: int | None = None,
+        *,
+        exclusive: bool = False,
+        label: str = "",
+    ) -> int:
         """Queue a job; returns its id. Raises BrokerError(queue_full | shutting_down).
+        `label` says what the job is (its route), for whoever watches the queue.
 
         An exclusive job (admin load/unload) starts only when nothing runs, and nothing else is
         granted until it finishes: it is never `ready`."""
@@ -169,11 +180,14 @@ class SchedulerCore:
             priority=max(0, min(MAX_PRIORITY, level)),
             enqueued_at=self._clock.now(),
             exclusive=exclusive,
+            label=label,
         )
         self._waiting[job.id] = job
         self._classes.setdefault((job.consumer, job.priority), OrderedDict())[job.id] = job
         self._queued[job.consumer] = self._queued.get(job.consumer, 0) + 1
         self._c.total_jobs += 1
+        for observer in self.on_submit:
+            observer(job)
         return job.id
 
     def cancel(self, job_id: int, outcome: Outcome = Outcome.CANCELLED) -> bool:
@@ -183,6 +197,8 @@ class SchedulerCore:
             return False
         self._unqueue(job)
         self._count(outcome)
+        for observer in self.on_leave:
+            observer(job, outcome)
         return True
 
     def _unqueue(self, job: QueuedJob) -> None:
@@ -244,6 +260,8 @@ class SchedulerCore:
         for job in gone:
             self._unqueue(job)
             self._count(Outcome.FAILED)
+            for observer in self.on_leave:
+                observer(job, Outcome.FAILED)
         for name, warm in [k for k in self._runs if k[0] not in consumers]:
             del self._runs[name, warm]
             self._run_s.pop(name, None)

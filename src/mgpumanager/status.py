@@ -54,6 +54,53 @@ class ConsumerStatus(BaseModel):
     max_concurrency: int
     queue_depth: int
     in_flight: int
+    resident_models: list[str]  # per-model consumers (Ollama, speaches); [] for the others
+    front_door: str | None  # where its front door listens, if it has one
+
+
+class QueuedJobStatus(BaseModel):
+    job: int
+    consumer: str
+    label: str  # what the job is: its route (and model), or `admin unload`
+    priority: int
+    age_s: float
+
+
+class RunningJobStatus(BaseModel):
+    job: int
+    consumer: str
+    label: str
+    run_s: float | None
+
+
+class JobStatus(BaseModel):
+    """A finished job, or one that left the queue without running (run_s None)."""
+
+    time: float  # Unix seconds
+    job: int
+    consumer: str
+    label: str
+    outcome: str
+    wait_s: float | None
+    run_s: float | None
+
+
+class EvictionStatus(BaseModel):
+    """An eviction planned for `target` (None: an unload asked for), with what was known."""
+
+    time: float  # Unix seconds
+    target: str | None
+    victims: list[str]
+    need_mib: int | None
+    headroom_mib: int | None  # when it was decided
+    outcome: str  # planned (under way), confirmed, failed
+    detail: str
+
+
+class EventsStatus(BaseModel):
+    clients: int  # /v1/events followers now
+    emitted: int
+    dropped_clients: int  # dropped for not reading fast enough
 
 
 class SchedulerStatus(BaseModel):
@@ -76,6 +123,8 @@ class SchedulerStatus(BaseModel):
     evictions: int
     eviction_failures: int
     load_failures: int
+    waiting: list[QueuedJobStatus]  # the queue, in arrival order
+    running: list[RunningJobStatus]
 
 
 class Status(BaseModel):
@@ -85,6 +134,9 @@ class Status(BaseModel):
     scheduler: SchedulerStatus
     consumers: dict[str, ConsumerStatus]
     routing: dict[str, str]
+    recent_jobs: list[JobStatus]  # newest first
+    recent_evictions: list[EvictionStatus]  # newest first
+    events: EventsStatus
 
 
 def build_status(broker: Broker) -> Status:
@@ -114,16 +166,36 @@ def build_status(broker: Broker) -> Status:
                 "url": redact_url(c.url),  # credentials in a URL are secrets
                 **dataclasses.asdict(health),
                 "health_detail": health.detail,
-                **dataclasses.asdict(record),  # after health: its `detail` is the residency's
+                **_fields(record),  # after health: its `detail` is the residency's
                 "state": str(record.state),
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
+                "resident_models": sorted(record.models),
+                "front_door": broker.front_doors.get(name),
                 **dataclasses.asdict(stats.consumers[name]),
             }
         )
+    core = broker.lease.core
     scheduler = {
-        **{f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)},
+        **_fields(stats),
         **dataclasses.asdict(residency.counters),
+        "waiting": [
+            QueuedJobStatus(
+                job=j.id,
+                consumer=j.consumer,
+                label=j.label,
+                priority=j.priority,
+                age_s=now - j.enqueued_at,
+            )
+            for j in core.waiting.values()
+        ],
+        "running": [
+            RunningJobStatus(
+                job=j.id, consumer=j.consumer, label=j.label, run_s=broker.jobs.running_s(j.id)
+            )
+            for j in core.running.values()
+        ],
     }
+    history, events = broker.history, broker.events
     return Status(
         version=__version__,
         uptime_s=now - broker.started_at,
@@ -131,4 +203,17 @@ def build_status(broker: Broker) -> Status:
         scheduler=SchedulerStatus.model_validate(scheduler),
         consumers=consumers,
         routing=dict(broker.config.routing),
+        recent_jobs=[JobStatus.model_validate(j) for j in reversed(history.jobs)],
+        recent_evictions=[
+            EvictionStatus.model_validate(_fields(e)) for e in reversed(history.evictions)
+        ],
+        events=EventsStatus(
+            clients=events.subscribers, emitted=events.emitted, dropped_clients=events.dropped
+        ),
     )
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields, one level deep (asdict would deep-copy the callbacks a record
+    carries)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

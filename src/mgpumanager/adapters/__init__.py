@@ -22,18 +22,20 @@ import aiohttp
 
 from ..config import AdapterType, ConsumerConfig
 from .base import (
+    OPENAI_GPU_PATHS,
     BaseAdapter,
     ConsumerAdapter,
     HealthResult,
     RegistryAction,
     ResidencyReport,
     UpstreamStatus,
+    relay_kind,
     residual_allowance_mib,
 )
 from .comfyui import ComfyUIAdapter
 from .command import CommandAdapter
 from .generic import GenericAdapter
-from .ollama import NATIVE_KIND_PREFIX, OllamaAdapter
+from .ollama import OllamaAdapter
 from .speaches import SpeachesAdapter
 from .vllm import VllmAdapter
 
@@ -59,7 +61,7 @@ def registry_actions(kind: AdapterType) -> frozenset[RegistryAction]:
 
 __all__ = [
     "ADAPTERS",
-    "NATIVE_KIND_PREFIX",
+    "OPENAI_GPU_PATHS",
     "BaseAdapter",
     "ComfyUIAdapter",
     "CommandAdapter",
@@ -73,5 +75,6 @@ __all__ = [
     "VllmAdapter",
     "make_adapter",
     "registry_actions",
+    "relay_kind",
     "residual_allowance_mib",
 ]

@@ -27,13 +27,44 @@ import aiohttp
 from aiohttp import web
 
 from ..config import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
-from ..errors import BrokerError, ErrorCode
+from ..errors import BrokerError, Dialect, ErrorCode
 from ..lease import JobHandle
-from ..proxy import forward, translate_client_error
+from ..proxy import Body, forward, translate_client_error
 
 log = logging.getLogger(__name__)
 
 RegistryAction = Literal["unload", "load"]
+
+# A job's kind is either a facade kind (`tts`, `llm`..., looked up in the consumer's paths) or
+# a relay: the client's own method and path sent to the same path upstream (Ollama's API at the
+# root, the OpenAI-compatible routes, a consumer's API under /upstream/<name>/).
+RELAY_PREFIX = "relay:"
+
+# The OpenAI-style routes that run a model: scheduled wherever a consumer serves OpenAI routes.
+OPENAI_GPU_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/images/generations",
+    }
+)
+
+
+def relay_kind(method: str, path: str) -> str:
+    """The kind of a job relayed as `method path` (the raw path, still percent-encoded)."""
+    return f"{RELAY_PREFIX}{method} {path}"
+
+
+def relay_call(kind: str) -> HttpCall | None:
+    """The call a relay kind stands for; None for a facade kind."""
+    if not kind.startswith(RELAY_PREFIX):
+        return None
+    method, _, path = kind.removeprefix(RELAY_PREFIX).partition(" ")
+    return HttpCall.model_validate({"method": method, "path": path})
 
 
 @dataclass(frozen=True)
@@ -86,6 +117,7 @@ class ConsumerAdapter(Protocol):
     async def unload(self) -> None: ...
     async def unloaded(self) -> bool: ...
     async def load(self) -> None: ...
+    def model_key(self, model: str) -> str: ...
     async def unload_model(self, model: str) -> None: ...
     async def load_model(self, model: str) -> None: ...
     async def forward(
@@ -94,7 +126,7 @@ class ConsumerAdapter(Protocol):
         kind: str,
         job: JobHandle,
         max_body_bytes: int,
-        body: bytes | None = None,
+        body: Body | None = None,
     ) -> web.StreamResponse:
         """Run one job; `body`: the request body the facade already read (else streamed)."""
 
@@ -119,6 +151,8 @@ class BaseAdapter:
     registry_actions: ClassVar[frozenset[RegistryAction]] = frozenset()
     default_health: ClassVar[HealthConfig] = HealthConfig()
     default_paths: ClassVar[Mapping[str, HttpCall]] = {}
+    # Routes of its own API that use the GPU and whose JSON body names a model: `(method, path)`.
+    model_routes: ClassVar[frozenset[tuple[str, str]]] = frozenset()
 
     def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
         self.name = name
@@ -148,6 +182,9 @@ class BaseAdapter:
         return self.config.unload is not None
 
     def path_for(self, kind: str) -> HttpCall:
+        relayed = relay_call(kind)
+        if relayed is not None:
+            return relayed
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
         call = call or DEFAULT_PATHS.get(kind)
         if call is None:
@@ -162,6 +199,28 @@ class BaseAdapter:
 
     def url(self, path: str) -> str:
         return self.config.url.rstrip("/") + path
+
+    # -- its own API, as served under /upstream/<name>/ -------------------------------------------
+
+    @property
+    def dialect(self) -> Dialect:
+        """The error shape its own clients read (the broker's errors on its API use it)."""
+        return Dialect.OPENAI if self.serves_openai else Dialect.ENVELOPE
+
+    def names_model(self, method: str, path: str) -> bool:
+        """Whether `method path` of its own API runs a model the request names."""
+        if (method, path) in self.model_routes:
+            return True
+        return self.serves_openai and method == "POST" and path in OPENAI_GPU_PATHS
+
+    def uses_gpu(self, method: str, path: str) -> bool:
+        """Whether `method path` of its own API is GPU work, to be scheduled: its type's model
+        routes, the OpenAI generation routes where it serves them, and the registry's `paths`
+        and `scheduled` calls."""
+        if self.names_model(method, path):
+            return True
+        calls = [*self.default_paths.values(), *self.config.paths.values(), *self.config.scheduled]
+        return any(c.method == method and c.path.split("?", 1)[0] == path for c in calls)
 
     # -- talking to it --------------------------------------------------------------------------
 
@@ -229,6 +288,10 @@ class BaseAdapter:
     def serves_openai(self) -> bool:
         """It answers OpenAI routes (/v1/chat/completions, /v1/audio/speech...) itself."""
         return self.config.openai
+
+    def model_key(self, model: str) -> str:
+        """The name this upstream lists `model` under."""
+        return model
 
     async def installed_models(self) -> dict[str, int | None] | None:
         """The models the upstream can serve now, with their size in MiB where it says one;
@@ -302,12 +365,12 @@ class BaseAdapter:
         kind: str,
         job: JobHandle,
         max_body_bytes: int,
-        body: bytes | None = None,
+        body: Body | None = None,
     ) -> web.StreamResponse:
         return await self.relay(request, self.path_for(kind), max_body_bytes, body)
 
     async def relay(
-        self, request: web.Request, call: HttpCall, max_body_bytes: int, body: bytes | None = None
+        self, request: web.Request, call: HttpCall, max_body_bytes: int, body: Body | None = None
     ) -> web.StreamResponse:
         """Stream `request` to this upstream's `call` (with `body` instead of the client's)."""
         return await forward(

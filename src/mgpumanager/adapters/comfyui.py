@@ -18,16 +18,19 @@ import uuid
 import aiohttp
 from aiohttp import web
 
+from ..bodies import read_body
 from ..config import ConsumerConfig, HealthConfig, HttpCall
-from ..errors import BrokerError, ErrorCode
+from ..errors import BrokerError, Dialect, ErrorCode
 from ..lease import JobHandle
-from ..proxy import check_declared_size, too_large
+from ..proxy import Body
 from .base import BaseAdapter, ResidencyReport, residual_allowance_mib
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Newer ComfyUI serves every route under /api/ too; its own front end posts to /api/prompt.
+PROMPT_PATHS = ("/prompt", "/api/prompt")
 
 
 class ComfyUIAdapter(BaseAdapter):
@@ -64,6 +67,11 @@ class ComfyUIAdapter(BaseAdapter):
         total = first.get("torch_vram_total") if isinstance(first, dict) else None
         return total // MIB if isinstance(total, int) and total >= 0 else None
 
+    async def unloaded(self) -> bool:
+        """Its own allocator holds no more than a CUDA context (where /system_stats says)."""
+        reserved = await self.torch_reserved_mib()
+        return reserved is None or reserved <= residual_allowance_mib(self.config.vram_resident_mib)
+
     async def residency(self) -> ResidencyReport:
         outside_ids, reserved = await asyncio.gather(self.queued_ids(), self.torch_reserved_mib())
         outside = outside_ids - self.ours
@@ -92,16 +100,19 @@ class ComfyUIAdapter(BaseAdapter):
         kind: str,
         job: JobHandle,
         max_body_bytes: int,
-        body: bytes | None = None,
+        body: Body | None = None,
     ) -> web.StreamResponse:
         call = self.path_for(kind)
-        if call.path != "/prompt":
+        if call.method != "POST" or call.path.split("?", 1)[0] not in PROMPT_PATHS:
             return await super().forward(request, kind, job, max_body_bytes, body)
         loop = asyncio.get_running_loop()
         started = loop.time()
         if body is None:
-            check_declared_size(request, max_body_bytes, self.name)
-            body = await _read_bounded(request, max_body_bytes, self.name)
+            body = await read_body(request, max_body_bytes, self.name)
+        elif not isinstance(body, bytes):
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST, "a prompt is a JSON body, not a form", consumer=self.name
+            )
         try:
             prompt = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -252,13 +263,9 @@ class ComfyUIAdapter(BaseAdapter):
     def can_unload(self) -> bool:
         return True
 
+    @property
+    def dialect(self) -> Dialect:
+        return Dialect.COMFYUI
 
-async def _read_bounded(request: web.Request, max_body_bytes: int, consumer: str) -> bytes:
-    chunks: list[bytes] = []
-    seen = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        seen += len(chunk)
-        if seen > max_body_bytes:
-            raise too_large(max_body_bytes, consumer)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    def uses_gpu(self, method: str, path: str) -> bool:
+        return (method == "POST" and path in PROMPT_PATHS) or super().uses_gpu(method, path)

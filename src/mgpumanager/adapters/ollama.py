@@ -9,17 +9,20 @@ loads lazily. The registry's `unload:` / `load:` do not apply: Ollama's calls ar
 from __future__ import annotations
 
 from ..config import HealthConfig, HttpCall
+from ..errors import Dialect
 from .base import BaseAdapter, ResidencyReport
 
-# Kind of a job that came in on the facade's Ollama-native API: the rest is the upstream path,
-# e.g. "ollama:/api/chat".
-NATIVE_KIND_PREFIX = "ollama:"
 MIB = 1024 * 1024
+# Ollama's own routes that run a model (the rest of its API manages models: no GPU).
+OLLAMA_MODEL_ROUTES = frozenset(
+    ("POST", path) for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
+)
 
 
 class OllamaAdapter(BaseAdapter):
     default_health = HealthConfig(path="/api/version")
     default_paths = {"llm": HttpCall(path="/api/generate")}
+    model_routes = OLLAMA_MODEL_ROUTES
 
     @property
     def has_load(self) -> bool:
@@ -29,20 +32,21 @@ class OllamaAdapter(BaseAdapter):
     def can_unload(self) -> bool:
         return True
 
-    def path_for(self, kind: str) -> HttpCall:
-        # The facade's Ollama-native routes (/api/generate, /api/chat, /api/embed) go to the
-        # same path upstream; only the kinds of the generic facade use the path table.
-        if kind.startswith(NATIVE_KIND_PREFIX):
-            return HttpCall(path=kind.removeprefix(NATIVE_KIND_PREFIX))
-        return super().path_for(kind)
-
     @property
     def serves_openai(self) -> bool:
         return True
 
     @property
+    def dialect(self) -> Dialect:
+        return Dialect.OLLAMA
+
+    @property
     def per_model(self) -> bool:
         return True
+
+    def model_key(self, model: str) -> str:
+        # Ollama names every model with a tag; a name without one means `:latest`.
+        return model if ":" in model else f"{model}:latest"
 
     async def installed_models(self) -> dict[str, int | None]:
         """GET /api/tags: every pulled model with its size on disk (close to its VRAM cost)."""

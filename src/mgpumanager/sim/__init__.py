@@ -1,7 +1,8 @@
 """A simulated GPU and fake inference services that speak the real upstreams' protocols.
 
-Part of the product: ``make demo``, the test suite and the benchmarks run on it. See
-``UPSTREAMS.md`` for the behaviour each fake mimics, and DESIGN.md §6.
+Part of the product: ``make demo``, the test suite and the benchmarks run on it, and a user can
+try a registry on it before pointing it at a real card. ``docs/upstreams.md`` describes the
+behaviour of the real services that each fake mimics.
 
 - :mod:`~mgpumanager.sim.gpu`: the ledger (``SimGPU``), its HTTP face (``gpu_app``), and the
   ``GpuLedger`` seam the fakes allocate through (``LocalLedger``, ``HttpLedger``).

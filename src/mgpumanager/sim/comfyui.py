@@ -1,4 +1,4 @@
-"""A fake ComfyUI server (see UPSTREAMS.md, "ComfyUI"): asynchronous prompts on its own queue.
+"""A fake ComfyUI server (docs/upstreams.md, "ComfyUI"): asynchronous prompts on its own queue.
 
 - ``POST /prompt`` validates the graph and answers AT ONCE ``{"prompt_id", "number",
   "node_errors": {}}``; one worker task runs the queue afterwards. A broker that releases the
@@ -20,6 +20,16 @@
   ``POST /queue {"delete": [...]} | {"clear": true}`` drops pending ones.
 - Output nodes are those whose ``class_type`` starts with ``Save`` or ``Preview``; a graph with
   none treats its last node as the output (real ComfyUI would refuse it; the fake is lenient).
+  An output is named as ComfyUI names it: ``{filename_prefix}_{counter:05}_.png`` (prefix from
+  the node's inputs, default ``ComfyUI``; a counter per prefix), type ``output`` (``temp`` for a
+  ``Preview`` node), and served by ``GET /view?filename=...&subfolder=...&type=...``.
+- ``POST /upload/image`` (multipart: ``image``, optional ``overwrite``, ``subfolder``, ``type``)
+  stores an input and answers ``{"name", "subfolder", "type"}``; a name in use gets `` (1)``
+  appended unless ``overwrite`` is ``true``/``1`` or the bytes are the same. ``GET /object_info``
+  (and ``/object_info/{class}``) describes a handful of core nodes; ``LoadImage`` lists the
+  uploaded inputs.
+- Every route is served under ``/api/`` too (``/api/prompt``, ``/api/ws``, ...), as newer
+  ComfyUI does for its own front end.
 """
 
 from __future__ import annotations
@@ -29,13 +39,19 @@ import contextlib
 import itertools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from mgpumanager.sim._base import FakeService, read_json_object, sim_sleep, tiny_png
+from mgpumanager.sim._base import (
+    FakeService,
+    read_json_object,
+    sim_sleep,
+)
 from mgpumanager.sim.activity import ActivitySink, recording
+from mgpumanager.sim.comfyui_files import ComfyFiles
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger, GpuMemoryView
 
 
@@ -103,11 +119,10 @@ class FakeComfyUI(FakeService):
         self.prompts_started: list[str] = []
         self.model_loaded = False
         self.ctx_allocated = False
-        self.files: set[str] = set()
+        self.store = ComfyFiles()  # generated images and uploads
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.flags: dict[str, bool] = {}
         self._number = itertools.count()
-        self._file_number = itertools.count(1)
         self._wake = asyncio.Event()
         self._interrupt = asyncio.Event()
         super().__init__(
@@ -119,18 +134,29 @@ class FakeComfyUI(FakeService):
         return len(self.queue) + (1 if self.running is not None else 0)
 
     def _routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post("/prompt", self._post_prompt)
-        router.add_get("/prompt", self._get_prompt)
-        router.add_get("/queue", self._get_queue)
-        router.add_post("/queue", self._post_queue)
-        router.add_get("/history", self._get_history)
-        router.add_get("/history/{prompt_id}", self._get_history_one)
-        router.add_post("/history", self._post_history)
-        router.add_post("/interrupt", self._post_interrupt)
-        router.add_post("/free", self._post_free)
-        router.add_get("/system_stats", self._system_stats)
-        router.add_get("/view", self._view)
-        router.add_get("/ws", self._ws)
+        routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+            ("POST", "/prompt", self._post_prompt),
+            ("GET", "/prompt", self._get_prompt),
+            ("GET", "/queue", self._get_queue),
+            ("POST", "/queue", self._post_queue),
+            ("GET", "/history", self._get_history),
+            ("GET", "/history/{prompt_id}", self._get_history_one),
+            ("POST", "/history", self._post_history),
+            ("POST", "/interrupt", self._post_interrupt),
+            ("POST", "/free", self._post_free),
+            ("GET", "/system_stats", self._system_stats),
+            ("GET", "/view", self.store.view),
+            ("POST", "/upload/image", self.store.upload_image),
+            ("GET", "/object_info", self.store.object_info),
+            ("GET", "/object_info/{node_class}", self.store.object_info_one),
+            ("GET", "/ws", self._ws),
+        ]
+        for prefix in ("", "/api"):
+            for method, path, handler in routes:
+                if method == "GET":
+                    router.add_get(prefix + path, handler)  # GET also answers HEAD
+                else:
+                    router.add_route(method, prefix + path, handler)
 
     async def _on_startup(self) -> None:
         self.spawn(self._worker(), name=f"{self.name}-worker")
@@ -266,9 +292,7 @@ class FakeComfyUI(FakeService):
                         raise _Interrupted(node_id)
                     executed.append(node_id)
                     if node_id in item.outputs:
-                        name = f"ComfyUI_{next(self._file_number):05d}_.png"
-                        self.files.add(name)
-                        out = {"images": [{"filename": name, "subfolder": "", "type": "output"}]}
+                        out = {"images": [self.store.save_image(item.prompt[node_id])]}
                         outputs[node_id] = out
                         data = {
                             "node": node_id,
@@ -464,9 +488,3 @@ class FakeComfyUI(FakeService):
                 ],
             }
         )
-
-    async def _view(self, request: web.Request) -> web.Response:
-        name = request.query.get("filename", "")
-        if request.query.get("type", "output") != "output" or name not in self.files:
-            return web.Response(status=404)
-        return web.Response(body=tiny_png(), content_type="image/png")

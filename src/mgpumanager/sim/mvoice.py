@@ -1,4 +1,4 @@
-"""A fake mVoice: the TTS/STT service this project was written for (see UPSTREAMS.md).
+"""A fake mVoice: the TTS/STT service this project was written for (docs/upstreams.md, "mVoice").
 
 Mimics: ``POST /api/synthesize`` (JSON in, ``{"audio_url", "duration_s"}`` out, the WAV fetched
 afterwards under ``GET /audio/...``), ``POST /api/transcribe`` (an upload of any size, read as a

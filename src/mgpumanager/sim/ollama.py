@@ -1,4 +1,4 @@
-"""A fake Ollama server (see UPSTREAMS.md, "Ollama"), faithful in the parts a broker trips over.
+"""A fake Ollama server (docs/upstreams.md, "Ollama"), faithful in the parts a broker trips over.
 
 - ``/api/generate`` and ``/api/chat`` stream NDJSON chunks over ``run_s`` (the last with
   ``"done": true, "done_reason": "stop"``) unless ``"stream": false``; ``/api/embed``.
@@ -16,6 +16,9 @@
   ``{"error": "llama runner process has terminated: CUDA out of memory..."}``.
 - ``OLLAMA_NUM_PARALLEL`` (``num_parallel``) requests per model at once, ``OLLAMA_MAX_QUEUE``
   (``max_queue``) waiting, then 503 "server busy".
+- Its OpenAI-compatible routes (``sim/ollama_openai.py``) and model management: pull, push,
+  create, copy, delete, blobs (``sim/ollama_models.py``). ``HEAD /`` and ``GET /`` answer
+  "Ollama is running".
 """
 
 from __future__ import annotations
@@ -24,10 +27,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -35,106 +35,16 @@ from aiohttp import web
 from mgpumanager.sim._base import FakeService, json_error, read_json_object, sim_sleep, utc_now_iso
 from mgpumanager.sim.activity import ActivitySink, recording
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger
+from mgpumanager.sim.ollama_models import OllamaModels
+from mgpumanager.sim.ollama_openai import OllamaOpenAI
+from mgpumanager.sim.ollama_runner import (
+    FOREVER_ISO,
+    WORDS,
+    ModelRunner,
+    OllamaSettings,
+    parse_keep_alive,
+)
 from mgpumanager.sim.states import ModelState
-
-_WORDS = [
-    "The",
-    "sky",
-    "appears",
-    "blue",
-    "because",
-    "air",
-    "molecules",
-    "scatter",
-    "short",
-    "wavelengths",
-    "of",
-    "sunlight",
-    "more",
-]
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+")
-_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_FOREVER_ISO = "2318-08-16T00:00:00Z"
-
-
-def parse_keep_alive(value: object) -> float | None:
-    """Ollama's keep_alive in seconds; None = forever (negative), 0 = unload now.
-
-    Numbers (and numeric strings) are seconds; other strings are Go durations ("5m", "1h30m").
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"invalid keep_alive {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            sign = -1.0 if text.startswith("-") else 1.0
-            body = text.lstrip("+-")
-            if not _DURATION_RE.fullmatch(body):
-                raise ValueError(f'time: invalid duration "{value}"') from None
-            seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in _PART_RE.findall(body))
-    else:
-        raise ValueError(f"invalid keep_alive {value!r}")
-    return None if seconds < 0 else seconds
-
-
-@dataclass(frozen=True)
-class OllamaSettings:
-    name: str = "ollama"
-    owner: str = "ollama"
-    models: Mapping[str, int] = field(
-        default_factory=lambda: {"llama3.1:8b": 6200, "qwen2.5:14b": 10400}
-    )
-    load_s: float = 2.0
-    run_s: float = 1.0  # one generate / chat, spread over `chunks` NDJSON lines
-    embed_s: float = 0.1
-    free_delay_s: float = 1.0
-    chunks: int = 8
-    default_keep_alive: str = "5m"
-    num_parallel: int = 1
-    max_queue: int = 512
-    max_loaded_models: int = 3
-    vram_budget_mib: int | None = None  # Ollama's own idea of the card; None = no limit
-    version: str = "0.12.6"
-
-
-class _Model:
-    """One model's runner, as Ollama's scheduler sees it. Mutated only on the event loop."""
-
-    def __init__(self, name: str, size_mib: int, num_parallel: int) -> None:
-        self.name = name
-        self.size_mib = size_mib
-        self.state = ModelState.UNLOADED
-        self.in_flight = 0
-        self.waiting = 0
-        self.keep_alive_s: float | None = 300.0
-        self.expires_at: dt.datetime | None = None
-        self.last_used = 0.0
-        self.unload_pending = False
-        self.parallel = asyncio.Semaphore(num_parallel)
-        self.expiry: asyncio.Task[None] | None = None
-        self.load_task: asyncio.Task[None] | None = None
-        self.free_task: asyncio.Task[None] | None = None
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.name.encode()).hexdigest()
-
-    @property
-    def details(self) -> dict[str, Any]:
-        family = self.name.split(":")[0].rstrip("0123456789.") or "llama"
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": family,
-            "families": [family],
-            "parameter_size": f"{self.size_mib / 700:.1f}B",
-            "quantization_level": "Q4_K_M",
-        }
 
 
 class FakeOllama(FakeService):
@@ -148,18 +58,22 @@ class FakeOllama(FakeService):
         self.settings = settings or OllamaSettings()
         self.default_keep_alive_s = parse_keep_alive(self.settings.default_keep_alive)
         self._models = {
-            n: _Model(n, mib, self.settings.num_parallel) for n, mib in self.settings.models.items()
+            n: ModelRunner(n, mib, self.settings.num_parallel)
+            for n, mib in self.settings.models.items()
         }
         self._sched = asyncio.Lock()  # one load/evict decision at a time, like Ollama's scheduler
         self.active_requests = 0
         self.aborted_requests = 0
         self.completed_requests = 0
+        self.models_api = OllamaModels(self)
         super().__init__(
             name=self.settings.name, owner=self.settings.owner, ledger=ledger, activity=activity
         )
 
     def _routes(self, router: web.UrlDispatcher) -> None:
-        router.add_get("/", self._root)
+        OllamaOpenAI(self).routes(router)
+        self.models_api.routes(router)
+        router.add_get("/", self._root)  # GET also answers HEAD
         router.add_get("/api/version", self._version)
         router.add_get("/api/tags", self._tags)
         router.add_get("/api/ps", self._ps)
@@ -182,18 +96,39 @@ class FakeOllama(FakeService):
     def resident_models(self) -> list[str]:
         return [m.name for m in self._models.values() if m.state is ModelState.LOADED]
 
+    def installed(self) -> list[str]:
+        return list(self._models)
+
+    def model(self, name: str) -> ModelRunner | None:
+        """An installed model by name (``x`` also finds ``x:latest``)."""
+        return self._models.get(name) or self._models.get(f"{name}:latest")
+
+    def install(self, name: str, size_mib: int) -> None:
+        if name not in self._models:
+            self._models[name] = ModelRunner(name, size_mib, self.settings.num_parallel)
+
+    def remove(self, name: str) -> None:
+        """Delete an installed model; a loaded one is unloaded (once its requests end)."""
+        model = self._models.pop(name)
+        model.unload_pending = True
+        self._maybe_unload(model)
+
+    def words(self) -> list[str]:
+        """The words of one answer, one per streamed chunk."""
+        return [WORDS[i % len(WORDS)] + " " for i in range(max(1, self.settings.chunks))]
+
     # -- scheduler ------------------------------------------------------------------------
 
-    def _lookup(self, body: dict[str, Any]) -> _Model:
+    def lookup(self, body: dict[str, Any]) -> ModelRunner:
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise json_error(400, {"error": "model is required"})
-        model = self._models.get(name) or self._models.get(f"{name}:latest")
+        model = self.model(name)
         if model is None:
             raise json_error(404, {"error": f'model "{name}" not found, try pulling it first'})
         return model
 
-    def _keep_alive(self, body: dict[str, Any]) -> float | None:
+    def keep_alive(self, body: dict[str, Any]) -> float | None:
         if "keep_alive" not in body or body["keep_alive"] is None:
             return self.default_keep_alive_s
         try:
@@ -201,7 +136,7 @@ class FakeOllama(FakeService):
         except ValueError as exc:
             raise json_error(400, {"error": str(exc)}) from exc
 
-    async def _acquire(self, model: _Model, keep_alive_s: float | None) -> float:
+    async def acquire(self, model: ModelRunner, keep_alive_s: float | None) -> float:
         """Wait for a parallel slot, load the model if needed; return the load time spent."""
         if self.queued_requests >= self.settings.max_queue:
             raise json_error(
@@ -227,7 +162,7 @@ class FakeOllama(FakeService):
             raise
         return time.monotonic() - started
 
-    def _release(self, model: _Model) -> None:
+    def release(self, model: ModelRunner) -> None:
         model.in_flight -= 1
         model.last_used = time.monotonic()
         model.parallel.release()
@@ -245,19 +180,19 @@ class FakeOllama(FakeService):
             )
         self._maybe_unload(model)
 
-    async def _expire_after(self, model: _Model, seconds: float) -> None:
+    async def _expire_after(self, model: ModelRunner, seconds: float) -> None:
         await asyncio.sleep(seconds)
         model.expiry = None
         if model.in_flight == 0:
             model.unload_pending = True
             self._maybe_unload(model)
 
-    def _cancel_expiry(self, model: _Model) -> None:
+    def _cancel_expiry(self, model: ModelRunner) -> None:
         if model.expiry is not None:
             model.expiry.cancel()
             model.expiry = None
 
-    def _maybe_unload(self, model: _Model) -> None:
+    def _maybe_unload(self, model: ModelRunner) -> None:
         if model.state is ModelState.LOADED and model.in_flight == 0 and model.unload_pending:
             model.unload_pending = False
             self._cancel_expiry(model)
@@ -266,14 +201,14 @@ class FakeOllama(FakeService):
             self.unload_count += 1
             model.free_task = self.spawn(self._free(model), name=f"ollama-free-{model.name}")
 
-    async def _free(self, model: _Model) -> None:
+    async def _free(self, model: ModelRunner) -> None:
         try:
             await sim_sleep(self.settings.free_delay_s)
             await self.ledger.release(self.owner, model.name)
         finally:
             model.state = ModelState.UNLOADED
 
-    async def _ensure_loaded_locked(self, model: _Model) -> None:
+    async def _ensure_loaded_locked(self, model: ModelRunner) -> None:
         while True:
             if model.state is ModelState.LOADED:
                 return
@@ -287,7 +222,7 @@ class FakeOllama(FakeService):
                 model.load_task = self.spawn(self._load(model), name=f"ollama-load-{model.name}")
                 await asyncio.shield(model.load_task)
 
-    async def _load(self, model: _Model) -> None:
+    async def _load(self, model: ModelRunner) -> None:
         model.state = ModelState.LOADING
         try:
             await sim_sleep(self.settings.load_s)
@@ -303,7 +238,7 @@ class FakeOllama(FakeService):
         model.last_used = time.monotonic()
         self.load_count += 1
 
-    async def _make_room_locked(self, target: _Model) -> None:
+    async def _make_room_locked(self, target: ModelRunner) -> None:
         """Ollama's own eviction: only its own idle models, by its own accounting."""
         budget = self.settings.vram_budget_mib
         while True:
@@ -360,7 +295,7 @@ class FakeOllama(FakeService):
             if m.state is not ModelState.LOADED:
                 continue
             expires = (
-                m.expires_at.isoformat().replace("+00:00", "Z") if m.expires_at else _FOREVER_ISO
+                m.expires_at.isoformat().replace("+00:00", "Z") if m.expires_at else FOREVER_ISO
             )
             if m.in_flight > 0 and m.keep_alive_s is not None:
                 expires = (
@@ -381,7 +316,7 @@ class FakeOllama(FakeService):
         return web.json_response({"models": out})
 
     async def _show(self, request: web.Request) -> web.Response:
-        model = self._lookup(await read_json_object(request))
+        model = self.lookup(await read_json_object(request))
         return web.json_response(
             {
                 "modelfile": f"FROM {model.name}\n",
@@ -403,7 +338,7 @@ class FakeOllama(FakeService):
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._completion(request, chat=True)
 
-    def _reply(self, model: _Model, chat: bool, text: str, **extra: Any) -> dict[str, Any]:
+    def _reply(self, model: ModelRunner, chat: bool, text: str, **extra: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model.name, "created_at": utc_now_iso()}
         if chat:
             out["message"] = {"role": "assistant", "content": text}
@@ -414,8 +349,8 @@ class FakeOllama(FakeService):
 
     async def _completion(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await read_json_object(request)
-        model = self._lookup(body)
-        keep_alive_s = self._keep_alive(body)
+        model = self.lookup(body)
+        keep_alive_s = self.keep_alive(body)
         stream = body.get("stream", True) is not False
         empty = (
             not body.get("messages") if chat else not body.get("prompt") and not body.get("images")
@@ -428,15 +363,15 @@ class FakeOllama(FakeService):
             return self._one(self._reply(model, chat, "", done=True, done_reason="unload"))
         model.unload_pending = False  # a request after an unload keeps the model
         if empty:
-            await self._acquire(model, keep_alive_s)
-            self._release(model)
+            await self.acquire(model, keep_alive_s)
+            self.release(model)
             return self._one(self._reply(model, chat, "", done=True, done_reason="load"))
 
-        load_s = await self._acquire(model, keep_alive_s)
+        load_s = await self.acquire(model, keep_alive_s)
         self.active_requests += 1
         started = time.monotonic()
-        n = max(1, self.settings.chunks)
-        words = [_WORDS[i % len(_WORDS)] + " " for i in range(n)]
+        words = self.words()
+        n = len(words)
         prompt_tokens = len(
             json.dumps(body.get("messages") if chat else body.get("prompt", "")).split()
         )
@@ -481,7 +416,7 @@ class FakeOllama(FakeService):
             raise
         finally:
             self.active_requests -= 1
-            self._release(model)
+            self.release(model)
 
     @staticmethod
     def _line(obj: dict[str, Any]) -> bytes:
@@ -493,22 +428,22 @@ class FakeOllama(FakeService):
         return web.json_response(obj)
 
     @staticmethod
-    def _vector(text: str) -> list[float]:
+    def vector(text: str) -> list[float]:
         digest = hashlib.sha256(text.encode()).digest()
         return [round((b - 128) / 128, 4) for b in digest[:16]]
 
-    async def _embed_work(self, body: dict[str, Any]) -> tuple[_Model, float]:
-        model = self._lookup(body)
-        keep_alive_s = self._keep_alive(body)
+    async def embed_work(self, body: dict[str, Any]) -> tuple[ModelRunner, float]:
+        model = self.lookup(body)
+        keep_alive_s = self.keep_alive(body)
         model.unload_pending = False
-        load_s = await self._acquire(model, keep_alive_s)
+        load_s = await self.acquire(model, keep_alive_s)
         self.active_requests += 1
         try:
             async with recording(self.activity, self.name):
                 await sim_sleep(self.settings.embed_s)
         finally:
             self.active_requests -= 1
-            self._release(model)
+            self.release(model)
         return model, load_s
 
     async def _embed(self, request: web.Request) -> web.Response:
@@ -523,11 +458,11 @@ class FakeOllama(FakeService):
         )
         if inputs is None:
             return web.json_response({"error": "invalid input type"}, status=400)
-        model, load_s = await self._embed_work(body)
+        model, load_s = await self.embed_work(body)
         return web.json_response(
             {
                 "model": model.name,
-                "embeddings": [self._vector(t) for t in inputs],
+                "embeddings": [self.vector(t) for t in inputs],
                 "total_duration": int((load_s + self.settings.embed_s) * 1e9),
                 "load_duration": int(load_s * 1e9),
                 "prompt_eval_count": sum(len(t.split()) for t in inputs),
@@ -536,5 +471,8 @@ class FakeOllama(FakeService):
 
     async def _embeddings_legacy(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
-        await self._embed_work(body)
-        return web.json_response({"embedding": self._vector(str(body.get("prompt", "")))})
+        await self.embed_work(body)
+        return web.json_response({"embedding": self.vector(str(body.get("prompt", "")))})
+
+
+__all__ = ["FakeOllama", "ModelRunner", "OllamaSettings", "parse_keep_alive"]

@@ -1,7 +1,10 @@
-"""A fake speaches server (formerly faster-whisper-server; see UPSTREAMS.md, "speaches").
+"""A fake speaches server (formerly faster-whisper-server; docs/upstreams.md, "speaches").
 
-- OpenAI-style ``POST /v1/audio/transcriptions`` (multipart: ``file``, ``model``) and
-  ``POST /v1/audio/speech`` (JSON ``{model, input, voice}`` → WAV bytes, ``audio/wav``).
+- The OpenAI audio API as speaches (and kokoro-style servers) serve it: ``GET /v1/models``,
+  ``POST /v1/audio/transcriptions`` and ``/v1/audio/translations`` (multipart: ``file``,
+  ``model``, ``response_format`` ``json`` (default) | ``text`` | ``verbose_json``), and
+  ``POST /v1/audio/speech`` (JSON ``{model, input, voice, response_format}`` → audio bytes; the
+  fake always makes WAV and says so: ``audio/wav``).
 - Models load by themselves on the first request naming them (``load_s``, then the model's MiB
   in the ledger as ``owner``, tag = model id) and unload after ``ttl_s`` idle (negative: never).
 - Control endpoints: ``GET /api/ps`` → ``{"models": [ids]}``; ``POST /api/ps/{model}`` loads
@@ -23,6 +26,7 @@ from aiohttp import web
 
 from mgpumanager.sim._base import (
     FakeService,
+    Upload,
     json_error,
     read_json_object,
     read_upload,
@@ -51,6 +55,7 @@ class SpeachesSettings:
     run_s: float = 0.4
     free_delay_s: float = 0.5
     transcript: str = "Hello from speaches."
+    translation: str = "Hello from speaches, in English."
 
 
 class FakeSpeaches(FakeService):
@@ -64,6 +69,7 @@ class FakeSpeaches(FakeService):
         self.settings = settings or SpeachesSettings()
         self.loaded: dict[str, int] = {}  # model id -> requests in flight
         self.residual_allocated = False
+        self.uploads: list[Upload] = []  # what each transcription received
         self._lock = asyncio.Lock()
         self._ttl: dict[str, asyncio.Task[None]] = {}
         self._freeing: dict[str, asyncio.Task[None]] = {}
@@ -78,6 +84,7 @@ class FakeSpeaches(FakeService):
         router.add_post("/api/ps/{model:.+}", self._ps_load)
         router.add_delete("/api/ps/{model:.+}", self._ps_unload)
         router.add_post("/v1/audio/transcriptions", self._transcriptions)
+        router.add_post("/v1/audio/translations", self._translations)
         router.add_post("/v1/audio/speech", self._speech)
 
     # -- residency ------------------------------------------------------------------------
@@ -189,12 +196,26 @@ class FakeSpeaches(FakeService):
         return web.Response(status=200)
 
     async def _transcriptions(self, request: web.Request) -> web.Response:
+        return await self._listen(request, self.settings.transcript)
+
+    async def _translations(self, request: web.Request) -> web.Response:
+        return await self._listen(request, self.settings.translation)
+
+    async def _listen(self, request: web.Request, text: str) -> web.Response:
         upload = await read_upload(request)
+        if upload.filename is None and upload.file_bytes == 0:
+            return web.json_response({"detail": "file is required"}, status=422)
+        self.uploads.append(upload)
         model = upload.fields.get("model") or self.settings.default_stt_model
         await self._work(model)
-        if upload.fields.get("response_format") == "text":
-            return web.Response(text=self.settings.transcript)
-        return web.json_response({"text": self.settings.transcript})
+        fmt = upload.fields.get("response_format", "json")
+        if fmt == "text":
+            return web.Response(text=text)
+        if fmt == "verbose_json":
+            segment = {"id": 0, "start": 0.0, "end": 0.05, "text": text}
+            verbose = {"task": "transcribe", "language": "en", "duration": 0.05, "text": text}
+            return web.json_response({**verbose, "segments": [segment]})
+        return web.json_response({"text": text})
 
     async def _speech(self, request: web.Request) -> web.Response:
         body = await read_json_object(request, error_key="detail")

@@ -1,4 +1,4 @@
-"""A fake vLLM OpenAI-compatible server with sleep mode (see UPSTREAMS.md, "vLLM").
+"""A fake vLLM OpenAI-compatible server with sleep mode (docs/upstreams.md, "vLLM").
 
 - ``POST /v1/completions`` and ``/v1/chat/completions``: JSON by default, SSE
   (``data: {...}`` lines, then ``data: [DONE]``) with ``"stream": true``.

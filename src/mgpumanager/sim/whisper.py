@@ -1,4 +1,4 @@
-"""A fake whisper.cpp ``whisper-server`` (see UPSTREAMS.md, "whisper.cpp server").
+"""A fake whisper.cpp ``whisper-server`` (docs/upstreams.md, "whisper.cpp").
 
 - Loads its model at start-up (``load_s``, then ``model_mib`` in the ledger as ``owner``,
   default ``whisper-server``); ``GET /health`` answers 503 ``{"status": "loading model"}`` until
