@@ -523,10 +523,15 @@ async def queue_cost(broker: Child, upstream: Child, depths: Sequence[int]) -> d
             before = broker.rss_mib()
             url = broker.url + "/v1/llm?hold=1"
             holder = asyncio.create_task(post(session, url))
-            await until(session, broker.url, lambda s: s["scheduler"]["in_flight"] == 1)
-            jobs = [asyncio.create_task(post(session, url)) for _ in range(depth)]
-            # /v1/status lists every waiting job: polled slowly, and never while measuring.
-            await until(session, broker.url, depth_is(depth), every_s=0.25)
+            await until(session, broker, lambda s: s["scheduler"]["in_flight"] == 1)
+            jobs: list[asyncio.Task[int]] = []
+            while len(jobs) < depth:
+                # 500 connections at a time: a burst of 10,000 overflows the listen backlog
+                # (the kernel resets what it cannot queue). /v1/status lists every waiting job:
+                # polled slowly, and never while measuring.
+                more = min(500, depth - len(jobs))
+                jobs += [asyncio.create_task(post(session, url)) for _ in range(more)]
+                await until(session, broker, depth_is(len(jobs)), every_s=0.05)
             started = time.monotonic()
             await status(session, broker.url)
             status_ms = (time.monotonic() - started) * 1000
@@ -574,13 +579,15 @@ async def post(session: aiohttp.ClientSession, url: str) -> int:
 
 async def until(
     session: aiohttp.ClientSession,
-    broker: str,
+    broker: Child,
     ok: Callable[[dict[str, Any]], bool],
     timeout_s: float = 120.0,
     every_s: float = 0.01,
 ) -> None:
     deadline = time.monotonic() + timeout_s
-    while not ok(await status(session, broker)):
+    while not ok(await status(session, broker.url)):
+        if broker.proc.poll() is not None:
+            raise RuntimeError(f"the broker exited with code {broker.proc.returncode}")
         if time.monotonic() > deadline:
             raise RuntimeError("the broker did not get there in time")
         await asyncio.sleep(every_s)
@@ -714,8 +721,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 Target("bare", bare.url + "/api/generate"),
                 Target("broker", broker.url + "/v1/llm"),
             ]
-            for t in targets:  # warm up: connections, imports, first-request costs
+            for t in targets:  # warm up: connections, imports, first-request costs, buffers
                 wrk(t.post_url, 1, 1, script)
+                curl_mib_s(f"{t.post_url}?size={BIG}")
+                curl_mib_s(f"{t.post_url}?sink=1", upload=big)
             rounds = []
             for n in range(args.rounds):
                 print(f"round {n + 1} of {args.rounds}", flush=True)
