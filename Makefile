@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint soak run demo bench bench-events bench-sched deploy undeploy clean
+.PHONY: build test lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean
 
 build: $(STAMP)
 
@@ -47,6 +47,11 @@ bench: $(STAMP)
 # Job latency with and without a /v1/events client that stops reading (needs curl).
 bench-events: $(STAMP)
 	$(BIN)/python bench/bench_events.py
+
+# The broker's own hop against a bare aiohttp proxy with one lock and nginx, on loopback
+# (needs wrk and curl; nginx where installed): ~4 minutes, bench/results/proxy.json.
+bench-proxy: $(STAMP)
+	$(BIN)/python bench/bench_proxy.py
 
 bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

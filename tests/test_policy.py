@@ -3,14 +3,26 @@ aging, swap affinity and its bounds, the choice of a new tenure, swap costs."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
 from mgpumanager.config import SchedulerConfig
-from mgpumanager.policy import PRIORITY, SWAP_AMORTIZATION, affinity_window_s
+from mgpumanager.policy import (
+    BACKLOG_FACTOR,
+    FIFO,
+    PRIORITY,
+    SWAP_AMORTIZATION,
+    QueuedJob,
+    QueueView,
+    affinity_window_s,
+    deadline_s_of,
+    known_costs,
+)
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 # -- the priority policy -----------------------------------------------------------------------
@@ -428,29 +440,103 @@ def test_affinity_passes_an_aged_job_of_the_same_priority_within_its_bounds() ->
 # -- swap costs ----------------------------------------------------------------------------------
 
 
-def test_a_cheap_swap_shortens_how_long_affinity_holds_others_back() -> None:
-    c = three(FakeClock(), affinity_wait_s=10)
-    window = functools.partial(affinity_window_s, c.settings)
-    assert window("a", {"a": 0.25}) == pytest.approx(SWAP_AMORTIZATION * 0.25)
-    assert window("a", {"a": 60.0}) == 10  # never longer than affinity_wait_s
-    assert window("a", {}) == 10  # unknown: the configured window
+def view(**fields: object) -> QueueView:
+    """A queue view for the window's arithmetic: holder a, nothing else unless given."""
+    base: dict[str, object] = {
+        "heads": [],
+        "queued": {},
+        "run_s": {},
+        "holder": "a",
+        "window_opened_at": 0.0,
+        "tenure_grants": 1,
+        "now": 0.0,
+        "resident": frozenset(),
+        "swap_cost_s": {},
+        "settings": SchedulerConfig(affinity_wait_s=100),
+    }
+    return QueueView(**{**base, **fields})  # type: ignore[arg-type]
 
-    def third_grant(costs: dict[str, float]) -> str:
-        clock = FakeClock()
-        c = three(clock, affinity_wait_s=10, max_batch=100)
-        x = grant_one_after_submit(c, "a")
-        c.submit("b")
-        for _ in range(3):
-            c.submit("a")
-        done(c, x)
-        first = grant_one(c, swap_cost_s=costs)
-        clock.advance(2.0)  # b held back 2 s
-        done(c, first)
-        return c.running[grant_one(c, swap_cost_s=costs)].consumer
 
-    assert third_grant({"a": 0.25}) == "b"  # 8 x 0.25 s = 2 s: not worth holding b longer
-    assert third_grant({"a": 3.0}) == "a"  # an expensive swap: the full 10 s window
-    assert third_grant({}) == "a"
+def test_the_window_is_twice_the_work_queued_for_the_others_at_most_affinity_wait_s() -> None:
+    runs = {"a": 1.0, "b": 2.0, "c": 0.5}
+    assert affinity_window_s(view(queued={"a": 9, "b": 1}, run_s=runs), "b") == 4.0
+    assert affinity_window_s(view(queued={"b": 3, "c": 2}, run_s=runs), "b") == 14.0
+    assert affinity_window_s(view(queued={"b": 30}, run_s=runs), "b") == 100  # the cap
+    # A waiting consumer never measured: its work is unknown, the cap applies.
+    assert affinity_window_s(view(queued={"b": 1, "d": 1}, run_s=runs), "b") == 100
+    assert BACKLOG_FACTOR == 2.0
+
+
+def test_the_window_is_at_most_eight_times_the_swap_it_saves() -> None:
+    costs = {"a": 0.25, "b": 0.5}
+    many = view(queued={"b": 100}, run_s={"b": 1.0}, swap_cost_s=costs)
+    assert affinity_window_s(many, "b") == pytest.approx(SWAP_AMORTIZATION * 0.75)
+    resident = view(queued={"b": 100}, run_s={"b": 1.0}, swap_cost_s=costs, resident={"b"})
+    assert affinity_window_s(resident, "b") == pytest.approx(SWAP_AMORTIZATION * 0.25)
+    # Either cost unknown: no such bound (the next consumer may be expensive to come back from).
+    assert affinity_window_s(view(queued={"b": 100}, swap_cost_s={"a": 0.25}), "b") == 100
+    free = view(queued={"b": 1}, run_s={"b": 1.0}, swap_cost_s={"a": 0.0}, resident={"b"})
+    assert affinity_window_s(free, "b") == 0  # free swaps: no reason to hold anyone
+
+
+def test_the_deadline_is_twice_all_the_queued_work_at_most_affinity_wait_s() -> None:
+    runs = {"a": 1.0, "b": 2.0}
+    assert deadline_s_of(view(queued={"a": 2, "b": 1}, run_s=runs)) == 8.0
+    assert deadline_s_of(view(queued={"a": 2, "b": 100}, run_s=runs)) == 100
+    assert deadline_s_of(view(queued={"a": 2, "c": 1}, run_s=runs)) == 100  # c: unknown
+
+
+def measured(c: SchedulerCore, clock: FakeClock, runs: dict[str, float]) -> None:
+    """Run one job of each consumer for the given time, so that the core knows its run time."""
+    for name, run_s in runs.items():
+        job = c.submit(name)
+        assert grant_one(c, resident=frozenset(runs)) == job
+        clock.advance(run_s)
+        done(c, job)
+
+
+def held_back(waiting_b: int) -> int:
+    """How many of a's jobs (1 s each) go before b's first, with `waiting_b` jobs of b (2 s
+    each) waiting from when a's window opened."""
+    clock = FakeClock()
+    c = three(clock, affinity_wait_s=100, max_batch=1000, max_queue=1000)
+    measured(c, clock, {"b": 2.0, "a": 1.0})  # a holds the lease; its window opens now
+    bs = {c.submit("b") for _ in range(waiting_b)}
+    mine = [c.submit("a") for _ in range(200)]
+    count = 0
+    while True:
+        job = grant_one(c, resident=frozenset({"a", "b"}))
+        if job in bs:
+            return count
+        assert job == mine[count]
+        count += 1
+        clock.advance(1.0)
+        done(c, job)
+
+
+def test_affinity_holds_others_back_longer_as_their_queue_grows() -> None:
+    assert held_back(1) == 4  # 2 x 2 s of b's work: a's jobs for 4 s, then b
+    assert held_back(3) == 12
+    assert held_back(60) == 100  # 240 s of work: the cap, affinity_wait_s
+
+
+def new_tenure(waited_s: float, warm_jobs: int = 1) -> str:
+    """Whose is the next tenure: b's job (cold), waiting for `waited_s`, or c's (resident),
+    with `warm_jobs` of c queued; every run measured at 1 s."""
+    clock = FakeClock()
+    c = three(clock, affinity_wait_s=100)
+    measured(c, clock, {"b": 1.0, "c": 1.0, "a": 1.0})
+    c.submit("b")
+    for _ in range(warm_jobs):
+        c.submit("c")
+    clock.advance(waited_s)
+    return c.running[grant_one(c, resident=frozenset({"c"}))].consumer
+
+
+def test_the_resident_consumer_goes_first_until_the_deadline_twice_the_queued_work() -> None:
+    assert new_tenure(3.9) == "c"  # 2 s of work queued: a swap saved
+    assert new_tenure(4.0) == "b"  # 4 s = 2 x 2 s: b's deadline has passed
+    assert new_tenure(4.0, warm_jobs=3) == "c"  # 4 s of work queued: 8 s
 
 
 def test_among_cold_consumers_the_cheapest_known_swap_goes_first() -> None:
@@ -480,12 +566,23 @@ def test_cheapest_swap_yields_to_the_oldest_once_its_deadline_passed() -> None:
 
 
 def test_negative_or_infinite_costs_are_ignored() -> None:
-    c = three(FakeClock(), affinity_wait_s=4)
-    window = functools.partial(affinity_window_s, c.settings)
-    assert window("a", {"a": -1.0}) == 4
-    assert window("a", {"a": float("inf")}) == 4
-    assert window(None, {"a": 0.0}) == 4
-    assert window("a", {"a": 0.0}) == 0  # free swaps: no reason to hold anyone
+    assert known_costs({"a": -1.0, "b": float("inf"), "c": float("nan"), "d": 0.0}) == {"d": 0.0}
+    assert known_costs(None) == {}
+
+    clock = FakeClock()
+    c = three(clock, affinity_wait_s=10, max_batch=100)
+    x = grant_one_after_submit(c, "a")
+    b = c.submit("b")
+    mine = [c.submit("a") for _ in range(2)]
+    done(c, x)
+    broken = {"a": -1.0, "b": float("inf")}
+    assert grant_one(c, swap_cost_s=broken) == mine[0]
+    clock.advance(9)
+    done(c, mine[0])
+    assert grant_one(c, swap_cost_s=broken) == mine[1]  # unknown costs: the full 10 s
+    clock.advance(1)
+    done(c, mine[1])
+    assert grant_one(c, swap_cost_s=broken) == b
 
 
 def test_fifo_ignores_residency_and_costs() -> None:
@@ -496,3 +593,54 @@ def test_fifo_ignores_residency_and_costs() -> None:
     c.submit("a")
     done(c, x)
     assert grant_one(c, resident=frozenset({"a"}), swap_cost_s={"b": 9.0}) == b
+
+
+# -- the heads stand for their classes -----------------------------------------------------------
+
+
+@st.composite
+def queues(draw: st.DrawFn) -> tuple[QueueView, QueueView]:
+    """A random queue, seen as the core shows it (one head per consumer and priority) and as
+    every job it holds. Few consumers and priorities, so that classes hold several jobs."""
+    names = ["a", "b", "c"]
+    priorities = draw(st.sampled_from([[2], [1, 2], [0, 2, 4], [0, 1, 2, 3, 4]]))
+    now = 0.0
+    jobs = []
+    for i in range(draw(st.integers(1, 30))):
+        now += draw(st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0, 10))
+        name, priority = draw(st.sampled_from(names)), draw(st.sampled_from(priorities))
+        jobs.append(QueuedJob(i + 1, name, priority, now))
+    heads: dict[tuple[str, int], QueuedJob] = {}
+    queued: dict[str, int] = {}
+    for j in jobs:
+        heads.setdefault((j.consumer, j.priority), j)
+        queued[j.consumer] = queued.get(j.consumer, 0) + 1
+    config = SchedulerConfig(
+        aging_s=draw(st.sampled_from([1.0, 5.0, 30.0])),
+        affinity_wait_s=draw(st.sampled_from([0.0, 2.0, 10.0, 120.0])),
+        max_batch=draw(st.integers(1, 4)),
+    )
+    known = st.none() | st.sampled_from([0.0, 0.5, 3.0])
+    shown = QueueView(
+        heads=list(heads.values()),
+        queued=queued,
+        run_s={n: s for n in names if (s := draw(known)) is not None},
+        holder=draw(st.none() | st.sampled_from(names)),
+        window_opened_at=draw(st.none() | st.sampled_from([j.enqueued_at for j in jobs])),
+        tenure_grants=draw(st.integers(0, 4)),
+        now=now + draw(st.sampled_from([0.0, 1.0, 5.0]) | st.floats(0, 100)),
+        resident=frozenset(draw(st.sets(st.sampled_from(names)))),
+        swap_cost_s={n: s for n in names if (s := draw(known)) is not None},
+        settings=config,
+    )
+    return shown, dataclasses.replace(shown, heads=jobs)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(queues())
+def test_a_pick_among_the_heads_is_the_pick_among_all_jobs(
+    pair: tuple[QueueView, QueueView],
+) -> None:
+    shown, every = pair
+    assert PRIORITY.pick(shown) == PRIORITY.pick(every)
+    assert FIFO.pick(shown) == FIFO.pick(every) == min(every.heads, key=lambda j: j.id)

@@ -201,12 +201,12 @@ def test_observers_see_every_grant_and_every_finished_job_in_order() -> None:
 
 def test_the_order_follows_the_settings_unless_one_is_given() -> None:
     class Newest:
-        """An order of its own: the job that came last."""
+        """An order of its own: the newest class head (here, the job that came last)."""
 
         name = "newest"
 
         def pick(self, queue: QueueView) -> QueuedJob:
-            return queue.waiting[-1]
+            return max(queue.heads, key=lambda j: j.id)
 
     c = core(policy="fifo")
     assert c.order is FIFO and c.stats().policy == "fifo"
@@ -222,3 +222,114 @@ def test_the_order_follows_the_settings_unless_one_is_given() -> None:
 
 def consumers() -> dict[str, ConsumerPolicy]:
     return {n: ConsumerPolicy(priority=2) for n in ("mvoice", "ollama", "comfyui")}
+
+
+# -- the queue by class, and the measured run times ----------------------------------------------
+
+
+class Heads:
+    """The priority order, recording how many jobs each pick was shown."""
+
+    name = "priority"
+
+    def __init__(self) -> None:
+        self.shown: list[int] = []
+
+    def pick(self, queue: QueueView) -> QueuedJob:
+        self.shown.append(len(queue.heads))
+        return PRIORITY.pick(queue)
+
+
+def test_an_order_sees_one_head_per_consumer_and_priority_however_deep_the_queue() -> None:
+    order = Heads()
+    c = SchedulerCore(
+        SchedulerConfig(policy="priority", max_queue=5000, affinity_wait_s=0),
+        consumers(),
+        FakeClock(),
+        order=order,
+    )
+    jobs = [c.submit(n, p) for _ in range(1000) for n, p in (("mvoice", 2), ("ollama", 3))]
+    urgent = c.submit("mvoice", 4)
+    assert grant_one(c) == urgent
+    assert order.shown == [3]  # mvoice at 2 and at 4, ollama at 3: three classes, 2001 jobs
+    assert c.cancel(jobs[1])  # the head of ollama's class leaves: the next one stands for it
+    done(c, urgent)
+    assert grant_one(c) == jobs[3]
+    stats = c.stats()
+    assert stats.consumers["mvoice"].queue_depth == 1000
+    assert stats.consumers["ollama"].queue_depth == 998
+    assert stats.queue_depth == 1998
+
+
+def test_within_a_consumer_and_priority_jobs_go_in_arrival_order() -> None:
+    clock = FakeClock()
+    c = SchedulerCore(SchedulerConfig(policy="priority", affinity_wait_s=0), consumers(), clock)
+    jobs = []
+    for _ in range(5):
+        jobs.append(c.submit("ollama"))
+        clock.advance(1)
+    c.cancel(jobs[2])
+    order = []
+    for _ in range(4):
+        order.append(grant_one(c))
+        done(c, order[-1])
+    assert order == [jobs[0], jobs[1], jobs[3], jobs[4]]
+
+
+def test_run_times_are_measured_from_ready_to_finish_preferring_warm_grants() -> None:
+    clock = FakeClock()
+    c = SchedulerCore(SchedulerConfig(policy="priority"), consumers(), clock)
+    cold = c.submit("comfyui")
+    [g] = c.schedule()  # not resident: its run may carry a lazy load
+    clock.advance(5)  # the swap (prepare) is not part of the run
+    c.ready(g.job_id)
+    clock.advance(11)
+    done(c, cold)
+    assert c.recent_run_s == {"comfyui": 11}
+    for run_s in (3, 2, 4):
+        job = c.submit("comfyui")
+        [g] = c.schedule(resident=frozenset({"comfyui"}))
+        c.ready(g.job_id)
+        clock.advance(run_s)
+        done(c, job)
+    assert c.recent_run_s == {"comfyui": 3}  # the warm runs' median; the lazy load left out
+    for outcome in (Outcome.FAILED, Outcome.CANCELLED, Outcome.TIMED_OUT):
+        job = c.submit("comfyui")
+        grant_one(c, resident=frozenset({"comfyui"}))
+        clock.advance(100)
+        c.finish(job, outcome)  # only completed jobs are samples
+    admin = c.submit("ollama", exclusive=True)
+    assert grant_one(c) == admin
+    clock.advance(100)
+    done(c, admin)  # an admin load is no run
+    assert c.recent_run_s == {"comfyui": 3}
+
+
+def test_a_run_time_is_the_median_of_the_last_samples() -> None:
+    clock = FakeClock()
+    c = SchedulerCore(SchedulerConfig(policy="priority"), consumers(), clock)
+    for run_s in (100, 100, 100, 1, 1, 1, 1, 1, 1):  # nine: the first falls out of eight
+        job = c.submit("ollama")
+        grant_one(c, resident=frozenset({"ollama"}))
+        clock.advance(run_s)
+        done(c, job)
+    assert c.recent_run_s["ollama"] == 1
+    c.reconfigure(SchedulerConfig(policy="priority"), {"mvoice": ConsumerPolicy()})
+    assert c.recent_run_s == {}  # a consumer that is gone leaves no figure behind
+
+
+def test_startable_says_whether_schedule_could_grant() -> None:
+    c = core()  # ollama: two at once
+    assert not c.startable  # nothing waits
+    a = c.submit("ollama")
+    assert c.startable
+    [g] = c.schedule()
+    c.submit("ollama")
+    assert not c.startable  # a tenure is being prepared
+    c.ready(g.job_id)
+    assert c.startable  # a second slot
+    assert len(c.schedule()) == 1
+    c.submit("ollama")
+    assert not c.startable  # both slots taken
+    c.finish(a, Outcome.COMPLETED)
+    assert c.startable

@@ -11,24 +11,27 @@ where p_J is J's priority (clamped 0..4) and c the largest max_concurrency. Deri
 docstring of policy.py for the rules it relies on):
 
 1. After T1 = max((4 - p_J) * aging_s, affinity_wait_s), J is at level 4, the highest there is,
-   and its deadline has passed (it has waited affinity_wait_s): where J is a candidate for the
-   start of a tenure, the first candidate in the plain order whose deadline has passed is
-   chosen, J or a job ahead of J. Ahead of J at level 4 are only jobs that reached it before J
-   did; all of those were waiting then, so there are at most max_queue - 1 of them, and no new
-   one can come.
+   and its deadline has passed (the deadline follows the queued work but never exceeds
+   affinity_wait_s, which J has waited): where J is a candidate for the start of a tenure, the
+   first candidate in the plain order whose deadline has passed is chosen, J or a job ahead of
+   J. Ahead of J at level 4 are only jobs that reached it before J did; all of those were
+   waiting then, so there are at most max_queue - 1 of them, and no new one can come.
 2. The core is work-conserving: while J waits, something is in flight (whenever nothing runs,
    `schedule` grants). So from T1 to J's grant, time is covered by the runs of the jobs in
    flight at T1 (at most c, one consumer) and of the jobs granted after T1: at most R each.
 3. Grants after T1 come in tenures (runs of one holder). J waits at the best level, so it is
    contested: a tenure of another consumer makes at most max_batch grants (affinity may pass J
-   within that). A tenure starts with a job ahead of J (or J) unless J's own consumer held the
-   lease just before (J is then no candidate); a tenure of J's consumer grants its jobs in the
-   plain order, so it serves a job ahead of J (or J). So there are at most
+   within that, for a window that follows the load and does not change this count). A tenure
+   starts with a job ahead of J (or J) unless J's own consumer held the lease just before (J
+   is then no candidate); a tenure of J's consumer grants its jobs in the plain order, so it
+   serves a job ahead of J (or J). So there are at most
    2 * (max_queue - 1) + 2 tenures before J's grant, at most 2 * max_queue * max_batch grants.
 
 The bound is loose (every job made to lead its own tenure, every tenure full); it is about
-starvation, not latency, which the benchmark (bench/bench_sched.py) measures. The last test
-shows it failing for broken orders (no aging; affinity without the deadline).
+starvation, not latency, which the benchmark (bench/bench_sched.py) measures. The runs here
+take their time on the fake clock, so the core measures them and its windows follow the load
+as they do in the broker (a consumer not yet measured gets the caps). The last test shows it
+failing for broken orders (no aging; affinity without the deadline).
 """
 
 from __future__ import annotations

@@ -193,8 +193,9 @@ class SchedulerConfig(_Model):
     max_queue: int = Field(default=256, ge=1)
     queue_timeout_s: PositiveFloat = 600.0
     aging_s: PositiveFloat = 30.0
-    affinity_wait_s: float = Field(default=10.0, ge=0)
-    max_batch: int = Field(default=8, ge=1)
+    # Caps of swap affinity, which otherwise follows the load (policy.py).
+    affinity_wait_s: float = Field(default=120.0, ge=0)
+    max_batch: int = Field(default=32, ge=1)
     allow_priority_header: bool = False
     drain_timeout_s: PositiveFloat = 30.0
 

@@ -1,9 +1,13 @@
 """The order of the scheduler's jobs: which waiting job the lease goes to next.
 
 SchedulerCore (scheduler.py) keeps the queue and the lease; for each pick it hands an `Order` a
-`QueueView`, a read-only snapshot of what the order may look at, and takes back the job to
-start. Two orders exist, chosen by the `scheduler.policy` setting: `fifo` (plain arrival order,
-the baseline the benchmark compares against) and `priority`, the default, below.
+`QueueView`, a read-only view of what the order may look at, and takes back the job to start.
+Two orders exist, chosen by the `scheduler.policy` setting: `fifo` (plain arrival order, the
+baseline the benchmark compares against) and `priority`, the default, below.
+
+Jobs of one consumer at one priority always go in arrival order (both orders keep it), so an
+order sees only the oldest waiting job of each (consumer, priority) class, its head: a pick
+costs the same with 10 jobs waiting as with 10,000.
 
 Order (policy `priority`):
 - level = min(4, priority + ⌊waited / aging_s⌋), priority 0..4 from the consumer or the clamped
@@ -11,17 +15,26 @@ Order (policy `priority`):
   aged job when it aged into it, so it passes newer jobs but not urgent ones there before it).
 - Swap affinity: the holder's next job may pass other consumers' jobs of the same or a lower
   priority (never a higher one), whatever their aged level, while the tenure has made fewer than
-  `max_batch` grants and no passed job has been held back `affinity_wait_s`. Held back counts
-  from when the tenure's first job finished (its swap and a lazy load are part of that job), or
-  from the job's arrival if later: each tenure gets a fresh window, as a batch does in Linux
-  mq-deadline, so batching survives a backlog older than the window.
-- A new tenure goes to the first of the other consumers' best-level jobs whose deadline
-  (`affinity_wait_s`) has passed; else, among those of the highest priority, to a resident
-  consumer's, else to the cheapest measured swap, else to the first.
-- Swap costs (`schedule(resident, swap_cost_s)`, per consumer its last unload + load): a
-  tenure's window is at most SWAP_AMORTIZATION x its consumer's cost.
+  `max_batch` grants and no passed job has been held back longer than the tenure's window.
+  Held back counts from when the tenure's first job finished (its swap and a lazy load are part
+  of that job), or from the job's arrival if later: each tenure gets a fresh window, as a batch
+  does in Linux mq-deadline, so batching survives a backlog older than the window.
+- The window follows the load (`affinity_window_s`): BACKLOG_FACTOR x the work queued for the
+  other consumers (their jobs waiting x each consumer's recent run time), and at most
+  SWAP_AMORTIZATION x the swap it saves (the holder's measured cost plus the next consumer's).
+  Under light load the others' queue is a job or two, so the window is a few seconds and the
+  passed job waits about as long as its own run; under a backlog the others wait for that work
+  anyway, the window grows with it, and the saved swaps shorten everyone's wait.
+  `affinity_wait_s` caps the window (and is the window while a waiting consumer's run time is
+  unknown).
+- A new tenure goes to the first of the other consumers' best-level jobs that has waited past
+  the deadline (BACKLOG_FACTOR x all the queued work, at most `affinity_wait_s`); else, among
+  those of the highest priority, to a resident consumer's, else to the cheapest measured swap,
+  else to the first.
+- Swap costs (`schedule(resident, swap_cost_s)`): per consumer its last unload + load.
 
-No starvation: a job of priority p is granted within
+No starvation: the window and the deadline never exceed `affinity_wait_s` and a tenure never
+exceeds `max_batch` grants while others wait, so a job of priority p is granted within
 max((4 - p) * aging_s, affinity_wait_s) + R * (c + 2 * max_queue * max_batch), R the longest a
 granted job holds the lease (its swap included), c the largest max_concurrency; derived and
 checked on random traces in tests/test_scheduler_properties.py.
@@ -37,9 +50,14 @@ from typing import Protocol
 from .config import SchedulerConfig
 
 MAX_PRIORITY = 4
-# A tenure holds others back for at most this many times its consumer's measured swap cost (and
-# never longer than affinity_wait_s): a swap then costs at most ~1/(1+8) of the time batched.
+# A tenure holds others back for at most this many times the swap it saves (the holder's
+# measured cost plus the next consumer's): a swap then costs at most ~1/(1+8) of the time batched.
 SWAP_AMORTIZATION = 8.0
+# A tenure holds others back for at most this many times the work queued for them, and a job
+# that has waited this many times all the queued work gets the next tenure. Chosen on
+# bench/sched_model.py's traces: 1x gave 5-10 % longer makespans under overload, 3x longer
+# p95 waits under a busy closed loop than the old fixed 10 s window.
+BACKLOG_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,9 +72,13 @@ class QueuedJob:
 
 @dataclass(frozen=True)
 class QueueView:
-    """What an order may read to choose the next job; a snapshot, never changed by the order."""
+    """What an order may read to choose the next job; a view, never changed by the order."""
 
-    waiting: Sequence[QueuedJob]  # arrival order, never empty
+    # The oldest waiting job of each (consumer, priority) class, in no particular order; never
+    # empty. A class's other jobs came later and go after its head in either order.
+    heads: Sequence[QueuedJob]
+    queued: Mapping[str, int]  # jobs waiting, per consumer (those with any)
+    run_s: Mapping[str, float]  # per consumer, its recent run time; missing: unknown
     holder: str | None  # the last consumer granted the lease (kept while nothing runs)
     # When the holder's first job of this tenure finished (None while it runs): from then on,
     # every further grant to the holder is affinity holding the others back.
@@ -66,6 +88,19 @@ class QueueView:
     resident: Set[str]  # consumers whose weights are in VRAM now
     swap_cost_s: Mapping[str, float]  # usable figures only (known_costs)
     settings: SchedulerConfig
+
+    def queued_work_s(self, *, besides: str | None = None) -> float | None:
+        """The run time of the jobs waiting (those of `besides` left out), from each consumer's
+        recent run time; None when a waiting consumer's is unknown."""
+        total = 0.0
+        for consumer, count in self.queued.items():
+            if consumer == besides:
+                continue
+            run_s = self.run_s.get(consumer)
+            if run_s is None:
+                return None
+            total += count * run_s
+        return total
 
 
 class Order(Protocol):
@@ -77,7 +112,7 @@ class Order(Protocol):
         ...
 
     def pick(self, queue: QueueView) -> QueuedJob:
-        """One of `queue.waiting`; reads the view, changes nothing."""
+        """One of `queue.heads`; reads the view, changes nothing."""
         ...
 
 
@@ -87,22 +122,25 @@ class FifoOrder:
     name = "fifo"
 
     def pick(self, queue: QueueView) -> QueuedJob:
-        return queue.waiting[0]
+        return min(queue.heads, key=lambda j: j.id)  # ids follow arrival
 
 
 class PriorityOrder:
-    """Priorities with aging, swap affinity within bounds, then residency and swap costs (the
-    module docstring has the rules)."""
+    """Priorities with aging, swap affinity within bounds that follow the load, then residency
+    and swap costs (the module docstring has the rules)."""
 
     name = "priority"
 
     def pick(self, queue: QueueView) -> QueuedJob:
-        jobs = queue.waiting  # arrival order
         settings = queue.settings
-        level = {j.id: self.level(j, queue.now, settings) for j in jobs}
+        level = {j.id: self.level(j, queue.now, settings) for j in queue.heads}
         # The plain order: higher level first; within a level, who reached it first (a job at
-        # its own priority reached it when it came; an aged one when it aged into it).
-        order = sorted(jobs, key=lambda j: (-level[j.id], self.reached(j, level[j.id], settings)))
+        # its own priority reached it when it came; an aged one when it aged into it); then
+        # arrival. Each head stands for its class, whose other jobs come after it.
+        order = sorted(
+            queue.heads,
+            key=lambda j: (-level[j.id], self.reached(j, level[j.id], settings), j.id),
+        )
         top = [j for j in order if level[j.id] == level[order[0].id]]
         others_top = [j for j in top if j.consumer != queue.holder]
         for i, mine in enumerate(order):
@@ -122,8 +160,8 @@ class PriorityOrder:
         queue: QueueView,
     ) -> bool:
         """Whether the holder may take `mine`, its first job in the plain order, passing
-        `passed` (the jobs of other consumers ahead of it) while `contested` (those and the
-        others at its level) wait: the bounds of swap affinity."""
+        `passed` (the heads of other consumers' classes ahead of it) while `contested` (those,
+        or the others' heads at its level) wait: the bounds of swap affinity."""
         if not contested:
             return True  # first in line anyway, and nobody else waits at its level
         if queue.tenure_grants >= queue.settings.max_batch:
@@ -141,13 +179,14 @@ class PriorityOrder:
         # batching survives a backlog older than the window.
         oldest = min(o.enqueued_at for o in contested)
         held_back_s = queue.now - max(oldest, queue.window_opened_at)
-        return held_back_s < affinity_window_s(queue.settings, queue.holder, queue.swap_cost_s)
+        return held_back_s < affinity_window_s(queue, contested[0].consumer)
 
     def next_tenure(self, candidates: list[QueuedJob], queue: QueueView) -> QueuedJob:
-        """The first job of a new tenure, among the other consumers' jobs at the best level, in
+        """The first job of a new tenure, among the other consumers' heads at the best level, in
         plain order."""
+        deadline_s = deadline_s_of(queue)
         for j in candidates:
-            if queue.now - j.enqueued_at >= queue.settings.affinity_wait_s:
+            if queue.now - j.enqueued_at >= deadline_s:
                 return j  # its deadline has passed: no preference may pass it again
         # Preferences only among the jobs there by the highest priority of their own. (Reaching
         # below the best level for a resident consumer of the same priority saved ~1 % of
@@ -176,17 +215,32 @@ PRIORITY = PriorityOrder()
 ORDERS: Mapping[str, Order] = {FIFO.name: FIFO, PRIORITY.name: PRIORITY}
 
 
-def affinity_window_s(
-    settings: SchedulerConfig, consumer: str | None, swap_cost_s: Mapping[str, float] | None = None
-) -> float:
-    """How long a tenure of `consumer` may hold others back: `affinity_wait_s`, shortened to
-    SWAP_AMORTIZATION x its measured swap cost when that is less. Holding others back longer
-    than that buys little: the swap it saves is then a small part of the time."""
-    window = settings.affinity_wait_s
-    cost = known_costs(swap_cost_s).get(consumer) if consumer is not None else None
-    if cost is not None:
-        window = min(window, SWAP_AMORTIZATION * cost)
+def affinity_window_s(queue: QueueView, next_consumer: str | None) -> float:
+    """How long the holder's tenure may hold the other consumers' jobs back, with
+    `next_consumer` first in line after it: BACKLOG_FACTOR x the work queued for the others,
+    at most SWAP_AMORTIZATION x the swap it saves (the holder's measured cost plus the next
+    consumer's, nothing when it is resident), never more than `affinity_wait_s`."""
+    window = queue.settings.affinity_wait_s
+    work_s = queue.queued_work_s(besides=queue.holder)
+    if work_s is not None:
+        window = min(window, BACKLOG_FACTOR * work_s)
+    holder_cost = queue.swap_cost_s.get(queue.holder) if queue.holder is not None else None
+    if next_consumer is not None and next_consumer in queue.resident:
+        next_cost: float | None = 0.0
+    else:
+        next_cost = queue.swap_cost_s.get(next_consumer) if next_consumer is not None else None
+    if holder_cost is not None and next_cost is not None:
+        window = min(window, SWAP_AMORTIZATION * (holder_cost + next_cost))
     return window
+
+
+def deadline_s_of(queue: QueueView) -> float:
+    """How long a job may wait before the next tenure must be its own (or an older job's):
+    BACKLOG_FACTOR x all the work queued, never more than `affinity_wait_s`."""
+    work_s = queue.queued_work_s()
+    if work_s is None:
+        return queue.settings.affinity_wait_s
+    return min(queue.settings.affinity_wait_s, BACKLOG_FACTOR * work_s)
 
 
 def known_costs(swap_cost_s: Mapping[str, float] | None) -> dict[str, float]:

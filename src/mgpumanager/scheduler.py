@@ -12,9 +12,12 @@ pick belongs to another consumer, the holder gets no more grants and the lease p
 jobs finished, so two consumers never run on the GPU at once.
 
 Which waiting job is picked next is the core's `order` (policy.py): `priority` or `fifo`, from
-the settings, or one passed in. Observers see every job queued (`on_submit`), granted
-(`on_grant`), finished after its grant (`on_finish`) or gone from the queue without one
-(`on_leave`), for benchmarks, logs and the event stream.
+the settings, or one passed in. The queue is kept per (consumer, priority) class, in arrival
+order, and an order sees each class's oldest job only: submitting, cancelling and granting cost
+the same whatever the queue's depth. The core also measures each consumer's recent run times
+(ready to finish, completed jobs), which the order weighs the queued work with. Observers see
+every job queued (`on_submit`), granted (`on_grant`), finished after its grant (`on_finish`) or
+gone from the queue without one (`on_leave`), for benchmarks, logs and the event stream.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import enum
 import itertools
 import types
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, field
 
@@ -29,6 +33,11 @@ from .clock import Clock
 from .config import SchedulerConfig
 from .errors import BrokerError, ErrorCode
 from .policy import MAX_PRIORITY, ORDERS, Order, QueuedJob, QueueView, known_costs
+
+# Run times kept per consumer; the estimate is their median, so that one job cut short does not
+# swing it. Jobs granted while their consumer was resident are preferred: the first job after a
+# swap may carry a lazy load (ComfyUI loads its model inside the first prompt).
+RUN_SAMPLES = 8
 
 
 class Outcome(enum.StrEnum):
@@ -42,6 +51,9 @@ class Outcome(enum.StrEnum):
 class ConsumerPolicy:
     priority: int = 2
     max_concurrency: int = 1
+
+
+_ANY = ConsumerPolicy()  # for a holder no longer in the registry
 
 
 @dataclass(frozen=True)
@@ -106,8 +118,17 @@ class SchedulerCore:
         self._fixed_order = order
         self._ids = itertools.count(1)
         self._waiting: dict[int, QueuedJob] = {}  # insertion order == arrival order
+        # The same jobs by (consumer, priority), each class in arrival order: its first is the
+        # head the order sees. (OrderedDict: the first entry stays O(1) after many removals.)
+        self._classes: dict[tuple[str, int], OrderedDict[int, QueuedJob]] = {}
+        self._queued: dict[str, int] = {}  # waiting jobs per consumer, those with any
         self._running: dict[int, QueuedJob] = {}
         self._started_at: dict[int, float] = {}  # per running job
+        self._ready_at: dict[int, float] = {}  # per running job: when its run began
+        self._warm: set[int] = set()  # running jobs granted while their consumer was resident
+        # Recent run times per (consumer, granted while resident), and the estimates.
+        self._runs: dict[tuple[str, bool], deque[float]] = {}
+        self._run_s: dict[str, float] = {}
         self._preparing: set[int] = set()  # granted with prepare, not ready yet
         self._holder: str | None = None  # the last consumer granted the lease (kept while idle)
         # When the holder's first job of this tenure finished: from then on, every further grant
@@ -162,6 +183,8 @@ class SchedulerCore:
             label=label,
         )
         self._waiting[job.id] = job
+        self._classes.setdefault((job.consumer, job.priority), OrderedDict())[job.id] = job
+        self._queued[job.consumer] = self._queued.get(job.consumer, 0) + 1
         self._c.total_jobs += 1
         for observer in self.on_submit:
             observer(job)
@@ -169,30 +192,60 @@ class SchedulerCore:
 
     def cancel(self, job_id: int, outcome: Outcome = Outcome.CANCELLED) -> bool:
         """Remove a waiting job (client gone, queue timeout). False if it was not waiting."""
-        job = self._waiting.pop(job_id, None)
+        job = self._waiting.get(job_id)
         if job is None:
             return False
+        self._unqueue(job)
         self._count(outcome)
         for observer in self.on_leave:
             observer(job, outcome)
         return True
+
+    def _unqueue(self, job: QueuedJob) -> None:
+        del self._waiting[job.id]
+        key = (job.consumer, job.priority)
+        cls = self._classes[key]
+        del cls[job.id]
+        if not cls:
+            del self._classes[key]
+        left = self._queued[job.consumer] - 1
+        if left:
+            self._queued[job.consumer] = left
+        else:
+            del self._queued[job.consumer]
 
     def ready(self, job_id: int) -> None:
         """The prepared job's consumer is resident: further grants may follow."""
         if job_id not in self._running:
             raise KeyError(job_id)
         self._preparing.discard(job_id)
+        self._ready_at[job_id] = self._clock.now()
 
     def finish(self, job_id: int, outcome: Outcome) -> None:
         job = self._running.pop(job_id)
         self._preparing.discard(job_id)
+        now = self._clock.now()
         started_at = self._started_at.pop(job_id)
+        ready_at = self._ready_at.pop(job_id, None)
+        warm = job_id in self._warm
+        self._warm.discard(job_id)
+        if outcome is Outcome.COMPLETED and ready_at is not None and not job.exclusive:
+            self._sample_run(job.consumer, warm, now - ready_at)
         if job.consumer == self._holder and self._window_opened_at is None:
-            self._window_opened_at = self._clock.now()
-        self._c.last_run_ms = (self._clock.now() - started_at) * 1000.0
+            self._window_opened_at = now
+        self._c.last_run_ms = (now - started_at) * 1000.0
         self._count(outcome)
         for observer in self.on_finish:
             observer(job_id, outcome)
+
+    def _sample_run(self, consumer: str, warm: bool, run_s: float) -> None:
+        """A completed job's run time, from ready (its swap done) to finish; `warm`: granted
+        while its consumer was resident."""
+        runs = self._runs.setdefault((consumer, warm), deque(maxlen=RUN_SAMPLES))
+        runs.append(max(0.0, run_s))
+        best = sorted(self._runs.get((consumer, True)) or runs)
+        mid = len(best) // 2  # the median (statistics.median costs ~5x more per finish)
+        self._run_s[consumer] = best[mid] if len(best) % 2 else (best[mid - 1] + best[mid]) / 2
 
     def reconfigure(
         self, settings: SchedulerConfig, consumers: Mapping[str, ConsumerPolicy]
@@ -203,13 +256,16 @@ class SchedulerCore:
         that run go on. Queued jobs keep the priority they were queued with."""
         self._settings = settings
         self._consumers = dict(consumers)
-        gone = [(j.id, j.consumer) for j in self._waiting.values() if j.consumer not in consumers]
-        for job_id, _ in gone:
-            job = self._waiting.pop(job_id)
+        gone = [j for j in self._waiting.values() if j.consumer not in consumers]
+        for job in gone:
+            self._unqueue(job)
             self._count(Outcome.FAILED)
             for observer in self.on_leave:
                 observer(job, Outcome.FAILED)
-        return gone
+        for name, warm in [k for k in self._runs if k[0] not in consumers]:
+            del self._runs[name, warm]
+            self._run_s.pop(name, None)
+        return [(j.id, j.consumer) for j in gone]
 
     def stop_accepting(self) -> list[int]:
         """Shutdown: refuse new jobs and hand back the ids of every waiting one (now removed)."""
@@ -232,27 +288,40 @@ class SchedulerCore:
         `swap_cost_s`: per consumer, the measured seconds of one swap cycle (its last unload +
         its last load); consumers without a figure (or with a negative or non-finite one) are
         unknown. policy.py's docstring says how both steer the order."""
-        costs = known_costs(swap_cost_s)
+        costs: Mapping[str, float] | None = None
         grants: list[Grant] = []
         while self._waiting:
             if self._preparing:
                 break  # a tenure is being prepared: residency is changing, nothing else runs
-            running = self.in_flight
-            holder = self._consumers.get(self._holder or "", ConsumerPolicy())
+            running = len(self._running)
+            holder = self._consumers.get(self._holder or "", _ANY)
             if running >= holder.max_concurrency:
                 break  # the holder is full: no pick could start now (the common case, cheap)
+            if costs is None:
+                costs = known_costs(swap_cost_s)
             job = self.order.pick(self._view(resident, costs))
             if running and job.consumer != self._holder:
                 break  # drain the holder, then hand over
             if running and job.exclusive:
                 break
             # Here the job is the holder's, below its max_concurrency, or nothing runs.
-            grants.append(self._start(job, prepare=running == 0))
+            grants.append(self._start(job, prepare=running == 0, warm=job.consumer in resident))
         return grants
+
+    @property
+    def startable(self) -> bool:
+        """Whether `schedule` could grant anything now: jobs wait, no tenure is being prepared
+        and the holder has a free slot. False spares a caller the figures `schedule` takes."""
+        if not self._waiting or self._preparing:
+            return False
+        holder = self._consumers.get(self._holder or "", _ANY)
+        return len(self._running) < holder.max_concurrency
 
     def _view(self, resident: Set[str], costs: Mapping[str, float]) -> QueueView:
         return QueueView(
-            waiting=tuple(self._waiting.values()),
+            heads=[next(iter(cls.values())) for cls in self._classes.values()],
+            queued=types.MappingProxyType(self._queued),
+            run_s=types.MappingProxyType(self._run_s),
             holder=self._holder,
             window_opened_at=self._window_opened_at,
             tenure_grants=self._tenure_grants,
@@ -262,13 +331,17 @@ class SchedulerCore:
             settings=self._settings,
         )
 
-    def _start(self, job: QueuedJob, *, prepare: bool) -> Grant:
+    def _start(self, job: QueuedJob, *, prepare: bool, warm: bool) -> Grant:
         now = self._clock.now()
-        del self._waiting[job.id]
+        self._unqueue(job)
         self._running[job.id] = job
         self._started_at[job.id] = now
         if prepare:
-            self._preparing.add(job.id)
+            self._preparing.add(job.id)  # its run begins when it is ready
+        else:
+            self._ready_at[job.id] = now
+        if warm:
+            self._warm.add(job.id)
         if job.consumer != self._holder:
             if self._holder is not None:
                 self._c.handoffs += 1
@@ -307,6 +380,12 @@ class SchedulerCore:
         return types.MappingProxyType(self._running)
 
     @property
+    def recent_run_s(self) -> Mapping[str, float]:
+        """Per consumer, its recent run time (read-only): the median of its last RUN_SAMPLES
+        completed jobs granted while it was resident, or of those after a swap if none was."""
+        return types.MappingProxyType(self._run_s)
+
+    @property
     def in_flight(self) -> int:
         return len(self._running)
 
@@ -321,10 +400,12 @@ class SchedulerCore:
 
     def stats(self) -> SchedulerStats:
         now = self._clock.now()
-        oldest = min((j.enqueued_at for j in self._waiting.values()), default=None)
+        oldest = min(
+            (next(iter(cls.values())).enqueued_at for cls in self._classes.values()), default=None
+        )
         per = {
             name: ConsumerQueueStats(
-                queue_depth=sum(1 for j in self._waiting.values() if j.consumer == name),
+                queue_depth=self._queued.get(name, 0),
                 in_flight=sum(1 for j in self._running.values() if j.consumer == name),
             )
             for name in self._consumers
