@@ -187,8 +187,8 @@ async def serve_role(role: str, upstream: str, profile: Path | None) -> None:
     logging.basicConfig(level=logging.WARNING)
     profiler = cProfile.Profile() if profile is not None else None
     if role == "broker":
-        from mgpumanager.daemon import start_server
         from mgpumanager.broker import Broker
+        from mgpumanager.daemon import start_server
 
         server = await start_server(Broker(broker_config(upstream)), port=0)
         url = server.url
