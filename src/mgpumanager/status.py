@@ -9,6 +9,7 @@ from its owner's says so with a validation alias, instead of being copied by han
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import TYPE_CHECKING, Any
 
 from pydantic import AliasChoices, BaseModel, Field
@@ -56,6 +57,9 @@ class ConsumerStatus(BaseModel):
     in_flight: int
     resident_models: list[str]  # per-model consumers (Ollama, speaches); [] for the others
     front_door: str | None  # where its front door listens, if it has one
+
+
+WAITING_SHOWN = 100  # waiting jobs listed in /v1/status (queue_depth counts every one)
 
 
 class QueuedJobStatus(BaseModel):
@@ -123,7 +127,7 @@ class SchedulerStatus(BaseModel):
     evictions: int
     eviction_failures: int
     load_failures: int
-    waiting: list[QueuedJobStatus]  # the queue, in arrival order
+    waiting: list[QueuedJobStatus]  # the oldest WAITING_SHOWN jobs, in arrival order
     running: list[RunningJobStatus]
 
 
@@ -186,7 +190,8 @@ def build_status(broker: Broker) -> Status:
                 priority=j.priority,
                 age_s=now - j.enqueued_at,
             )
-            for j in core.waiting.values()
+            # queue_depth counts them all; listing 10,000 would hold the event loop ~30 ms.
+            for j in itertools.islice(core.waiting.values(), WAITING_SHOWN)
         ],
         "running": [
             RunningJobStatus(
