@@ -61,6 +61,9 @@ async def test_comfyui_loaded_through_its_own_page_is_evicted_for_a_job(backend:
             comfy = cluster.fakes["comfyui"]
             await wait_for(lambda: answer["prompt_id"] in comfy.history, what="outside prompt")  # type: ignore[attr-defined]
             assert cluster.gpu.held_by("comfyui") == 12300
+            await server.broker.residency.reconcile()
+            detail = server.broker.residency.records["comfyui"].detail
+            assert detail == "loaded outside the broker (torch holds 12300 MiB)", detail
             # Ollama's 14 GiB does not fit beside it: the broker must see it and evict it.
             status, body = await brokered(server, "llm")
             assert status == 200, body

@@ -39,6 +39,8 @@ from .records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 
 log = logging.getLogger("mgpumanager.residency")
 
+OUTSIDE = "loaded outside the broker"  # the detail of a consumer found loaded around it
+
 # Costs of models the upstream lists only by file size: the weights, plus a fifth for the
 # context cache, which the file does not hold (a resident model's own figure replaces this).
 FILE_SIZE_FACTOR = 1.2
@@ -323,13 +325,15 @@ class ResidencyView:
             resident = True
         if resident and record.state is State.UNLOADED:
             self.counters.outside_loads += 1
-            transition(name, record, State.RESIDENT, f"loaded outside the broker ({detail})")
+            transition(name, record, State.RESIDENT, f"{OUTSIDE} ({detail})")
         elif resident and record.state is State.UNKNOWN:
             transition(name, record, State.RESIDENT, detail or "found resident")
         elif resident is False and record.state is State.UNKNOWN:
             transition(name, record, State.UNLOADED, detail or "found unloaded")
         elif resident is False and record.state is State.RESIDENT and not busy:
             transition(name, record, State.UNLOADED, f"left by itself ({detail or 'idle'})")
+        elif resident and record.detail.startswith(OUTSIDE) and detail:
+            record.detail = f"{OUTSIDE} ({detail})"  # what it holds now, not when first seen
 
     def _take_models(self, name: str, record: Record, reported: Mapping[str, int | None]) -> None:
         """The upstream's list of resident models replaces the record's, except models with
