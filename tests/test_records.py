@@ -16,7 +16,14 @@ from mgpumanager.clock import FakeClock
 from mgpumanager.config import Config, ConsumerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.gpu import GpuReading
-from mgpumanager.records import TRANSITIONS, IllegalTransition, Record, State, transition
+from mgpumanager.records import (
+    TRANSITIONS,
+    IllegalTransition,
+    ModelRecord,
+    Record,
+    State,
+    transition,
+)
 from mgpumanager.residency import Residency
 
 TOTAL_MIB = 24000
@@ -298,3 +305,42 @@ async def test_unloading_to_unknown_when_the_memory_does_not_come_back() -> None
     assert world.state("a") is State.UNKNOWN
     assert "load" not in world.adapters["b"].calls
     assert world.residency.counters.eviction_failures == 1
+
+
+class PerModelAdapter(FakeAdapter):
+    """A per-model fake (like Ollama): each model unloads on its own."""
+
+    @property
+    def per_model(self) -> bool:
+        return True
+
+    def model_key(self, model: str) -> str:
+        return model
+
+    async def unload_model(self, model: str) -> None:
+        self.calls.append(f"unload {model}")
+        if self.unload_error is not None:
+            raise self.unload_error
+
+
+async def test_a_failed_model_unload_of_an_unknown_consumer_stays_retryable() -> None:
+    """unknown stays unknown: `a` could not be read (say its /api/ps hangs) and still has two
+    models on record; unloading one of them fails. The job gets eviction_failed (retryable),
+    not an internal error, and `a` cools down so the next job does not try again at once."""
+    world = World()
+    a = world.adapters["a"] = PerModelAdapter("a", world.config.consumers["a"], world.card)
+    world.residency.adapters = world.adapters
+    record = world.residency.records["a"]
+    record.state = State.UNKNOWN
+    record.models = {"m1": ModelRecord(7000, 1.0), "m2": ModelRecord(7000, 2.0)}
+    world.card.held["a"] = 14000
+    world.set("b", State.UNLOADED)
+    a.unload_error = BrokerError(ErrorCode.UPSTREAM_ERROR, "answered 500")
+    a.reports = None  # it cannot tell
+    with pytest.raises(BrokerError) as caught:
+        await world.residency.ensure_resident("b")
+    assert caught.value.code is ErrorCode.EVICTION_FAILED and caught.value.retryable
+    assert world.state("a") is State.UNKNOWN
+    assert record.unload_failed_at is not None
+    assert world.residency.counters.eviction_failures == 1
+    assert "load" not in world.adapters["b"].calls

@@ -129,7 +129,10 @@ class Broker:
             await asyncio.sleep(1.0)
             if self.clock.now() - last_reconcile >= self.config.gpu.reconcile_interval_s:
                 last_reconcile = self.clock.now()
-                await self.residency.reconcile()
+                try:
+                    await self.residency.reconcile()
+                except Exception:  # a bug here must not end reconciliation for good
+                    log.exception("background reconciliation failed")
             else:
                 await self.residency.read_gpu()
 

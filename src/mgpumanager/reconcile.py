@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from .clock import Clock
-from .config import Config
+from .config import Config, ModelEntry
 from .events import Emit, no_emit
 from .gpu import GpuReader, GpuReading, measured_mib
 from .planner import Resident
@@ -133,8 +133,8 @@ class ResidencyView:
         """VRAM one model of a per-model consumer needs: the registry's figure, else what the
         broker saw it hold, else the upstream's listed size (plus the cache), else the
         consumer's declared cost (its largest model)."""
-        entry = self.config.consumers[name].model_entry(model)
-        target = entry.name if entry is not None else model
+        entry = self.model_entry(name, model)
+        target = self.adapters[name].model_key(entry.name) if entry is not None else model
         if entry is not None and entry.vram_mib is not None:
             return entry.vram_mib
         seen = self.seen_model_mib.get((name, target))
@@ -150,8 +150,19 @@ class ResidencyView:
         added (so a job for "llama3" finds the resident "llama3:latest")."""
         if model is None:
             return None
-        entry = self.config.consumers[name].model_entry(model)
+        entry = self.model_entry(name, model)
         return self.adapters[name].model_key(entry.name if entry is not None else model)
+
+    def model_entry(self, name: str, model: str) -> ModelEntry | None:
+        """The registry's entry for `model` as a client names it (an alias too) or as the
+        upstream lists it: the registry's `llama3` is Ollama's `llama3:latest`."""
+        c = self.config.consumers[name]
+        entry = c.model_entry(model)
+        if entry is not None:
+            return entry
+        key_of = self.adapters[name].model_key
+        key = key_of(model)
+        return next((m for m in c.models if key_of(m.name) == key), None)
 
     def busy(self, name: str) -> bool:
         return self._in_flight(name) > 0

@@ -80,13 +80,17 @@ class Residency(ResidencyView):
         record = self.records[name]
         if record.state is not State.RESIDENT:
             return False
-        return model is None or not self.adapters[name].per_model or model in record.models
+        if model is None or not self.adapters[name].per_model:
+            return True
+        return self.model_key(name, model) in record.models
 
     # -- making room ----------------------------------------------------------------------------
 
     async def ensure_resident(self, target: str, model: str | None = None) -> None:
         """The lease's prepare step: make `target` (and its `model`, for per-model consumers)
         resident, evicting whoever is in the way."""
+        if self.adapters[target].per_model:
+            model = self.model_key(target, model)  # as the upstream lists it (aliases, tags)
         if self.ready(target, model):
             return
         async with self.changing:
@@ -269,7 +273,8 @@ class Residency(ResidencyView):
                 consumer=for_consumer,
             ) from exc
         except BaseException:
-            transition(name, record, State.UNKNOWN, f"unload of model {model} cut off")
+            if record.state is not State.UNKNOWN:
+                transition(name, record, State.UNKNOWN, f"unload of model {model} cut off")
             raise
         del record.models[model]
         record.generation += 1
@@ -308,7 +313,10 @@ class Residency(ResidencyView):
 
     def _eviction_failed(self, name: str, reason: str) -> None:
         record = self.records[name]
-        transition(name, record, State.UNKNOWN, f"{reason}; state unknown")
+        if record.state is State.UNKNOWN:  # a model of a consumer nobody could read already
+            record.detail = f"{reason}; state unknown"
+        else:
+            transition(name, record, State.UNKNOWN, f"{reason}; state unknown")
         record.unload_failed_at = self.clock.now()
         self.counters.eviction_failures += 1
         self._emit("eviction.failed", consumer=name, reason=reason)
@@ -408,7 +416,8 @@ class Residency(ResidencyView):
         if adapter.per_model:
             # Its preloaded models are what it holds now (and what a later eviction confirms).
             for model in config.preload_models if adapter.has_load else ():
-                record.models[model] = ModelRecord(self.model_cost_mib(name, model))
+                key = adapter.model_key(model)
+                record.models[key] = ModelRecord(self.model_cost_mib(name, key))
         transition(name, record, State.RESIDENT, how)
         self._emit(
             "load.ready", consumer=name, load_s=record.last_load_s, lazy=not adapter.has_load
@@ -433,7 +442,7 @@ class Residency(ResidencyView):
         """Load one model now (warm restore), with room made for it first."""
         await self.ensure_resident(name, model)
         try:
-            await self.adapters[name].load_model(model)
+            await self.adapters[name].load_model(self.model_key(name, model) or model)
         except BrokerError as exc:
             self.counters.load_failures += 1
             message = f"loading {name}/{model} failed: {exc.message}"
