@@ -220,6 +220,9 @@ def broker_config(upstream: str) -> Any:
             "max_body_mib": 2 * BIG // MIB,
             "gpu": {"backend": "static", "total_mib": 24576},
             "scheduler": {"max_queue": 20000},
+            # 10,000 clients wait at once in the long-queue run: past the default cap of 4096
+            # connections (the file limit lowers it further where it must).
+            "max_connections": 30000,
             "routing": {"llm": "up"},
             "consumers": {
                 "up": {"url": upstream, "vram_resident_mib": 1000, "health": {"path": "/health"}}

@@ -105,6 +105,7 @@ class Broker:
             self._residency.ensure_resident,
             self._residency.resident_set,
             self._residency.swap_costs,
+            ready=self._residency.ready,
         )
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(

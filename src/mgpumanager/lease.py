@@ -59,9 +59,13 @@ class Lease:
         prepare: Prepare,
         resident: Callable[[], Set[str]] = frozenset,
         swap_costs: Callable[[], Mapping[str, float]] = dict,
+        ready: Callable[[str, str | None], bool] | None = None,
     ) -> None:
         self.core = core
         self._prepare = prepare
+        # Whether `prepare` would find nothing to do (the consumer, and its model, resident):
+        # then no task is started for it. None: always prepare.
+        self._ready = ready
         self._resident = resident
         self._swap_costs = swap_costs
         self._waiters: dict[int, asyncio.Future[Grant]] = {}
@@ -88,9 +92,11 @@ class Lease:
         handle = JobHandle(self, grant)
         try:
             if not exclusive and (grant.prepare or model is not None):
-                # A residency change is never cut in half by a client that leaves: it runs to
-                # its end (each step is bounded by its own timeout), then the job is cancelled.
-                await _run_to_end(self._prepare(consumer, model))
+                if self._ready is None or not self._ready(consumer, model):
+                    # A residency change is never cut in half by a client that leaves: it runs
+                    # to its end (each step bounded by its own timeout), then the job is
+                    # cancelled.
+                    await _run_to_end(self._prepare(consumer, model))
                 if grant.prepare:
                     self.core.ready(grant.job_id)
                     self.dispatch()
@@ -117,6 +123,9 @@ class Lease:
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = future
         self.dispatch()
+        if future.done():  # granted at once (the lease was free): nothing to wait for
+            del self._waiters[job_id]
+            return future.result()
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(future)
@@ -168,7 +177,12 @@ class Lease:
 
     def dispatch(self) -> None:
         """Ask the core what may start now and wake those waiters."""
-        for grant in self.core.schedule(self._resident(), self._swap_costs()):
+        # `startable` first: most calls (a job of the holder at its max) can grant nothing, and
+        # the figures schedule() takes cost more than that answer.
+        grants = (
+            self.core.schedule(self._resident(), self._swap_costs()) if self.core.startable else []
+        )
+        for grant in grants:
             future = self._waiters.get(grant.job_id)
             if future is None or future.done():
                 # Nobody is waiting any more (cannot normally happen: cancel removes the job
