@@ -4,6 +4,7 @@ deadline instead of sleeping."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -197,3 +198,19 @@ def sim_registry(cluster: SimCluster, **top: Any) -> Config:
             **top,
         }
     )
+
+
+async def wait_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[str]:
+    """A ComfyUI client's loop (Open WebUI's): the socket's text messages until `executing`
+    with `node: null` for our prompt, ComfyUI's "done". Answers the event types seen."""
+    seen = []
+    async for msg in ws:
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            continue  # previews are binary
+        message = json.loads(msg.data)
+        seen.append(message["type"])
+        data = message["data"]
+        done = message["type"] == "executing" and data["node"] is None
+        if done and data["prompt_id"] == prompt_id:
+            return seen
+    raise AssertionError(f"socket closed before {prompt_id} finished; saw {seen}")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiohttp
 import pytest
 
-from conftest import running_broker, wait_for
+from conftest import running_broker, wait_done, wait_for
 from mgpumanager.config import Config
 from mgpumanager.daemon import Server
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
@@ -78,21 +77,6 @@ async def box() -> AsyncIterator[Box]:
         )
         async with running_broker(config) as server, aiohttp.ClientSession() as http:
             yield Box(cluster, server, cast(FakeComfyUI, cluster.fakes["comfyui"]), http)
-
-
-async def wait_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[str]:
-    """Open WebUI's loop: text messages until `executing` with `node: null` for our prompt."""
-    seen = []
-    async for msg in ws:
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            continue  # previews are binary
-        message = json.loads(msg.data)
-        seen.append(message["type"])
-        data = message["data"]
-        done = message["type"] == "executing" and data["node"] is None
-        if done and data["prompt_id"] == prompt_id:
-            return seen
-    raise AssertionError(f"socket closed before {prompt_id} finished; saw {seen}")
 
 
 async def test_open_webui_flow_through_upstream_holds_the_lease(box: Box) -> None:

@@ -24,7 +24,7 @@ import ollama
 import pytest
 from aiohttp import web
 
-from conftest import Upstream, running_broker, wait_for
+from conftest import Upstream, running_broker, wait_done, wait_for
 from mgpumanager.config import Config, ConfigError, parse_config
 from mgpumanager.daemon import Server
 from mgpumanager.scheduler import SchedulerCore
@@ -152,21 +152,6 @@ async def test_the_ollama_client_at_a_front_door_is_scheduled(box: Box) -> None:
         assert resp.status == 200
     box.ran_after("ollama", "mvoice")
     assert box.lease.stats().total_jobs == 2  # the chat and the TTS
-
-
-async def wait_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[str]:
-    """Text messages until `executing` with `node: null` for our prompt (ComfyUI's "done")."""
-    seen = []
-    async for msg in ws:
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            continue  # previews are binary
-        message = json.loads(msg.data)
-        seen.append(message["type"])
-        data = message["data"]
-        done = message["type"] == "executing" and data["node"] is None
-        if done and data["prompt_id"] == prompt_id:
-            return seen
-    raise AssertionError(f"socket closed before {prompt_id} finished; saw {seen}")
 
 
 async def test_a_comfyui_flow_at_a_front_door_holds_the_lease(box: Box) -> None:
