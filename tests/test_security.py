@@ -273,6 +273,9 @@ async def test_a_capped_token_cannot_jump_the_queue(
         await wait_for(lambda: server.broker.lease.core.queue_depth == 1, what="batch queued")
         ops = asyncio.create_task(job("ops", "ops-t0ken", "2"))
         await wait_for(lambda: server.broker.lease.core.queue_depth == 2, what="ops queued")
+        # The queue says who sent each job (the token's name), as /v1/status and events do.
+        waiting = [j.label for j in server.broker.status().scheduler.waiting]
+        assert waiting == ["/v1/tts (batch)", "/v1/tts (ops)"], waiting
         release.set()
         assert await asyncio.gather(first, batch, ops) == [200, 200, 200]
     assert order == ["first", "ops", "batch"]

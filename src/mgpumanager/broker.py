@@ -352,7 +352,7 @@ class Broker:
                 priority=priority,
                 queue_timeout_s=self.config.scheduler.queue_timeout_s,
                 model=per_model,
-                label=request.path if model is None else f"{request.path} {model}",
+                label=job_label(request, model),
             ) as job:
                 self.residency.job_started(name, per_model)
                 try:
@@ -417,3 +417,11 @@ class Broker:
 
 # The broker an HTTP application serves (every listener's handlers find it here).
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
+
+
+def job_label(request: web.Request, model: str | None) -> str:
+    """What a job is, as the queue, the events and recent jobs show it: its route, its model,
+    and who sent it where a named token says (`auth.tokens`)."""
+    label = request.path if model is None else f"{request.path} {model}"
+    caller = request.get(CALLER)
+    return label if caller is None else f"{label} ({caller.name})"
