@@ -71,6 +71,7 @@ async def test_comfyui_loaded_through_its_own_page_is_evicted_for_a_job(backend:
             assert state(server, "comfyui") == "unloaded"
             assert [r.path for r in comfy.received if r.path == "/free"] == ["/free"]  # type: ignore[attr-defined]
             assert server.broker.residency.counters.outside_loads == 1
+            assert server.broker.status().scheduler.outside_loads == 1
             assert server.broker.residency.counters.evictions == 1
     assert cluster.gpu.oom_count == 0
 

@@ -39,6 +39,7 @@ class StatusCollector(Collector):
             ("evictions", "confirmed unloads"),
             ("eviction_failures", "unloads the GPU reading did not confirm"),
             ("load_failures", "loads that failed or timed out"),
+            ("outside_loads", "consumers found loaded outside the broker"),
             ("handoffs", "lease passed from one consumer to another"),
             ("swap_seconds", "lease time spent evicting and loading (failed tries too), s"),
         ):

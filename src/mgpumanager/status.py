@@ -127,6 +127,7 @@ class SchedulerStatus(BaseModel):
     evictions: int
     eviction_failures: int
     load_failures: int
+    outside_loads: int  # consumers found loaded that the broker had not loaded
     waiting: list[QueuedJobStatus]  # the oldest WAITING_SHOWN jobs, in arrival order
     running: list[RunningJobStatus]
 
