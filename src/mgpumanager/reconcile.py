@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
@@ -407,9 +407,6 @@ async def _ask(
     adapters: Mapping[str, ConsumerAdapter], names: list[str]
 ) -> list[ResidencyReport | BaseException]:
     return await asyncio.gather(*(adapters[n].residency() for n in names), return_exceptions=True)
-
-
-Probe = Callable[[str], Awaitable[bool]]
 
 
 def unit_consumer(unit: str) -> str:

@@ -101,10 +101,6 @@ class Record:
         base = sum(m.cost_mib for m in self.models.values()) if self.models else self.declared_mib
         return max(base, self.measured_mib or 0, self.reported_mib or 0)
 
-    @property
-    def holds_memory(self) -> bool:
-        return self.state in HOLDS_MEMORY
-
 
 def transition(name: str, record: Record, to: State, reason: str) -> None:
     """Move `record` to `to`, or raise IllegalTransition; logs the change with its reason."""
