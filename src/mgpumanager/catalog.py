@@ -80,11 +80,14 @@ class ModelCatalog:
             if model in consumer.aliases:  # an alias of a model only its upstream lists
                 return ModelOwner(model, name, consumer.aliases[model])
         for name in names:
-            listed = self.upstream.get(name, {})
+            listed = self.upstream.get(name)
+            if not listed:
+                continue
             if model in listed:
                 return ModelOwner(model, name, model)
-            if ":" not in model and f"{model}:latest" in listed:  # Ollama's implicit tag
-                return ModelOwner(model, name, f"{model}:latest")
+            key = self.adapters[name].model_key(model)  # Ollama's implicit :latest
+            if key in listed:
+                return ModelOwner(model, name, key)
         return None
 
     def listing(self, among: list[str] | None = None) -> list[ModelOwner]:
@@ -117,4 +120,4 @@ class ModelCatalog:
             return None
         entry = self.config.consumers[consumer].model_entry(model)
         target = entry.name if entry is not None else model
-        return target in listed or (":" not in target and f"{target}:latest" in listed)
+        return target in listed or self.adapters[consumer].model_key(target) in listed
