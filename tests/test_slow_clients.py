@@ -227,9 +227,9 @@ async def test_an_upstream_that_breaks_off_cuts_the_client_after_what_came(
 ) -> None:
     async def half(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
-        resp.content_length = 1000
+        resp.content_length = 1_000_000
         await resp.prepare(request)
-        await resp.write(b"x" * 400)
+        await resp.write(b"x" * 400_000)
         assert request.transport is not None
         request.transport.abort()  # dies mid-answer
         return resp
@@ -243,5 +243,33 @@ async def test_an_upstream_that_breaks_off_cuts_the_client_after_what_came(
                 assert resp.status == 200
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await resp.read()
+        await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="released")
+        assert server.broker.lease.core.stats().failed == 1
+
+
+async def test_a_small_answer_that_breaks_off_is_an_error_before_anything_is_sent(
+    upstream: Upstream,
+) -> None:
+    """An answer that declares at most 64 KiB is read whole before the client gets any of it:
+    when the upstream dies in it, the client gets the envelope, not a truncated 200."""
+
+    async def half(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b"x" * 400)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    upstream.route("POST", "/api/synthesize", half)
+    await upstream.start()
+    config = make_config({"mvoice": consumer(upstream.url)}, routing={"tts": "mvoice"})
+    async with running_broker(config) as server:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.url}/v1/tts", json={}) as resp:
+                assert resp.status == 502
+                body = await resp.json()
+                assert body["error"] == "upstream_error" and body["consumer"] == "mvoice"
         await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="released")
         assert server.broker.lease.core.stats().failed == 1

@@ -26,6 +26,7 @@ from .spool import (
     CHUNK_BYTES,
     SpooledBody,
     read_client,
+    receive_body,
     spooled_file,
     too_large,
 )
@@ -69,8 +70,8 @@ async def receive_whole(
     request: web.Request, body: Body | None, max_body_bytes: int, consumer: str
 ) -> Body | None:
     """A job's body, all of it here: `body` as a surface read it (bytes; a SpooledBody whose
-    head was read, completed in place), else the client's whole body spooled (a new
-    SpooledBody: the caller closes it). None: the request has no body."""
+    head was read, completed in place), else the client's whole body: bytes up to 1 MiB, past
+    that a new SpooledBody (the caller closes it). None: the request has no body."""
     check_declared_size(request, max_body_bytes, consumer)
     idle_s = client_idle_s(request)
     if isinstance(body, SpooledBody):
@@ -78,7 +79,7 @@ async def receive_whole(
         return body
     if body is not None or not request.body_exists:
         return body
-    return await SpooledBody.receive(request.content, max_body_bytes, idle_s, consumer)
+    return await receive_body(request.content, max_body_bytes, idle_s, consumer)
 
 
 def parse_json(body: bytes, what: str, consumer: str | None) -> Any:

@@ -57,6 +57,8 @@ HOP_BY_HOP = frozenset(
 CONSUMED: web.RequestKey[tuple[str, ...]] = web.RequestKey("mgpumanager.consumed", tuple)
 # Set on the request once the answer has started: from then on an error can only cut it off.
 PREPARED: web.RequestKey[bool] = web.RequestKey("mgpumanager.prepared", bool)
+# An answer up to this size, with its length declared, is read whole and sent in one write.
+SMALL_ANSWER_BYTES = 64 * 1024
 # Headers sent upstream in place of the client's (a same-site Origin made the upstream's own).
 OVERRIDES: web.RequestKey[dict[str, str]] = web.RequestKey("mgpumanager.overrides", dict)
 # How long a client may send or take nothing (the registry's client_idle_s), set per request.
@@ -280,6 +282,16 @@ async def forward(
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         ) as upstream:
+            if _small(request, upstream):
+                # Read whole and sent with its headers in one write once the handler returns
+                # (the lease is gone by then): it fits in the socket's buffer, so no reader's
+                # pace can matter, and no delivery task is needed.
+                return web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=filter_headers(upstream.headers),
+                    body=await upstream.read(),
+                )
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.update(filter_headers(upstream.headers))
             delivery = await Delivery.start(request, response, idle_s, consumer)
@@ -306,6 +318,19 @@ async def forward(
             raise error from exc
         log.warning("%s: upstream failed mid-answer, cutting the client off: %s", consumer, exc)
         raise ConnectionResetError(error.message) from exc
+
+
+def _small(request: web.Request, upstream: aiohttp.ClientResponse) -> bool:
+    """An answer short enough to read whole: its length declared and at most
+    SMALL_ANSWER_BYTES, with a body to send (never to HEAD, never a 1xx/204/304)."""
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= SMALL_ANSWER_BYTES
+        and request.method != "HEAD"
+        and upstream.status >= 200
+        and upstream.status not in (204, 304)
+    )
 
 
 # Handshake headers of the client's websocket: the upstream socket makes its own.

@@ -43,6 +43,11 @@ async def read_client(
     broken gzip stream) is a `bad_request`; a client that went away mid-body is
     ClientDisconnected."""
     try:
+        # What has arrived already is taken without a wait (or a timer): a small body is
+        # usually all here with its headers.
+        chunk = stream.read_nowait(limit)
+        if chunk or stream.at_eof():
+            return chunk
         async with asyncio.timeout(idle_s):
             return await stream.read(limit)
     except TimeoutError:
@@ -70,19 +75,6 @@ class SpooledBody:
         self.file = file
         self.rest = rest
         self.exact = exact
-
-    @classmethod
-    async def receive(
-        cls, stream: StreamReader, max_bytes: int, idle_s: float, consumer: str | None
-    ) -> SpooledBody:
-        """The client's whole body, spooled."""
-        body = cls(spooled_file(), stream)
-        try:
-            await body.receive_rest(max_bytes, idle_s, consumer)
-        except BaseException:
-            body.close()
-            raise
-        return body
 
     @property
     def size(self) -> int:
@@ -117,6 +109,31 @@ class SpooledBody:
 
     def close(self) -> None:
         self.file.close()
+
+
+async def receive_body(
+    stream: StreamReader, max_bytes: int, idle_s: float, consumer: str | None
+) -> bytes | SpooledBody:
+    """The client's whole body: bytes while it fits in `SPOOL_MEMORY_BYTES` (most job bodies,
+    a JSON prompt, with no file made), else a SpooledBody in a temporary file. Bounded by
+    `max_bytes` in all (then `payload_too_large`) and by `idle_s` between pieces."""
+    chunks: list[bytes] = []
+    seen = 0
+    while chunk := await read_client(stream, idle_s, consumer):
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise too_large(max_bytes, consumer)
+        chunks.append(chunk)
+        if seen > SPOOL_MEMORY_BYTES:
+            body = SpooledBody(tempfile.TemporaryFile(), stream)  # noqa: SIM115
+            try:
+                body.file.writelines(chunks)
+                await body.receive_rest(max_bytes, idle_s, consumer)
+            except BaseException:
+                body.close()
+                raise
+            return body
+    return b"".join(chunks)
 
 
 def too_large(max_body_bytes: int, consumer: str | None) -> BrokerError:
