@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Set
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Set
 from typing import Any
 
 from .config import SchedulerConfig
@@ -52,6 +51,69 @@ class JobHandle:
         return self._held is not None
 
 
+class JobContext:
+    """`async with lease.job(...) as job`: waits for the grant and prepares the consumer on
+    entry; on exit the job's outcome (from the exception that ended it, if any) finishes it,
+    unless `hold_until` keeps the lease past the handler. (A class rather than a generator:
+    this runs for every job.)"""
+
+    __slots__ = ("_lease", "_args", "_handle")
+
+    def __init__(
+        self,
+        lease: Lease,
+        consumer: str,
+        priority: int | None,
+        queue_timeout_s: float,
+        exclusive: bool,
+        model: str | None,
+        label: str,
+    ) -> None:
+        self._lease = lease
+        self._args = (consumer, priority, queue_timeout_s, exclusive, model, label)
+        self._handle: JobHandle | None = None
+
+    async def __aenter__(self) -> JobHandle:
+        lease = self._lease
+        consumer, priority, queue_timeout_s, exclusive, model, label = self._args
+        grant = await lease._acquire(consumer, priority, queue_timeout_s, exclusive, label)
+        handle = self._handle = JobHandle(lease, grant)
+        if exclusive or not (grant.prepare or model is not None):
+            return handle
+        try:
+            if lease._ready is None or not lease._ready(consumer, model):
+                # A residency change is never cut in half by a client that leaves: it runs to
+                # its end (each step bounded by its own timeout), then the job is cancelled.
+                await _run_to_end(lease._prepare(consumer, model))
+            if grant.prepare:
+                lease.core.ready(grant.job_id)
+                lease.dispatch()
+        except BaseException as exc:
+            handle.outcome = _outcome_of(exc)
+            lease._finish(handle)
+            raise
+        return handle
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        handle = self._handle
+        assert handle is not None
+        if exc is not None:
+            handle.outcome = _outcome_of(exc)
+        if not handle.held:
+            self._lease._finish(handle)
+
+
+def _outcome_of(exc: BaseException) -> Outcome:
+    """How a job that ended with `exc` is counted."""
+    if isinstance(exc, asyncio.CancelledError | ClientDisconnected):
+        return Outcome.CANCELLED
+    if isinstance(exc, BrokerError):
+        return Outcome.TIMED_OUT if exc.code is ErrorCode.UPSTREAM_TIMEOUT else Outcome.FAILED
+    return Outcome.FAILED
+
+
 class Lease:
     def __init__(
         self,
@@ -73,8 +135,7 @@ class Lease:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @asynccontextmanager
-    async def job(
+    def job(
         self,
         consumer: str,
         *,
@@ -83,38 +144,12 @@ class Lease:
         exclusive: bool = False,
         model: str | None = None,
         label: str = "",
-    ) -> AsyncIterator[JobHandle]:
+    ) -> JobContext:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
         run alone, with no prepare step, and nothing else is granted until they finish.
         `model`: the model the job needs; a job joining a tenure still prepares it.
         `label`: what the job is (its route), shown in the queue and the events."""
-        grant = await self._acquire(consumer, priority, queue_timeout_s, exclusive, label)
-        handle = JobHandle(self, grant)
-        try:
-            if not exclusive and (grant.prepare or model is not None):
-                if self._ready is None or not self._ready(consumer, model):
-                    # A residency change is never cut in half by a client that leaves: it runs
-                    # to its end (each step bounded by its own timeout), then the job is
-                    # cancelled.
-                    await _run_to_end(self._prepare(consumer, model))
-                if grant.prepare:
-                    self.core.ready(grant.job_id)
-                    self.dispatch()
-            yield handle
-        except (asyncio.CancelledError, ClientDisconnected):
-            handle.outcome = Outcome.CANCELLED
-            raise
-        except BrokerError as exc:
-            handle.outcome = (
-                Outcome.TIMED_OUT if exc.code is ErrorCode.UPSTREAM_TIMEOUT else Outcome.FAILED
-            )
-            raise
-        except BaseException:
-            handle.outcome = Outcome.FAILED
-            raise
-        finally:
-            if not handle.held:
-                self._finish(handle)
+        return JobContext(self, consumer, priority, queue_timeout_s, exclusive, model, label)
 
     async def _acquire(
         self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool, label: str

@@ -79,15 +79,17 @@ def upstream_url(base: str, path: str, raw_query: str = "") -> URL:
 
 
 def filter_headers(headers: Mapping[str, str], drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    dropped = HOP_BY_HOP | {d.lower() for d in drop}
-    # A header named in Connection is hop-by-hop too.
-    connection = headers.get("Connection", "")
-    dropped |= {h.strip().lower() for h in connection.split(",") if h.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
-    items = headers.items()
-    for name, value in items:
-        if name.lower() not in dropped:
-            out.add(name, value)
+    """`headers` without the hop-by-hop ones, those named in Connection, and `drop`."""
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for name in HOP_BY_HOP:
+        if name in out:  # most are absent: a look-up is cheaper than popall's default
+            del out[name]
+    for name in drop:
+        out.popall(name, None)
+    connection = headers.get("Connection")
+    if connection:  # a header named in Connection is hop-by-hop too
+        for name in connection.split(","):
+            out.popall(name.strip(), None)
     return out
 
 

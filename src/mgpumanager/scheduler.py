@@ -297,9 +297,14 @@ class SchedulerCore:
             holder = self._consumers.get(self._holder or "", _ANY)
             if running >= holder.max_concurrency:
                 break  # the holder is full: no pick could start now (the common case, cheap)
-            if costs is None:
-                costs = known_costs(swap_cost_s)
-            job = self.order.pick(self._view(resident, costs))
+            if len(self._waiting) == 1:
+                # The only job: any order's pick is one of the waiting (a light load's every
+                # grant), so no view is built.
+                job = next(iter(self._waiting.values()))
+            else:
+                if costs is None:
+                    costs = known_costs(swap_cost_s)
+                job = self.order.pick(self._view(resident, costs))
             if running and job.consumer != self._holder:
                 break  # drain the holder, then hand over
             if running and job.exclusive:
