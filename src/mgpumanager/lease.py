@@ -57,7 +57,7 @@ class JobContext:
     unless `hold_until` keeps the lease past the handler. (A class rather than a generator:
     this runs for every job.)"""
 
-    __slots__ = ("_lease", "_args", "_handle")
+    __slots__ = ("_args", "_handle", "_lease")
 
     def __init__(
         self,
