@@ -296,8 +296,10 @@ class SchedulerCore:
 
         `resident`: consumers whose weights are in VRAM now (a grant to them saves a swap).
         `swap_cost_s`: per consumer, the measured seconds of one swap cycle (its last unload +
-        its last load); consumers without a figure (or with a negative or non-finite one) are
-        unknown. policy.py's docstring says how both steer the order."""
+        its last load call; for a consumer without one, its unload alone); consumers without a
+        figure (or with a negative or non-finite one) are unknown. To each figure the core adds
+        what the consumer's first job after a swap runs longer than its jobs while resident (a
+        load inside the job). policy.py's docstring says how both steer the order."""
         costs: Mapping[str, float] | None = None
         grants: list[Grant] = []
         while self._waiting:
