@@ -57,7 +57,7 @@ from sched_traces import (
 )
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config
+from mgpumanager.config import Config, GpuConfig
 from mgpumanager.daemon import Server, start_server
 from mgpumanager.scheduler import Grant, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
@@ -174,7 +174,9 @@ def registry(
                 "backend": "sim",
                 "sim_url": cluster.gpu_url,
                 "total_mib": TOTAL_MIB,
-                "poll_interval_s": 0.25 / scale,
+                # The shipped default, scaled like the rest: how often an unload is checked
+                # against the GPU reading (a slower one delays every swap's confirmation).
+                "poll_interval_s": GpuConfig.model_fields["poll_interval_s"].default / scale,
             },
             # Scaled like the workload.
             "scheduler": {

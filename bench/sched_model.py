@@ -69,6 +69,8 @@ class Box:
     load_s: dict[str, float]
 
     def swap_costs(self) -> dict[str, float]:
+        """As the broker's residency gives them: unload + load call; ComfyUI's load happens
+        inside its first job, which the scheduler core adds from its run times."""
         return {n: self.unload_s[n] + self.load_s[n] for n in self.unload_s if n in self.load_s}
 
     def make_resident(self, name: str) -> tuple[float, float]:
@@ -90,6 +92,7 @@ class Box:
         load = kind.load_s / self.scale  # vLLM: a wake-up from sleep
         self.resident.append(name)
         if name == "comfyui":  # no load call: the first prompt loads the model
+            self.load_s[name] = 0.0  # as the broker: its swap cost is its unload alone (below)
             return prepare, load
         self.load_s[name] = load
         return prepare + load, 0.0

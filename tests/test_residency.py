@@ -173,6 +173,31 @@ def test_a_reading_without_per_process_figures_measures_nothing() -> None:
     assert residency._measure("a", empty) == 0
 
 
+def test_a_consumer_without_a_load_call_costs_its_unload_and_the_others_unload_and_load() -> None:
+    from types import SimpleNamespace
+
+    from mgpumanager.residency import Residency
+
+    url = "http://127.0.0.1:9"
+    config = make_config({n: consumer(url) for n in ("lazy", "loads", "never")})
+    adapters = {
+        "lazy": SimpleNamespace(has_load=False),  # loads inside its first job (ComfyUI)
+        "loads": SimpleNamespace(has_load=True),
+        "never": SimpleNamespace(has_load=True),
+    }
+
+    class Reader:
+        backend, total_mib = "static", 24576
+
+    residency = Residency(config, adapters, Reader(), clock=None)  # type: ignore[arg-type]
+    records = residency.records
+    records["lazy"].last_unload_s = 0.5
+    records["loads"].last_unload_s, records["loads"].last_load_s = 1.0, 4.0
+    records["never"].last_load_s = 3.0  # never unloaded: its cycle is not known
+    # The lazy one's load is added by the scheduler, from its first job after a swap.
+    assert residency.swap_costs() == {"lazy": 0.5, "loads": 5.0}
+
+
 async def test_swap_seconds_counts_the_lease_time_spent_making_a_consumer_resident(
     upstream: Upstream,
 ) -> None:

@@ -305,6 +305,46 @@ def test_run_times_are_measured_from_ready_to_finish_preferring_warm_grants() ->
     assert c.recent_run_s == {"comfyui": 3}
 
 
+class Costs:
+    """The priority order, recording the swap costs each pick was shown."""
+
+    name = "priority"
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def pick(self, queue: QueueView) -> QueuedJob:
+        self.seen.append(dict(queue.swap_cost_s))
+        return PRIORITY.pick(queue)
+
+
+def test_a_load_inside_the_first_job_after_a_swap_counts_in_its_swap_cost() -> None:
+    clock = FakeClock()
+    order = Costs()
+    c = SchedulerCore(SchedulerConfig(policy="priority"), consumers(), clock, order=order)
+    measured = {"comfyui": 0.5, "ollama": 2.0}  # comfyui: its unload alone (no load call)
+
+    def run(consumer: str, run_s: float, resident: frozenset[str]) -> None:
+        job = c.submit(consumer)
+        [g] = c.schedule(resident, measured)
+        c.ready(g.job_id)
+        clock.advance(run_s)
+        done(c, job)
+
+    run("comfyui", 9.0, frozenset())  # after a swap: an 8 s lazy load inside the job
+    run("comfyui", 1.0, frozenset())
+    assert order.seen[-1] == measured  # no job while resident yet: nothing to compare with
+    run("comfyui", 1.0, frozenset({"comfyui"}))
+    run("ollama", 3.0, frozenset())  # cold and warm runs alike: nothing to add
+    run("ollama", 3.0, frozenset({"ollama"}))
+    c.submit("mvoice")
+    c.schedule(frozenset(), measured)
+    # The cold runs' median (9 and 1: 5 s) less the warm one's (1 s); ollama's runs are equal.
+    assert order.seen[-1] == {"comfyui": 0.5 + 4.0, "ollama": 2.0}
+    assert measured == {"comfyui": 0.5, "ollama": 2.0}  # the caller's figures, unchanged
+    assert "mvoice" not in order.seen[-1]  # no figure from the residency: still unknown
+
+
 def test_a_run_time_is_the_median_of_the_last_samples() -> None:
     clock = FakeClock()
     c = SchedulerCore(SchedulerConfig(policy="priority"), consumers(), clock)

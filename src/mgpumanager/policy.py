@@ -31,7 +31,8 @@ Order (policy `priority`):
   the deadline (BACKLOG_FACTOR x all the queued work, at most `affinity_wait_s`); else, among
   those of the highest priority, to a resident consumer's, else to the cheapest measured swap,
   else to the first.
-- Swap costs (`schedule(resident, swap_cost_s)`): per consumer its last unload + load.
+- Swap costs (`schedule(resident, swap_cost_s)`): per consumer its last unload + load, and
+  what its first job after a swap runs longer than the others (ComfyUI loads inside it).
 
 No starvation: the window and the deadline never exceed `affinity_wait_s` and a tenure never
 exceeds `max_batch` grants while others wait, so a job of priority p is granted within

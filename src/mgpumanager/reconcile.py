@@ -122,12 +122,19 @@ class ResidencyView:
 
     def swap_costs(self) -> dict[str, float]:
         """Seconds of one measured swap cycle (last unload + last load) per consumer; those the
-        broker has not seen both of are left out (the scheduler treats them as unknown)."""
-        return {
-            name: r.last_unload_s + r.last_load_s
-            for name, r in self.records.items()
-            if r.last_unload_s is not None and r.last_load_s is not None
-        }
+        broker has not seen both of are left out (the scheduler treats them as unknown). A
+        consumer without a load call (ComfyUI) loads inside its first job: its figure is its
+        unload alone, and the scheduler adds what its first job after a swap takes longer
+        than its other jobs (SchedulerCore.schedule)."""
+        costs: dict[str, float] = {}
+        for name, r in self.records.items():
+            if r.last_unload_s is None:
+                continue
+            if r.last_load_s is not None:
+                costs[name] = r.last_unload_s + r.last_load_s
+            elif not self.adapters[name].has_load:
+                costs[name] = r.last_unload_s
+        return costs
 
     def model_cost_mib(self, name: str, model: str) -> int:
         """VRAM one model of a per-model consumer needs: the registry's figure, else what the

@@ -26,7 +26,7 @@ import enum
 import itertools
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from .clock import Clock
@@ -38,6 +38,12 @@ from .policy import MAX_PRIORITY, ORDERS, Order, QueuedJob, QueueView, known_cos
 # swing it. Jobs granted while their consumer was resident are preferred: the first job after a
 # swap may carry a lazy load (ComfyUI loads its model inside the first prompt).
 RUN_SAMPLES = 8
+
+
+def _median(values: Iterable[float]) -> float:
+    xs = sorted(values)
+    mid = len(xs) // 2  # statistics.median costs ~5x more per finish
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
 class Outcome(enum.StrEnum):
@@ -129,6 +135,9 @@ class SchedulerCore:
         # Recent run times per (consumer, granted while resident), and the estimates.
         self._runs: dict[tuple[str, bool], deque[float]] = {}
         self._run_s: dict[str, float] = {}
+        # Per consumer, how much longer its first job after a swap runs than its jobs while
+        # resident (a lazy load, as ComfyUI's): part of a swap's cost that no load call shows.
+        self._load_in_job_s: dict[str, float] = {}
         self._preparing: set[int] = set()  # granted with prepare, not ready yet
         self._holder: str | None = None  # the last consumer granted the lease (kept while idle)
         # When the holder's first job of this tenure finished: from then on, every further grant
@@ -243,9 +252,10 @@ class SchedulerCore:
         while its consumer was resident."""
         runs = self._runs.setdefault((consumer, warm), deque(maxlen=RUN_SAMPLES))
         runs.append(max(0.0, run_s))
-        best = sorted(self._runs.get((consumer, True)) or runs)
-        mid = len(best) // 2  # the median (statistics.median costs ~5x more per finish)
-        self._run_s[consumer] = best[mid] if len(best) % 2 else (best[mid - 1] + best[mid]) / 2
+        warm_runs, cold_runs = self._runs.get((consumer, True)), self._runs.get((consumer, False))
+        self._run_s[consumer] = _median(warm_runs or runs)
+        if warm_runs and cold_runs:
+            self._load_in_job_s[consumer] = max(0.0, _median(cold_runs) - _median(warm_runs))
 
     def reconfigure(
         self, settings: SchedulerConfig, consumers: Mapping[str, ConsumerPolicy]
@@ -286,8 +296,10 @@ class SchedulerCore:
 
         `resident`: consumers whose weights are in VRAM now (a grant to them saves a swap).
         `swap_cost_s`: per consumer, the measured seconds of one swap cycle (its last unload +
-        its last load); consumers without a figure (or with a negative or non-finite one) are
-        unknown. policy.py's docstring says how both steer the order."""
+        its last load call; for a consumer without one, its unload alone); consumers without a
+        figure (or with a negative or non-finite one) are unknown. To each figure the core adds
+        what the consumer's first job after a swap runs longer than its jobs while resident (a
+        load inside the job). policy.py's docstring says how both steer the order."""
         costs: Mapping[str, float] | None = None
         grants: list[Grant] = []
         while self._waiting:
@@ -303,7 +315,7 @@ class SchedulerCore:
                 job = next(iter(self._waiting.values()))
             else:
                 if costs is None:
-                    costs = known_costs(swap_cost_s)
+                    costs = self._with_loads_in_jobs(known_costs(swap_cost_s))
                 job = self.order.pick(self._view(resident, costs))
             if running and job.consumer != self._holder:
                 break  # drain the holder, then hand over
@@ -312,6 +324,16 @@ class SchedulerCore:
             # Here the job is the holder's, below its max_concurrency, or nothing runs.
             grants.append(self._start(job, prepare=running == 0, warm=job.consumer in resident))
         return grants
+
+    def _with_loads_in_jobs(self, costs: dict[str, float]) -> dict[str, float]:
+        """The measured swap costs plus, for each, what its first job after a swap runs longer
+        than the others: for ComfyUI (no load call) the whole load, else about nothing. Without
+        it the order saw ComfyUI's swap as its unload alone or unknown, the cheapest or the last
+        of all, when it is the dearest (bench/README.md, "lazy loads")."""
+        for name, extra in self._load_in_job_s.items():
+            if name in costs:
+                costs[name] += extra
+        return costs
 
     @property
     def startable(self) -> bool:

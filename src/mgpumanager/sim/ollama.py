@@ -32,7 +32,14 @@ from typing import Any
 
 from aiohttp import web
 
-from mgpumanager.sim._base import FakeService, json_error, read_json_object, sim_sleep, utc_now_iso
+from mgpumanager.sim._base import (
+    FakeService,
+    json_error,
+    paced,
+    read_json_object,
+    sim_sleep,
+    utc_now_iso,
+)
 from mgpumanager.sim.activity import ActivitySink, recording
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger
 from mgpumanager.sim.ollama_models import OllamaModels
@@ -381,8 +388,8 @@ class FakeOllama(FakeService):
                 resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                 await resp.prepare(request)
             async with recording(self.activity, self.name):
-                for word in words:
-                    await sim_sleep(self.settings.run_s / n)
+                async for i in paced(self.settings.run_s, n):
+                    word = words[i]
                     if resp is not None:
                         await resp.write(self._line(self._reply(model, chat, word, done=False)))
             elapsed_ns = int((time.monotonic() - started) * 1e9)

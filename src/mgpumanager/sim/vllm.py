@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mgpumanager.sim._base import FakeService, read_json_object, sim_sleep
+from mgpumanager.sim._base import FakeService, paced, read_json_object, sim_sleep
 from mgpumanager.sim.activity import ActivitySink, recording
 from mgpumanager.sim.gpu import CudaOutOfMemory, GpuLedger
 from mgpumanager.sim.states import ModelState
@@ -187,8 +187,8 @@ class FakeVLLM(FakeService):
                 )
                 await resp.prepare(request)
                 async with recording(self.activity, self.name):
-                    for word in words:
-                        await sim_sleep(self.settings.run_s / n)
+                    async for i in paced(self.settings.run_s, n):
+                        word = words[i]
                         await resp.write(
                             b"data: "
                             + json.dumps(self._chunk(cid, chat, word, None)).encode()
