@@ -353,6 +353,7 @@ class Broker:
                 queue_timeout_s=self.config.scheduler.queue_timeout_s,
                 model=per_model,
                 label=job_label(request, model),
+                answer_first=True,
             ) as job:
                 self.residency.job_started(name, per_model)
                 try:

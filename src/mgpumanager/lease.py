@@ -57,7 +57,7 @@ class JobContext:
     unless `hold_until` keeps the lease past the handler. (A class rather than a generator:
     this runs for every job.)"""
 
-    __slots__ = ("_args", "_handle", "_lease")
+    __slots__ = ("_answer_first", "_args", "_handle", "_lease")
 
     def __init__(
         self,
@@ -68,9 +68,11 @@ class JobContext:
         exclusive: bool,
         model: str | None,
         label: str,
+        answer_first: bool,
     ) -> None:
         self._lease = lease
         self._args = (consumer, priority, queue_timeout_s, exclusive, model, label)
+        self._answer_first = answer_first
         self._handle: JobHandle | None = None
 
     async def __aenter__(self) -> JobHandle:
@@ -87,7 +89,8 @@ class JobContext:
                 await _run_to_end(lease._prepare(consumer, model))
             if grant.prepare:
                 lease.core.ready(grant.job_id)
-                lease.dispatch()
+                if lease.core.queue_depth:  # others may join the tenure now
+                    lease.dispatch()
         except BaseException as exc:
             handle.outcome = _outcome_of(exc)
             lease._finish(handle)
@@ -101,8 +104,16 @@ class JobContext:
         assert handle is not None
         if exc is not None:
             handle.outcome = _outcome_of(exc)
-        if not handle.held:
-            self._lease._finish(handle)
+        if handle.held:
+            return
+        lease = self._lease
+        if self._answer_first and exc is None and not lease.core.queue_depth:
+            # Nobody waits for the lease: finishing (the counts, the events) runs once the
+            # handler's task yields, after it has written a small answer, so that client does
+            # not wait for the bookkeeping. With jobs waiting the handoff comes first.
+            asyncio.get_running_loop().call_soon(lease._finish, handle)
+        else:
+            lease._finish(handle)
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
@@ -144,23 +155,28 @@ class Lease:
         exclusive: bool = False,
         model: str | None = None,
         label: str = "",
+        answer_first: bool = False,
     ) -> JobContext:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
         run alone, with no prepare step, and nothing else is granted until they finish.
         `model`: the model the job needs; a job joining a tenure still prepares it.
-        `label`: what the job is (its route), shown in the queue and the events."""
-        return JobContext(self, consumer, priority, queue_timeout_s, exclusive, model, label)
+        `label`: what the job is (its route), shown in the queue and the events.
+        `answer_first`: a relayed job whose handler sends its answer on return: when it ends
+        well and nobody waits, it is finished right after (the next loop callbacks), not before
+        the answer leaves."""
+        return JobContext(
+            self, consumer, priority, queue_timeout_s, exclusive, model, label, answer_first
+        )
 
     async def _acquire(
         self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool, label: str
     ) -> Grant:
         job_id = self.core.submit(consumer, priority, exclusive=exclusive, label=label)
+        mine = self._dispatch(job_id)
+        if mine is not None:  # granted at once (the lease was free): nothing to wait for
+            return mine
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = future
-        self.dispatch()
-        if future.done():  # granted at once (the lease was free): nothing to wait for
-            del self._waiters[job_id]
-            return future.result()
         try:
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(future)
@@ -212,12 +228,21 @@ class Lease:
 
     def dispatch(self) -> None:
         """Ask the core what may start now and wake those waiters."""
+        self._dispatch(None)
+
+    def _dispatch(self, arriving: int | None) -> Grant | None:
+        """`dispatch`; the grant of job `arriving` (just submitted, no waiter yet) is returned
+        rather than woken, None if it must wait."""
         # `startable` first: most calls (a job of the holder at its max) can grant nothing, and
         # the figures schedule() takes cost more than that answer.
         grants = (
             self.core.schedule(self._resident(), self._swap_costs()) if self.core.startable else []
         )
+        mine = None
         for grant in grants:
+            if grant.job_id == arriving:
+                mine = grant
+                continue
             future = self._waiters.get(grant.job_id)
             if future is None or future.done():
                 # Nobody is waiting any more (cannot normally happen: cancel removes the job
@@ -230,6 +255,7 @@ class Lease:
             self._idle.set()
         else:
             self._idle.clear()
+        return mine
 
     def reconfigure(
         self, settings: SchedulerConfig, consumers: Mapping[str, ConsumerPolicy]

@@ -135,6 +135,7 @@ class SchedulerCore:
         # Recent run times per (consumer, granted while resident), and the estimates.
         self._runs: dict[tuple[str, bool], deque[float]] = {}
         self._run_s: dict[str, float] = {}
+        self._stale: set[str] = set()  # consumers with samples newer than their estimates
         # Per consumer, how much longer its first job after a swap runs than its jobs while
         # resident (a lazy load, as ComfyUI's): part of a swap's cost that no load call shows.
         self._load_in_job_s: dict[str, float] = {}
@@ -249,13 +250,23 @@ class SchedulerCore:
 
     def _sample_run(self, consumer: str, warm: bool, run_s: float) -> None:
         """A completed job's run time, from ready (its swap done) to finish; `warm`: granted
-        while its consumer was resident."""
-        runs = self._runs.setdefault((consumer, warm), deque(maxlen=RUN_SAMPLES))
+        while its consumer was resident. The estimates follow when next read (`_estimate`):
+        most finishes are never followed by a choice that needs them."""
+        runs = self._runs.get((consumer, warm))
+        if runs is None:
+            runs = self._runs[consumer, warm] = deque(maxlen=RUN_SAMPLES)
         runs.append(max(0.0, run_s))
-        warm_runs, cold_runs = self._runs.get((consumer, True)), self._runs.get((consumer, False))
-        self._run_s[consumer] = _median(warm_runs or runs)
-        if warm_runs and cold_runs:
-            self._load_in_job_s[consumer] = max(0.0, _median(cold_runs) - _median(warm_runs))
+        self._stale.add(consumer)
+
+    def _estimate(self) -> None:
+        """Bring the run-time estimates (and the loads inside first jobs) up to the samples."""
+        for consumer in self._stale:
+            warm_runs = self._runs.get((consumer, True))
+            cold_runs = self._runs.get((consumer, False))
+            self._run_s[consumer] = _median(warm_runs or cold_runs or ())
+            if warm_runs and cold_runs:
+                self._load_in_job_s[consumer] = max(0.0, _median(cold_runs) - _median(warm_runs))
+        self._stale.clear()
 
     def reconfigure(
         self, settings: SchedulerConfig, consumers: Mapping[str, ConsumerPolicy]
@@ -275,6 +286,8 @@ class SchedulerCore:
         for name, warm in [k for k in self._runs if k[0] not in consumers]:
             del self._runs[name, warm]
             self._run_s.pop(name, None)
+            self._load_in_job_s.pop(name, None)
+            self._stale.discard(name)
         return [(j.id, j.consumer) for j in gone]
 
     def stop_accepting(self) -> list[int]:
@@ -330,6 +343,7 @@ class SchedulerCore:
         than the others: for ComfyUI (no load call) the whole load, else about nothing. Without
         it the order saw ComfyUI's swap as its unload alone or unknown, the cheapest or the last
         of all, when it is the dearest (bench/README.md, "lazy loads")."""
+        self._estimate()
         for name, extra in self._load_in_job_s.items():
             if name in costs:
                 costs[name] += extra
@@ -345,6 +359,7 @@ class SchedulerCore:
         return len(self._running) < holder.max_concurrency
 
     def _view(self, resident: Set[str], costs: Mapping[str, float]) -> QueueView:
+        self._estimate()
         return QueueView(
             heads=[next(iter(cls.values())) for cls in self._classes.values()],
             queued=types.MappingProxyType(self._queued),
@@ -410,6 +425,7 @@ class SchedulerCore:
     def recent_run_s(self) -> Mapping[str, float]:
         """Per consumer, its recent run time (read-only): the median of its last RUN_SAMPLES
         completed jobs granted while it was resident, or of those after a swap if none was."""
+        self._estimate()
         return types.MappingProxyType(self._run_s)
 
     @property
