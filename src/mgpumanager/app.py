@@ -97,8 +97,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request, so a SIGHUP reload applies to it."""
     auth = request.app[BROKER].config.auth
     # /healthz and /ui/ are the broker's own; on a front door those paths are the consumer's.
-    front_door = request.app.get(compat.FRONT_DOOR) is not None
-    if auth.required and (front_door or not dashboard.needs_no_token(request)):
+    if auth.required and (
+        compat.FRONT_DOOR in request.app or not dashboard.needs_no_token(request)
+    ):
         caller = bearer_caller(auth, request.headers.get("Authorization", ""))
         if caller is None:
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")

@@ -20,7 +20,7 @@ from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .idle import IdleKeeper
 from .lease import Lease
-from .proxy import Body, check_declared_size, forward
+from .proxy import Body, forward
 from .records import State
 from .residency import Residency
 from .scheduler import ConsumerPolicy, SchedulerCore
@@ -338,10 +338,10 @@ class Broker:
         self.gate(name)
         adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
         max_body = self.config.max_body_mib * MIB
-        check_declared_size(request, max_body, name)  # refuse before queueing, not after
         per_model = self.residency.model_key(name, model) if adapter.per_model else None
-        # The whole body first: a client that sends slowly holds its own connection, never the
-        # lease (one byte every half second would otherwise hold every consumer's jobs).
+        # The whole body first (a declared size past max_body_mib refused before queueing): a
+        # client that sends slowly holds its own connection, never the lease (one byte every
+        # half second would otherwise hold every consumer's jobs).
         whole = await receive_whole(request, body, max_body, name)
         try:
             adapter.check_body(kind, whole)  # a body that could never run does not queue

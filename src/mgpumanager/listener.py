@@ -171,22 +171,18 @@ class GuardedHandler(RequestHandler):
             refused.write(guard.refusal())
             self._refused = refused
             self._linger = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, refused.abort)
+            # Its request, or its end, closes it (the 503 goes first). Set on this connection
+            # only: every other one keeps aiohttp's own methods, with no check in between.
+            self.data_received = self._close_refused  # type: ignore[method-assign]
+            self.eof_received = self._close_refused  # type: ignore[method-assign]
             return
         guard.open += 1
         guard.peak = max(guard.peak, guard.open)
         super().connection_made(transport)
 
-    def data_received(self, data: bytes) -> None:
-        if self._refused is not None:
-            self._refused.close()  # its request is here: the 503 goes, then the connection
-            return
-        super().data_received(data)
-
-    def eof_received(self) -> None:
-        if self._refused is not None:
-            self._refused.close()
-            return
-        super().eof_received()
+    def _close_refused(self, data: bytes = b"") -> None:
+        assert self._refused is not None
+        self._refused.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused is not None:
