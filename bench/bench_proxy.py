@@ -231,8 +231,21 @@ def broker_config(upstream: str) -> Any:
     )
 
 
+# 10,000 waiting jobs: the broker keeps a descriptor budget per connection (its client, the
+# upstream, a spool file), so it needs ~30,000; this process needs one per client connection.
+WANTED_FDS = 65536
+
+
 def raise_fd_limit() -> None:
+    """The open-file limit as high as this process may set it: past the hard limit where it is
+    allowed to (root), else up to the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < WANTED_FDS:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (WANTED_FDS, WANTED_FDS))
+            return
+        except (ValueError, OSError):
+            pass  # not allowed: the hard limit it is
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
