@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -73,9 +74,12 @@ class Daemon:
 
 
 @asynccontextmanager
-async def serve(config: Path) -> AsyncIterator[Daemon]:
+async def serve(config: Path, loop: str = "") -> AsyncIterator[Daemon]:
+    """`mgpumanager serve` in a process of its own; `loop`: MGPUMANAGER_LOOP (empty: uvloop
+    where it is installed, as the daemon decides by itself)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mgpumanager.cli", "serve", "--config", str(config),
+        env={**os.environ, "MGPUMANAGER_LOOP": loop},
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -97,9 +101,13 @@ async def post_tts(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[
         return resp.status, json.loads(await resp.read())
 
 
+@pytest.mark.parametrize("loop", ["", "asyncio"], ids=["default-loop", "asyncio"])
 async def test_sigterm_drains_in_flight_and_refuses_queued(
-    upstream: Upstream, tmp_path: Path
+    upstream: Upstream, tmp_path: Path, loop: str
 ) -> None:
+    """On either event loop: uvloop (the `fast` extra, installed with the dev extras) is the
+    default where it is installed; MGPUMANAGER_LOOP=asyncio keeps the standard one."""
+    expected = "asyncio" if loop or importlib.util.find_spec("uvloop") is None else "uvloop"
     entered, release = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:
@@ -111,7 +119,8 @@ async def test_sigterm_drains_in_flight_and_refuses_queued(
     await upstream.start()
     config = tmp_path / "consumers.yaml"
     config.write_text(REGISTRY.format(url=upstream.url))
-    async with serve(config) as daemon, aiohttp.ClientSession() as session:
+    async with serve(config, loop) as daemon, aiohttp.ClientSession() as session:
+        assert daemon.logged(f"event loop {expected}")
         running = asyncio.create_task(post_tts(session, daemon.url))
         await asyncio.wait_for(entered.wait(), 10)
         queued = asyncio.create_task(post_tts(session, daemon.url))

@@ -116,10 +116,11 @@ class Broker:
         self.idle.start()
         self._sampler = asyncio.create_task(self._sample_gpu(), name="gpu-sampler")
         log.info(
-            "broker up: %s (%d MiB), consumers %s",
+            "broker up: %s (%d MiB), consumers %s, event loop %s",
             reader.backend,
             reader.total_mib,
             ", ".join(self.adapters),
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     async def _sample_gpu(self) -> None:

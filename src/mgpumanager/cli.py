@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
+import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from . import logs
 from .config import ConfigError, load_config
@@ -106,6 +110,20 @@ def _remote_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         one.add_argument("name", help="the consumer, as the registry names it")
 
 
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the daemon's `main` on uvloop where it is installed (the `fast` extra), unless
+    MGPUMANAGER_LOOP=asyncio asks for the standard loop; on asyncio otherwise."""
+    if os.environ.get("MGPUMANAGER_LOOP", "") != "asyncio":
+        try:
+            uvloop = importlib.import_module("uvloop")
+        except ImportError:
+            pass
+        else:
+            result: int = uvloop.run(main)
+            return result
+    return asyncio.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             from .daemon import StartupError, serve
 
             try:
-                return asyncio.run(serve(args.config))
+                return run_loop(serve(args.config))
             except StartupError as exc:
                 print(f"mgpumanager: {exc}", file=sys.stderr)
                 return 1
@@ -155,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         try:
-            return asyncio.run(run_demo(args.config, args.port))
+            return run_loop(run_demo(args.config, args.port))
         except StartupError as exc:
             print(f"mgpumanager: {exc}", file=sys.stderr)
             return 1
