@@ -15,12 +15,15 @@ Reading the client with a deadline (`read_client`) is here too: a client that se
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import tempfile
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import IO
+from typing import IO, Any
 
-from aiohttp import StreamReader, web
+from aiohttp import Payload, StreamReader, web
+from aiohttp.abc import AbstractStreamWriter
 
 from .errors import BrokerError, ClientDisconnected, ErrorCode
 
@@ -29,6 +32,11 @@ SPOOL_MEMORY_BYTES = 1024 * 1024
 # that keeps up; past both, a slow reader's answer waits on disk.
 ANSWER_MEMORY_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
+# A body being spooled is taken from aiohttp's buffer in pieces as large as it holds them (a
+# smaller read copies each piece into slices), and the file's blocks are reserved this far
+# ahead of its end: the file system then allocates them once, not one write at a time.
+SPOOL_READ_BYTES = 1024 * 1024
+SPOOL_RESERVE_BYTES = 8 * 1024 * 1024
 
 
 def spooled_file() -> IO[bytes]:
@@ -87,11 +95,23 @@ class SpooledBody:
         if self.rest is None:
             return
         seen = self.size
-        while chunk := await read_client(self.rest, idle_s, consumer):
-            seen += len(chunk)
-            if seen > max_bytes:
-                raise too_large(max_bytes, consumer)
-            self.file.write(chunk)
+        # A file on disk has its blocks reserved ahead (posix_fallocate), which makes its
+        # writes cheaper; the reserve past the last byte is cut off again at the end.
+        fd = self.file.fileno() if isinstance(self.file, _DISK_FILES) else None
+        reserved = seen
+        try:
+            while chunk := await read_client(self.rest, idle_s, consumer, limit=SPOOL_READ_BYTES):
+                seen += len(chunk)
+                if seen > max_bytes:
+                    raise too_large(max_bytes, consumer)
+                if fd is not None and seen > reserved:
+                    ahead = min(reserved + SPOOL_RESERVE_BYTES, max_bytes)
+                    reserved = _reserve(fd, reserved, max(seen, ahead))
+                self.file.write(chunk)
+        finally:
+            if fd is not None and reserved > seen:
+                self.file.flush()
+                os.ftruncate(fd, self.file.tell())
         self.rest = None
 
     def read_all(self) -> bytes:
@@ -107,8 +127,89 @@ class SpooledBody:
             while chunk := await read_client(self.rest, idle_s, consumer):
                 yield chunk
 
+    def payload(self) -> Payload:
+        """The whole body (`rest` read already) as aiohttp sends a request body: from the
+        file's pages straight to the upstream's socket where it can (`_SpoolPayload`)."""
+        assert self.rest is None, "only a body received whole has a payload"
+        return _SpoolPayload(self.file, self.size)
+
     def close(self) -> None:
         self.file.close()
+
+
+# Files whose bytes are all in the OS file behind fileno() once flushed. A
+# SpooledTemporaryFile is not one: asking its fileno() would move a small one to disk.
+_DISK_FILES = (io.FileIO, io.BufferedRandom)
+
+
+def _reserve(fd: int, start: int, end: int) -> int:
+    """Reserve the file's blocks from `start` to `end`; the new end of the reserve (`start`
+    where the file system refused: the writes then allocate as they go)."""
+    try:
+        os.posix_fallocate(fd, start, end - start)
+    except OSError:
+        return start
+    return end
+
+
+class _SpoolPayload(Payload):
+    """A spooled body sent as a request body of known length. Where the body is in an OS file
+    and the connection is a plain socket, the kernel sends the file's pages itself
+    (`loop.sendfile`, as aiohttp's own FileResponse does): the bytes never come back through
+    Python. Elsewhere (TLS, a body kept in memory) the file is read and written in pieces.
+
+    The payload owns nothing: the SpooledBody keeps its file and closes it."""
+
+    _autoclose = True
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        super().__init__(file, content_type=None)
+        self._file = file
+        self._size = self._length = size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        self._file.seek(0)
+        return self._file.read(self._length).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        count = self._length if content_length is None else min(self._length, content_length)
+        if count <= 0:
+            return
+        transport = writer.transport
+        if transport is not None and not getattr(writer, "chunked", False):
+            sent = await self._sendfile(writer, transport, count)
+            if sent:
+                return
+        self._file.seek(0)
+        left = count
+        while left > 0 and (chunk := self._file.read(min(SPOOL_READ_BYTES, left))):
+            await writer.write(chunk)
+            left -= len(chunk)
+
+    async def _sendfile(self, writer: AbstractStreamWriter, transport: Any, count: int) -> bool:
+        """Send the file's first `count` bytes with the kernel's sendfile; False where it
+        cannot be used here (nothing has been sent then)."""
+        if not isinstance(self._file, _DISK_FILES):
+            return False
+        self._file.flush()
+        # The request's headers may still wait in the writer, to go with the first piece.
+        writer.send_headers()
+        await writer.drain()
+        try:
+            await asyncio.get_running_loop().sendfile(
+                transport, self._file, 0, count, fallback=False
+            )
+        except (asyncio.SendfileNotAvailableError, NotImplementedError):
+            return False
+        writer.output_size += count
+        if writer.on_body_write is not None:
+            writer.on_body_write(count, writer.output_size)
+        return True
 
 
 async def receive_body(
@@ -119,7 +220,7 @@ async def receive_body(
     `max_bytes` in all (then `payload_too_large`) and by `idle_s` between pieces."""
     chunks: list[bytes] = []
     seen = 0
-    while chunk := await read_client(stream, idle_s, consumer):
+    while chunk := await read_client(stream, idle_s, consumer, limit=SPOOL_READ_BYTES):
         seen += len(chunk)
         if seen > max_bytes:
             raise too_large(max_bytes, consumer)
