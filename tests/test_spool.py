@@ -17,8 +17,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import Upstream, consumer, make_config, running_broker
-from mgpumanager.spool import SPOOL_RESERVE_BYTES, SpooledBody, spooled_file
+from conftest import Upstream, consumer, make_config, running_broker, wait_for
+from mgpumanager.spool import (
+    RELEASE_AFTER_BYTES,
+    SPOOL_RESERVE_BYTES,
+    SpooledBody,
+    spooled_file,
+)
 
 MIB = 1024 * 1024
 # Past one reserve step and no multiple of any piece size: a reserve left on the file would
@@ -154,3 +159,21 @@ async def test_a_whole_body_is_sent_from_any_file(
         assert body.read_all() == data  # and it can be sent again
     finally:
         body.close()
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("size", [MIB, RELEASE_AFTER_BYTES])
+async def test_a_closed_spool_file_lets_its_descriptor_go(size: int) -> None:
+    """Closed at once to its owner; a large one's last descriptor goes in a worker thread
+    (where the kernel frees its pages), never left open."""
+    before = open_fds()
+    file = tempfile.TemporaryFile()  # noqa: SIM115 (the SpooledBody closes it)
+    file.truncate(size)  # sparse: the size without the writing
+    body = SpooledBody(file)
+    body.close()
+    assert file.closed
+    body.close()  # twice is harmless
+    await wait_for(lambda: open_fds() <= before, what="the spool file's descriptors closed")

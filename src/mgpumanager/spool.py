@@ -37,6 +37,8 @@ CHUNK_BYTES = 64 * 1024
 # ahead of its end: the file system then allocates them once, not one write at a time.
 SPOOL_READ_BYTES = 1024 * 1024
 SPOOL_RESERVE_BYTES = 8 * 1024 * 1024
+# A spool file at least this large is let go by a worker thread (SpooledBody.close).
+RELEASE_AFTER_BYTES = 32 * 1024 * 1024
 
 
 def spooled_file() -> IO[bytes]:
@@ -134,12 +136,32 @@ class SpooledBody:
         return _SpoolPayload(self.file, self.size)
 
     def close(self) -> None:
+        """Close the file. A large file on disk has its last descriptor closed by a worker
+        thread: the kernel frees its pages then (tens of ms for hundreds of MiB), and the
+        event loop goes on to send the answer meanwhile."""
+        if self.file.closed:
+            return
+        fd = None
+        if isinstance(self.file, _DISK_FILES) and self.size >= RELEASE_AFTER_BYTES:
+            fd = os.dup(self.file.fileno())  # the file's own close is cheap while fd holds it
         self.file.close()
+        if fd is not None:
+            _release(fd)
 
 
 # Files whose bytes are all in the OS file behind fileno() once flushed. A
 # SpooledTemporaryFile is not one: asking its fileno() would move a small one to disk.
 _DISK_FILES = (io.FileIO, io.BufferedRandom)
+
+
+def _release(fd: int) -> None:
+    """Close `fd` in the loop's default executor (at once where no loop runs)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        os.close(fd)
+        return
+    loop.run_in_executor(None, os.close, fd)
 
 
 def _reserve(fd: int, start: int, end: int) -> int:
