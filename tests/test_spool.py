@@ -4,14 +4,13 @@ whether the kernel sends the file (sendfile) or the broker reads it back in piec
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 import io
 import os
 import tempfile
 from collections.abc import AsyncIterator
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,7 +21,6 @@ from mgpumanager.spool import (
     RELEASE_AFTER_BYTES,
     SPOOL_RESERVE_BYTES,
     SpooledBody,
-    spooled_file,
 )
 
 MIB = 1024 * 1024
@@ -109,56 +107,6 @@ async def test_a_spooled_upload_past_max_body_is_refused_before_the_upstream(
             assert resp.status == 413
             assert (await resp.json())["error"] == "payload_too_large"
         assert sink.requests == []
-
-
-def in_memory(data: bytes) -> IO[bytes]:
-    return io.BytesIO(data)
-
-
-def on_disk(data: bytes) -> IO[bytes]:
-    file = tempfile.TemporaryFile()  # noqa: SIM115 (the SpooledBody closes it)
-    file.write(data)
-    return file
-
-
-def spooled(data: bytes) -> IO[bytes]:
-    file = spooled_file()
-    file.write(data)
-    return file
-
-
-@pytest.mark.parametrize("make_file", [in_memory, on_disk, spooled])
-@pytest.mark.parametrize("size", [1, 3 * MIB + 7])
-async def test_a_whole_body_is_sent_from_any_file(
-    sink: Upstream,
-    client: aiohttp.ClientSession,
-    make_file: Any,
-    size: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The kernel's sendfile for a file on disk, pieces read back otherwise (memory, a spooled
-    file): the same bytes either way, the file left open for its owner."""
-    loop = asyncio.get_running_loop()
-    sendfile = loop.sendfile
-    sent: list[int] = []
-
-    async def counted(transport: Any, file: Any, offset: int, count: int, **kw: Any) -> int:
-        sent.append(count)
-        return await sendfile(transport, file, offset, count, **kw)
-
-    monkeypatch.setattr(loop, "sendfile", counted)
-    data = pattern(size)
-    body = SpooledBody(make_file(data))
-    try:
-        headers = {"Content-Length": str(body.size)}
-        url = f"{sink.url}/api/transcribe"
-        async with client.post(url, data=body.payload(), headers=headers) as resp:
-            assert resp.status == 200 and await resp.json() == expected(data)
-        assert sent == ([size] if make_file is on_disk else [])
-        assert not body.file.closed
-        assert body.read_all() == data  # and it can be sent again
-    finally:
-        body.close()
 
 
 def open_fds() -> set[str]:

@@ -262,14 +262,12 @@ async def forward(
     headers = filter_headers(request.headers, drop=drop)
     headers.update(request.get(OVERRIDES, {}))
     source = _ClientBody(max_body_bytes, consumer)
-    data: bytes | AsyncIterator[bytes] | aiohttp.Payload | None
+    data: bytes | AsyncIterator[bytes] | None
     if isinstance(body, bytes):
         data = body
-    elif whole and body is not None:
-        # Received whole, its size checked as it came: sent from its file as it is.
-        headers["Content-Length"] = str(body.size)  # upstreams need not take chunked
-        data = body.payload()
     elif body is not None:
+        if whole:
+            headers["Content-Length"] = str(body.size)  # upstreams need not take chunked
         data = source.relay(body.chunks(idle_s, consumer))
     elif request.body_exists:
         data = source.relay(client_chunks(request.content, idle_s, consumer))

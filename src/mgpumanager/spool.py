@@ -20,10 +20,9 @@ import os
 import tempfile
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import IO, Any
+from typing import IO
 
-from aiohttp import Payload, StreamReader, web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import StreamReader, web
 
 from .errors import BrokerError, ClientDisconnected, ErrorCode
 
@@ -129,12 +128,6 @@ class SpooledBody:
             while chunk := await read_client(self.rest, idle_s, consumer):
                 yield chunk
 
-    def payload(self) -> Payload:
-        """The whole body (`rest` read already) as aiohttp sends a request body: from the
-        file's pages straight to the upstream's socket where it can (`_SpoolPayload`)."""
-        assert self.rest is None, "only a body received whole has a payload"
-        return _SpoolPayload(self.file, self.size)
-
     def close(self) -> None:
         """Close the file. A large file on disk has its last descriptor closed by a worker
         thread: the kernel frees its pages then (tens of ms for hundreds of MiB), and the
@@ -172,66 +165,6 @@ def _reserve(fd: int, start: int, end: int) -> int:
     except OSError:
         return start
     return end
-
-
-class _SpoolPayload(Payload):
-    """A spooled body sent as a request body of known length. Where the body is in an OS file
-    and the connection is a plain socket, the kernel sends the file's pages itself
-    (`loop.sendfile`, as aiohttp's own FileResponse does): the bytes never come back through
-    Python. Elsewhere (TLS, a body kept in memory) the file is read and written in pieces.
-
-    The payload owns nothing: the SpooledBody keeps its file and closes it."""
-
-    _autoclose = True
-
-    def __init__(self, file: IO[bytes], size: int) -> None:
-        super().__init__(file, content_type=None)
-        self._file = file
-        self._size = self._length = size
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        self._file.seek(0)
-        return self._file.read(self._length).decode(encoding, errors)
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        count = self._length if content_length is None else min(self._length, content_length)
-        if count <= 0:
-            return
-        transport = writer.transport
-        if transport is not None and not getattr(writer, "chunked", False):
-            sent = await self._sendfile(writer, transport, count)
-            if sent:
-                return
-        self._file.seek(0)
-        left = count
-        while left > 0 and (chunk := self._file.read(min(SPOOL_READ_BYTES, left))):
-            await writer.write(chunk)
-            left -= len(chunk)
-
-    async def _sendfile(self, writer: AbstractStreamWriter, transport: Any, count: int) -> bool:
-        """Send the file's first `count` bytes with the kernel's sendfile; False where it
-        cannot be used here (nothing has been sent then)."""
-        if not isinstance(self._file, _DISK_FILES):
-            return False
-        self._file.flush()
-        # The request's headers may still wait in the writer, to go with the first piece.
-        writer.send_headers()
-        await writer.drain()
-        try:
-            await asyncio.get_running_loop().sendfile(
-                transport, self._file, 0, count, fallback=False
-            )
-        except (asyncio.SendfileNotAvailableError, NotImplementedError):
-            return False
-        writer.output_size += count
-        if writer.on_body_write is not None:
-            writer.on_body_write(count, writer.output_size)
-        return True
 
 
 async def receive_body(
