@@ -4,6 +4,7 @@ whether the kernel sends the file (sendfile) or the broker reads it back in piec
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -93,6 +94,23 @@ async def test_a_spooled_upload_arrives_exact_with_its_length(
         packed = io.BytesIO(gzip.compress(data))
         async with client.post(url, data=packed, headers=headers) as resp:
             assert resp.status == 200 and await resp.json() == expected(data)
+
+
+async def test_a_file_system_that_reserves_nothing_still_gets_the_whole_body(
+    sink: Upstream, client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused: list[int] = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        refused.append(length)
+        raise OSError(errno.ENOSPC, "no space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    data = pattern(ODD)
+    async with running_broker(stt_config(sink.url)) as server:
+        async with client.post(f"{server.url}/v1/stt", data=io.BytesIO(data)) as resp:
+            assert resp.status == 200 and await resp.json() == expected(data)
+    assert len(refused) == 1  # asked once, then the writes allocate as they go
 
 
 async def test_a_spooled_upload_past_max_body_is_refused_before_the_upstream(

@@ -107,12 +107,15 @@ class SpooledBody:
                     raise too_large(max_bytes, consumer)
                 if fd is not None and seen > reserved:
                     ahead = min(reserved + SPOOL_RESERVE_BYTES, max_bytes)
-                    reserved = _reserve(fd, reserved, max(seen, ahead))
+                    if not _reserve(fd, reserved, max(seen, ahead)):
+                        fd = None  # refused (a full disk): the writes allocate as they go
+                    else:
+                        reserved = max(seen, ahead)
                 self.file.write(chunk)
         finally:
-            if fd is not None and reserved > seen:
+            if reserved > (end := self.file.tell()):
                 self.file.flush()
-                os.ftruncate(fd, self.file.tell())
+                os.ftruncate(self.file.fileno(), end)
         self.rest = None
 
     def read_all(self) -> bytes:
@@ -142,8 +145,8 @@ class SpooledBody:
             _release(fd)
 
 
-# Files whose bytes are all in the OS file behind fileno() once flushed. A
-# SpooledTemporaryFile is not one: asking its fileno() would move a small one to disk.
+# Spool files on disk, whose descriptor may be used. A SpooledTemporaryFile is not one: asking
+# its fileno() would move a small one to disk.
 _DISK_FILES = (io.FileIO, io.BufferedRandom)
 
 
@@ -157,14 +160,13 @@ def _release(fd: int) -> None:
     loop.run_in_executor(None, os.close, fd)
 
 
-def _reserve(fd: int, start: int, end: int) -> int:
-    """Reserve the file's blocks from `start` to `end`; the new end of the reserve (`start`
-    where the file system refused: the writes then allocate as they go)."""
+def _reserve(fd: int, start: int, end: int) -> bool:
+    """Reserve the file's blocks from `start` to `end`; False where the file system refused."""
     try:
         os.posix_fallocate(fd, start, end - start)
     except OSError:
-        return start
-    return end
+        return False
+    return True
 
 
 async def receive_body(
