@@ -15,6 +15,8 @@ Reading the client with a deadline (`read_client`) is here too: a client that se
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import tempfile
 from collections import deque
 from collections.abc import AsyncIterator
@@ -29,6 +31,13 @@ SPOOL_MEMORY_BYTES = 1024 * 1024
 # that keeps up; past both, a slow reader's answer waits on disk.
 ANSWER_MEMORY_BYTES = 256 * 1024
 CHUNK_BYTES = 64 * 1024
+# A body being spooled is taken from aiohttp's buffer in pieces as large as it holds them (a
+# smaller read copies each piece into slices), and the file's blocks are reserved this far
+# ahead of its end: the file system then allocates them once, not one write at a time.
+SPOOL_READ_BYTES = 1024 * 1024
+SPOOL_RESERVE_BYTES = 8 * 1024 * 1024
+# A spool file at least this large is let go by a worker thread (SpooledBody.close).
+RELEASE_AFTER_BYTES = 32 * 1024 * 1024
 
 
 def spooled_file() -> IO[bytes]:
@@ -87,11 +96,26 @@ class SpooledBody:
         if self.rest is None:
             return
         seen = self.size
-        while chunk := await read_client(self.rest, idle_s, consumer):
-            seen += len(chunk)
-            if seen > max_bytes:
-                raise too_large(max_bytes, consumer)
-            self.file.write(chunk)
+        # A file on disk has its blocks reserved ahead (posix_fallocate), which makes its
+        # writes cheaper; the reserve past the last byte is cut off again at the end.
+        fd = self.file.fileno() if isinstance(self.file, _DISK_FILES) else None
+        reserved = seen
+        try:
+            while chunk := await read_client(self.rest, idle_s, consumer, limit=SPOOL_READ_BYTES):
+                seen += len(chunk)
+                if seen > max_bytes:
+                    raise too_large(max_bytes, consumer)
+                if fd is not None and seen > reserved:
+                    ahead = min(reserved + SPOOL_RESERVE_BYTES, max_bytes)
+                    if not _reserve(fd, reserved, max(seen, ahead)):
+                        fd = None  # refused (a full disk): the writes allocate as they go
+                    else:
+                        reserved = max(seen, ahead)
+                self.file.write(chunk)
+        finally:
+            if reserved > (end := self.file.tell()):
+                self.file.flush()
+                os.ftruncate(self.file.fileno(), end)
         self.rest = None
 
     def read_all(self) -> bytes:
@@ -108,7 +132,41 @@ class SpooledBody:
                 yield chunk
 
     def close(self) -> None:
+        """Close the file. A large file on disk has its last descriptor closed by a worker
+        thread: the kernel frees its pages then (tens of ms for hundreds of MiB), and the
+        event loop goes on to send the answer meanwhile."""
+        if self.file.closed:
+            return
+        fd = None
+        if isinstance(self.file, _DISK_FILES) and self.size >= RELEASE_AFTER_BYTES:
+            fd = os.dup(self.file.fileno())  # the file's own close is cheap while fd holds it
         self.file.close()
+        if fd is not None:
+            _release(fd)
+
+
+# Spool files on disk, whose descriptor may be used. A SpooledTemporaryFile is not one: asking
+# its fileno() would move a small one to disk.
+_DISK_FILES = (io.FileIO, io.BufferedRandom)
+
+
+def _release(fd: int) -> None:
+    """Close `fd` in the loop's default executor (at once where no loop runs)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        os.close(fd)
+        return
+    loop.run_in_executor(None, os.close, fd)
+
+
+def _reserve(fd: int, start: int, end: int) -> bool:
+    """Reserve the file's blocks from `start` to `end`; False where the file system refused."""
+    try:
+        os.posix_fallocate(fd, start, end - start)
+    except OSError:
+        return False
+    return True
 
 
 async def receive_body(
@@ -119,7 +177,7 @@ async def receive_body(
     `max_bytes` in all (then `payload_too_large`) and by `idle_s` between pieces."""
     chunks: list[bytes] = []
     seen = 0
-    while chunk := await read_client(stream, idle_s, consumer):
+    while chunk := await read_client(stream, idle_s, consumer, limit=SPOOL_READ_BYTES):
         seen += len(chunk)
         if seen > max_bytes:
             raise too_large(max_bytes, consumer)
