@@ -153,11 +153,9 @@ _DISK_FILES = (io.FileIO, io.BufferedRandom)
 def _release(fd: int) -> None:
     """Close `fd` in the loop's default executor (at once where no loop runs)."""
     try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+        asyncio.get_running_loop().run_in_executor(None, os.close, fd)
+    except RuntimeError:  # no loop runs, or its executor is shut down already (the daemon ends)
         os.close(fd)
-        return
-    loop.run_in_executor(None, os.close, fd)
 
 
 def _reserve(fd: int, start: int, end: int) -> bool:
