@@ -28,6 +28,10 @@ from .notify import Notifier
 
 log = logging.getLogger(__name__)
 
+# Connections the kernel queues for a listener before it accepts them (capped at
+# net.core.somaxconn): a burst of clients past it waits a second for its SYN to be sent again.
+LISTEN_BACKLOG = 1024
+
 
 # How long SIGHUP may spend reading the new registry. The read runs off the event loop, so
 # even a pathological file (a FIFO nobody writes, a nesting bomb) cannot freeze serving.
@@ -131,7 +135,7 @@ async def open_listener(
     try:
         # The host's every address (a name, or empty for all), as aiohttp's TCPSite binds.
         server = await asyncio.get_running_loop().create_server(
-            handlers, host or None, port, start_serving=False
+            handlers, host or None, port, start_serving=False, backlog=LISTEN_BACKLOG
         )
     except OSError as exc:
         await runner.cleanup()
