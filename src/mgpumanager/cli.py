@@ -111,16 +111,24 @@ def _remote_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run the daemon's `main` on uvloop where it is installed (the `fast` extra), unless
-    MGPUMANAGER_LOOP=asyncio asks for the standard loop; on asyncio otherwise."""
-    if os.environ.get("MGPUMANAGER_LOOP", "") != "asyncio":
+    """Run the daemon's `main` on Python's own loop, or on uvloop when MGPUMANAGER_LOOP=uvloop
+    asks for it (the `fast` extra). Not the default: uvloop costs less per small job but
+    relayed a 512 MiB answer at half the speed (bench/README.md)."""
+    wanted = os.environ.get("MGPUMANAGER_LOOP", "asyncio") or "asyncio"
+    if wanted == "uvloop":
         try:
             uvloop = importlib.import_module("uvloop")
         except ImportError:
-            pass
-        else:
-            result: int = uvloop.run(main)
-            return result
+            main.close()
+            raise SystemExit(
+                "mgpumanager: MGPUMANAGER_LOOP=uvloop, but uvloop is not installed "
+                "(pip install 'mgpumanager[fast]')"
+            ) from None
+        result: int = uvloop.run(main)
+        return result
+    if wanted != "asyncio":
+        main.close()
+        raise SystemExit(f"mgpumanager: MGPUMANAGER_LOOP must be asyncio or uvloop, not {wanted!r}")
     return asyncio.run(main)
 
 
