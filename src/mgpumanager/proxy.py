@@ -285,9 +285,10 @@ async def forward(
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         ) as upstream:
             if _small(request, upstream):
-                # Read whole and sent with its headers in one write once the handler returns
-                # (the lease is gone by then): it fits in the socket's buffer, so no reader's
-                # pace can matter, and no delivery task is needed.
+                # Read whole and sent with its headers in one write once the handler returns:
+                # it fits in the socket's buffer, so no reader's pace can hold the lease (a
+                # write that waits lets the job's deferred finish run), and no delivery task
+                # is needed.
                 return web.Response(
                     status=upstream.status,
                     reason=upstream.reason,
