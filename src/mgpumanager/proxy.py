@@ -303,6 +303,12 @@ async def forward(
                     delivery.buffer.put(chunk)
                     if delivery.task.done() and not delivery.task.cancelled():
                         delivery.task.result()  # the client went away or was dropped
+                    if delivery.buffer.spilling:
+                        # The client's writer is behind: give it its turn before reading on
+                        # (reading what is already here never yields). A client that keeps up
+                        # then takes the answer from memory; one that does not costs the
+                        # upstream one loop turn per piece, never a wait.
+                        await asyncio.sleep(0)
             except BaseException:
                 # Leaving the `async with` closes the upstream connection (a cancelled job
                 # aborts the upstream request); the client gets what came, then is cut off.

@@ -220,6 +220,12 @@ class AnswerBuffer:
         self.spilled = 0  # of which went through the file
 
     @property
+    def spilling(self) -> bool:
+        """The next piece may go to the file: memory is full, or the file holds bytes not taken
+        yet (which everything after them follows)."""
+        return self._written_at > self._read_at or self._memory_size >= self.memory_bytes
+
+    @property
     def pending(self) -> int:
         """Bytes put and not taken yet."""
         return self._memory_size + self._written_at - self._read_at
@@ -229,9 +235,12 @@ class AnswerBuffer:
             return
         self.total += len(chunk)
         # Once the file holds bytes not read yet, everything after them goes there too: the
-        # memory deque only ever holds bytes older than the file's.
-        if self._written_at == self._read_at and self._memory_size + len(chunk) <= max(
-            self.memory_bytes, 1
+        # memory deque only ever holds bytes older than the file's. One piece is always let
+        # into empty memory, however large: the loop may read more at once than memory_bytes
+        # (uvloop reads 750 KB), and a client that keeps up would otherwise take every byte
+        # through the file.
+        if self._written_at == self._read_at and (
+            not self._memory or self._memory_size + len(chunk) <= self.memory_bytes
         ):
             self._memory.append(chunk)
             self._memory_size += len(chunk)
