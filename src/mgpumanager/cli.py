@@ -112,8 +112,8 @@ def _remote_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run the daemon's `main` on Python's own loop, or on uvloop when MGPUMANAGER_LOOP=uvloop
-    asks for it (the `fast` extra). Not the default: uvloop costs less per small job but
-    relayed a 512 MiB answer at half the speed (bench/README.md)."""
+    asks for it (the `fast` extra). Not the default: the proxy benchmark found no clear gain
+    for the broker on it (bench/README.md)."""
     wanted = os.environ.get("MGPUMANAGER_LOOP", "asyncio") or "asyncio"
     if wanted == "uvloop":
         try:
