@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -243,14 +244,19 @@ async def test_a_piece_larger_than_memory_is_kept_in_memory_when_nothing_waits()
     buffer.close()
 
 
-async def test_an_upstream_that_breaks_off_cuts_the_client_after_what_came(
-    upstream: Upstream,
-) -> None:
+@asynccontextmanager
+async def an_answer_that_dies(
+    upstream: Upstream, declared: int, sent: int
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST /v1/tts through a broker to an upstream that declares `declared` bytes, sends
+    `sent` and dies: the caller reads the answer; afterwards the job has failed and the lease
+    is free."""
+
     async def half(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
-        resp.content_length = 1_000_000
+        resp.content_length = declared
         await resp.prepare(request)
-        await resp.write(b"x" * 400_000)
+        await resp.write(b"x" * sent)
         assert request.transport is not None
         request.transport.abort()  # dies mid-answer
         return resp
@@ -261,11 +267,18 @@ async def test_an_upstream_that_breaks_off_cuts_the_client_after_what_came(
     async with running_broker(config) as server:
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{server.url}/v1/tts", json={}) as resp:
-                assert resp.status == 200
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.read()
+                yield resp
         await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="released")
         assert server.broker.lease.core.stats().failed == 1
+
+
+async def test_an_upstream_that_breaks_off_cuts_the_client_after_what_came(
+    upstream: Upstream,
+) -> None:
+    async with an_answer_that_dies(upstream, declared=1_000_000, sent=400_000) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
 
 
 async def test_a_small_answer_that_breaks_off_is_an_error_before_anything_is_sent(
@@ -273,24 +286,7 @@ async def test_a_small_answer_that_breaks_off_is_an_error_before_anything_is_sen
 ) -> None:
     """An answer that declares at most 64 KiB is read whole before the client gets any of it:
     when the upstream dies in it, the client gets the envelope, not a truncated 200."""
-
-    async def half(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.content_length = 1000
-        await resp.prepare(request)
-        await resp.write(b"x" * 400)
-        assert request.transport is not None
-        request.transport.abort()
-        return resp
-
-    upstream.route("POST", "/api/synthesize", half)
-    await upstream.start()
-    config = make_config({"mvoice": consumer(upstream.url)}, routing={"tts": "mvoice"})
-    async with running_broker(config) as server:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{server.url}/v1/tts", json={}) as resp:
-                assert resp.status == 502
-                body = await resp.json()
-                assert body["error"] == "upstream_error" and body["consumer"] == "mvoice"
-        await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="released")
-        assert server.broker.lease.core.stats().failed == 1
+    async with an_answer_that_dies(upstream, declared=1000, sent=400) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+        assert body["error"] == "upstream_error" and body["consumer"] == "mvoice"
