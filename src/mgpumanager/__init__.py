@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .app import make_app
-    from .broker import Broker
-    from .config import Config, ConfigError, ConfigProblem, load_config, parse_config
-    from .daemon import Server, start_server
-    from .errors import ERROR_TABLE, BrokerError, ErrorCode
+    from mgpumanager.app import make_app
+    from mgpumanager.broker import Broker
+    from mgpumanager.config import Config, ConfigError, ConfigProblem, load_config, parse_config
+    from mgpumanager.daemon import Server, start_server
+    from mgpumanager.errors import ERROR_TABLE, BrokerError, ErrorCode
 
 _EXPORTS = {
     "Server": ".daemon",

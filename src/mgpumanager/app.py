@@ -18,15 +18,15 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from . import compat, dashboard
-from .broker import BROKER, CALLER, MIB, Broker
-from .compat import Handler, scheduled
-from .compat import requested_priority as requested_priority  # its home before compat.py
-from .config import KINDS, AuthConfig, Caller
-from .errors import BrokerError, ErrorCode, error_response
-from .logs import shown
-from .metrics import render
-from .proxy import (
+from mgpumanager import compat, dashboard
+from mgpumanager.broker import BROKER, CALLER, MIB, Broker
+from mgpumanager.compat import Handler, scheduled
+from mgpumanager.compat import requested_priority as requested_priority  # its home before compat.py
+from mgpumanager.config import KINDS, AuthConfig, Caller
+from mgpumanager.errors import BrokerError, ErrorCode, error_response
+from mgpumanager.logs import shown
+from mgpumanager.metrics import render
+from mgpumanager.proxy import (
     CLIENT_IDLE_S,
     CONSUMED,
     PREPARED,
@@ -34,7 +34,7 @@ from .proxy import (
     finish_delivery,
     safe_path,
 )
-from .redaction import install_log_redaction
+from mgpumanager.redaction import install_log_redaction
 
 log = logging.getLogger(__name__)
 

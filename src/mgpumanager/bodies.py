@@ -20,9 +20,9 @@ from aiohttp import web
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import BrokerError, ErrorCode
-from .proxy import Body, check_declared_size, client_idle_s
-from .spool import (
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.proxy import Body, check_declared_size, client_idle_s
+from mgpumanager.spool import (
     CHUNK_BYTES,
     SpooledBody,
     read_client,

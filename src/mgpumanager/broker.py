@@ -9,23 +9,23 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .adapters import BaseAdapter, make_adapter
-from .bodies import receive_whole
-from .catalog import ModelCatalog
-from .clock import Clock, MonotonicClock
-from .config import AdapterType, Caller, Config
-from .errors import BrokerError, ErrorCode
-from .events import EventBus, History, JobEvents
-from .gpu import GpuReader, make_reader
-from .health import HealthMonitor
-from .idle import IdleKeeper
-from .lease import Lease
-from .proxy import Body, forward
-from .records import State
-from .residency import Residency
-from .scheduler import ConsumerPolicy, SchedulerCore
-from .spool import SpooledBody
-from .status import Status, build_status
+from mgpumanager.adapters import BaseAdapter, make_adapter
+from mgpumanager.bodies import receive_whole
+from mgpumanager.catalog import ModelCatalog
+from mgpumanager.clock import Clock, MonotonicClock
+from mgpumanager.config import AdapterType, Caller, Config
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.events import EventBus, History, JobEvents
+from mgpumanager.gpu import GpuReader, make_reader
+from mgpumanager.health import HealthMonitor
+from mgpumanager.idle import IdleKeeper
+from mgpumanager.lease import Lease
+from mgpumanager.proxy import Body, forward
+from mgpumanager.records import State
+from mgpumanager.residency import Residency
+from mgpumanager.scheduler import ConsumerPolicy, SchedulerCore
+from mgpumanager.spool import SpooledBody
+from mgpumanager.status import Status, build_status
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .adapters import BaseAdapter
-from .config import Config
+from mgpumanager.adapters import BaseAdapter
+from mgpumanager.config import Config
 
 log = logging.getLogger(__name__)
 

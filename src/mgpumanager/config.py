@@ -364,8 +364,8 @@ def redact_url(url: str) -> str:
 
 # Reading a registry file lives in registry.py (and its cross-key checks in registry_checks.py);
 # their names are part of this module's surface.
-from .registry import ConfigError, ConfigProblem, load_config, parse_config  # noqa: E402
-from .registry_checks import check_url, registry_actions  # noqa: E402
+from mgpumanager.registry import ConfigError, ConfigProblem, load_config, parse_config  # noqa: E402
+from mgpumanager.registry_checks import check_url, registry_actions  # noqa: E402
 
 __all__ = [
     "KINDS",

@@ -21,8 +21,8 @@ from pathlib import PurePosixPath
 
 from aiohttp import web
 
-from .events import EventBus
-from .status import Status
+from mgpumanager.events import EventBus
+from mgpumanager.status import Status
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -23,14 +23,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .broker import Broker
-from .config import Action, AdapterType, Config, load_config, parse_config, redact_url
-from .daemon import Server, StartupError, start_server
-from .sim.cluster import BindError, FakeSpec, SimCluster, start_cluster
-from .sim.comfyui import ComfyUISettings
-from .sim.mvoice import MVoiceSettings
-from .sim.ollama import OllamaSettings
-from .sim.whisper import WhisperSettings
+from mgpumanager.broker import Broker
+from mgpumanager.config import Action, AdapterType, Config, load_config, parse_config, redact_url
+from mgpumanager.daemon import Server, StartupError, start_server
+from mgpumanager.sim.cluster import BindError, FakeSpec, SimCluster, start_cluster
+from mgpumanager.sim.comfyui import ComfyUISettings
+from mgpumanager.sim.mvoice import MVoiceSettings
+from mgpumanager.sim.ollama import OllamaSettings
+from mgpumanager.sim.whisper import WhisperSettings
 
 DEMO_MODEL = "qwen2.5:14b"
 

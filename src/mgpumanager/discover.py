@@ -25,9 +25,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .config import is_loopback, split_listen
-from .gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
-from .identify import (
+from mgpumanager.config import is_loopback, split_listen
+from mgpumanager.gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
+from mgpumanager.identify import (
     PROBE_PATHS,
     Answer,
     Answers,
@@ -41,7 +41,7 @@ from .identify import (
     speaches_loaded,
     status_of,
 )
-from .procfs import LocalSystem, Unit
+from mgpumanager.procfs import LocalSystem, Unit
 
 MIB = 1024 * 1024
 PROBE_TIMEOUT_S = 3.0

@@ -20,13 +20,13 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from .clock import Clock
-from .config import Config
-from .errors import BrokerError
-from .lease import Lease
-from .records import State
-from .residency import Residency
-from .scheduler import Grant, Outcome
+from mgpumanager.clock import Clock
+from mgpumanager.config import Config
+from mgpumanager.errors import BrokerError
+from mgpumanager.lease import Lease
+from mgpumanager.records import State
+from mgpumanager.residency import Residency
+from mgpumanager.scheduler import Grant, Outcome
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, parse_config
-from .discover import USUAL_PORTS, ServiceKind, Target, scan_targets, targets_to_probe
-from .gpu import NvmlApi
-from .procfs import LocalSystem, ProcSystem
-from .proposal import (
+from mgpumanager.config import ConfigError, parse_config
+from mgpumanager.discover import USUAL_PORTS, ServiceKind, Target, scan_targets, targets_to_probe
+from mgpumanager.gpu import NvmlApi
+from mgpumanager.procfs import LocalSystem, ProcSystem
+from mgpumanager.proposal import (
     LISTEN,
     PRIORITY_WORD,
     Consumer,

@@ -18,9 +18,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Set
 from typing import Any
 
-from .config import SchedulerConfig
-from .errors import BrokerError, ClientDisconnected, ErrorCode
-from .scheduler import ConsumerPolicy, Grant, Outcome, SchedulerCore
+from mgpumanager.config import SchedulerConfig
+from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
+from mgpumanager.scheduler import ConsumerPolicy, Grant, Outcome, SchedulerCore
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from .config import Config
-from .errors import BrokerError, ErrorCode, error_response
-from .logs import shown
+from mgpumanager.config import Config
+from mgpumanager.errors import BrokerError, ErrorCode, error_response
+from mgpumanager.logs import shown
 
 log = logging.getLogger(__name__)
 

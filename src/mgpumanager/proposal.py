@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config import KINDS, GpuConfig
-from .discover import (
+from mgpumanager.config import KINDS, GpuConfig
+from mgpumanager.discover import (
     CONTEXT_MIB,
     Gpu,
     InitError,
@@ -35,12 +35,8 @@ from .discover import (
     one_line,
     read_gpu,
 )
-from .gpu import (
-    GpuProcess,
-    GpuReading,
-    measured_mib,
-)
-from .procfs import LocalSystem
+from mgpumanager.gpu import GpuProcess, GpuReading, measured_mib
+from mgpumanager.procfs import LocalSystem
 
 LISTEN = "127.0.0.1:8770"
 OLLAMA_DISK_FACTOR = 1.2  # weights on disk + KV cache and CUDA context, roughly

@@ -33,8 +33,8 @@ from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import BrokerError, ClientDisconnected, ErrorCode
-from .spool import AnswerBuffer, SpooledBody, read_client, too_large
+from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
+from mgpumanager.spool import AnswerBuffer, SpooledBody, read_client, too_large
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
-from .clock import Clock
-from .config import Config, ModelEntry
-from .events import Emit, no_emit
-from .gpu import GpuReader, GpuReading, measured_mib
-from .planner import Resident
-from .records import HOLDS_MEMORY, ModelRecord, Record, State, transition
+from mgpumanager.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
+from mgpumanager.clock import Clock
+from mgpumanager.config import Config, ModelEntry
+from mgpumanager.events import Emit, no_emit
+from mgpumanager.gpu import GpuReader, GpuReading, measured_mib
+from mgpumanager.planner import Resident
+from mgpumanager.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 
 log = logging.getLogger("mgpumanager.residency")
 

@@ -21,10 +21,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import (
-    Config,
-)
-from .registry_checks import cross_key_problems
+from mgpumanager.config import Config
+from mgpumanager.registry_checks import cross_key_problems
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .config import (
+from mgpumanager.config import (
     DEFAULT_CALLER,
     AdapterType,
     Config,
@@ -22,7 +22,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from .registry import ConfigProblem, Loc
+    from mgpumanager.registry import ConfigProblem, Loc
 
 Problem = Callable[["Loc", str], "ConfigProblem"]
 
@@ -131,7 +131,7 @@ def _adapter_type(value: Any) -> AdapterType | None:
 
 def registry_actions(kind: AdapterType) -> frozenset[str]:
     """Which of `unload:` / `load:` a type honours; its adapter says (adapters/base.py)."""
-    from .adapters import registry_actions as of_adapter  # adapters import this module
+    from mgpumanager.adapters import registry_actions as of_adapter  # adapters import this module
 
     return of_adapter(kind)
 

@@ -19,15 +19,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from .adapters import ConsumerAdapter, residual_allowance_mib
-from .clock import Clock
-from .config import Config
-from .errors import BrokerError, ErrorCode
-from .events import Emit, no_emit
-from .gpu import GpuReader, GpuReading
-from .planner import CannotFit, Resident, plan_eviction
-from .reconcile import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
-from .records import ModelRecord, State, transition
+from mgpumanager.adapters import ConsumerAdapter, residual_allowance_mib
+from mgpumanager.clock import Clock
+from mgpumanager.config import Config
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.events import Emit, no_emit
+from mgpumanager.gpu import GpuReader, GpuReading
+from mgpumanager.planner import CannotFit, Resident, plan_eviction
+from mgpumanager.reconcile import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
+from mgpumanager.records import ModelRecord, State, transition
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import IO
 
 from aiohttp import StreamReader, web
 
-from .errors import BrokerError, ClientDisconnected, ErrorCode
+from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
 
 SPOOL_MEMORY_BYTES = 1024 * 1024
 # An answer's share of memory: the kernel's socket buffers hold a few MiB more for a client

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from ..config import AdapterType, ConsumerConfig
-from .base import (
+from mgpumanager.adapters.base import (
     OPENAI_GPU_PATHS,
     BaseAdapter,
     ConsumerAdapter,
@@ -32,12 +31,13 @@ from .base import (
     relay_kind,
     residual_allowance_mib,
 )
-from .comfyui import ComfyUIAdapter
-from .command import CommandAdapter
-from .generic import GenericAdapter
-from .ollama import OllamaAdapter
-from .speaches import SpeachesAdapter
-from .vllm import VllmAdapter
+from mgpumanager.adapters.comfyui import ComfyUIAdapter
+from mgpumanager.adapters.command import CommandAdapter
+from mgpumanager.adapters.generic import GenericAdapter
+from mgpumanager.adapters.ollama import OllamaAdapter
+from mgpumanager.adapters.speaches import SpeachesAdapter
+from mgpumanager.adapters.vllm import VllmAdapter
+from mgpumanager.config import AdapterType, ConsumerConfig
 
 ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
     AdapterType.GENERIC: GenericAdapter,

@@ -26,10 +26,10 @@ from typing import Any, ClassVar, Literal, Protocol
 import aiohttp
 from aiohttp import web
 
-from ..config import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
-from ..errors import BrokerError, Dialect, ErrorCode
-from ..lease import JobHandle
-from ..proxy import Body, forward, translate_client_error
+from mgpumanager.config import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.errors import BrokerError, Dialect, ErrorCode
+from mgpumanager.lease import JobHandle
+from mgpumanager.proxy import Body, forward, translate_client_error
 
 log = logging.getLogger(__name__)
 

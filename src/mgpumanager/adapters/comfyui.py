@@ -19,12 +19,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..bodies import encode_json, parse_json, read_body
-from ..config import ConsumerConfig, HealthConfig, HttpCall
-from ..errors import BrokerError, Dialect, ErrorCode
-from ..lease import JobHandle
-from ..proxy import Body
-from .base import BaseAdapter, ResidencyReport, residual_allowance_mib
+from mgpumanager.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
+from mgpumanager.bodies import encode_json, parse_json, read_body
+from mgpumanager.config import ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.errors import BrokerError, Dialect, ErrorCode
+from mgpumanager.lease import JobHandle
+from mgpumanager.proxy import Body
 
 log = logging.getLogger(__name__)
 

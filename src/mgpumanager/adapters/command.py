@@ -12,9 +12,9 @@ import signal
 import tempfile
 from typing import IO
 
-from ..config import Action
-from ..errors import BrokerError, ErrorCode
-from .base import BaseAdapter, ResidencyReport
+from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
+from mgpumanager.config import Action
+from mgpumanager.errors import BrokerError, ErrorCode
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ loads lazily. The registry's `unload:` / `load:` do not apply: Ollama's calls ar
 
 from __future__ import annotations
 
-from ..config import HealthConfig, HttpCall
-from ..errors import Dialect
-from .base import BaseAdapter, ResidencyReport
+from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
+from mgpumanager.config import HealthConfig, HttpCall
+from mgpumanager.errors import Dialect
 
 MIB = 1024 * 1024
 # Ollama's own routes that run a model (the rest of its API manages models: no GPU).

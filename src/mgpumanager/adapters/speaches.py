@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import quote
 
-from ..config import HttpCall
-from ..errors import BrokerError, ErrorCode
-from .base import BaseAdapter, ResidencyReport, UpstreamStatus
+from mgpumanager.adapters.base import BaseAdapter, ResidencyReport, UpstreamStatus
+from mgpumanager.config import HttpCall
+from mgpumanager.errors import BrokerError, ErrorCode
 
 
 class SpeachesAdapter(BaseAdapter):

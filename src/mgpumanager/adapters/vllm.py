@@ -5,8 +5,8 @@ say)."""
 
 from __future__ import annotations
 
-from ..config import Action, HttpCall
-from .base import BaseAdapter, ResidencyReport
+from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
+from mgpumanager.config import Action, HttpCall
 
 
 class VllmAdapter(BaseAdapter):
