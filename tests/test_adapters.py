@@ -30,9 +30,9 @@ from mgpumanager.adapters import (
     SpeachesAdapter,
     make_adapter,
 )
-from mgpumanager.config import Config, ConsumerConfig
 from mgpumanager.daemon import Server
 from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.registry import Config, ConsumerConfig
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings, FakeComfyUI
 from mgpumanager.sim.gpu import LocalLedger

@@ -7,7 +7,7 @@ import aiohttp
 
 from mgpumanager.adapters import make_adapter
 from mgpumanager.catalog import ModelCatalog
-from mgpumanager.config import Config
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.ollama import OllamaSettings
 from mgpumanager.sim.vllm import VLLMSettings

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-import mgpumanager.registry as config_module
-from mgpumanager.config import AdapterType, ConfigError, load_config, parse_config, redact_url
+import mgpumanager.registry.load as config_module
+from mgpumanager.registry import AdapterType, ConfigError, load_config, parse_config, redact_url
 
 ROOT = Path(__file__).resolve().parents[1]
 

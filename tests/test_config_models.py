@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mgpumanager.config import ConfigError, parse_config
+from mgpumanager.registry import ConfigError, parse_config
 
 BASE = """
 gpu: {backend: static, total_mib: 24000}

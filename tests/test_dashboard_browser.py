@@ -23,9 +23,9 @@ import pytest
 from playwright.async_api import async_playwright, expect
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config, load_config, split_listen
 from mgpumanager.daemon import Server, start_server
 from mgpumanager.demo import DEMO_MODEL, ephemeral_registry, ephemeral_spec
+from mgpumanager.registry import Config, load_config, split_listen
 from mgpumanager.sim.cluster import start_cluster
 
 ROOT = Path(__file__).resolve().parents[1]

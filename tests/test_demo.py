@@ -149,8 +149,8 @@ def run_the_demo(tmp_path: Path) -> None:
 
 
 def test_port_moves_every_piece_and_the_commands_follow(tmp_path: Path) -> None:
-    from mgpumanager.config import load_config
     from mgpumanager.demo import demo_ports, relocated
+    from mgpumanager.registry import load_config
 
     config = load_config(ROOT / "config" / "demo.yaml")
     ports = demo_ports(config, 9000)

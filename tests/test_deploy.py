@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from mgpumanager.cli import main
-from mgpumanager.config import load_config, parse_config
 from mgpumanager.deploy import RuleError, grants, polkit_rule, systemctl_units
+from mgpumanager.registry import load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "mgpumanager.service"

@@ -13,7 +13,6 @@ import pynvml
 import pytest
 from aiohttp import web
 
-from mgpumanager.config import GpuConfig
 from mgpumanager.gpu import (
     GpuInitError,
     GpuProcess,
@@ -24,6 +23,7 @@ from mgpumanager.gpu import (
     make_reader,
     measured_mib,
 )
+from mgpumanager.registry import GpuConfig
 from mgpumanager.sim.server import serve_app
 
 MIB = 1024 * 1024

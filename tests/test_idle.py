@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from mgpumanager.config import IdleConfig
 from mgpumanager.idle import IdleKeeper
 from mgpumanager.lease import Lease
 from mgpumanager.records import State
+from mgpumanager.registry import IdleConfig
 from mgpumanager.scheduler import ConsumerPolicy, SchedulerCore
 from test_records import World
 

@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 
 from conftest import running_broker, wait_for
 from mgpumanager.cli import main as cli_main
-from mgpumanager.config import Config, load_config
 from mgpumanager.discover import Model, Scan, ServiceKind, Target, parse_target
 from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.init import InitError, registry_text, run_init
 from mgpumanager.procfs import Unit
 from mgpumanager.proposal import Gpu, make_plan
+from mgpumanager.registry import Config, load_config
 from mgpumanager.sim import launcher
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings

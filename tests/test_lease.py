@@ -9,8 +9,8 @@ import pytest
 
 from conftest import wait_for
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import SchedulerConfig
 from mgpumanager.lease import Lease
+from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 

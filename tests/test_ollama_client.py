@@ -14,8 +14,8 @@ import ollama
 import pytest
 
 from conftest import running_broker, wait_for
-from mgpumanager.config import Config
 from mgpumanager.daemon import Server
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.ollama import FakeOllama, OllamaSettings
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from conftest import running_broker, wait_for
-from mgpumanager.config import Config, GpuConfig
+from mgpumanager.registry import Config, GpuConfig
 from mgpumanager.sim.cluster import start_cluster
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.whisper import WhisperSettings

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from conftest import running_broker, wait_for
-from mgpumanager.config import Config
 from mgpumanager.daemon import Server
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.ollama import OllamaSettings

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import SchedulerConfig
 from mgpumanager.policy import (
     BACKLOG_FACTOR,
     FIFO,
@@ -23,6 +22,7 @@ from mgpumanager.policy import (
     deadline_s_of,
     known_costs,
 )
+from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 # -- the priority policy -----------------------------------------------------------------------

@@ -13,7 +13,6 @@ import pytest
 from conftest import consumer, make_config
 from mgpumanager.adapters import HealthResult, ResidencyReport
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import Config, ConsumerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.gpu import GpuReading
 from mgpumanager.records import (
@@ -24,6 +23,7 @@ from mgpumanager.records import (
     State,
     transition,
 )
+from mgpumanager.registry import Config, ConsumerConfig
 from mgpumanager.residency import Residency
 
 TOTAL_MIB = 24000

@@ -12,9 +12,9 @@ import aiohttp
 from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.config import Config
 from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.records import State
+from mgpumanager.registry import Config
 
 
 async def start_upstreams(*names: str) -> tuple[dict[str, Upstream], list[str]]:

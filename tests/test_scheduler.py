@@ -7,9 +7,9 @@ import pytest
 
 from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.policy import FIFO, PRIORITY, QueuedJob, QueueView
+from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 

@@ -48,9 +48,9 @@ from hypothesis import HealthCheck, example, given, settings, target
 from hypothesis import strategies as st
 
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.policy import MAX_PRIORITY, Order, PriorityOrder, QueuedJob, QueueView
+from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 R = 1.0  # the longest a granted job runs, prepare included

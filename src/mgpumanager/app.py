@@ -22,7 +22,6 @@ from mgpumanager import compat, dashboard
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
 from mgpumanager.compat import Handler, scheduled
 from mgpumanager.compat import requested_priority as requested_priority  # its home before compat.py
-from mgpumanager.config import KINDS, AuthConfig, Caller
 from mgpumanager.errors import BrokerError, ErrorCode, error_response
 from mgpumanager.logs import shown
 from mgpumanager.metrics import render
@@ -35,6 +34,7 @@ from mgpumanager.proxy import (
     safe_path,
 )
 from mgpumanager.redaction import install_log_redaction
+from mgpumanager.registry import KINDS, AuthConfig, Caller
 
 log = logging.getLogger(__name__)
 

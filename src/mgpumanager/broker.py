@@ -13,7 +13,6 @@ from mgpumanager.adapters import BaseAdapter, make_adapter
 from mgpumanager.bodies import receive_whole
 from mgpumanager.catalog import ModelCatalog
 from mgpumanager.clock import Clock, MonotonicClock
-from mgpumanager.config import AdapterType, Caller, Config
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
 from mgpumanager.gpu import GpuReader, make_reader
@@ -22,6 +21,7 @@ from mgpumanager.idle import IdleKeeper
 from mgpumanager.lease import Lease
 from mgpumanager.proxy import Body, forward
 from mgpumanager.records import State
+from mgpumanager.registry import AdapterType, Caller, Config
 from mgpumanager.residency import Residency
 from mgpumanager.scheduler import ConsumerPolicy, SchedulerCore
 from mgpumanager.spool import SpooledBody

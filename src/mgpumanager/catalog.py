@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mgpumanager.adapters import BaseAdapter
-from mgpumanager.config import Config
+from mgpumanager.registry import Config
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from mgpumanager import logs
-from mgpumanager.config import ConfigError, load_config
 from mgpumanager.discover import Target, parse_target
+from mgpumanager.registry import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:

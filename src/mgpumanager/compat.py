@@ -36,10 +36,10 @@ from mgpumanager.adapters import OPENAI_GPU_PATHS, relay_kind
 from mgpumanager.bodies import Found, find_model, renamed
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
 from mgpumanager.catalog import ModelOwner
-from mgpumanager.config import AdapterType
 from mgpumanager.dashboard import wants_html
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
 from mgpumanager.proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
+from mgpumanager.registry import AdapterType
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Action, AdapterType, Config, load_config, parse_config, redact_url
 from mgpumanager.daemon import Server, StartupError, start_server
+from mgpumanager.registry import Action, AdapterType, Config, load_config, parse_config, redact_url
 from mgpumanager.sim.cluster import BindError, FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.mvoice import MVoiceSettings

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from mgpumanager.config import AdapterType, Config
+from mgpumanager.registry import AdapterType, Config
 
 VERBS = ("start", "stop", "restart")
 # Options of systemctl that take a separate value (`-s SIGNAL`); skipped with their value.

@@ -24,7 +24,7 @@ import aiohttp
 import pynvml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mgpumanager.config import GpuConfig
+from mgpumanager.registry import GpuConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from mgpumanager.clock import Clock
-from mgpumanager.config import Config
 from mgpumanager.errors import BrokerError
 from mgpumanager.lease import Lease
 from mgpumanager.records import State
+from mgpumanager.registry import Config
 from mgpumanager.residency import Residency
 from mgpumanager.scheduler import Grant, Outcome
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import yaml
 
-from mgpumanager.config import ConfigError, parse_config
 from mgpumanager.discover import USUAL_PORTS, ServiceKind, Target, scan_targets, targets_to_probe
 from mgpumanager.gpu import NvmlApi
 from mgpumanager.procfs import LocalSystem, ProcSystem
@@ -38,6 +37,7 @@ from mgpumanager.proposal import (
     one_line,
     read_gpu,
 )
+from mgpumanager.registry import ConfigError, parse_config
 
 # -- writing the registry -------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Set
 from typing import Any
 
-from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
+from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Grant, Outcome, SchedulerCore
 
 log = logging.getLogger(__name__)

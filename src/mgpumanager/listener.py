@@ -47,9 +47,9 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from mgpumanager.config import Config
 from mgpumanager.errors import BrokerError, ErrorCode, error_response
 from mgpumanager.logs import shown
+from mgpumanager.registry import Config
 
 log = logging.getLogger(__name__)
 

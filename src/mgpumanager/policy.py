@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from mgpumanager.config import SchedulerConfig
+from mgpumanager.registry import SchedulerConfig
 
 MAX_PRIORITY = 4
 # A tenure holds others back for at most this many times the swap it saves (the holder's

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mgpumanager.config import KINDS, GpuConfig
 from mgpumanager.discover import (
     CONTEXT_MIB,
     Gpu,
@@ -37,6 +36,7 @@ from mgpumanager.discover import (
 )
 from mgpumanager.gpu import GpuProcess, GpuReading, measured_mib
 from mgpumanager.procfs import LocalSystem
+from mgpumanager.registry import KINDS, GpuConfig
 
 LISTEN = "127.0.0.1:8770"
 OLLAMA_DISK_FACTOR = 1.2  # weights on disk + KV cache and CUDA context, roughly

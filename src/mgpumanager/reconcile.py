@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 from mgpumanager.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from mgpumanager.clock import Clock
-from mgpumanager.config import Config, ModelEntry
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.gpu import GpuReader, GpuReading, measured_mib
 from mgpumanager.planner import Resident
 from mgpumanager.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
+from mgpumanager.registry import Config, ModelEntry
 
 log = logging.getLogger("mgpumanager.residency")
 

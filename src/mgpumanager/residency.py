@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 from mgpumanager.adapters import ConsumerAdapter, residual_allowance_mib
 from mgpumanager.clock import Clock
-from mgpumanager.config import Config
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.gpu import GpuReader, GpuReading
 from mgpumanager.planner import CannotFit, Resident, plan_eviction
 from mgpumanager.reconcile import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
 from mgpumanager.records import ModelRecord, State, transition
+from mgpumanager.registry import Config
 
 log = logging.getLogger(__name__)
 

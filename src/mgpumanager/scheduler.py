@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from mgpumanager.clock import Clock
-from mgpumanager.config import SchedulerConfig
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.policy import MAX_PRIORITY, ORDERS, Order, QueuedJob, QueueView, known_costs
+from mgpumanager.registry import SchedulerConfig
 
 # Run times kept per consumer; the estimate is their median, so that one job cut short does not
 # swing it. Jobs granted while their consumer was resident are preferred: the first job after a

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, BaseModel, Field
 
 from mgpumanager import __version__
-from mgpumanager.config import redact_url
+from mgpumanager.registry import redact_url
 
 if TYPE_CHECKING:
     from mgpumanager.broker import Broker

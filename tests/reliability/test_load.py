@@ -25,7 +25,7 @@ from harness import Daemon, assert_clean_log, daemon, figure, scaled, write_regi
 from yarl import URL
 
 from conftest import Upstream, consumer, make_config, wait_for
-from mgpumanager.config import Config
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 from test_e2e import registry as e2e_registry
 from test_e2e import requests_for, spec

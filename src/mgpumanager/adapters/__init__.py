@@ -25,7 +25,6 @@ from mgpumanager.adapters.base import (
     BaseAdapter,
     ConsumerAdapter,
     HealthResult,
-    RegistryAction,
     ResidencyReport,
     UpstreamStatus,
     relay_kind,
@@ -37,7 +36,7 @@ from mgpumanager.adapters.generic import GenericAdapter
 from mgpumanager.adapters.ollama import OllamaAdapter
 from mgpumanager.adapters.speaches import SpeachesAdapter
 from mgpumanager.adapters.vllm import VllmAdapter
-from mgpumanager.config import AdapterType, ConsumerConfig
+from mgpumanager.registry import AdapterType, ConsumerConfig
 
 ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
     AdapterType.GENERIC: GenericAdapter,
@@ -51,12 +50,6 @@ ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
 
 def make_adapter(name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> BaseAdapter:
     return ADAPTERS[config.type](name, config, session)
-
-
-def registry_actions(kind: AdapterType) -> frozenset[RegistryAction]:
-    """Which of the registry's `unload:` / `load:` keys a type honours (check-config refuses
-    the others)."""
-    return ADAPTERS[kind].registry_actions
 
 
 __all__ = [
@@ -74,7 +67,6 @@ __all__ = [
     "UpstreamStatus",
     "VllmAdapter",
     "make_adapter",
-    "registry_actions",
     "relay_kind",
     "residual_allowance_mib",
 ]

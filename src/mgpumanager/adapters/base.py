@@ -8,10 +8,10 @@ job), how to run a job and know that it really finished (`forward`), and whether
 work that did not come through the broker (`residency().busy`). docs/upstreams.md describes how
 each real service behaves and how its adapter copes.
 
-The registry's `unload:` and `load:` keys follow one rule, stated by each type in
-`registry_actions`: a type either honours a key (the written call replaces the adapter's own,
-or is the only way it has), or `check-config` refuses the key as not applicable to that type.
-Nothing written in the registry is ever silently ignored.
+The registry's `unload:` and `load:` keys follow one rule, stated for each type in the table
+`registry.models.HONOURED_ACTIONS`: a type either honours a key (the written call replaces the
+adapter's own, or is the only way it has), or `check-config` refuses the key as not
+applicable to that type. Nothing written in the registry is ever silently ignored.
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 from aiohttp import web
 
-from mgpumanager.config import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.lease import JobHandle
 from mgpumanager.proxy import Body, forward, translate_client_error
+from mgpumanager.registry import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
 
 log = logging.getLogger(__name__)
 
-RegistryAction = Literal["unload", "load"]
 
 # A job's kind is either a facade kind (`tts`, `llm`..., looked up in the consumer's paths) or
 # a relay: the client's own method and path sent to the same path upstream (Ollama's API at the
@@ -147,12 +146,10 @@ class BaseAdapter:
     """Shared HTTP plumbing: health probe, small JSON control calls, relaying a job.
 
     A subclass states its protocol in a few class attributes (no behaviour hides in flags):
-    - `registry_actions`: which of the registry's `unload:` / `load:` keys it honours;
     - `default_health`, `default_paths`: what it uses where the registry says nothing.
     and overrides the calls its upstream answers differently.
     """
 
-    registry_actions: ClassVar[frozenset[RegistryAction]] = frozenset()
     default_health: ClassVar[HealthConfig] = HealthConfig()
     default_paths: ClassVar[Mapping[str, HttpCall]] = {}
     # Routes of its own API that use the GPU and whose JSON body names a model: `(method, path)`.

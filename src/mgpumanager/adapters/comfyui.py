@@ -21,10 +21,10 @@ from aiohttp import web
 
 from mgpumanager.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
 from mgpumanager.bodies import encode_json, parse_json, read_body
-from mgpumanager.config import ConsumerConfig, HealthConfig, HttpCall
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.lease import JobHandle
 from mgpumanager.proxy import Body
+from mgpumanager.registry import ConsumerConfig, HealthConfig, HttpCall
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ PROMPT_PATHS = ("/prompt", "/api/prompt")
 
 
 class ComfyUIAdapter(BaseAdapter):
-    registry_actions = frozenset({"unload"})
     default_health = HealthConfig(path="/system_stats")
     default_paths = {"image": HttpCall(path="/prompt")}
     history_poll_s = 0.25

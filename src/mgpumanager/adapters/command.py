@@ -13,15 +13,13 @@ import tempfile
 from typing import IO
 
 from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
-from mgpumanager.config import Action
 from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.registry import Action
 
 log = logging.getLogger(__name__)
 
 
 class CommandAdapter(BaseAdapter):
-    registry_actions = frozenset({"unload", "load"})
-
     @property
     def stops_process(self) -> bool:
         return True

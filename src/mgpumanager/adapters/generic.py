@@ -8,4 +8,4 @@ from mgpumanager.adapters.base import BaseAdapter
 
 
 class GenericAdapter(BaseAdapter):
-    registry_actions = frozenset({"unload", "load"})
+    """Everything comes from the registry; BaseAdapter's plumbing does the rest."""

@@ -9,8 +9,8 @@ loads lazily. The registry's `unload:` / `load:` do not apply: Ollama's calls ar
 from __future__ import annotations
 
 from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
-from mgpumanager.config import HealthConfig, HttpCall
 from mgpumanager.errors import Dialect
+from mgpumanager.registry import HealthConfig, HttpCall
 
 MIB = 1024 * 1024
 # Ollama's own routes that run a model (the rest of its API manages models: no GPU).

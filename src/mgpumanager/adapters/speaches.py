@@ -8,8 +8,8 @@ import asyncio
 from urllib.parse import quote
 
 from mgpumanager.adapters.base import BaseAdapter, ResidencyReport, UpstreamStatus
-from mgpumanager.config import HttpCall
 from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.registry import HttpCall
 
 
 class SpeachesAdapter(BaseAdapter):

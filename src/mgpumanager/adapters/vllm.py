@@ -6,11 +6,10 @@ say)."""
 from __future__ import annotations
 
 from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
-from mgpumanager.config import Action, HttpCall
+from mgpumanager.registry import Action, HttpCall
 
 
 class VllmAdapter(BaseAdapter):
-    registry_actions = frozenset({"unload", "load"})
     default_paths = {"llm": HttpCall(path="/v1/completions")}
 
     @property

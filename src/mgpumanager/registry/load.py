@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mgpumanager.config import Config
-from mgpumanager.registry_checks import cross_key_problems
+from mgpumanager.registry.checks import cross_key_problems
+from mgpumanager.registry.models import Config
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The registry (`config/consumers.yaml`): one pydantic model per section, defined once.
 
 Reading a file into these models, with every problem listed by key path and line, is
-registry.py (`load_config`, `parse_config`, `ConfigError`, re-exported here).
+`registry.load`; the package re-exports both.
 """
 
 from __future__ import annotations
@@ -34,6 +34,22 @@ class AdapterType(enum.StrEnum):
     SPEACHES = "speaches"
     COMMAND = "command"
     VLLM = "vllm"
+
+
+RegistryAction = Literal["unload", "load"]
+
+# Which of the registry's `unload:` / `load:` keys each type honours: a written call replaces
+# the adapter's own way. Ollama and speaches unload per model through their own API, so they
+# take neither; ComfyUI's `/free` may be rewritten, its load is lazy. The adapters and
+# `check-config` both read this table.
+HONOURED_ACTIONS: dict[AdapterType, frozenset[RegistryAction]] = {
+    AdapterType.GENERIC: frozenset({"unload", "load"}),
+    AdapterType.OLLAMA: frozenset(),
+    AdapterType.COMFYUI: frozenset({"unload"}),
+    AdapterType.SPEACHES: frozenset(),
+    AdapterType.COMMAND: frozenset({"unload", "load"}),
+    AdapterType.VLLM: frozenset({"unload", "load"}),
+}
 
 
 class _Model(BaseModel):
@@ -362,20 +378,15 @@ def redact_url(url: str) -> str:
         return re.sub(r"(?s)^([^:/]*://)?.*@", lambda m: (m.group(1) or "") + "***@", url)
 
 
-# Reading a registry file lives in registry.py (and its cross-key checks in registry_checks.py);
-# their names are part of this module's surface.
-from mgpumanager.registry import ConfigError, ConfigProblem, load_config, parse_config  # noqa: E402
-from mgpumanager.registry_checks import check_url, registry_actions  # noqa: E402
-
 __all__ = [
+    "DEFAULT_PATHS",
+    "HONOURED_ACTIONS",
     "KINDS",
     "Action",
     "AdapterType",
     "AuthConfig",
     "Caller",
     "Config",
-    "ConfigError",
-    "ConfigProblem",
     "ConsumerConfig",
     "GpuConfig",
     "HealthConfig",
@@ -384,11 +395,7 @@ __all__ = [
     "ModelEntry",
     "SchedulerConfig",
     "TokenConfig",
-    "check_url",
     "is_loopback",
-    "load_config",
-    "parse_config",
     "redact_url",
-    "registry_actions",
     "split_listen",
 ]

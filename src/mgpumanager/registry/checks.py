@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from mgpumanager.config import (
+from mgpumanager.registry.models import (
     DEFAULT_CALLER,
+    HONOURED_ACTIONS,
     AdapterType,
     Config,
     GpuConfig,
@@ -22,7 +23,7 @@ from mgpumanager.config import (
 )
 
 if TYPE_CHECKING:
-    from mgpumanager.registry import ConfigProblem, Loc
+    from mgpumanager.registry.load import ConfigProblem, Loc
 
 Problem = Callable[["Loc", str], "ConfigProblem"]
 
@@ -130,10 +131,8 @@ def _adapter_type(value: Any) -> AdapterType | None:
 
 
 def registry_actions(kind: AdapterType) -> frozenset[str]:
-    """Which of `unload:` / `load:` a type honours; its adapter says (adapters/base.py)."""
-    from mgpumanager.adapters import registry_actions as of_adapter  # adapters import this module
-
-    return of_adapter(kind)
+    """Which of `unload:` / `load:` a type honours."""
+    return HONOURED_ACTIONS[kind]
 
 
 def _model_names(models: Any) -> list[str]:
