@@ -52,7 +52,7 @@ from sched_traces import (
 )
 
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import SchedulerConfig
+from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 MARGIN_MIB = 512  # the broker's default safety margin

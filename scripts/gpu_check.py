@@ -35,8 +35,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mgpumanager.config import GpuConfig
 from mgpumanager.gpu import GpuReading, NvmlReader, make_reader
+from mgpumanager.registry import GpuConfig
 from mgpumanager.sim.server import wait_until
 
 ALLOC_MIB = 1024
