@@ -639,7 +639,7 @@ def core_grant_cost(depths: Sequence[int], grants: int = 2000) -> dict[str, floa
 
 def grant_cost(depth: int, grants: int) -> float:
     from mgpumanager.registry import SchedulerConfig
-    from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+    from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 
     names = ("a", "b", "c", "d")
     clock = FakeClock()

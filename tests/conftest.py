@@ -17,7 +17,7 @@ from mgpumanager.broker import Broker
 from mgpumanager.clock import FakeClock
 from mgpumanager.daemon import Server, start_server
 from mgpumanager.registry import Config, SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, SimCluster
 from mgpumanager.sim.ollama import OllamaSettings
 from mgpumanager.sim.server import RunningApp, serve_app, wait_until

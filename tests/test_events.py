@@ -19,7 +19,7 @@ from mgpumanager.clock import FakeClock
 from mgpumanager.daemon import Server
 from mgpumanager.events import Event, EventBus, History, JobEvents
 from mgpumanager.registry import Config
-from mgpumanager.scheduler import ConsumerPolicy, Outcome
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 
 MODEL = "llm:14b"

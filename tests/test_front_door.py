@@ -27,7 +27,7 @@ from aiohttp import web
 from conftest import Upstream, running_broker, wait_done, wait_for
 from mgpumanager.daemon import Server
 from mgpumanager.registry import Config, ConfigError, parse_config
-from mgpumanager.scheduler import SchedulerCore
+from mgpumanager.scheduling.core import SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings, FakeComfyUI
 from mgpumanager.sim.mvoice import MVoiceSettings

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 
 from mgpumanager.idle import IdleKeeper
-from mgpumanager.lease import Lease
 from mgpumanager.records import State
 from mgpumanager.registry import IdleConfig
-from mgpumanager.scheduler import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.lease import Lease
 from test_records import World
 
 

@@ -18,12 +18,12 @@ from mgpumanager.events import EventBus, History, JobEvents
 from mgpumanager.gpu import GpuReader, make_reader
 from mgpumanager.health import HealthMonitor
 from mgpumanager.idle import IdleKeeper
-from mgpumanager.lease import Lease
 from mgpumanager.proxy import Body, forward
 from mgpumanager.records import State
 from mgpumanager.registry import AdapterType, Caller, Config
 from mgpumanager.residency import Residency
-from mgpumanager.scheduler import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.lease import Lease
 from mgpumanager.spool import SpooledBody
 from mgpumanager.status import Status, build_status
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mgpumanager.clock import Clock
-from mgpumanager.policy import QueuedJob
-from mgpumanager.scheduler import Grant, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import Grant, Outcome, SchedulerCore
+from mgpumanager.scheduling.order import QueuedJob
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError
-from mgpumanager.lease import Lease
 from mgpumanager.records import State
 from mgpumanager.registry import Config
 from mgpumanager.residency import Residency
-from mgpumanager.scheduler import Grant, Outcome
+from mgpumanager.scheduling.core import Grant, Outcome
+from mgpumanager.scheduling.lease import Lease
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import aiohttp
 from aiohttp import web
 
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
-from mgpumanager.lease import JobHandle
 from mgpumanager.proxy import Body, forward, translate_client_error
 from mgpumanager.registry import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.scheduling.lease import JobHandle
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
-from mgpumanager.policy import (
+from mgpumanager.registry import SchedulerConfig
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.order import (
     BACKLOG_FACTOR,
     FIFO,
     PRIORITY,
@@ -22,8 +24,6 @@ from mgpumanager.policy import (
     deadline_s_of,
     known_costs,
 )
-from mgpumanager.registry import SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
 
 # -- the priority policy -----------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import wait_for
 from mgpumanager.clock import FakeClock
-from mgpumanager.lease import Lease
 from mgpumanager.registry import SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.lease import Lease
 
 
 def make_lease() -> tuple[Lease, list[tuple[int, Outcome]]]:

@@ -31,8 +31,15 @@ from dataclasses import dataclass, field
 
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.policy import MAX_PRIORITY, ORDERS, Order, QueuedJob, QueueView, known_costs
 from mgpumanager.registry import SchedulerConfig
+from mgpumanager.scheduling.order import (
+    MAX_PRIORITY,
+    ORDERS,
+    Order,
+    QueuedJob,
+    QueueView,
+    known_costs,
+)
 
 # Run times kept per consumer; the estimate is their median, so that one job cut short does not
 # swing it. Jobs granted while their consumer was resident are preferred: the first job after a

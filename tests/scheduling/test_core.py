@@ -8,9 +8,9 @@ import pytest
 from conftest import core, done, grant_one
 from mgpumanager.clock import FakeClock
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.policy import FIFO, PRIORITY, QueuedJob, QueueView
 from mgpumanager.registry import SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.order import FIFO, PRIORITY, QueuedJob, QueueView
 
 
 def test_first_job_is_granted_with_prepare_and_blocks_others_until_ready() -> None:

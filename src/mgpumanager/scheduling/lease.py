@@ -20,7 +20,7 @@ from typing import Any
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
 from mgpumanager.registry import SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Grant, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Grant, Outcome, SchedulerCore
 
 log = logging.getLogger(__name__)
 

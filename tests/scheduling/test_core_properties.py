@@ -49,9 +49,9 @@ from hypothesis import strategies as st
 
 from mgpumanager.clock import FakeClock
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.policy import MAX_PRIORITY, Order, PriorityOrder, QueuedJob, QueueView
 from mgpumanager.registry import SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.order import MAX_PRIORITY, Order, PriorityOrder, QueuedJob, QueueView
 
 R = 1.0  # the longest a granted job runs, prepare included
 NAMES = ("a", "b", "c")
