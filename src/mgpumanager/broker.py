@@ -17,11 +17,11 @@ from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
 from mgpumanager.gpu import GpuReader, make_reader
 from mgpumanager.health import HealthMonitor
-from mgpumanager.idle import IdleKeeper
 from mgpumanager.proxy import Body, forward
-from mgpumanager.records import State
 from mgpumanager.registry import AdapterType, Caller, Config
-from mgpumanager.residency import Residency
+from mgpumanager.residency.evict import Residency
+from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.spool import SpooledBody

@@ -33,9 +33,9 @@ from mgpumanager.adapters import ConsumerAdapter, ResidencyReport, residual_allo
 from mgpumanager.clock import Clock
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.gpu import GpuReader, GpuReading, measured_mib
-from mgpumanager.planner import Resident
-from mgpumanager.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 from mgpumanager.registry import Config, ModelEntry
+from mgpumanager.residency.planner import Resident
+from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 
 log = logging.getLogger("mgpumanager.residency")
 

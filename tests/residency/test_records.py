@@ -15,7 +15,9 @@ from mgpumanager.adapters import HealthResult, ResidencyReport
 from mgpumanager.clock import FakeClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.gpu import GpuReading
-from mgpumanager.records import (
+from mgpumanager.registry import Config, ConsumerConfig
+from mgpumanager.residency.evict import Residency
+from mgpumanager.residency.records import (
     TRANSITIONS,
     IllegalTransition,
     ModelRecord,
@@ -23,8 +25,6 @@ from mgpumanager.records import (
     State,
     transition,
 )
-from mgpumanager.registry import Config, ConsumerConfig
-from mgpumanager.residency import Residency
 
 TOTAL_MIB = 24000
 

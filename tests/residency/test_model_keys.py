@@ -9,8 +9,8 @@ import aiohttp
 from conftest import running_broker
 from mgpumanager.adapters import make_adapter
 from mgpumanager.clock import FakeClock
-from mgpumanager.reconcile import ResidencyView
 from mgpumanager.registry import Config
+from mgpumanager.residency.view import ResidencyView
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.ollama import OllamaSettings
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from mgpumanager.planner import CannotFit, Evict, Resident, eviction_order, plan_eviction
+from mgpumanager.residency.planner import CannotFit, Evict, Resident, eviction_order, plan_eviction
 
 
 def plan(

@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError
-from mgpumanager.records import State
 from mgpumanager.registry import Config
-from mgpumanager.residency import Residency
+from mgpumanager.residency.evict import Residency
+from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import Grant, Outcome
 from mgpumanager.scheduling.lease import Lease
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 
-from mgpumanager.idle import IdleKeeper
-from mgpumanager.records import State
+from test_records import World
+
 from mgpumanager.registry import IdleConfig
+from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
-from test_records import World
 
 
 class Box(World):

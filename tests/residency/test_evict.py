@@ -13,8 +13,8 @@ from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.gpu import GpuProcess, GpuReading
-from mgpumanager.records import State
 from mgpumanager.registry import Config
+from mgpumanager.residency.records import State
 
 
 async def start_upstreams(*names: str) -> tuple[dict[str, Upstream], list[str]]:
@@ -155,7 +155,7 @@ async def test_a_consumer_that_left_by_itself_is_not_evicted_again() -> None:
 
 
 def test_a_reading_without_per_process_figures_measures_nothing() -> None:
-    from mgpumanager.residency import Residency
+    from mgpumanager.residency.evict import Residency
 
     config = make_config({"a": consumer("http://127.0.0.1:9", gpu_processes=["svc-a"])})
 
@@ -176,7 +176,7 @@ def test_a_reading_without_per_process_figures_measures_nothing() -> None:
 def test_a_consumer_without_a_load_call_costs_its_unload_and_the_others_unload_and_load() -> None:
     from types import SimpleNamespace
 
-    from mgpumanager.residency import Residency
+    from mgpumanager.residency.evict import Residency
 
     url = "http://127.0.0.1:9"
     config = make_config({n: consumer(url) for n in ("lazy", "loads", "never")})

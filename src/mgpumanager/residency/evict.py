@@ -24,12 +24,12 @@ from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.gpu import GpuReader, GpuReading
-from mgpumanager.planner import CannotFit, Resident, plan_eviction
-from mgpumanager.reconcile import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
-from mgpumanager.records import ModelRecord, State, transition
 from mgpumanager.registry import Config
+from mgpumanager.residency.planner import CannotFit, Resident, plan_eviction
+from mgpumanager.residency.records import ModelRecord, State, transition
+from mgpumanager.residency.view import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mgpumanager.residency")
 
 __all__ = ["Counters", "EvictionDecision", "Residency"]
 

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from conftest import consumer, make_config
 from mgpumanager.clock import FakeClock
-from mgpumanager.planner import CannotFit, Evict, plan_eviction
-from mgpumanager.reconcile import UNIT_SEPARATOR
-from mgpumanager.records import ModelRecord, State
-from mgpumanager.residency import Residency
+from mgpumanager.residency.evict import Residency
+from mgpumanager.residency.planner import CannotFit, Evict, plan_eviction
+from mgpumanager.residency.records import ModelRecord, State
+from mgpumanager.residency.view import UNIT_SEPARATOR
 
 NAMES = ["a", "b", "c", "t"]  # t: the target
 
