@@ -21,11 +21,12 @@ import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_gpu import FakeNvml
+from test_gpu import proc as gpu_proc
 
 from conftest import running_broker, wait_for
 from mgpumanager.cli import main as cli_main
 from mgpumanager.discover import Model, Scan, ServiceKind, Target, parse_target
-from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.init import InitError, registry_text, run_init
 from mgpumanager.procfs import Unit
 from mgpumanager.proposal import Gpu, make_plan
@@ -39,8 +40,7 @@ from mgpumanager.sim.server import serving
 from mgpumanager.sim.speaches import SpeachesSettings
 from mgpumanager.sim.vllm import VLLMSettings
 from mgpumanager.sim.whisper import WhisperSettings
-from test_gpu import FakeNvml
-from test_gpu import proc as gpu_proc
+from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
 from test_proposal import FakeSystem, service
 
 MIB = 1024 * 1024

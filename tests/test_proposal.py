@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from mgpumanager.discover import Model, Service, ServiceKind, Target
-from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.procfs import Unit
 from mgpumanager.proposal import Consumer, attribute, process_pattern, size_consumer
+from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
 
 
 class FakeSystem:

@@ -309,8 +309,8 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path)
 
 
 def test_a_model_id_never_leaves_its_route_on_speaches() -> None:
-    from mgpumanager.adapters.speaches import model_path
     from mgpumanager.errors import BrokerError
+    from mgpumanager.upstreams.adapters.speaches import model_path
 
     assert model_path("Systran/faster-whisper-small", "s") == "Systran/faster-whisper-small"
     assert model_path("a b?c#d%", "s") == "a%20b%3Fc%23d%25"

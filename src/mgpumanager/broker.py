@@ -9,14 +9,10 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from mgpumanager.adapters import BaseAdapter, make_adapter
 from mgpumanager.bodies import receive_whole
-from mgpumanager.catalog import ModelCatalog
 from mgpumanager.clock import Clock, MonotonicClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
-from mgpumanager.gpu import GpuReader, make_reader
-from mgpumanager.health import HealthMonitor
 from mgpumanager.proxy import Body, forward
 from mgpumanager.registry import AdapterType, Caller, Config
 from mgpumanager.residency.evict import Residency
@@ -26,6 +22,10 @@ from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.spool import SpooledBody
 from mgpumanager.status import Status, build_status
+from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
+from mgpumanager.upstreams.catalog import ModelCatalog
+from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.health import HealthMonitor
 
 log = logging.getLogger(__name__)
 

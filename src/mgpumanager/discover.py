@@ -25,7 +25,6 @@ from pathlib import Path
 
 import aiohttp
 
-from mgpumanager.gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
 from mgpumanager.identify import (
     PROBE_PATHS,
     Answer,
@@ -42,6 +41,7 @@ from mgpumanager.identify import (
 )
 from mgpumanager.procfs import LocalSystem, Unit
 from mgpumanager.registry import is_loopback, split_listen
+from mgpumanager.upstreams.gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
 
 MIB = 1024 * 1024
 PROBE_TIMEOUT_S = 3.0

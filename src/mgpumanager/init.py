@@ -25,7 +25,6 @@ from typing import Any
 import yaml
 
 from mgpumanager.discover import USUAL_PORTS, ServiceKind, Target, scan_targets, targets_to_probe
-from mgpumanager.gpu import NvmlApi
 from mgpumanager.procfs import LocalSystem, ProcSystem
 from mgpumanager.proposal import (
     LISTEN,
@@ -38,6 +37,7 @@ from mgpumanager.proposal import (
     read_gpu,
 )
 from mgpumanager.registry import ConfigError, parse_config
+from mgpumanager.upstreams.gpu import NvmlApi
 
 # -- writing the registry -------------------------------------------------------------------
 

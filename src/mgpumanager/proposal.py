@@ -34,9 +34,9 @@ from mgpumanager.discover import (
     one_line,
     read_gpu,
 )
-from mgpumanager.gpu import GpuProcess, GpuReading, measured_mib
 from mgpumanager.procfs import LocalSystem
 from mgpumanager.registry import KINDS, GpuConfig
+from mgpumanager.upstreams.gpu import GpuProcess, GpuReading, measured_mib
 
 LISTEN = "127.0.0.1:8770"
 OLLAMA_DISK_FACTOR = 1.2  # weights on disk + KV cache and CUDA context, roughly

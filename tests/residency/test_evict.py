@@ -12,9 +12,9 @@ import aiohttp
 from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.gpu import GpuProcess, GpuReading
 from mgpumanager.registry import Config
 from mgpumanager.residency.records import State
+from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
 
 
 async def start_upstreams(*names: str) -> tuple[dict[str, Upstream], list[str]]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import aiohttp
 
 from conftest import running_broker
-from mgpumanager.adapters import make_adapter
 from mgpumanager.clock import FakeClock
 from mgpumanager.registry import Config
 from mgpumanager.residency.view import ResidencyView
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.ollama import OllamaSettings
+from mgpumanager.upstreams.adapters import make_adapter
 
 SPEC = FakeSpec(
     mvoice=None,

@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 
 from conftest import consumer, make_config
-from mgpumanager.adapters import HealthResult, ResidencyReport
 from mgpumanager.clock import FakeClock
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.gpu import GpuReading
 from mgpumanager.registry import Config, ConsumerConfig
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.records import (
@@ -25,6 +23,8 @@ from mgpumanager.residency.records import (
     State,
     transition,
 )
+from mgpumanager.upstreams.adapters import HealthResult, ResidencyReport
+from mgpumanager.upstreams.gpu import GpuReading
 
 TOTAL_MIB = 24000
 

@@ -19,15 +19,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from mgpumanager.adapters import ConsumerAdapter, residual_allowance_mib
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
-from mgpumanager.gpu import GpuReader, GpuReading
 from mgpumanager.registry import Config
 from mgpumanager.residency.planner import CannotFit, Resident, plan_eviction
 from mgpumanager.residency.records import ModelRecord, State, transition
 from mgpumanager.residency.view import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
+from mgpumanager.upstreams.adapters import ConsumerAdapter, residual_allowance_mib
+from mgpumanager.upstreams.gpu import GpuReader, GpuReading
 
 log = logging.getLogger("mgpumanager.residency")
 

@@ -29,13 +29,13 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mgpumanager.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from mgpumanager.clock import Clock
 from mgpumanager.events import Emit, no_emit
-from mgpumanager.gpu import GpuReader, GpuReading, measured_mib
 from mgpumanager.registry import Config, ModelEntry
 from mgpumanager.residency.planner import Resident
 from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
+from mgpumanager.upstreams.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
+from mgpumanager.upstreams.gpu import GpuReader, GpuReading, measured_mib
 
 log = logging.getLogger("mgpumanager.residency")
 

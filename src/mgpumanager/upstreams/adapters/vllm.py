@@ -5,8 +5,8 @@ say)."""
 
 from __future__ import annotations
 
-from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
 from mgpumanager.registry import Action, HttpCall
+from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport
 
 
 class VllmAdapter(BaseAdapter):

@@ -12,9 +12,9 @@ import signal
 import tempfile
 from typing import IO
 
-from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import Action
+from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport
 
 log = logging.getLogger(__name__)
 

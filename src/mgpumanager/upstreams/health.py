@@ -12,10 +12,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mgpumanager.adapters import ConsumerAdapter, HealthResult
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
+from mgpumanager.upstreams.adapters import ConsumerAdapter, HealthResult
 
 log = logging.getLogger(__name__)
 

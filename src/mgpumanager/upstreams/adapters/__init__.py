@@ -20,7 +20,8 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from mgpumanager.adapters.base import (
+from mgpumanager.registry import AdapterType, ConsumerConfig
+from mgpumanager.upstreams.adapters.base import (
     OPENAI_GPU_PATHS,
     BaseAdapter,
     ConsumerAdapter,
@@ -30,13 +31,12 @@ from mgpumanager.adapters.base import (
     relay_kind,
     residual_allowance_mib,
 )
-from mgpumanager.adapters.comfyui import ComfyUIAdapter
-from mgpumanager.adapters.command import CommandAdapter
-from mgpumanager.adapters.generic import GenericAdapter
-from mgpumanager.adapters.ollama import OllamaAdapter
-from mgpumanager.adapters.speaches import SpeachesAdapter
-from mgpumanager.adapters.vllm import VllmAdapter
-from mgpumanager.registry import AdapterType, ConsumerConfig
+from mgpumanager.upstreams.adapters.comfyui import ComfyUIAdapter
+from mgpumanager.upstreams.adapters.command import CommandAdapter
+from mgpumanager.upstreams.adapters.generic import GenericAdapter
+from mgpumanager.upstreams.adapters.ollama import OllamaAdapter
+from mgpumanager.upstreams.adapters.speaches import SpeachesAdapter
+from mgpumanager.upstreams.adapters.vllm import VllmAdapter
 
 ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
     AdapterType.GENERIC: GenericAdapter,

@@ -22,14 +22,6 @@ import pytest
 from aiohttp import web
 
 from conftest import running_broker, wait_for
-from mgpumanager.adapters import (
-    BaseAdapter,
-    ComfyUIAdapter,
-    CommandAdapter,
-    OllamaAdapter,
-    SpeachesAdapter,
-    make_adapter,
-)
 from mgpumanager.daemon import Server
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import Config, ConsumerConfig
@@ -42,6 +34,14 @@ from mgpumanager.sim.server import serve_app
 from mgpumanager.sim.speaches import FakeSpeaches, SpeachesSettings
 from mgpumanager.sim.vllm import FakeVLLM, VLLMSettings
 from mgpumanager.sim.whisper import WhisperSettings
+from mgpumanager.upstreams.adapters import (
+    BaseAdapter,
+    ComfyUIAdapter,
+    CommandAdapter,
+    OllamaAdapter,
+    SpeachesAdapter,
+    make_adapter,
+)
 
 LLM = "llm:8b"
 STT = "Systran/faster-whisper-small"

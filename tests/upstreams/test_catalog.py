@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import aiohttp
 
-from mgpumanager.adapters import make_adapter
-from mgpumanager.catalog import ModelCatalog
 from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.ollama import OllamaSettings
 from mgpumanager.sim.vllm import VLLMSettings
+from mgpumanager.upstreams.adapters import make_adapter
+from mgpumanager.upstreams.catalog import ModelCatalog
 
 SPEC = FakeSpec(
     mvoice=None,

@@ -4,7 +4,7 @@ resident; the GPU reading decides."""
 
 from __future__ import annotations
 
-from mgpumanager.adapters.base import BaseAdapter
+from mgpumanager.upstreams.adapters.base import BaseAdapter
 
 
 class GenericAdapter(BaseAdapter):

@@ -13,7 +13,9 @@ import pynvml
 import pytest
 from aiohttp import web
 
-from mgpumanager.gpu import (
+from mgpumanager.registry import GpuConfig
+from mgpumanager.sim.server import serve_app
+from mgpumanager.upstreams.gpu import (
     GpuInitError,
     GpuProcess,
     GpuReading,
@@ -23,8 +25,6 @@ from mgpumanager.gpu import (
     make_reader,
     measured_mib,
 )
-from mgpumanager.registry import GpuConfig
-from mgpumanager.sim.server import serve_app
 
 MIB = 1024 * 1024
 
@@ -222,7 +222,7 @@ async def test_nvml_error_at_run_time_then_recovery(
     fake = FakeNvml()
     reader = await started(fake, proc_root)
     fake.memory_error = pynvml.NVMLError_GpuIsLost()
-    with caplog.at_level(logging.INFO, logger="mgpumanager.gpu"):
+    with caplog.at_level(logging.INFO, logger="mgpumanager.upstreams.gpu"):
         failures = [await reader.read() for _ in range(5)]
         for reading in failures:
             assert not reading.ok

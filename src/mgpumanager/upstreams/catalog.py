@@ -14,8 +14,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mgpumanager.adapters import BaseAdapter
 from mgpumanager.registry import Config
+from mgpumanager.upstreams.adapters import BaseAdapter
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mgpumanager.adapters import ADAPTERS, make_adapter
 from mgpumanager.registry import (
     HONOURED_ACTIONS,
     AdapterType,
@@ -16,6 +15,7 @@ from mgpumanager.registry import (
     ConsumerConfig,
     parse_config,
 )
+from mgpumanager.upstreams.adapters import ADAPTERS, make_adapter
 
 HONOURED = {
     AdapterType.GENERIC: {"unload", "load"},

@@ -8,9 +8,9 @@ loads lazily. The registry's `unload:` / `load:` do not apply: Ollama's calls ar
 
 from __future__ import annotations
 
-from mgpumanager.adapters.base import BaseAdapter, ResidencyReport
 from mgpumanager.errors import Dialect
 from mgpumanager.registry import HealthConfig, HttpCall
+from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport
 
 MIB = 1024 * 1024
 # Ollama's own routes that run a model (the rest of its API manages models: no GPU).

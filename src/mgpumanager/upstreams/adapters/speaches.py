@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import quote
 
-from mgpumanager.adapters.base import BaseAdapter, ResidencyReport, UpstreamStatus
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import HttpCall
+from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport, UpstreamStatus
 
 
 class SpeachesAdapter(BaseAdapter):
