@@ -25,8 +25,8 @@ from yarl import URL
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.app import BROKER, requested_priority
 from mgpumanager.broker import CALLER, Broker
-from mgpumanager.redaction import RedactSecrets, redact_text
 from mgpumanager.registry import Caller
+from mgpumanager.relay.redaction import RedactSecrets, redact_text
 
 TOKEN = "s3cret-T0ken"
 

@@ -22,10 +22,11 @@ from mgpumanager import compat, dashboard
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
 from mgpumanager.compat import Handler, scheduled
 from mgpumanager.compat import requested_priority as requested_priority  # its home before compat.py
-from mgpumanager.errors import BrokerError, ErrorCode, error_response
-from mgpumanager.logs import shown
+from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.metrics import render
-from mgpumanager.proxy import (
+from mgpumanager.registry import KINDS, AuthConfig, Caller
+from mgpumanager.relay.logs import shown
+from mgpumanager.relay.proxy import (
     CLIENT_IDLE_S,
     CONSUMED,
     PREPARED,
@@ -33,8 +34,8 @@ from mgpumanager.proxy import (
     finish_delivery,
     safe_path,
 )
-from mgpumanager.redaction import install_log_redaction
-from mgpumanager.registry import KINDS, AuthConfig, Caller
+from mgpumanager.relay.redaction import install_log_redaction
+from mgpumanager.relay.responses import error_response
 
 log = logging.getLogger(__name__)
 

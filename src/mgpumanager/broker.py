@@ -9,18 +9,18 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from mgpumanager.bodies import receive_whole
 from mgpumanager.clock import Clock, MonotonicClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
-from mgpumanager.proxy import Body, forward
 from mgpumanager.registry import AdapterType, Caller, Config
+from mgpumanager.relay.bodies import receive_whole
+from mgpumanager.relay.proxy import Body, forward
+from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
 from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
-from mgpumanager.spool import SpooledBody
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog

@@ -12,9 +12,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from mgpumanager import logs
 from mgpumanager.discover import Target, parse_target
 from mgpumanager.registry import ConfigError, load_config
+from mgpumanager.relay import logs
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -32,12 +32,12 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from mgpumanager.bodies import Found, find_model, renamed
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
 from mgpumanager.dashboard import wants_html
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
-from mgpumanager.proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
 from mgpumanager.registry import AdapterType
+from mgpumanager.relay.bodies import Found, find_model, renamed
+from mgpumanager.relay.proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
 from mgpumanager.upstreams.adapters import OPENAI_GPU_PATHS, relay_kind
 from mgpumanager.upstreams.catalog import ModelOwner
 

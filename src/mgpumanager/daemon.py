@@ -22,9 +22,9 @@ from aiohttp import web
 
 from mgpumanager.app import make_app, make_front_door
 from mgpumanager.broker import Broker
-from mgpumanager.listener import ConnectionGuard, guard_runner, raise_file_limit
 from mgpumanager.notify import Notifier
 from mgpumanager.registry import Config, ConfigError, load_config, split_listen
+from mgpumanager.relay.listener import ConnectionGuard, guard_runner, raise_file_limit
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,8 @@ The HTTP status is the table's in every dialect.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from aiohttp import web
 
 
 class ErrorCode(enum.StrEnum):
@@ -215,16 +212,6 @@ def route_dialect(path: str) -> Dialect:
     if path.startswith(OPENAI_PREFIXES):
         return Dialect.OPENAI
     return Dialect.ENVELOPE
-
-
-def error_response(err: BrokerError, dialect: Dialect = Dialect.ENVELOPE) -> web.Response:
-    """The only place a BrokerError becomes an HTTP answer."""
-    return web.Response(
-        status=err.status,
-        body=json.dumps(err.body(dialect)).encode(),
-        content_type="application/json",
-        headers=err.headers,
-    )
 
 
 class ClientDisconnected(ConnectionResetError):

@@ -27,8 +27,8 @@ import aiohttp
 from aiohttp import web
 
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
-from mgpumanager.proxy import Body, forward, translate_client_error
 from mgpumanager.registry import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.relay.proxy import Body, forward, translate_client_error
 from mgpumanager.scheduling.lease import JobHandle
 
 log = logging.getLogger(__name__)

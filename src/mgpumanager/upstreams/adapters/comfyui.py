@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from mgpumanager.bodies import encode_json, parse_json, read_body
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
-from mgpumanager.proxy import Body
 from mgpumanager.registry import ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.relay.bodies import encode_json, parse_json, read_body
+from mgpumanager.relay.proxy import Body
 from mgpumanager.scheduling.lease import JobHandle
 from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
 

@@ -21,8 +21,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.proxy import Body, check_declared_size, client_idle_s
-from mgpumanager.spool import (
+from mgpumanager.relay.proxy import Body, check_declared_size, client_idle_s
+from mgpumanager.relay.spool import (
     CHUNK_BYTES,
     SpooledBody,
     read_client,

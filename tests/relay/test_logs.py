@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from mgpumanager.logs import RateLimit, install, shown
+from mgpumanager.relay.logs import RateLimit, install, shown
 
 
 class Clock:
@@ -52,12 +52,12 @@ def test_the_brokers_own_info_lines_pass_and_client_loggers_are_limited_at_every
     ]
     assert all(limit.filter(r) for r in info)
     left = [
-        logging.LogRecord("mgpumanager.proxy", logging.INFO, __file__, 1, "left", (), None)
+        logging.LogRecord("mgpumanager.relay.proxy", logging.INFO, __file__, 1, "left", (), None)
         for _ in range(5)
     ]
     assert [limit.filter(r) for r in left] == [True, False, False, False, False]
     warn = [
-        logging.LogRecord("mgpumanager.app", logging.WARNING, __file__, 1, "w", (), None)
+        logging.LogRecord("mgpumanager.api.app", logging.WARNING, __file__, 1, "w", (), None)
         for _ in range(3)
     ]
     assert [limit.filter(r) for r in warn] == [True, False, False]

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.spool import (
+from mgpumanager.relay.spool import (
     RELEASE_AFTER_BYTES,
     SPOOL_RESERVE_BYTES,
     SpooledBody,

@@ -16,7 +16,7 @@ from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.daemon import Server
-from mgpumanager.listener import ConnectionGuard, fault_of
+from mgpumanager.relay.listener import ConnectionGuard, fault_of
 
 # Each is refused by aiohttp's parser or before routing; the secret must never come back.
 SECRET = b"s3cr3t-token"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Loggers whose every line (any level) one request or connection can cause.
-CLIENT_LOGGERS = ("aiohttp", "asyncio", "mgpumanager.listener", "mgpumanager.proxy")
+CLIENT_LOGGERS = ("aiohttp", "asyncio", "mgpumanager.relay.listener", "mgpumanager.relay.proxy")
 
 
 @dataclass

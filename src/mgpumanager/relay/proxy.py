@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
-from mgpumanager.spool import AnswerBuffer, SpooledBody, read_client, too_large
+from mgpumanager.relay.spool import AnswerBuffer, SpooledBody, read_client, too_large
 
 log = logging.getLogger(__name__)
 

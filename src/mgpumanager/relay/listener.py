@@ -47,9 +47,10 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from mgpumanager.errors import BrokerError, ErrorCode, error_response
-from mgpumanager.logs import shown
+from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import Config
+from mgpumanager.relay.logs import shown
+from mgpumanager.relay.responses import error_response
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.daemon import Server
-from mgpumanager.spool import AnswerBuffer
+from mgpumanager.relay.spool import AnswerBuffer
 
 BIG = 32 * 1024 * 1024  # past the kernel's socket buffers and the broker's memory buffer
 
