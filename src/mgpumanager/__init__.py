@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from mgpumanager.app import make_app
+    from mgpumanager.api.app import make_app
     from mgpumanager.broker import Broker
     from mgpumanager.daemon import Server, start_server
     from mgpumanager.errors import ERROR_TABLE, BrokerError, ErrorCode
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "Server": ".daemon",
-    "make_app": ".app",
+    "make_app": ".api.app",
     "start_server": ".daemon",
     "Broker": ".broker",
     "Config": ".registry",

@@ -12,9 +12,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from mgpumanager.discover import Target, parse_target
 from mgpumanager.registry import ConfigError, load_config
 from mgpumanager.relay import logs
+from mgpumanager.tools.discover import Target, parse_target
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logs.install()  # a flood of lines any client can cause is cut to a trickle
     if args.command in ("status", "load", "unload"):
-        from mgpumanager.remote import run
+        from mgpumanager.tools.remote import run
 
         try:
             return run(args)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mgpumanager: {exc}", file=sys.stderr)
                 return 1
         if args.command == "deploy-rules":
-            from mgpumanager.deploy import RuleError, polkit_rule
+            from mgpumanager.tools.deploy import RuleError, polkit_rule
 
             config = load_config(args.config)
             try:
@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return 0
         if args.command == "init":
-            from mgpumanager.init import main_init
+            from mgpumanager.tools.init import main_init
 
             return main_init(args)
         from mgpumanager.daemon import StartupError
-        from mgpumanager.demo import run_demo
+        from mgpumanager.tools.demo import run_demo
 
         try:
             return run_loop(run_demo(args.config, args.port))

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from mgpumanager.app import make_app, make_front_door
+from mgpumanager.api.app import make_app, make_front_door
 from mgpumanager.broker import Broker
 from mgpumanager.notify import Notifier
 from mgpumanager.registry import Config, ConfigError, load_config, split_listen

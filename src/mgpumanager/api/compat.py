@@ -32,8 +32,8 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from mgpumanager.api.dashboard import wants_html
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
-from mgpumanager.dashboard import wants_html
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
 from mgpumanager.registry import AdapterType
 from mgpumanager.relay.bodies import Found, find_model, renamed

@@ -14,7 +14,7 @@ import pytest
 import mgpumanager.registry.load as config_module
 from mgpumanager.registry import AdapterType, ConfigError, load_config, parse_config, redact_url
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 gpu: {backend: static, total_mib: 24576}

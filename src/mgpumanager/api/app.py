@@ -18,12 +18,14 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from mgpumanager import compat, dashboard
+from mgpumanager.api import compat, dashboard
+from mgpumanager.api.compat import Handler, scheduled
+from mgpumanager.api.compat import (
+    requested_priority as requested_priority,  # its home before compat.py
+)
+from mgpumanager.api.metrics import render
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
-from mgpumanager.compat import Handler, scheduled
-from mgpumanager.compat import requested_priority as requested_priority  # its home before compat.py
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.metrics import render
 from mgpumanager.registry import KINDS, AuthConfig, Caller
 from mgpumanager.relay.logs import shown
 from mgpumanager.relay.proxy import (

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mgpumanager.discover import (
+from mgpumanager.registry import KINDS, GpuConfig
+from mgpumanager.tools.discover import (
     CONTEXT_MIB,
     Gpu,
     InitError,
@@ -34,8 +35,7 @@ from mgpumanager.discover import (
     one_line,
     read_gpu,
 )
-from mgpumanager.procfs import LocalSystem
-from mgpumanager.registry import KINDS, GpuConfig
+from mgpumanager.tools.procfs import LocalSystem
 from mgpumanager.upstreams.gpu import GpuProcess, GpuReading, measured_mib
 
 LISTEN = "127.0.0.1:8770"

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from conftest import SIM_MODEL, running_broker, sim_registry, sim_spec, wait_for
-from mgpumanager.remote import DEFAULT_URL, Part, bar, broker_url, memory_parts
 from mgpumanager.sim.cluster import SimCluster, start_cluster
+from mgpumanager.tools.remote import DEFAULT_URL, Part, bar, broker_url, memory_parts
 
 GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}
 

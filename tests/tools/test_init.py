@@ -21,15 +21,12 @@ import yaml
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_gpu import FakeNvml
-from test_gpu import proc as gpu_proc
+from test_proposal import FakeSystem, service
 
 from conftest import running_broker, wait_for
+from fake_nvml import FakeNvml
+from fake_nvml import proc as gpu_proc
 from mgpumanager.cli import main as cli_main
-from mgpumanager.discover import Model, Scan, ServiceKind, Target, parse_target
-from mgpumanager.init import InitError, registry_text, run_init
-from mgpumanager.procfs import Unit
-from mgpumanager.proposal import Gpu, make_plan
 from mgpumanager.registry import Config, load_config
 from mgpumanager.sim import launcher
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
@@ -40,8 +37,11 @@ from mgpumanager.sim.server import serving
 from mgpumanager.sim.speaches import SpeachesSettings
 from mgpumanager.sim.vllm import VLLMSettings
 from mgpumanager.sim.whisper import WhisperSettings
+from mgpumanager.tools.discover import Model, Scan, ServiceKind, Target, parse_target
+from mgpumanager.tools.init import InitError, registry_text, run_init
+from mgpumanager.tools.procfs import Unit
+from mgpumanager.tools.proposal import Gpu, make_plan
 from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
-from test_proposal import FakeSystem, service
 
 MIB = 1024 * 1024
 TOTAL = 40960

@@ -24,9 +24,16 @@ from typing import Any
 
 import yaml
 
-from mgpumanager.discover import USUAL_PORTS, ServiceKind, Target, scan_targets, targets_to_probe
-from mgpumanager.procfs import LocalSystem, ProcSystem
-from mgpumanager.proposal import (
+from mgpumanager.registry import ConfigError, parse_config
+from mgpumanager.tools.discover import (
+    USUAL_PORTS,
+    ServiceKind,
+    Target,
+    scan_targets,
+    targets_to_probe,
+)
+from mgpumanager.tools.procfs import LocalSystem, ProcSystem
+from mgpumanager.tools.proposal import (
     LISTEN,
     PRIORITY_WORD,
     Consumer,
@@ -36,7 +43,6 @@ from mgpumanager.proposal import (
     one_line,
     read_gpu,
 )
-from mgpumanager.registry import ConfigError, parse_config
 from mgpumanager.upstreams.gpu import NvmlApi
 
 # -- writing the registry -------------------------------------------------------------------

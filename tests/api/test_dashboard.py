@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker
-from mgpumanager import dashboard
+from mgpumanager.api import dashboard
 
 PAGE_LIMIT_BYTES = 100_000
 

@@ -13,7 +13,11 @@ import pytest
 from aiohttp import web
 
 from conftest import make_config, running_broker
-from mgpumanager.discover import (
+from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
+from mgpumanager.sim.server import bind_loopback, serving
+from mgpumanager.sim.speaches import SpeachesSettings
+from mgpumanager.sim.vllm import VLLMSettings
+from mgpumanager.tools.discover import (
     Service,
     ServiceKind,
     Target,
@@ -22,10 +26,6 @@ from mgpumanager.discover import (
     probe,
     targets_to_probe,
 )
-from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
-from mgpumanager.sim.server import bind_loopback, serving
-from mgpumanager.sim.speaches import SpeachesSettings
-from mgpumanager.sim.vllm import VLLMSettings
 
 
 def target_of(url: str) -> Target:

@@ -16,9 +16,9 @@ from aiohttp import web
 from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.app import error_middleware, make_app
+from mgpumanager.api.app import error_middleware, make_app
+from mgpumanager.api.compat import DIALECT, HTML_ROOT, consumer_api
 from mgpumanager.broker import BROKER, Broker
-from mgpumanager.compat import DIALECT, HTML_ROOT, consumer_api
 from mgpumanager.errors import ERROR_TABLE, Dialect
 from mgpumanager.sim import FakeOllama, LocalLedger, OllamaSettings, SimGPU, serving
 

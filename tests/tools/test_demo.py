@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WHISPER = re.compile(r"\s+whisper\s+(http://[\d.]+:\d+)\s")
 
 
@@ -149,8 +149,8 @@ def run_the_demo(tmp_path: Path) -> None:
 
 
 def test_port_moves_every_piece_and_the_commands_follow(tmp_path: Path) -> None:
-    from mgpumanager.demo import demo_ports, relocated
     from mgpumanager.registry import load_config
+    from mgpumanager.tools.demo import demo_ports, relocated
 
     config = load_config(ROOT / "config" / "demo.yaml")
     ports = demo_ports(config, 9000)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from mgpumanager.cli import main
-from mgpumanager.deploy import RuleError, grants, polkit_rule, systemctl_units
 from mgpumanager.registry import load_config, parse_config
+from mgpumanager.tools.deploy import RuleError, grants, polkit_rule, systemctl_units
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "mgpumanager.service"
 INSTALL = REPO / "deploy" / "install.sh"
 UNINSTALL = REPO / "deploy" / "uninstall.sh"

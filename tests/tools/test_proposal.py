@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mgpumanager.discover import Model, Service, ServiceKind, Target
-from mgpumanager.procfs import Unit
-from mgpumanager.proposal import Consumer, attribute, process_pattern, size_consumer
+from mgpumanager.tools.discover import Model, Service, ServiceKind, Target
+from mgpumanager.tools.procfs import Unit
+from mgpumanager.tools.proposal import Consumer, attribute, process_pattern, size_consumer
 from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
 
 

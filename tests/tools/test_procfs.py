@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from mgpumanager.procfs import ProcSystem, Unit
 from mgpumanager.sim.server import serve_app
+from mgpumanager.tools.procfs import ProcSystem, Unit
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="no /proc/net/tcp")

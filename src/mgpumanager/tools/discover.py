@@ -25,7 +25,8 @@ from pathlib import Path
 
 import aiohttp
 
-from mgpumanager.identify import (
+from mgpumanager.registry import is_loopback, split_listen
+from mgpumanager.tools.identify import (
     PROBE_PATHS,
     Answer,
     Answers,
@@ -39,8 +40,7 @@ from mgpumanager.identify import (
     speaches_loaded,
     status_of,
 )
-from mgpumanager.procfs import LocalSystem, Unit
-from mgpumanager.registry import is_loopback, split_listen
+from mgpumanager.tools.procfs import LocalSystem, Unit
 from mgpumanager.upstreams.gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
 
 MIB = 1024 * 1024
