@@ -143,7 +143,7 @@ async def test_the_filter_redacts_what_aiohttps_parser_quotes() -> None:
     """The record aiohttp writes for that request, built from the parser's own exception: the
     filter leaves the log line, less the token."""
     parser = HttpRequestParser(None, asyncio.get_running_loop(), 2**16)  # type: ignore[arg-type]
-    raw = b"GET / HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + TOKEN.encode() + b"\x00\r\n\r\n"
+    raw = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\x00\r\n\r\n"
     with pytest.raises(BadHttpMessage) as info:
         parser.feed_data(raw)
     assert TOKEN in str(info.value)  # what would have been logged

@@ -254,7 +254,7 @@ async def test_slowloris_leaves_the_broker_serving_and_the_log_small(plain_box: 
 MALFORMED = [
     b"G@T / HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-    b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"GET /v1/st\x00atus HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nExpect: tea\r\nContent-Length: 2\r\n\r\n{}",
