@@ -3,8 +3,11 @@ which origins are its own, and what `auth.allowed_hosts` / `auth.allowed_origins
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from mgpumanager.cli import main
 from mgpumanager.config import ConfigError, parse_config
 from mgpumanager.origins import (
     Verdict,
@@ -117,3 +120,33 @@ consumers: {}
     message = str(refused.value)
     assert "without scheme or port" in message
     assert "every web page" in message
+
+
+def test_check_config_explains_both_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        """\
+listen: 0.0.0.0:8770
+auth: {token: s3cret, allowed_hosts: [gpubox.lan], allowed_origins: ["http://localhost:3000"]}
+consumers:
+  ollama:
+    type: ollama
+    url: http://127.0.0.1:11435
+    vram_resident_mib: 1000
+    front_door: box.example:11434
+"""
+    )
+    assert main(["check-config", str(registry)]) == 0
+    out = capsys.readouterr().out
+    assert "OK (1 consumers: ollama)" in out
+    assert "answers to Host localhost, 127.0.0.1, [::1] (any port), gpubox.lan" in out
+    assert "listen 0.0.0.0:8770 is reachable beyond loopback" in out
+    assert "front door of ollama box.example:11434 listens on the name box.example" in out
+    assert "front ends let in, with CORS headers: http://localhost:3000" in out
+    registry.write_text("listen: 127.0.0.1:8770\nauth: {allowed_hosts: ['*']}\nconsumers: {}\n")
+    assert main(["check-config", str(registry)]) == 0
+    out = capsys.readouterr().out
+    assert "DNS rebinding (a web page on a name that resolves to this box) is not stopped" in out
+    assert "to let one, add its origin, e.g. auth.allowed_origins: [http://localhost:3000]" in out
