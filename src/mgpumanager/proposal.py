@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mgpumanager.frontends import FrontEnd
+
 from .config import KINDS, GpuConfig
 from .discover import (
     CONTEXT_MIB,
@@ -312,6 +314,8 @@ class Plan:
     audio_proxy: str | None
     unclaimed: list[GpuProcess]
     checks: list[str]
+    # Web front ends found (their origins are proposed for auth.allowed_origins).
+    front_ends: list[FrontEnd] = field(default_factory=list)
 
     @property
     def usable_mib(self) -> int:
