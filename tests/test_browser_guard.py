@@ -255,7 +255,11 @@ async def test_cross_site_simple_posts_run_nothing(box: Box) -> None:
             await expect_refused(
                 box, listener, method, path, headers=foreign, data=data, says="allowed_origins"
             )
-    for path, data in (("/prompt", json.dumps({"prompt": GRAPH}).encode()), ("/free", b"{}")):
+    for path, data in (
+        ("/prompt", json.dumps({"prompt": GRAPH}).encode()),
+        ("/free", b"{}"),
+        ("/upload/image", b"an image, as a form would send it"),
+    ):
         await expect_refused(
             box, "comfyui", "POST", path, headers=foreign, data=data, says="allowed_origins"
         )
