@@ -377,7 +377,13 @@ async def test_an_allowed_origin_gets_cors_headers_and_its_preflight_answered() 
                 assert "POST" in resp.headers["Access-Control-Allow-Methods"]
                 assert resp.headers["Access-Control-Allow-Headers"] == "content-type, authorization"
                 assert "Origin" in resp.headers["Vary"]
+                assert "Access-Control-Allow-Private-Network" not in resp.headers
             assert box.reached(mark) == []  # answered by the broker, never forwarded
+        # A page on a public address asks Chromium's Private Network Access question too.
+        private = {**preflight, "Access-Control-Request-Private-Network": "true"}
+        async with http.options(f"{base}/api/chat", headers=private) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Private-Network"] == "true"
         # A preflight from a page not listed: refused, with no CORS headers.
         foreign = {**preflight, "Origin": FOREIGN_ORIGIN}
         async with http.options(f"{base}/api/chat", headers=foreign) as resp:

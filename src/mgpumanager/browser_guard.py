@@ -8,8 +8,9 @@ so its 403 `forbidden` comes in the dialect of the route it was sent to, and bef
 A request from an origin in `auth.allowed_origins` is served with CORS headers
 (`Access-Control-Allow-Origin` set to that origin, replacing any the upstream sent, and
 `Vary: Origin`); its preflight (`OPTIONS` with `Access-Control-Request-Method`) is answered
-here, never forwarded. Requests from the listener's own origin and requests without `Origin`
-get none. The registry is read on each request, so a SIGHUP reload applies at once.
+here, never forwarded (Chromium's Private Network Access question included). Requests from
+the listener's own origin and requests without `Origin` get none. The registry is read on each
+request, so a SIGHUP reload applies at once.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
     asked = request.headers.get("Access-Control-Request-Headers")
     if asked:
         headers["Access-Control-Allow-Headers"] = asked  # the origin is trusted: what it asks
+    if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        # Chromium asks before a page on a public address may call a loopback or LAN one.
+        headers["Access-Control-Allow-Private-Network"] = "true"
     return web.Response(status=204, headers=headers)
 
 
