@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.file}: OK ({len(config.consumers)} consumers: "
                 f"{', '.join(config.consumers)})"
             )
+            from mgpumanager.tools.browser_notes import browser_notes
+
+            print("\n".join(browser_notes(config)))
             return 0
         if args.command == "serve":
             from mgpumanager.daemon import StartupError, serve

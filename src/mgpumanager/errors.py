@@ -46,6 +46,7 @@ class ErrorCode(enum.StrEnum):
     EVICTION_FAILED = "eviction_failed"
     LOAD_FAILED = "load_failed"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CLIENT_TIMEOUT = "client_timeout"
     TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -66,6 +67,9 @@ ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
         400, False, "malformed request (bad JSON, bad header, bad path)"
     ),
     ErrorCode.UNAUTHORIZED: ErrorSpec(401, False, "missing or wrong bearer token"),
+    ErrorCode.FORBIDDEN: ErrorSpec(
+        403, False, "foreign Host or Origin: not a name of the broker or an allowed web page"
+    ),
     ErrorCode.NOT_FOUND: ErrorSpec(404, False, "no such route"),
     ErrorCode.NO_CONSUMER: ErrorSpec(404, False, "no consumer is routed for this kind"),
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, False, "no consumer serves the requested model"),

@@ -351,9 +351,12 @@ async def test_upstream_relays_everything_and_schedules_only_gpu_routes(
         same = {"Origin": server.url}
         async with client.post(f"{base}/x", headers=same) as resp:
             assert (await resp.json())["origin"] == upstream.url
+        # Another site's page is refused by the broker: the upstream never sees it.
+        seen = len(upstream.requests)
         other = {"Origin": "http://evil.example"}
         async with client.post(f"{base}/x", headers=other) as resp:
-            assert (await resp.json())["origin"] == "http://evil.example"
+            assert resp.status == 403
+        assert len(upstream.requests) == seen
 
 
 @pytest.mark.parametrize(

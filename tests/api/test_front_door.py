@@ -247,10 +247,13 @@ async def test_a_page_at_the_root_works_unchanged_through_its_front_door(
             f"{door}/api/settings", json={"theme": "dark"}, headers={"Origin": door}
         ) as resp:
             assert (resp.status, await resp.json()) == (200, {"saved": {"theme": "dark"}})
-        # Another site's Origin is passed on as it came, for the service to judge.
+        # Another site's Origin is refused by the broker itself: the service never sees it.
+        seen = len(upstream.requests)
         evil = {"Origin": "http://evil.example"}
         async with client.post(f"{door}/api/settings", json={}, headers=evil) as resp:
             assert resp.status == 403
+            assert (await resp.json())["error"] == "forbidden"
+        assert len(upstream.requests) == seen
         # The door is the consumer's API only: the broker's own routes are not there.
         async with client.get(f"{door}/v1/status") as resp:
             # The upstream's own 404 (aiohttp's text), passed through; not the broker's JSON.

@@ -115,7 +115,7 @@ async def test_non_ascii_bearer_bytes_get_the_401_envelope(
         for value in (b"Bearer \xff\xfe", f"Bearer {TOKEN}\xe9".encode("latin-1")):
             status, body = await raw_exchange(
                 server.url,
-                b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                 b"Authorization: " + value + b"\r\n\r\n",
             )
             assert status == 401
@@ -132,7 +132,7 @@ async def test_a_token_followed_by_a_nul_byte_never_reaches_the_log(
     async with running_broker(config) as server:
         status, _ = await raw_exchange(
             server.url,
-            b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
             b"Authorization: Bearer " + TOKEN.encode() + b"\x00\r\n\r\n",
         )
     assert status == 400

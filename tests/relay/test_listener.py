@@ -21,19 +21,19 @@ from mgpumanager.relay.listener import ConnectionGuard, fault_of
 # Each is refused by aiohttp's parser or before routing; the secret must never come back.
 SECRET = b"s3cr3t-token"
 MALFORMED = {
-    "bad method": b"G@T / HTTP/1.1\r\nHost: x\r\nX-T: " + SECRET + b"\r\n\r\n",
+    "bad method": b"G@T / HTTP/1.1\r\nHost: localhost\r\nX-T: " + SECRET + b"\r\n\r\n",
     "duplicate Content-Length": (
-        b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
+        b"POST /v1/tts HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
         b"X-T: " + SECRET + b"\r\n\r\n{}"
     ),
     "Content-Length with Transfer-Encoding": (
-        b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"POST /v1/tts HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
         b"Transfer-Encoding: chunked\r\nX-T: " + SECRET + b"\r\n\r\n0\r\n\r\n"
     ),
-    "a line over 8 KB": b"GET /" + SECRET + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    "NUL in the path": b"GET /v1/" + SECRET + b"\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "a line over 8 KB": b"GET /" + SECRET + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "NUL in the path": b"GET /v1/" + SECRET + b"\x00 HTTP/1.1\r\nHost: localhost\r\n\r\n",
     "unknown Expect": (
-        b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nExpect: " + SECRET + b"\r\n"
+        b"POST /v1/tts HTTP/1.1\r\nHost: localhost\r\nExpect: " + SECRET + b"\r\n"
         b"Content-Length: 2\r\n\r\n{}"
     ),
     "TLS on the HTTP port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + SECRET,
@@ -41,7 +41,7 @@ MALFORMED = {
         b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + SECRET + b"\r\n"
     ),
 }
-CLOSE_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+CLOSE_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -141,7 +141,7 @@ async def test_a_trickled_request_head_is_cut_at_the_deadline(upstream: Upstream
         writer.close()
         # An idle keep-alive connection gets the same deadline after its answer.
         reader, writer = await connect(server)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert status.startswith(b"HTTP/1.1 200")
         assert await asyncio.wait_for(reader.read(), 10) == b'{"status": "ok"}'
@@ -197,7 +197,7 @@ async def test_clients_that_leave_end_quietly_and_count_as_cancelled(
         core = server.broker.lease.core
         for _ in range(3):  # mid-answer, three times
             reader, writer = await connect(server)
-            writer.write(b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            writer.write(b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}")
             await reader.readuntil(b'{"response":"a"}\n')
             writer.transport.abort()
         await wait_for(lambda: core.stats().cancelled == 3, what="three cancelled")

@@ -43,7 +43,7 @@ async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamW
 
 def head(path: str, length: int, extra: str = "") -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: broker\r\nContent-Type: application/octet-stream\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n"
         f"Content-Length: {length}\r\n{extra}\r\n"
     ).encode()
 

@@ -147,7 +147,7 @@ async def test_a_storm_of_leaving_clients_leaves_nothing_behind(
         when = rng.choice(["mid-body", "queued", "queued", "mid-answer", "mid-answer"])
         sent = body[: rng.randrange(len(body))] if when == "mid-body" else body
         writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
             + sent
         )

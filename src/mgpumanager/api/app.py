@@ -18,7 +18,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from mgpumanager.api import compat, dashboard
+from mgpumanager.api import browser_guard, compat, dashboard
 from mgpumanager.api.compat import Handler, scheduled
 from mgpumanager.api.compat import (
     requested_priority as requested_priority,  # its home before compat.py
@@ -178,11 +178,18 @@ def _application(broker: Broker) -> web.Application:
     """An application of the broker: what every listener's has in common (the errors, auth,
     the body limit)."""
     install_log_redaction()  # aiohttp quotes unparsable header lines, tokens included
-    middlewares: list[Middleware] = [error_middleware, auth_middleware]
+    # The Host and Origin checks before anything else runs (auth included), behind the one
+    # place errors are answered.
+    middlewares: list[Middleware] = [
+        error_middleware,
+        browser_guard.browser_guard,
+        auth_middleware,
+    ]
     # client_max_size bounds only bodies read whole (a ComfyUI prompt); streamed bodies are
     # counted as they pass (proxy._BodyLimit).
     app = web.Application(middlewares=middlewares, client_max_size=broker.config.max_body_mib * MIB)
     app[BROKER] = broker
+    browser_guard.install(app)  # CORS headers for answers to allowed origins
     return app
 
 

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from mgpumanager.registry.origins import normal_host, normal_origin
+
 KINDS = ("tts", "stt", "llm", "image")
 
 
@@ -230,6 +232,8 @@ def _check_token(v: SecretStr) -> SecretStr:
 
 
 Token = Annotated[SecretStr, AfterValidator(_check_token)]
+AllowedHost = Annotated[str, AfterValidator(normal_host)]
+AllowedOrigin = Annotated[str, AfterValidator(normal_origin)]
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,12 @@ class AuthConfig(_Model):
     tokens: list[TokenConfig] = []
     # Serving beyond loopback without a token is refused unless this says it is meant.
     allow_unauthenticated: bool = False
+    # Host names every listener answers to besides loopback names and the address a
+    # connection arrived on ("*": any); a foreign Host (DNS rebinding) gets 403 forbidden.
+    allowed_hosts: list[AllowedHost] = []
+    # Web origins (scheme://host[:port]) besides a listener's own whose pages may use it;
+    # they get CORS headers. A request from any other Origin gets 403 forbidden.
+    allowed_origins: list[AllowedOrigin] = []
 
     @property
     def required(self) -> bool:

@@ -32,6 +32,7 @@ from mgpumanager.tools.discover import (
     scan_targets,
     targets_to_probe,
 )
+from mgpumanager.tools.frontends import FRONT_END_PORTS, find_front_ends
 from mgpumanager.tools.procfs import LocalSystem, ProcSystem
 from mgpumanager.tools.proposal import (
     LISTEN,
@@ -206,6 +207,7 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
     doc.blank()
     data["listen"] = LISTEN
     doc.put("listen", LISTEN, note="the broker's own address")
+    _write_front_ends(doc, plan)
     gpu: dict[str, Any] = {"backend": plan.gpu.backend}
     if plan.gpu.sim_url is not None:
         gpu["sim_url"] = plan.gpu.sim_url
@@ -242,6 +244,24 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
         data["consumers"][c.name] = cdata
         _write_consumer(doc, c, cdata, plan)
     return doc.text(), data
+
+
+def _write_front_ends(doc: _Doc, plan: Plan) -> None:
+    """The origins of the web front ends found, proposed for auth.allowed_origins, commented."""
+    if not plan.front_ends:
+        return
+    found = ", ".join(f"{f.name} on {f.target.address}" for f in plan.front_ends)
+    doc.comment(
+        f"Front ends found: {found}. A web page of another origin may not use the broker "
+        "(403 forbidden) unless listed here; a front end whose server talks to the broker "
+        "(Open WebUI's does by default) sends no Origin and needs nothing. Uncomment for "
+        "pages that call the broker from the browser:"
+    )
+    doc.lines.append("# auth:")
+    doc.lines.append("#   allowed_origins:")
+    for f in plan.front_ends:
+        for origin in f.origins:
+            doc.lines.append(f"#     - {origin}  # {f.name}")
 
 
 def _write_consumer(doc: _Doc, c: Consumer, cdata: dict[str, Any], plan: Plan) -> None:
@@ -320,6 +340,8 @@ def summary(plan: Plan, out: Path) -> str:
         lines.append(f"  {'?':<12} {'not identified':<18} {u.target.url:<24} {u.detail}")
     for t in plan.scan.silent:
         lines.append(f"  {'-':<12} {'nothing answers':<18} {t.url}")
+    for f in plan.front_ends:
+        lines.append(f"  {'-':<12} {f.name:<18} {f.target.url:<24} a front end, not a consumer")
     lines += ["", "Proposed:"]
     routes = ", ".join(f"{k} -> {v}" for k, v in plan.routing.items())
     lines.append(f"  routing      {routes or 'none'}")
@@ -345,6 +367,12 @@ def summary(plan: Plan, out: Path) -> str:
                 f"    {c.name}: broker on {fd.listen}, {c.service.kind.label} moves to "
                 f"{fd.moved_url.removeprefix('http://')}: {fd.how}"
             )
+    if plan.front_ends:
+        origins = ", ".join(o for f in plan.front_ends for o in f.origins)
+        lines.append(
+            f"  allowed_origins  {origins} (commented: only for pages that call the broker "
+            "from the browser)"
+        )
     lines += ["", "Check by hand:"]
     lines += [f"  - {one_line(line, 400)}" for line in plan.checks] or ["  nothing"]
     lines += [
@@ -399,6 +427,7 @@ async def run_init(
     force: bool = False,
     gpu_sim: str | None = None,
     usual_ports: Sequence[int] = USUAL_PORTS,
+    front_end_ports: Sequence[int] | None = None,  # None: FRONT_END_PORTS, or () without usual
     system: LocalSystem | None = None,
     written_at: dt.datetime | None = None,
     nvml: NvmlApi | None = None,
@@ -409,7 +438,19 @@ async def run_init(
     gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root)
     system = system if system is not None else ProcSystem(proc_root)
     found = await scan_targets(targets_to_probe(scan, usual_ports), system=system)
+    if front_end_ports is None:
+        front_end_ports = FRONT_END_PORTS if usual_ports else ()
+    fronts = await find_front_ends(
+        [Target("127.0.0.1", port) for port in front_end_ports]
+        + [u.target for u in found.unidentified]
+    )
+    # A front end is identified now: not reported as an unknown service.
+    seen = {(f.target.host, f.target.port) for f in fronts}
+    found.unidentified = [
+        u for u in found.unidentified if (u.target.host, u.target.port) not in seen
+    ]
     plan = make_plan(found, gpu, system)
+    plan.front_ends = fronts
     if not plan.consumers:
         probed = ", ".join(t.address for t in targets_to_probe(scan, usual_ports))
         extra = "".join(f"\n  {line}" for line in plan.checks)

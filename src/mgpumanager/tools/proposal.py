@@ -35,6 +35,7 @@ from mgpumanager.tools.discover import (
     one_line,
     read_gpu,
 )
+from mgpumanager.tools.frontends import FrontEnd
 from mgpumanager.tools.procfs import LocalSystem
 from mgpumanager.upstreams.gpu import GpuProcess, GpuReading, measured_mib
 
@@ -308,6 +309,8 @@ class Plan:
     audio_proxy: str | None
     unclaimed: list[GpuProcess]
     checks: list[str]
+    # Web front ends found (their origins are proposed for auth.allowed_origins).
+    front_ends: list[FrontEnd] = field(default_factory=list)
 
     @property
     def usable_mib(self) -> int:
