@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean
+.PHONY: check build test test-fast lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean
+
+# The default: everything CI checks (lint, then the whole suite).
+check: lint test
 
 build: $(STAMP)
 
@@ -18,6 +21,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The suite without the end-to-end runs marked `slow` (a quick loop while working).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m 'not slow'
 
 # The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
 # 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
@@ -31,6 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 run: $(STAMP)
 	$(BIN)/mgpumanager serve --config $(CONFIG)
