@@ -129,7 +129,10 @@ def bearer_caller(auth: AuthConfig, header: str) -> Caller | None:
 
 async def kind_job(request: web.Request) -> web.StreamResponse:
     kind = request.match_info["kind"]
-    return await scheduled(request, kind, request.app[BROKER].route(kind))
+    broker = request.app[BROKER]
+    name = broker.route(kind)
+    # A kind the consumer has no path for is refused now, not after a swap.
+    return await scheduled(request, name, broker.adapters[name].path_for(kind))
 
 
 async def audio(request: web.Request) -> web.StreamResponse:

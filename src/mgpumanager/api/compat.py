@@ -35,10 +35,11 @@ from aiohttp import web
 from mgpumanager.api.dashboard import wants_html
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
-from mgpumanager.registry import AdapterType
+from mgpumanager.registry import AdapterType, HttpCall
 from mgpumanager.relay.bodies import Found, find_model, renamed
+from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
-from mgpumanager.upstreams.adapters import OPENAI_GPU_PATHS, relay_kind
+from mgpumanager.upstreams.adapters import OPENAI_GPU_PATHS
 from mgpumanager.upstreams.catalog import ModelOwner
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ FRONT_DOOR: web.AppKey[str] = web.AppKey("mgpumanager.front_door", str)
 
 UPSTREAM_PREFIX = "/upstream/"
 OLLAMA_RUN = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings")
+OLLAMA_STREAMING = frozenset({"/api/generate", "/api/chat"})
 # Model management: the body field(s) naming the model, in the order they route.
 OLLAMA_MANAGE: dict[str, tuple[str, ...]] = {
     "/api/show": ("model", "name"),
@@ -89,17 +91,42 @@ def requested_priority(request: web.Request) -> int | None:
 
 
 async def scheduled(
-    request: web.Request, kind: str, name: str, found: Found | None = None
+    request: web.Request,
+    name: str,
+    call: HttpCall,
+    found: Found | None = None,
+    *,
+    streams: bool = False,
 ) -> web.StreamResponse:
-    """Run `request` as a GPU job of consumer `name` (queue, lease, residency, relay), with the
-    model and body a surface has read, if any."""
+    """Run `request` as a GPU job of consumer `name` sent to its `call` (queue, lease,
+    residency, relay), with the model and body a surface has read, if any."""
     found = found or Found(None, None)
     try:
-        return await request.app[BROKER].run_job(
-            request, kind, name, requested_priority(request), model=found.model, body=found.body
+        spec = JobSpec(
+            consumer=name,
+            call=call,
+            model=found.model,
+            body=found.body,
+            priority=requested_priority(request),
+            label=job_label(request, found.model),
+            streams=streams,
         )
+        return await request.app[BROKER].run_job(request, spec)
     finally:
         found.close()
+
+
+def job_label(request: web.Request, model: str | None) -> str:
+    """What a job is, as the queue, the events and recent jobs show it: its route, its model,
+    and who sent it where a named token says (`auth.tokens`)."""
+    label = request.path if model is None else f"{request.path} {model}"
+    caller = request.get(CALLER)
+    return label if caller is None else f"{label} ({caller.name})"
+
+
+def relay_call(request: web.Request, path: str | None = None) -> HttpCall:
+    """The client's own method, sent to `path` upstream (default: the request's own path)."""
+    return HttpCall(method=request.method, path=request.path if path is None else path)
 
 
 def max_body(broker: Broker) -> int:
@@ -167,7 +194,9 @@ async def ollama_heartbeat(request: web.Request) -> web.StreamResponse:
 async def ollama_run(request: web.Request) -> web.StreamResponse:
     """generate / chat / embed: GPU jobs, to the consumer that has the model."""
     name, found = await ollama_route(request, ("model",))
-    return await scheduled(request, relay_kind("POST", request.path), name, found)
+    # generate and chat stream unless the body says `"stream": false`; embeddings never do.
+    streams = request.path in OLLAMA_STREAMING and (found.obj or {}).get("stream") is not False
+    return await scheduled(request, name, relay_call(request), found, streams=streams)
 
 
 async def ollama_manage(request: web.Request) -> web.StreamResponse:
@@ -293,8 +322,9 @@ async def openai_run(request: web.Request) -> web.StreamResponse:
     except BaseException:
         found.close()
         raise
+    streams = (found.obj or {}).get("stream") is True
     found = renamed(found, "model", owner.target)
-    return await scheduled(request, relay_kind("POST", request.path), owner.consumer, found)
+    return await scheduled(request, owner.consumer, relay_call(request), found, streams=streams)
 
 
 # -- every consumer's own API ----------------------------------------------------------------
@@ -348,7 +378,7 @@ async def relay_consumer(request: web.Request, name: str, path: str) -> web.Stre
         owner = broker.catalog.owner(found.model, [name]) if found.model else None
         if owner is not None:
             found = renamed(found, "model", owner.target)
-    return await scheduled(request, relay_kind(request.method, path), name, found)
+    return await scheduled(request, name, relay_call(request, path), found)
 
 
 def same_site_origin(request: web.Request, base_url: str) -> dict[str, str]:

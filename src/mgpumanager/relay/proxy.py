@@ -127,7 +127,7 @@ class _ClientBody:
     request body in its own ClientConnectionError, so the verdict (too large, the client went
     quiet or away) is kept here, where the caller can read it."""
 
-    def __init__(self, max_body_bytes: int, consumer: str) -> None:
+    def __init__(self, max_body_bytes: int | None, consumer: str) -> None:
         self.max_body_bytes = max_body_bytes
         self.consumer = consumer
         self.error: BrokerError | ClientDisconnected | None = None
@@ -137,7 +137,7 @@ class _ClientBody:
         try:
             async for chunk in chunks:
                 seen += len(chunk)
-                if seen > self.max_body_bytes:
+                if self.max_body_bytes is not None and seen > self.max_body_bytes:
                     raise too_large(self.max_body_bytes, self.consumer)
                 yield chunk
         except (BrokerError, ClientDisconnected) as exc:
@@ -238,7 +238,7 @@ async def forward(
     method: str,
     path: str,
     consumer: str,
-    max_body_bytes: int,
+    max_body_bytes: int | None,
     body: Body | None = None,
 ) -> web.StreamResponse:
     """Relay `request` to `base_url + path`; return once the upstream's answer has been read
@@ -247,8 +247,14 @@ async def forward(
     `body`, when given, replaces the client's body: bytes (a surface or adapter that rewrote
     it: a ComfyUI prompt_id, an alias resolved) or a SpooledBody (received whole, or its head
     read already); otherwise the client's body is streamed through as it arrives.
+
+    `max_body_bytes` bounds what is still read from the client (its declared size is checked
+    here, where that reading starts); None: the body was received whole before (a job's).
     """
-    check_declared_size(request, max_body_bytes, consumer)
+    if body is None and request.body_exists:
+        if max_body_bytes is None:
+            raise RuntimeError("a job's body is received whole before it is relayed")
+        check_declared_size(request, max_body_bytes, consumer)
     idle_s = client_idle_s(request)
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
     drop = list(request.get(CONSUMED, ()))

@@ -28,7 +28,6 @@ from mgpumanager.upstreams.adapters.base import (
     HealthResult,
     ResidencyReport,
     UpstreamStatus,
-    relay_kind,
     residual_allowance_mib,
 )
 from mgpumanager.upstreams.adapters.comfyui import ComfyUIAdapter
@@ -67,6 +66,5 @@ __all__ = [
     "UpstreamStatus",
     "VllmAdapter",
     "make_adapter",
-    "relay_kind",
     "residual_allowance_mib",
 ]

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.registry import ConsumerConfig, HealthConfig, HttpCall
-from mgpumanager.relay.bodies import encode_json, parse_json, read_body
+from mgpumanager.relay.bodies import encode_json, parse_json
+from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.proxy import Body
 from mgpumanager.scheduling.lease import JobHandle
 from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
@@ -94,11 +95,10 @@ class ComfyUIAdapter(BaseAdapter):
                 "POST", "/free", body=body, timeout_s=self.config.unload_timeout_s
             )
 
-    def check_body(self, kind: str, body: Body | None) -> None:
+    def check_body(self, spec: JobSpec) -> None:
         """A prompt that could never run is refused before it queues for the GPU."""
-        call = self.path_for(kind)
-        if call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS:
-            self._prompt(body if body is not None else b"")
+        if _posts_prompt(spec.call):
+            self._prompt(spec.body if spec.body is not None else b"")
 
     def _prompt(self, body: Body) -> dict[str, Any]:
         """The prompt a body holds (received whole), or a bad_request saying why not."""
@@ -122,21 +122,13 @@ class ComfyUIAdapter(BaseAdapter):
         return prompt
 
     async def forward(
-        self,
-        request: web.Request,
-        kind: str,
-        job: JobHandle,
-        max_body_bytes: int,
-        body: Body | None = None,
+        self, request: web.Request, spec: JobSpec, job: JobHandle
     ) -> web.StreamResponse:
-        call = self.path_for(kind)
-        if call.method != "POST" or call.path.split("?", 1)[0] not in PROMPT_PATHS:
-            return await super().forward(request, kind, job, max_body_bytes, body)
+        if not _posts_prompt(spec.call):
+            return await super().forward(request, spec, job)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        if body is None:
-            body = await read_body(request, max_body_bytes, self.name)
-        prompt = self._prompt(body)
+        prompt = self._prompt(spec.body if spec.body is not None else b"")
         prompt_id = str(prompt.get("prompt_id") or uuid.uuid4())
         prompt["prompt_id"] = prompt_id
         ws: aiohttp.ClientWebSocketResponse | None = None
@@ -152,7 +144,7 @@ class ComfyUIAdapter(BaseAdapter):
             ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
-            response = await self.relay(request, call, max_body_bytes, body=posted)
+            response = await self.relay(request, spec.call, posted)
         except BaseException:
             # The prompt may be on ComfyUI's queue already (the client went away while its
             # answer was relayed): stop it before the lease goes, or it runs unguarded.
@@ -274,3 +266,8 @@ class ComfyUIAdapter(BaseAdapter):
 
     def uses_gpu(self, method: str, path: str) -> bool:
         return (method == "POST" and path in PROMPT_PATHS) or super().uses_gpu(method, path)
+
+
+def _posts_prompt(call: HttpCall) -> bool:
+    """`call` queues a prompt (ComfyUI's `POST /prompt`, or `/api/prompt`)."""
+    return call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS
