@@ -19,11 +19,12 @@ from .events import EventBus, History, JobEvents
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .idle import IdleKeeper
+from .json_bodies import check_json
 from .lease import Lease
 from .proxy import Body, forward
 from .records import State
 from .residency import Residency
-from .scheduler import ConsumerPolicy, SchedulerCore
+from .scheduler import ConsumerPolicy, Outcome, SchedulerCore
 from .spool import SpooledBody
 from .status import Status, build_status
 
@@ -346,6 +347,7 @@ class Broker:
         whole = await receive_whole(request, body, max_body, name)
         try:
             adapter.check_body(kind, whole)  # a body that could never run does not queue
+            check_json(request, kind, adapter.path_for(kind).path, whole, name)
             if self.idle is not None:
                 self.idle.interrupt()  # a warm load gives way to a job at once
             async with self.lease.job(
@@ -359,7 +361,10 @@ class Broker:
                 self.residency.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
-                        return await adapter.forward(request, kind, job, max_body, whole)
+                        answer = await adapter.forward(request, kind, job, max_body, whole)
+                    if answer.status >= 400:  # relayed as it came, but not done
+                        job.outcome, job.status = Outcome.UPSTREAM_ERROR, answer.status
+                    return answer
                 except TimeoutError:
                     raise BrokerError(
                         ErrorCode.UPSTREAM_TIMEOUT,

@@ -31,7 +31,7 @@ class StatusCollector(Collector):
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         jobs = CounterMetricFamily(f"{PREFIX}_jobs", "jobs by outcome", labels=["outcome"])
         jobs.add_metric(["submitted"], sched.total_jobs)
-        for outcome in ("completed", "failed", "cancelled", "timed_out"):
+        for outcome in ("completed", "upstream_error", "failed", "cancelled", "timed_out"):
             jobs.add_metric([outcome], getattr(sched, outcome))
         yield jobs
         for name, doc in (

@@ -288,7 +288,8 @@ def render(status: dict[str, Any], url: str, width: int = 100, evictions: int = 
             f"waiting {_secs(j['age_s'])}"
         )
     lines.append(
-        f"  completed {sched['completed']}, failed {sched['failed']}, cancelled "
+        f"  completed {sched['completed']}, upstream errors {sched.get('upstream_error', 0)}, "
+        f"failed {sched['failed']}, cancelled "
         f"{sched['cancelled']}, timed out {sched['timed_out']}; swaps {sched['swaps']}, "
         f"evictions {sched['evictions']} ({sched['eviction_failures']} failed)"
     )

@@ -84,9 +84,10 @@ class JobStatus(BaseModel):
     job: int
     consumer: str
     label: str
-    outcome: str
+    outcome: str  # completed (2xx/3xx), upstream_error, failed, cancelled, timed_out
     wait_s: float | None
     run_s: float | None
+    status: int | None = None  # the upstream's HTTP status of an upstream_error
 
 
 class EvictionStatus(BaseModel):
@@ -117,7 +118,8 @@ class SchedulerStatus(BaseModel):
     oldest_queued: float | None
     holder: str | None
     accepting: bool
-    completed: int
+    completed: int  # the upstream answered 2xx/3xx
+    upstream_error: int  # it answered 4xx/5xx
     failed: int
     cancelled: int
     timed_out: int

@@ -388,7 +388,8 @@ function renderScheduler(status) {
     h("td", { class: "num" }, j.priority), h("td", { class: "num" }, secs(j.age_s))));
   fill($("queue").tBodies[0], rows, 5, "nobody waits");
   const counters = [
-    ["completed", s.completed], ["failed", s.failed], ["cancelled", s.cancelled],
+    ["completed", s.completed], ["upstream errors", s.upstream_error], ["failed", s.failed],
+    ["cancelled", s.cancelled],
     ["timed out", s.timed_out], ["swaps", s.swaps], ["evictions", s.evictions],
     ["eviction failures", s.eviction_failures], ["load failures", s.load_failures],
     ["handoffs", s.handoffs], ["swap time", secs(s.swap_seconds)],
@@ -414,7 +415,7 @@ function renderJobs(jobs) {
   const rows = jobs.map((j) => h("tr", {},
     h("td", {}, clock(j.time)), h("td", {}, j.label || "—"), h("td", {}, j.consumer),
     h("td", { class: "num" }, secs(j.wait_s)), h("td", { class: "num" }, secs(j.run_s)),
-    h("td", {}, pill(j.outcome))));
+    h("td", {}, pill(j.status ? `${j.outcome} ${j.status}` : j.outcome, j.outcome))));
   fill($("jobs").tBodies[0], rows, 6, "no job yet");
 }
 
@@ -427,7 +428,7 @@ function describe(e) {
     case "job.granted":
       return `${job(e)} → ${e.consumer} after ${secs(e.wait_s)}${e.swap ? ", swap" : ""}`;
     case "job.finished":
-      return `${job(e)} ${e.outcome}: waited ${secs(e.wait_s)}, ran ${secs(e.run_s)}`;
+      return `${job(e)} ${e.outcome}${e.status ? " " + e.status : ""}: waited ${secs(e.wait_s)}, ran ${secs(e.run_s)}`;
     case "eviction.planned":
       return `${e.target} needs ${mib(e.need_mib)} MiB, headroom ${mib(e.headroom_mib)}: ` +
         `evicting ${e.victims.join(", ")}`;
