@@ -257,6 +257,8 @@ def render(status: dict[str, Any], url: str, width: int = 100, evictions: int = 
     ]
     for name, c in consumers.items():
         health = {None: "not probed", True: "healthy", False: "FAILING"}[c["healthy"]]
+        if c.get("health_state") == "stopped":
+            health = "stopped"  # on demand: its next job starts it
         residency = c["residency"]
         if c["resident_models"]:
             residency += f" ({', '.join(c['resident_models'])})"

@@ -41,6 +41,9 @@ class ConsumerStatus(BaseModel):
     type: str
     url: str
     healthy: bool | None = _from("ok")
+    # ok, failing, or stopped (an on-demand service not running; its next job starts it);
+    # None: not probed yet
+    health_state: str | None
     health_detail: str
     residency: str = _from("state")
     residency_detail: str = _from("detail")
@@ -173,6 +176,7 @@ def build_status(broker: Broker) -> Status:
                 "url": redact_url(c.url),  # credentials in a URL are secrets
                 **dataclasses.asdict(health),
                 "health_detail": health.detail,
+                "health_state": health.health_state,
                 **_fields(record),  # after health: its `detail` is the residency's
                 "state": str(record.state),
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,

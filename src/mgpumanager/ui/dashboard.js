@@ -327,7 +327,8 @@ function renderConsumers(status) {
     const r = state.rows[name] || (state.rows[name] = consumerRow(name));
     r.sub.textContent = `${c.type} · priority ${c.priority}${c.pinned ? " · pinned" : ""}`;
     const health = c.healthy === null ? pill("not probed", "unloaded")
-      : c.healthy ? pill("healthy", "ok") : pill("failing", "bad");
+      : c.healthy ? pill("healthy", "ok")
+      : c.health_state === "stopped" ? pill("stopped", "unloaded") : pill("failing", "bad");
     r.health.replaceChildren(health);
     r.health.title = c.health_detail;
     const models = c.resident_models.length
@@ -444,7 +445,8 @@ function describe(e) {
     case "residency.changed":
       return `${e.consumer}: ${e.previous} → ${e.residency} (${e.reason})`;
     case "health.changed":
-      return `${e.consumer}: ${e.healthy ? "healthy" : "failing"} (${e.detail})`;
+      return `${e.consumer}: ${e.healthy ? "healthy"
+        : e.health_state === "stopped" ? "stopped" : "failing"} (${e.detail})`;
     default: return JSON.stringify(e);
   }
 }
