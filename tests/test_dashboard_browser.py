@@ -26,10 +26,11 @@ from mgpumanager.broker import Broker
 from mgpumanager.config import Config, load_config, split_listen
 from mgpumanager.daemon import Server, start_server
 from mgpumanager.demo import DEMO_MODEL, ephemeral_registry, ephemeral_spec
+from mgpumanager.registries import demo_registry
 from mgpumanager.sim.cluster import start_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "config" / "demo.yaml"
+DEMO = demo_registry()
 TOKEN = "dashboard-test-token"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 PAGE_LIMIT_BYTES = 100_000

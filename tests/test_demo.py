@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BROKER_PORT, FIXED_PORTS
+from mgpumanager.registries import demo_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 WHISPER = re.compile(r"\s+whisper\s+(http://[\d.]+:\d+)\s")
@@ -163,7 +164,7 @@ def test_port_moves_every_piece_and_the_commands_follow(tmp_path: Path) -> None:
     from mgpumanager.config import load_config
     from mgpumanager.demo import demo_ports, relocated
 
-    config = load_config(ROOT / "config" / "demo.yaml")
+    config = load_config(demo_registry())
     ports = demo_ports(config, 9000)
     assert ports == {
         "broker": 9000,
@@ -195,7 +196,7 @@ def test_the_fixed_ports_no_test_may_bind_are_the_demos_and_the_brokers(
     from mgpumanager.config import load_config
     from mgpumanager.demo import demo_ports
 
-    shipped = demo_ports(load_config(ROOT / "config" / "demo.yaml"), None)
+    shipped = demo_ports(load_config(demo_registry()), None)
     assert set(shipped.values()) == FIXED_PORTS
     assert shipped["broker"] == BROKER_PORT
     # a bind to one of them fails the test, even where the code under test catches OSError

@@ -25,13 +25,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the broker")
-    serve.add_argument("--config", type=Path, default=Path("config/consumers.yaml"))
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the registry (default /etc/mgpumanager/consumers.yaml, where it exists)",
+    )
     check = sub.add_parser("check-config", help="validate a registry, list every problem")
     check.add_argument("file", type=Path)
     demo = sub.add_parser(
         "demo", help="simulated 24 GiB GPU + fake Ollama/ComfyUI/mVoice/whisper + the broker"
     )
-    demo.add_argument("--config", type=Path, default=Path("config/demo.yaml"))
+    demo.add_argument(
+        "--config", type=Path, default=None, help="a registry of your own (default: the demo's)"
+    )
     demo.add_argument(
         "--port",
         type=int,
@@ -157,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             from .daemon import StartupError, serve
+            from .registries import NoRegistry, serve_registry
 
             try:
-                return run_loop(serve(args.config))
+                return run_loop(serve(serve_registry(args.config)))
+            except NoRegistry as exc:
+                print(f"mgpumanager serve: {exc}", file=sys.stderr)
+                return 2
             except StartupError as exc:
                 print(f"mgpumanager: {exc}", file=sys.stderr)
                 return 1
@@ -179,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             return main_init(args)
         from .daemon import StartupError
         from .demo import run_demo
+        from .registries import demo_registry
 
         try:
-            return run_loop(run_demo(args.config, args.port))
+            return run_loop(run_demo(args.config or demo_registry(), args.port))
         except StartupError as exc:
             print(f"mgpumanager: {exc}", file=sys.stderr)
             return 1
