@@ -1,4 +1,5 @@
-"""`mgpumanager serve | check-config | demo | deploy-rules | init | status | load | unload`."""
+"""`mgpumanager serve | check-config | demo | sim | deploy-rules | init | status | load |
+unload`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from . import logs
 from .config import ConfigError, load_config
 from .discover import Target, parse_target
+from .sim.single import add_parser as sim_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the broker's port; every other piece moves by as much (the simulated GPU to "
         "N+29, the fakes to N+31..N+34); 0: free ports for all, named in the banner",
     )
+    sim_parser(sub)
     rules = sub.add_parser(
         "deploy-rules",
         help="print the polkit rule letting the daemon's user start/stop its command consumers' "
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.config}: {exc}", file=sys.stderr)
                 return 2
             return 0
+        if args.command == "sim":
+            from .sim.single import run as run_sim
+
+            return run_loop(run_sim(args))
         if args.command == "init":
             from .init import main_init
 
