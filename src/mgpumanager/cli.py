@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu-sim", metavar="URL", help="read the simulated GPU at URL instead of NVML"
     )
     init.add_argument(
+        "--total-mib",
+        type=int,
+        metavar="N",
+        help="the card's size, on a box where NVML cannot read it (writes backend: static)",
+    )
+    init.add_argument(
         "--no-usual-ports",
         action="store_true",
         help="probe only the --scan addresses, not Ollama's, ComfyUI's... usual ports",

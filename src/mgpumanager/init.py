@@ -1,6 +1,7 @@
 """`mgpumanager init`: look at the box and write a registry that works.
 
-It reads the GPU (NVML, or the simulated GPU with `--gpu-sim URL`), probes the usual ports and
+It reads the GPU (NVML, the simulated GPU with `--gpu-sim URL`, or takes its size from
+`--total-mib N` on a box without NVML: `backend: static`), probes the usual ports and
 the `--scan` list (`discover.py`), builds a proposal (`proposal.py`: sizes, routing,
 coexistence, priorities, front doors) and writes it as an annotated registry: each value with
 a comment saying where it comes from, and `CHECK` wherever it is a guess.
@@ -188,7 +189,7 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
     data: dict[str, Any] = {}
     doc.comment(f"Written by `mgpumanager init` on {when} from what this box showed.")
     doc.comment(
-        f"GPU: {r.device}, {r.total_mib} MiB, {r.used_mib} MiB in use when read. Found: "
+        f"GPU: {r.device}, {r.total_mib} MiB, {_in_use(r.used_mib)}. Found: "
         + (", ".join(f"{c.name} ({c.service.kind.label})" for c in plan.consumers) or "nothing")
         + "."
     )
@@ -203,12 +204,16 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
     gpu: dict[str, Any] = {"backend": plan.gpu.backend}
     if plan.gpu.sim_url is not None:
         gpu["sim_url"] = plan.gpu.sim_url
+    if plan.gpu.backend == "static":
+        gpu["total_mib"] = r.total_mib
     gpu["safety_margin_mib"] = plan.margin_mib
     data["gpu"] = gpu
     doc.open("gpu")
     doc.put("backend", gpu["backend"], 2, note=f"{one_line(r.device, 60)}, {r.total_mib} MiB")
     if "sim_url" in gpu:
         doc.put("sim_url", gpu["sim_url"], 2)
+    if "total_mib" in gpu:
+        doc.put("total_mib", gpu["total_mib"], 2, note="the card's size, as given: never read")
     doc.put("safety_margin_mib", plan.margin_mib, 2, note="always kept free")
     doc.blank()
     if plan.routing:
@@ -291,12 +296,17 @@ def registry_text(plan: Plan, written_at: dt.datetime | None = None) -> str:
 # -- the summary ----------------------------------------------------------------------------
 
 
+def _in_use(used_mib: int | None) -> str:
+    """What was in use on the card, where it was read (a static card is not)."""
+    return "memory in use not read" if used_mib is None else f"{used_mib} MiB in use when read"
+
+
 def summary(plan: Plan, out: Path) -> str:
     r = plan.gpu.reading
     lines = [
         f"mgpumanager init: wrote {out} ({len(plan.consumers)} consumers; check-config: OK)",
         "",
-        f"GPU  {r.device}: {r.total_mib} MiB, {r.used_mib} MiB in use ({plan.gpu.backend})",
+        f"GPU  {r.device}: {r.total_mib} MiB, {_in_use(r.used_mib)} ({plan.gpu.backend})",
         "",
         "Found:",
     ]
@@ -392,6 +402,7 @@ async def run_init(
     out: Path,
     force: bool = False,
     gpu_sim: str | None = None,
+    total_mib: int | None = None,
     usual_ports: Sequence[int] = USUAL_PORTS,
     system: LocalSystem | None = None,
     written_at: dt.datetime | None = None,
@@ -400,7 +411,7 @@ async def run_init(
 ) -> tuple[Plan, str]:
     """Everything `mgpumanager init` does but printing: returns the plan and the summary."""
     await asyncio.to_thread(refuse_overwrite, out, force)  # before any probing
-    gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root)
+    gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root, total_mib=total_mib)
     system = system if system is not None else ProcSystem(proc_root)
     found = await scan_targets(targets_to_probe(scan, usual_ports), system=system)
     plan = make_plan(found, gpu, system)
@@ -428,6 +439,7 @@ def main_init(args: Any) -> int:
                 out=args.out,
                 force=args.force,
                 gpu_sim=args.gpu_sim,
+                total_mib=args.total_mib,
                 usual_ports=() if args.no_usual_ports else USUAL_PORTS,
             )
         )
