@@ -92,7 +92,9 @@ async def test_unload_and_load_change_the_consumer_and_say_so(cluster: SimCluste
         assert cluster.gpu.held_by("mvoice") == 0
         run = await cli("unload", "nope", "--url", server.url)
         assert run.code == 1
-        assert run.err == "mgpumanager: no consumer named 'nope'\n"
+        assert run.err == (
+            "mgpumanager: no consumer named 'nope'; the consumers: mvoice, ollama, comfyui\n"
+        )
 
 
 async def test_a_stopped_broker_is_one_line_and_a_failure(cluster: SimCluster) -> None:

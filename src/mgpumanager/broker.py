@@ -404,7 +404,10 @@ class Broker:
     async def admin(self, name: str, action: str) -> dict[str, object]:
         """Unload or load one consumer, under the lease like any job."""
         if name not in self.config.consumers:
-            raise BrokerError(ErrorCode.NOT_FOUND, f"no consumer named {name!r}")
+            names = ", ".join(self.config.consumers) or "none"
+            raise BrokerError(
+                ErrorCode.NOT_FOUND, f"no consumer named {name!r}; the consumers: {names}"
+            )
         residency = self.residency
         async with self.lease.job(
             name,

@@ -31,6 +31,7 @@ class HealthState:
     checked_at: float | None
     consecutive_failures: int = 0
     stopped: bool = False  # an on-demand service whose process is not running
+    answered: int | None = None  # the HTTP status its last probe got, if it got one
 
     @property
     def health_state(self) -> str | None:
@@ -71,7 +72,9 @@ class HealthMonitor:
         self._applied[name] = seq
         failures = 0 if result.ok else previous.consecutive_failures + 1
         stopped = not result.ok and result.refused and adapter.stops_process
-        state = HealthState(result.ok, result.detail, self.clock.now(), failures, stopped)
+        state = HealthState(
+            result.ok, result.detail, self.clock.now(), failures, stopped, result.answered
+        )
         if previous.health_state != state.health_state:
             if state.stopped:
                 log.info("%s: not running (started on demand by its next job)", name)
@@ -118,8 +121,10 @@ class HealthMonitor:
         """Raise consumer_unreachable if the last probe failed."""
         state = self.states[name]
         if state.ok is False and not stopped_by_broker:
-            raise BrokerError(
-                ErrorCode.CONSUMER_UNREACHABLE,
-                f"upstream {name} last probe failed: {state.detail}",
-                consumer=name,
+            message = (
+                f"upstream {name} answers, but its health probe failed: {state.detail} "
+                "(check its health.path in the registry)"
+                if state.answered is not None
+                else f"upstream {name} cannot be reached: {state.detail}"
             )
+            raise BrokerError(ErrorCode.CONSUMER_UNREACHABLE, message, consumer=name)
