@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from mgpumanager.broker_doors import leave_out_doors
+
 from .config import ConfigError, parse_config
 from .discover import USUAL_PORTS, ServiceKind, Target, scan_targets, targets_to_probe
 from .gpu import NvmlApi
@@ -39,6 +41,8 @@ from .proposal import (
     one_line,
     read_gpu,
 )
+
+BROKER_PORT = int(LISTEN.rsplit(":", 1)[1])
 
 # -- writing the registry -------------------------------------------------------------------
 
@@ -414,7 +418,13 @@ async def run_init(
     gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root, total_mib=total_mib)
     system = system if system is not None else ProcSystem(proc_root)
     found = await scan_targets(targets_to_probe(scan, usual_ports), system=system)
+    doors = await leave_out_doors(found)  # a broker's front doors are no services
     plan = make_plan(found, gpu, system)
+    plan.checks.extend(
+        f"{d.target.address}: the front door of the mgpumanager broker at {d.broker.address} "
+        f"(its consumer {d.consumer}): left out"
+        for d in doors
+    )
     if not plan.consumers:
         probed = ", ".join(t.address for t in targets_to_probe(scan, usual_ports))
         extra = "".join(f"\n  {line}" for line in plan.checks)
@@ -440,7 +450,8 @@ def main_init(args: Any) -> int:
                 force=args.force,
                 gpu_sim=args.gpu_sim,
                 total_mib=args.total_mib,
-                usual_ports=() if args.no_usual_ports else USUAL_PORTS,
+                # and the broker's own default port: a broker there says where its doors are
+                usual_ports=() if args.no_usual_ports else (*USUAL_PORTS, BROKER_PORT),
             )
         )
     except InitError as exc:
