@@ -9,6 +9,9 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from mgpumanager.gpu_reload import apply_gpu, needs_restart, refusal
+from mgpumanager.json_bodies import check_json
+
 from .adapters import BaseAdapter, make_adapter
 from .bodies import receive_whole
 from .catalog import ModelCatalog
@@ -19,7 +22,6 @@ from .events import EventBus, History, JobEvents
 from .gpu import GpuReader, make_reader
 from .health import HealthMonitor
 from .idle import IdleKeeper
-from .json_bodies import check_json
 from .lease import Lease
 from .proxy import Body, forward
 from .records import State
@@ -186,17 +188,18 @@ class Broker:
     async def reload(self, new: Config) -> list[str]:
         """Apply a re-read registry while serving; answers what changed. Known consumers keep
         their residency and queued jobs; new ones are probed and discovered; jobs queued for a
-        removed consumer get no_consumer (running ones finish). `listen` and `gpu` need a
-        restart: a registry changing them is refused whole and the old one stays."""
+        removed consumer get no_consumer (running ones finish). `gpu` changes apply where they
+        can (gpu_reload); `listen` and a new GPU reader need a restart: a registry changing
+        them is refused whole, naming each such key, and the old one stays."""
         async with self._reload_lock:  # two quick SIGHUPs apply one after the other
             return await self._reload(new)
 
     async def _reload(self, new: Config) -> list[str]:
         old = self.config
-        for key in ("listen", "gpu"):
-            if getattr(new, key) != getattr(old, key):
-                raise ValueError(f"{key!r} changed: restart the service to apply it")
         residency = self.residency
+        restart = needs_restart(old, new, residency.reader)
+        if restart:
+            raise ValueError(refusal(restart))
         for name in set(old.consumers) - set(new.consumers):
             state = residency.records[name].state
             if state is State.UNLOADED:
@@ -242,6 +245,7 @@ class Broker:
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
         )
+        gpu_changes = apply_gpu(old, new, residency.reader)
         health.start()
         catalog.start()
         await asyncio.gather(old_health.aclose(), old_catalog.aclose())
@@ -260,6 +264,7 @@ class Broker:
         ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
+        changes += gpu_changes
         if dropped:
             changes.append(f"{dropped} queued job(s) of removed consumers refused")
         return changes

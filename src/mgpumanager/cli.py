@@ -13,10 +13,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from mgpumanager.sim.single import add_parser as sim_parser
+
 from . import logs
 from .config import ConfigError, load_config
 from .discover import Target, parse_target
-from .sim.single import add_parser as sim_parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "serve":
+            from mgpumanager.registries import NoRegistry, serve_registry
+
             from .daemon import StartupError, serve
-            from .registries import NoRegistry, serve_registry
 
             try:
                 return run_loop(serve(serve_registry(args.config)))
@@ -194,16 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return 0
         if args.command == "sim":
-            from .sim.single import run as run_sim
+            from mgpumanager.sim.single import run as run_sim
 
             return run_loop(run_sim(args))
         if args.command == "init":
             from .init import main_init
 
             return main_init(args)
+        from mgpumanager.registries import demo_registry
+
         from .daemon import StartupError
         from .demo import run_demo
-        from .registries import demo_registry
 
         try:
             return run_loop(run_demo(args.config or demo_registry(), args.port))
