@@ -184,17 +184,9 @@ def test_the_bar_gives_every_holder_a_cell_and_keeps_its_width() -> None:
     status = {
         "gpu": {"total_mib": 24576, "used_mib": 20000, "safety_margin_mib": 512},
         "consumers": {
-            "ollama": {
-                "residency": "resident",
-                "vram_measured_mib": 14000,
-                "vram_declared_mib": 14000,
-            },
-            "mvoice": {"residency": "unknown", "vram_measured_mib": None, "vram_declared_mib": 60},
-            "comfyui": {
-                "residency": "unloaded",
-                "vram_measured_mib": 0,
-                "vram_declared_mib": 12300,
-            },
+            "ollama": {"residency": "resident", "vram_mib": 14000, "vram_source": "measured"},
+            "mvoice": {"residency": "unknown", "vram_mib": 60, "vram_source": "declared"},
+            "comfyui": {"residency": "unloaded", "vram_mib": 12300, "vram_source": "declared"},
         },
     }
     parts = memory_parts(status)

@@ -47,6 +47,10 @@ class ConsumerStatus(BaseModel):
     health_detail: str
     residency: str = _from("state")
     residency_detail: str = _from("detail")
+    # The one figure the planner counts it at (when it holds memory), and where it comes
+    # from: measured, reported or declared; the dashboard, `status` and /metrics show it.
+    vram_mib: int
+    vram_source: str
     vram_declared_mib: int = _from("declared_mib")
     vram_measured_mib: int | None = _from("measured_mib")
     last_used_s_ago: float | None
@@ -179,6 +183,8 @@ def build_status(broker: Broker) -> Status:
                 "health_state": health.health_state,
                 **_fields(record),  # after health: its `detail` is the residency's
                 "state": str(record.state),
+                "vram_mib": record.cost_mib,
+                "vram_source": record.cost_source,
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
                 "resident_models": sorted(record.models),
                 "front_door": broker.front_doors.get(name),

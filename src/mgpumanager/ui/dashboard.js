@@ -236,18 +236,15 @@ function render(status) {
   renderJobs(status.recent_jobs);
 }
 
-// The bar: what each consumer holds (measured where the GPU reading attributes it, declared
-// otherwise), memory no consumer accounts for, what is free, and the safety margin.
+// The bar: what each consumer holds (the figure the planner counts, by its source: measured,
+// reported or declared), memory no consumer accounts for, what is free, and the safety margin.
 function memoryParts(status) {
   const gpu = status.gpu;
   const total = gpu.total_mib;
   const parts = [];
   for (const [name, c] of Object.entries(status.consumers)) {
     if (!HOLDS_MEMORY.has(c.residency)) continue;
-    const measured = c.vram_measured_mib;
-    const known = measured !== null && measured > 0;
-    const value = known ? measured : c.vram_declared_mib;
-    parts.push({ kind: known ? "measured" : "declared", name, mib: value, residency: c.residency });
+    parts.push({ kind: c.vram_source, name, mib: c.vram_mib, residency: c.residency });
   }
   const held = parts.reduce((a, p) => a + p.mib, 0);
   const outside = gpu.used_mib === null ? 0 : Math.max(0, gpu.used_mib - held);
@@ -336,8 +333,9 @@ function renderConsumers(status) {
     const busy = c.busy_outside ? h("div", { class: "sub" }, "busy outside the broker") : null;
     r.residency.replaceChildren(...[pill(c.residency), models, busy].filter(Boolean));
     r.residency.title = c.residency_detail;
-    const measured = c.vram_measured_mib === null ? "" : ` (${mib(c.vram_measured_mib)} seen)`;
-    r.vram.textContent = mib(c.vram_declared_mib) + measured;
+    r.vram.textContent = `${mib(c.vram_mib)} ${c.vram_source}`;
+    r.vram.title = `declared ${mib(c.vram_declared_mib)} MiB` +
+      (c.vram_measured_mib === null ? "" : `, measured ${mib(c.vram_measured_mib)} MiB`);
     r.used.textContent = ago(c.last_used_s_ago);
     r.times.textContent = `${secs(c.last_load_s)} / ${secs(c.last_unload_s)}`;
     r.queue.textContent = c.queue_depth;
