@@ -42,7 +42,7 @@ def target(url: str) -> Target:
     return Target(host, int(port))
 
 
-def test_every_service_the_issue_names_can_run_alone() -> None:
+def test_every_fake_and_the_card_can_run_alone() -> None:
     assert set(FAKES) == set(KINDS)
     assert ["gpu", *FAKES] == SERVICES
 
