@@ -122,6 +122,7 @@ def test_a_job_is_queued_granted_and_finished_with_its_wait_and_run() -> None:
         "outcome": "completed",
         "wait_s": 2.0,
         "run_s": 3.0,
+        "status": None,
     }
     assert jobs.running_s(job) is None
 
@@ -145,6 +146,7 @@ def test_a_job_that_leaves_the_queue_finishes_without_a_run() -> None:
             "outcome": "timed_out",
             "wait_s": 4.0,
             "run_s": None,
+            "status": None,
         }
     ]
 

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def modules() -> list[str]:
     found = ["mgpumanager"]
     for info in pkgutil.walk_packages(mgpumanager.__path__, "mgpumanager."):
-        found.append(info.name)
+        if not info.name.endswith(".__main__"):  # a script: importing it runs it
+            found.append(info.name)
     return sorted(found)
 
 

@@ -15,17 +15,19 @@ from mgpumanager.events import EventBus, History, JobEvents
 from mgpumanager.registry import AdapterType, Caller, Config
 from mgpumanager.relay.bodies import receive_whole
 from mgpumanager.relay.job import JobSpec
+from mgpumanager.relay.json_bodies import check_json
 from mgpumanager.relay.proxy import Body, forward
 from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
 from mgpumanager.residency.records import State
-from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
 from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
 
 log = logging.getLogger(__name__)
@@ -186,17 +188,18 @@ class Broker:
     async def reload(self, new: Config) -> list[str]:
         """Apply a re-read registry while serving; answers what changed. Known consumers keep
         their residency and queued jobs; new ones are probed and discovered; jobs queued for a
-        removed consumer get no_consumer (running ones finish). `listen` and `gpu` need a
-        restart: a registry changing them is refused whole and the old one stays."""
+        removed consumer get no_consumer (running ones finish). `gpu` changes apply where they
+        can (gpu_reload); `listen` and a new GPU reader need a restart: a registry changing
+        them is refused whole, naming each such key, and the old one stays."""
         async with self._reload_lock:  # two quick SIGHUPs apply one after the other
             return await self._reload(new)
 
     async def _reload(self, new: Config) -> list[str]:
         old = self.config
-        for key in ("listen", "gpu"):
-            if getattr(new, key) != getattr(old, key):
-                raise ValueError(f"{key!r} changed: restart the service to apply it")
         residency = self.residency
+        restart = needs_restart(old, new, residency.reader)
+        if restart:
+            raise ValueError(refusal(restart))
         for name in set(old.consumers) - set(new.consumers):
             state = residency.records[name].state
             if state is State.UNLOADED:
@@ -242,6 +245,7 @@ class Broker:
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
         )
+        gpu_changes = apply_gpu(old, new, residency.reader)
         health.start()
         catalog.start()
         await asyncio.gather(old_health.aclose(), old_catalog.aclose())
@@ -260,6 +264,7 @@ class Broker:
         ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
+        changes += gpu_changes
         if dropped:
             changes.append(f"{dropped} queued job(s) of removed consumers refused")
         return changes
@@ -337,6 +342,7 @@ class Broker:
         job_spec = spec.with_body(whole)
         try:
             adapter.check_body(job_spec)  # a body that could never run does not queue
+            check_json(request, job_spec)
             if self.idle is not None:
                 self.idle.interrupt()  # a warm load gives way to a job at once
             async with self.lease.job(
@@ -350,7 +356,10 @@ class Broker:
                 self.residency.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
-                        return await adapter.forward(request, job_spec, job)
+                        answer = await adapter.forward(request, job_spec, job)
+                    if answer.status >= 400:  # relayed as it came, but not done
+                        job.outcome, job.status = Outcome.UPSTREAM_ERROR, answer.status
+                    return answer
                 except TimeoutError:
                     raise BrokerError(
                         ErrorCode.UPSTREAM_TIMEOUT,
@@ -390,7 +399,10 @@ class Broker:
     async def admin(self, name: str, action: str) -> dict[str, object]:
         """Unload or load one consumer, under the lease like any job."""
         if name not in self.config.consumers:
-            raise BrokerError(ErrorCode.NOT_FOUND, f"no consumer named {name!r}")
+            names = ", ".join(self.config.consumers) or "none"
+            raise BrokerError(
+                ErrorCode.NOT_FOUND, f"no consumer named {name!r}; the consumers: {names}"
+            )
         residency = self.residency
         async with self.lease.job(
             name,

@@ -132,7 +132,7 @@ async def kind_job(request: web.Request) -> web.StreamResponse:
     broker = request.app[BROKER]
     name = broker.route(kind)
     # A kind the consumer has no path for is refused now, not after a swap.
-    return await scheduled(request, name, broker.adapters[name].path_for(kind))
+    return await scheduled(request, name, broker.adapters[name].path_for(kind), kind=kind)
 
 
 async def audio(request: web.Request) -> web.StreamResponse:

@@ -96,6 +96,7 @@ async def scheduled(
     call: HttpCall,
     found: Found | None = None,
     *,
+    kind: str | None = None,
     streams: bool = False,
 ) -> web.StreamResponse:
     """Run `request` as a GPU job of consumer `name` sent to its `call` (queue, lease,
@@ -105,6 +106,7 @@ async def scheduled(
         spec = JobSpec(
             consumer=name,
             call=call,
+            kind=kind,
             model=found.model,
             body=found.body,
             priority=requested_priority(request),

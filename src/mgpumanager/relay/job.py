@@ -17,7 +17,8 @@ from mgpumanager.relay.proxy import Body
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """- `consumer`: who runs it; `call`: the method and path it is sent to there (a facade
-      kind's registry path, or the client's own raw path, still percent-encoded);
+      kind's registry path, or the client's own raw path, still percent-encoded); `kind`: the
+      facade kind (`llm`, `tts`, ...) where it came through the facade, else None;
     - `model`: the model the request names, where the surface read one (its cost is that
       model's); `body`: the body as the surface read it (an alias resolved), else None (the
       broker receives it whole before the job queues);
@@ -27,6 +28,7 @@ class JobSpec:
 
     consumer: str
     call: HttpCall
+    kind: str | None = None
     model: str | None = None
     body: Body | None = None
     priority: int | None = None

@@ -470,4 +470,6 @@ async def _asked(name: str, question: Callable[[], Awaitable[bool]]) -> bool:
 def _describe(reading: GpuReading) -> str:
     if not reading.ok:
         return f"unknown ({reading.error})"
+    if reading.used_mib is None or reading.free_mib is None:  # static: a size, no readings
+        return f"{reading.total_mib} MiB, memory in use not read ({reading.backend})"
     return f"{reading.used_mib} MiB used, {reading.free_mib} MiB free of {reading.total_mib}"

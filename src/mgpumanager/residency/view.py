@@ -232,7 +232,15 @@ class ResidencyView:
                 continue
             # Without an unload call nothing can evict it: as good as pinned.
             pinned = r.pinned or not self.adapters[name].can_unload
-            busy = r.busy_outside or self._cooling_down(name)
+            cooling = self._cooling_down(name)
+            busy = r.busy_outside or cooling
+            why = (
+                "busy outside the broker"
+                if r.busy_outside
+                else "its last unload is not confirmed yet"
+                if cooling
+                else "busy"
+            )
             coexists = name == target or self.config.coexist(name, target)
             if self.adapters[name].per_model and r.models:
                 for m, unit in r.models.items():
@@ -245,6 +253,7 @@ class ResidencyView:
                             last_used=_lru(unit.last_used, r.last_used),
                             pinned=pinned,
                             busy=busy or unit.in_flight > 0,
+                            why_busy=why,
                             coexists=coexists,
                         )
                     )
@@ -256,6 +265,7 @@ class ResidencyView:
                         last_used=_lru(r.last_used, None),
                         pinned=pinned,
                         busy=busy or self.busy(name),
+                        why_busy=why,
                         coexists=coexists,
                     )
                 )

@@ -54,7 +54,8 @@ def _median(values: Iterable[float]) -> float:
 
 
 class Outcome(enum.StrEnum):
-    COMPLETED = "completed"
+    COMPLETED = "completed"  # the upstream answered 2xx or 3xx
+    UPSTREAM_ERROR = "upstream_error"  # it answered 4xx or 5xx: relayed, but not done
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
@@ -81,6 +82,7 @@ class Grant:
 class _Counters:
     total_jobs: int = 0
     completed: int = 0
+    upstream_error: int = 0
     failed: int = 0
     cancelled: int = 0
     timed_out: int = 0
@@ -112,6 +114,7 @@ class SchedulerStats:
     holder: str | None
     accepting: bool
     consumers: dict[str, ConsumerQueueStats] = field(default_factory=dict)
+    upstream_error: int = 0
 
 
 class SchedulerCore:
@@ -154,6 +157,7 @@ class SchedulerCore:
         self._tenure_grants = 0  # grants since the holder's tenure began
         self._accepting = True
         self._c = _Counters()
+        self.finished_status: int | None = None  # see `finish`
         # Called synchronously, in order, for every grant and every finished job. They must not
         # raise or call back into the core.
         self.on_submit: list[Callable[[QueuedJob], None]] = []
@@ -238,7 +242,9 @@ class SchedulerCore:
         self._preparing.discard(job_id)
         self._ready_at[job_id] = self._clock.now()
 
-    def finish(self, job_id: int, outcome: Outcome) -> None:
+    def finish(self, job_id: int, outcome: Outcome, status: int | None = None) -> None:
+        """`status`: the upstream's HTTP status of an UPSTREAM_ERROR, read by the finish
+        observers as `finished_status` while they run."""
         job = self._running.pop(job_id)
         self._preparing.discard(job_id)
         now = self._clock.now()
@@ -252,8 +258,10 @@ class SchedulerCore:
             self._window_opened_at = now
         self._c.last_run_ms = (now - started_at) * 1000.0
         self._count(outcome)
+        self.finished_status = status
         for observer in self.on_finish:
             observer(job_id, outcome)
+        self.finished_status = None
 
     def _sample_run(self, consumer: str, warm: bool, run_s: float) -> None:
         """A completed job's run time, from ready (its swap done) to finish; `warm`: granted
@@ -470,6 +478,7 @@ class SchedulerCore:
             failed=c.failed,
             cancelled=c.cancelled,
             timed_out=c.timed_out,
+            upstream_error=c.upstream_error,
             handoffs=c.handoffs,
             last_wait_ms=c.last_wait_ms,
             last_run_ms=c.last_run_ms,

@@ -1,11 +1,12 @@
 """`mgpumanager demo`: a simulated 24 GiB GPU, fake Ollama / ComfyUI / mVoice / whisper.cpp
 servers that speak the real protocols, and the broker in front of them — no GPU needed.
 
-The fakes listen where `config/demo.yaml` says; whisper starts stopped, like a service the
-broker will start on the first transcription (its `load.command`). `--port N` moves the whole
-demo: the broker to N and every other piece by the same distance (the simulated GPU to N+29,
-the fakes to N+31..N+34 with the shipped registry); `--port 0` gives every piece a free port,
-and the banner names them. A port that is taken is one line naming the piece and the flag.
+The fakes listen where the demo's registry (`demo.yaml`, package data) says; whisper starts
+stopped, like a service the broker will start on the first transcription (its `load.command`).
+`--port N` moves the whole demo: the broker to N and every other piece by the same distance
+(the simulated GPU to N+29, the fakes to N+31..N+34 with the shipped registry); `--port 0`
+gives every piece a free port, and the banner names them. A port that is taken is one line
+naming the piece and the flag.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def ephemeral_registry(path: Path, cluster: SimCluster, **top: Any) -> Config:
     return parse_config(yaml.safe_dump(data), str(path))
 
 
-DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in config/demo.yaml
+DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in demo.yaml
 
 
 def curl_examples(base: str, comfyui_url: str | None = None) -> list[str]:

@@ -54,6 +54,7 @@ class HealthResult:
     ok: bool
     detail: str
     refused: bool = False  # nothing listens: the process is not running
+    answered: int | None = None  # the HTTP status of a probe that got an answer
 
 
 @dataclass(frozen=True)
@@ -298,8 +299,10 @@ class BaseAdapter:
                 async with self.session.request(h.method, self.url(h.path)) as resp:
                     await resp.read()
                     if 200 <= resp.status < 300:
-                        return HealthResult(True, f"{resp.status}")
-                    return HealthResult(False, f"{h.method} {h.path} answered {resp.status}")
+                        return HealthResult(True, f"{resp.status}", answered=resp.status)
+                    return HealthResult(
+                        False, f"{h.method} {h.path} answered {resp.status}", answered=resp.status
+                    )
         except TimeoutError:
             return HealthResult(False, f"no answer within {h.timeout_s:g} s")
         except aiohttp.ClientConnectorError as exc:
