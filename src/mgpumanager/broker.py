@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
+# How long an upstream's 404 for a model stands: jobs for that model meanwhile make no room
+# for it (its list, re-read, must still not show it). Past that, it costs its room again.
+MISSING_MODEL_S = 60.0
+
 # Who sent a request: set by the facade's auth check when the registry has tokens.
 CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
 
@@ -63,6 +67,8 @@ class Broker:
         self._jobs: JobEvents | None = None
         # Where each consumer's front door listens (HOST:PORT), as the server bound them.
         self.front_doors: dict[str, str] = {}
+        # (consumer, model) -> clock time its upstream last answered a job for it with 404.
+        self._missing_models: dict[tuple[str, str], float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -86,7 +92,7 @@ class Broker:
             reader,
             self.clock,
             probe=self._health.probe_ok,
-            model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
+            model_size=lambda name, model: self.catalog.listed_size(name, model),
             in_flight=self._jobs_on,
             has_model=self._has_model,
             emit=self.events.emit,
@@ -139,11 +145,16 @@ class Broker:
                 await self.residency.read_gpu()
 
     async def _has_model(self, name: str, model: str) -> bool | None:
-        """Whether `name`'s upstream lists `model`; on a miss its list is re-read once (a model
-        pulled a moment ago)."""
-        if self.catalog.has(name, model) is False:
+        """False only where `name`'s upstream has just answered 404 for `model` and its list,
+        re-read, still does not show it: then nothing is evicted for it. Otherwise None: a
+        model its list does not show (spelt another way, pulled a moment ago, listed late)
+        still gets the room its cost needs."""
+        answered = self._missing_models.get((name, model))
+        if answered is None or self.clock.now() - answered > MISSING_MODEL_S:
+            return None
+        if self.catalog.has(name, model) is not True:
             await self.catalog.refresh([name])
-        return self.catalog.has(name, model)
+        return self.catalog.has(name, model) is True
 
     def _jobs_on(self, name: str) -> int:
         """The broker's jobs running on `name` now (only the lease holder has any)."""
@@ -359,7 +370,10 @@ class Broker:
                 self.residency.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
-                        return await adapter.forward(request, kind, job, max_body, whole)
+                        response = await adapter.forward(request, kind, job, max_body, whole)
+                    if per_model is not None:
+                        self._answered(name, per_model, response.status)
+                    return response
                 except TimeoutError:
                     raise BrokerError(
                         ErrorCode.UPSTREAM_TIMEOUT,
@@ -371,6 +385,13 @@ class Broker:
         finally:
             if body is None and isinstance(whole, SpooledBody):
                 whole.close()  # spooled here; a surface's own body is closed by the surface
+
+    def _answered(self, name: str, model: str, status: int) -> None:
+        """Remember an upstream's 404 for a model (its next jobs make no room for it)."""
+        if status == 404:
+            self._missing_models[(name, model)] = self.clock.now()
+        else:
+            self._missing_models.pop((name, model), None)
 
     async def passthrough(
         self,

@@ -29,6 +29,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from mgpumanager.model_names import registry_entry
+
 from .adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from .clock import Clock
 from .config import Config, ModelEntry
@@ -101,8 +103,11 @@ class ResidencyView:
             name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             for name, c in config.consumers.items()
         }
-        # Sizes per (consumer, model) seen while resident: better than any file size.
+        # Sizes per (consumer, model identity) seen while resident: better than any file size.
         self.seen_model_mib: dict[tuple[str, str], int] = {}
+        # How each upstream spells a model it listed as resident, per (consumer, identity):
+        # what its unload and load calls are sent (model_names).
+        self.spellings: dict[tuple[str, str], str] = {}
         # Held while residency changes (evict, load): a reconciliation in the background reads
         # meanwhile but takes nothing in, since the change may be half done.
         self.changing = asyncio.Lock()
@@ -141,9 +146,9 @@ class ResidencyView:
         broker saw it hold, else the upstream's listed size (plus the cache), else the
         consumer's declared cost (its largest model)."""
         entry = self.model_entry(name, model)
-        target = self.adapters[name].model_key(entry.name) if entry is not None else model
         if entry is not None and entry.vram_mib is not None:
             return entry.vram_mib
+        target = self.model_key(name, model) or model
         seen = self.seen_model_mib.get((name, target))
         if seen is not None:
             return seen
@@ -153,8 +158,9 @@ class ResidencyView:
         return self.config.consumers[name].vram_resident_mib
 
     def model_key(self, name: str, model: str | None) -> str | None:
-        """The upstream's own name for `model`: an alias resolved, Ollama's implicit `:latest`
-        added (so a job for "llama3" finds the resident "llama3:latest")."""
+        """The identity of `model` on `name`'s upstream (model_names), under which its records
+        are kept: an alias resolved, Ollama's implicit tag and namespace added (so a job for
+        "llama3" finds the resident "llama3:latest", however the upstream spells it)."""
         if model is None:
             return None
         entry = self.model_entry(name, model)
@@ -163,13 +169,12 @@ class ResidencyView:
     def model_entry(self, name: str, model: str) -> ModelEntry | None:
         """The registry's entry for `model` as a client names it (an alias too) or as the
         upstream lists it: the registry's `llama3` is Ollama's `llama3:latest`."""
-        c = self.config.consumers[name]
-        entry = c.model_entry(model)
-        if entry is not None:
-            return entry
-        key_of = self.adapters[name].model_key
-        key = key_of(model)
-        return next((m for m in c.models if key_of(m.name) == key), None)
+        return registry_entry(self.config.consumers[name], model)
+
+    def upstream_name(self, name: str, key: str) -> str:
+        """How `name`'s upstream spells the model whose identity is `key` (as it last listed
+        it resident; else the identity itself)."""
+        return self.spellings.get((name, key), key)
 
     def busy(self, name: str) -> bool:
         return self._in_flight(name) > 0
@@ -357,7 +362,9 @@ class ResidencyView:
         """The upstream's list of resident models replaces the record's, except models with
         the broker's jobs on them (still loading, they may not be listed yet)."""
         models = {}
-        for model, size in reported.items():
+        for listed, size in reported.items():
+            model = self.adapters[name].model_key(listed)  # its identity (model_names)
+            self.spellings[(name, model)] = listed
             if size is not None:
                 self.seen_model_mib[(name, model)] = size
             known = record.models.get(model)

@@ -69,7 +69,8 @@ class Residency(ResidencyView):
         # that the monitor's verdict follows the load.
         self._probe = probe or self._adapter_healthy
         self.decisions: list[EvictionDecision] = []  # the last 100, newest last
-        # Whether a per-model upstream has a model (None: it cannot tell): the catalog's list.
+        # False where a per-model upstream has just answered 404 for a model (None: no such
+        # answer): never "not in its list", which is no proof (model_names, a late list).
         self._has_model = has_model or _cannot_tell
 
     def reconfigure_probe(self, probe: Callable[[str], Awaitable[bool]]) -> None:
@@ -110,7 +111,8 @@ class Residency(ResidencyView):
         record = self.records[target]
         per_model = model if self.adapters[target].per_model else None
         if per_model is not None and await self._has_model(target, per_model) is False:
-            # The upstream answers its own 404 for it: nothing to make room for, nothing to load.
+            # The upstream has just answered 404 for it: nothing to make room for, nothing to
+            # load; its own 404 follows again.
             log.info("%s has no model %r: nothing evicted, its own answer follows", target, model)
             return
         if per_model is not None and record.state is State.RESIDENT:
@@ -260,10 +262,11 @@ class Residency(ResidencyView):
 
         async def gone() -> bool:
             report = await adapter.residency()
-            return report.models is not None and model not in report.models
+            listed = report.models
+            return listed is not None and all(adapter.model_key(m) != model for m in listed)
 
         try:
-            await adapter.unload_model(model)
+            await adapter.unload_model(self.upstream_name(name, model))
             await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
         except BrokerError as exc:
             self._eviction_failed(name, f"unloading model {model} not confirmed")
@@ -442,7 +445,8 @@ class Residency(ResidencyView):
         """Load one model now (warm restore), with room made for it first."""
         await self.ensure_resident(name, model)
         try:
-            await self.adapters[name].load_model(self.model_key(name, model) or model)
+            key = self.model_key(name, model) or model
+            await self.adapters[name].load_model(self.upstream_name(name, key))
         except BrokerError as exc:
             self.counters.load_failures += 1
             message = f"loading {name}/{model} failed: {exc.message}"

@@ -8,6 +8,8 @@ loads lazily. The registry's `unload:` / `load:` do not apply: Ollama's calls ar
 
 from __future__ import annotations
 
+from mgpumanager.model_names import ollama_identity
+
 from ..config import HealthConfig, HttpCall
 from ..errors import Dialect
 from .base import BaseAdapter, ResidencyReport
@@ -45,8 +47,8 @@ class OllamaAdapter(BaseAdapter):
         return True
 
     def model_key(self, model: str) -> str:
-        # Ollama names every model with a tag; a name without one means `:latest`.
-        return model if ":" in model else f"{model}:latest"
+        # Its implied tag, namespace and registry (model_names): `big` is `big:latest`.
+        return ollama_identity(model)
 
     async def installed_models(self) -> dict[str, int | None]:
         """GET /api/tags: every pulled model with its size on disk (close to its VRAM cost)."""
