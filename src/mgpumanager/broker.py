@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+
+from mgpumanager.client_unloads import client_unload
 
 from .adapters import BaseAdapter, make_adapter
 from .bodies import receive_whole
@@ -69,6 +73,8 @@ class Broker:
         self.front_doors: dict[str, str] = {}
         # (consumer, model) -> clock time its upstream last answered a job for it with 404.
         self._missing_models: dict[tuple[str, str], float] = {}
+        # Re-reads of consumers that a client has just unloaded (client_unloads).
+        self._follows: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -183,6 +189,9 @@ class Broker:
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
+        for task in list(self._follows):
+            task.cancel()
+        await asyncio.gather(*self._follows, return_exceptions=True)
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
@@ -393,6 +402,30 @@ class Broker:
         else:
             self._missing_models.pop((name, model), None)
 
+    def answered(
+        self, name: str, method: str, path: str, status: int, body: dict[str, Any] | None = None
+    ) -> None:
+        """A request of `name`'s own API (`path` unquoted, no query; `body` its JSON where
+        read) has been answered: if it unloaded something (client_unloads), re-read `name` at
+        once and until the upstream shows it, in the background."""
+        consumer = self.config.consumers.get(name)
+        if consumer is None or status >= 400:
+            return
+        unload = client_unload(consumer, method, path, body)
+        if unload is not None:
+            self.follow_unload(name, unload.model)
+
+    def follow_unload(self, name: str, model: str | None) -> None:
+        task = asyncio.create_task(self._follow(name, model), name=f"follow-unload-{name}")
+        self._follows.add(task)
+        task.add_done_callback(self._follows.discard)
+
+    async def _follow(self, name: str, model: str | None) -> None:
+        try:
+            await self.residency.follow_client_unload(name, model)
+        except Exception:  # a bug here must not go unseen, nor end anything else
+            log.exception("%s: re-reading after a client's unload failed", name)
+
     async def passthrough(
         self,
         request: web.Request,
@@ -406,7 +439,7 @@ class Broker:
         still answers an error). `body`: the body already read (else streamed)."""
         if self.session is None:
             raise RuntimeError("broker not started")
-        return await forward(
+        response = await forward(
             request,
             self.session,
             base_url=self.config.consumers[name].url,
@@ -416,6 +449,8 @@ class Broker:
             max_body_bytes=self.config.max_body_mib * MIB,
             body=body,
         )
+        self.answered(name, request.method, unquote(path.split("?", 1)[0]), response.status)
+        return response
 
     async def admin(self, name: str, action: str) -> dict[str, object]:
         """Unload or load one consumer, under the lease like any job."""

@@ -32,6 +32,8 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from mgpumanager.client_unloads import client_unload
+
 from .adapters import OPENAI_GPU_PATHS, relay_kind
 from .bodies import Found, find_model, renamed
 from .broker import BROKER, CALLER, MIB, Broker
@@ -102,6 +104,40 @@ async def scheduled(
         found.close()
 
 
+async def relay_job(
+    request: web.Request, name: str, path: str, found: Found | None
+) -> web.StreamResponse:
+    """A GPU request of `name`'s own API at `path` (as sent): scheduled, unless it only
+    unloads; one that unloads after its work (keep_alive 0 with a prompt) is followed by a
+    re-read of the consumer."""
+    if found is not None:
+        unloaded = await unload_only(request, name, path, found)
+        if unloaded is not None:
+            return unloaded
+    obj = found.obj if found is not None else None
+    response = await scheduled(request, relay_kind(request.method, path), name, found)
+    request.app[BROKER].answered(name, request.method, unquote(path), response.status, obj)
+    return response
+
+
+async def unload_only(
+    request: web.Request, name: str, path: str, found: Found
+) -> web.StreamResponse | None:
+    """A request that only unloads (Ollama's keep_alive 0 without a prompt, as Open WebUI's
+    unload button sends it) runs nothing: it passes without the lease (no room is made for a
+    model about to go), and the consumer is re-read at once. None: it is no such request."""
+    broker = request.app[BROKER]
+    unload = client_unload(broker.config.consumers[name], request.method, unquote(path), found.obj)
+    if unload is None or unload.runs:
+        return None
+    try:
+        response = await broker.passthrough(request, name, path, body=found.body)
+    finally:
+        found.close()
+    broker.answered(name, request.method, unquote(path), response.status, found.obj)
+    return response
+
+
 def max_body(broker: Broker) -> int:
     return broker.config.max_body_mib * MIB
 
@@ -167,7 +203,7 @@ async def ollama_heartbeat(request: web.Request) -> web.StreamResponse:
 async def ollama_run(request: web.Request) -> web.StreamResponse:
     """generate / chat / embed: GPU jobs, to the consumer that has the model."""
     name, found = await ollama_route(request, ("model",))
-    return await scheduled(request, relay_kind("POST", request.path), name, found)
+    return await relay_job(request, name, request.path, found)
 
 
 async def ollama_manage(request: web.Request) -> web.StreamResponse:
@@ -348,7 +384,7 @@ async def relay_consumer(request: web.Request, name: str, path: str) -> web.Stre
         owner = broker.catalog.owner(found.model, [name]) if found.model else None
         if owner is not None:
             found = renamed(found, "model", owner.target)
-    return await scheduled(request, relay_kind(request.method, path), name, found)
+    return await relay_job(request, name, path, found)
 
 
 def same_site_origin(request: web.Request, base_url: str) -> dict[str, str]:

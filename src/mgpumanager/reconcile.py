@@ -111,6 +111,11 @@ class ResidencyView:
         # Held while residency changes (evict, load): a reconciliation in the background reads
         # meanwhile but takes nothing in, since the change may be half done.
         self.changing = asyncio.Lock()
+        # Clock time each consumer (or one of its models) was last seen letting go by itself
+        # or by a client: its memory may still show as used for a while (the driver's lag).
+        self.let_go_at: dict[str, float] = {}
+        # Consumers a client has just asked to unload (client_unloads): the reason they show.
+        self.client_unloading: set[str] = set()
 
     # -- figures --------------------------------------------------------------------------------
 
@@ -335,7 +340,12 @@ class ResidencyView:
         record.reported_mib = report.held_mib if report.models is None else None
         busy = self.busy(name)
         if report.models is not None:
-            self._take_models(name, record, report.models)
+            gone = self._take_models(name, record, report.models)
+            if gone:
+                self.let_go_at[name] = self.clock.now()
+            if gone and report.resident and record.state is State.RESIDENT:
+                # Some of its models left, others stay: no change of state, but one to see.
+                self._models_changed(name, record, gone)
         resident = report.resident
         detail = report.detail
         if resident is None and record.measured_mib is not None:
@@ -354,13 +364,18 @@ class ResidencyView:
         elif resident is False and record.state is State.UNKNOWN:
             transition(name, record, State.UNLOADED, detail or "found unloaded")
         elif resident is False and record.state is State.RESIDENT and not busy:
-            transition(name, record, State.UNLOADED, f"left by itself ({detail or 'idle'})")
+            self.let_go_at[name] = self.clock.now()
+            how = "unloaded by a client" if name in self.client_unloading else "left by itself"
+            transition(name, record, State.UNLOADED, f"{how} ({detail or 'idle'})")
         elif resident and record.detail.startswith(OUTSIDE) and detail:
             record.detail = f"{OUTSIDE} ({detail})"  # what it holds now, not when first seen
 
-    def _take_models(self, name: str, record: Record, reported: Mapping[str, int | None]) -> None:
+    def _take_models(
+        self, name: str, record: Record, reported: Mapping[str, int | None]
+    ) -> list[str]:
         """The upstream's list of resident models replaces the record's, except models with
-        the broker's jobs on them (still loading, they may not be listed yet)."""
+        the broker's jobs on them (still loading, they may not be listed yet). Answers the
+        models that left."""
         models = {}
         for listed, size in reported.items():
             model = self.adapters[name].model_key(listed)  # its identity (model_names)
@@ -375,9 +390,23 @@ class ResidencyView:
         for model, known in record.models.items():
             if model not in models and known.in_flight > 0:
                 models[model] = known
+        gone = sorted(set(record.models) - set(models))
         if models.keys() != record.models.keys():
             record.generation += 1
         record.models = models
+        return gone
+
+    def _models_changed(self, name: str, record: Record, gone: list[str]) -> None:
+        how = "unloaded by a client" if name in self.client_unloading else "left by itself"
+        self._emit(
+            "residency.changed",
+            consumer=name,
+            previous=str(record.state),
+            residency=str(record.state),
+            reason=f"{', '.join(gone)} {how}",
+            resident_models=sorted(record.models),
+            vram_mib=record.cost_mib,
+        )
 
     def reconfigure(
         self,
