@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from mgpumanager.audio_lists import add_routes as add_audio_lists
 from mgpumanager.client_unloads import client_unload
 
 from .adapters import OPENAI_GPU_PATHS, relay_kind
@@ -436,6 +437,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/api/blobs/{digest}", ollama_default)
     router.add_get("/v1/models", openai_models)
     router.add_get("/v1/models/{model:.+}", openai_model)
+    add_audio_lists(router)  # GET /v1/audio/models, /v1/audio/voices
     for path in sorted(OPENAI_GPU_PATHS):
         router.add_post(path, openai_run)
     upstream = consumer_api(UPSTREAM_PREFIX)
