@@ -390,7 +390,8 @@ class ResidencyView:
         for model, known in record.models.items():
             if model not in models and known.in_flight > 0:
                 models[model] = known
-        gone = sorted(set(record.models) - set(models))
+        # Models it listed before and no longer does (not one a job named that never loaded).
+        gone = sorted(m for m in set(record.models) - set(models) if (name, m) in self.spellings)
         if models.keys() != record.models.keys():
             record.generation += 1
         record.models = models

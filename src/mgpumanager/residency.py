@@ -221,9 +221,12 @@ class Residency(ResidencyView):
                 record = self.records.get(name)
                 if record is None or self.clock.now() >= deadline:
                     return
-                # Gone: unloaded, or (one model of several) that model left the list.
+                # Gone: unloaded, or that model left the list (while others stay, or while
+                # the record cannot say `resident` anyway). Resident with no model left: the
+                # record says `unloaded` once the broker's last job on it is counted out.
+                left = key is not None and key not in record.models
                 if record.state is State.UNLOADED or (
-                    key is not None and key not in record.models and record.models
+                    left and (record.models or record.state is not State.RESIDENT)
                 ):
                     self.let_go_at[name] = self.clock.now()  # its memory follows from now
                     return
