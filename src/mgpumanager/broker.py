@@ -11,25 +11,24 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 
-from mgpumanager.client_unloads import client_unload
-
-from .adapters import BaseAdapter, make_adapter
-from .bodies import receive_whole
-from .catalog import ModelCatalog
-from .clock import Clock, MonotonicClock
-from .config import AdapterType, Caller, Config
-from .errors import BrokerError, ErrorCode
-from .events import EventBus, History, JobEvents
-from .gpu import GpuReader, make_reader
-from .health import HealthMonitor
-from .idle import IdleKeeper
-from .lease import Lease
-from .proxy import Body, forward
-from .records import State
-from .residency import Residency
-from .scheduler import ConsumerPolicy, SchedulerCore
-from .spool import SpooledBody
-from .status import Status, build_status
+from mgpumanager.clock import Clock, MonotonicClock
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.events import EventBus, History, JobEvents
+from mgpumanager.registry import AdapterType, Caller, Config
+from mgpumanager.relay.bodies import receive_whole
+from mgpumanager.relay.proxy import Body, forward
+from mgpumanager.relay.spool import SpooledBody
+from mgpumanager.residency.evict import Residency
+from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.records import State
+from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.lease import Lease
+from mgpumanager.status import Status, build_status
+from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
+from mgpumanager.upstreams.catalog import ModelCatalog
+from mgpumanager.upstreams.client_unloads import client_unload
+from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.health import HealthMonitor
 
 log = logging.getLogger(__name__)
 

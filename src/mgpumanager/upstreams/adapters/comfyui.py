@@ -1,0 +1,276 @@
+"""`type: comfyui` — ComfyUI's asynchronous prompts.
+
+`POST /prompt` answers at once and the work runs afterwards, so an image job holds the lease
+until its prompt has finished (websocket events, `/history` as the fallback). The broker picks
+the prompt_id. Unload is `POST /free`, which only sets flags: the GPU reading confirms. The
+registry's `unload:` replaces that call; `load:` does not apply (ComfyUI loads lazily, inside
+the first prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from mgpumanager.errors import BrokerError, Dialect, ErrorCode
+from mgpumanager.registry import ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.relay.bodies import encode_json, parse_json, read_body
+from mgpumanager.relay.proxy import Body
+from mgpumanager.scheduling.lease import JobHandle
+from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Newer ComfyUI serves every route under /api/ too; its own front end posts to /api/prompt.
+PROMPT_PATHS = ("/prompt", "/api/prompt")
+
+
+class ComfyUIAdapter(BaseAdapter):
+    default_health = HealthConfig(path="/system_stats")
+    default_paths = {"image": HttpCall(path="/prompt")}
+    history_poll_s = 0.25
+    cancel_wait_s = 10.0  # how long a cancelled prompt may take to leave ComfyUI's queue
+
+    def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(name, config, session)
+        self.ours: set[str] = set()  # prompt ids the broker posted and that have not finished
+
+    async def queued_ids(self) -> set[str]:
+        """Prompt ids running or waiting on ComfyUI's own queue, whoever posted them."""
+        queue = await self.request_json("GET", "/queue", timeout_s=self.health_config.timeout_s)
+        ids = set()
+        for key in ("queue_running", "queue_pending"):
+            items = queue.get(key, []) if isinstance(queue, dict) else []
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, list) and len(item) > 1:
+                    ids.add(str(item[1]))
+        return ids
+
+    async def torch_reserved_mib(self) -> int | None:
+        """/system_stats `devices[0].torch_vram_total`: what ComfyUI's own allocator holds.
+        It sees models loaded by anyone (its web page too) and works where a container hides
+        the process from the GPU reader."""
+        stats = await self.request_json(
+            "GET", "/system_stats", timeout_s=self.health_config.timeout_s
+        )
+        devices = stats.get("devices") if isinstance(stats, dict) else None
+        first = devices[0] if isinstance(devices, list) and devices else None
+        total = first.get("torch_vram_total") if isinstance(first, dict) else None
+        return total // MIB if isinstance(total, int) and total >= 0 else None
+
+    async def unloaded(self) -> bool:
+        """Its own allocator holds no more than a CUDA context (where /system_stats says)."""
+        reserved = await self.torch_reserved_mib()
+        return reserved is None or reserved <= residual_allowance_mib(self.config.vram_resident_mib)
+
+    async def residency(self) -> ResidencyReport:
+        outside_ids, reserved = await asyncio.gather(self.queued_ids(), self.torch_reserved_mib())
+        outside = outside_ids - self.ours
+        detail = f"{len(outside)} prompt(s) posted around the broker" if outside else ""
+        if reserved is None:
+            return ResidencyReport(None, busy=bool(outside), detail=detail)
+        # Above its CUDA context and allocator cache (a few hundred MiB) it has models loaded.
+        loaded = reserved > residual_allowance_mib(self.config.vram_resident_mib)
+        detail = ", ".join(filter(None, [f"torch holds {reserved} MiB", detail]))
+        return ResidencyReport(
+            loaded, busy=bool(outside), detail=detail, held_mib=reserved if loaded else None
+        )
+
+    async def unload(self) -> None:
+        body = {"unload_models": True, "free_memory": True}
+        if self.config.unload is not None and self.config.unload.path is not None:
+            await self.call(self.config.unload, timeout_s=self.config.unload.timeout_s)
+        else:
+            await self.request_json(
+                "POST", "/free", body=body, timeout_s=self.config.unload_timeout_s
+            )
+
+    def check_body(self, kind: str, body: Body | None) -> None:
+        """A prompt that could never run is refused before it queues for the GPU."""
+        call = self.path_for(kind)
+        if call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS:
+            self._prompt(body if body is not None else b"")
+
+    def _prompt(self, body: Body) -> dict[str, Any]:
+        """The prompt a body holds (received whole), or a bad_request saying why not."""
+        raw = body if isinstance(body, bytes) else body.read_all()
+        prompt = parse_json(raw, "the prompt", self.name)
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("prompt"), dict):
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                'expected {"prompt": {...graph...}}',
+                consumer=self.name,
+            )
+        given = str(prompt.get("prompt_id") or "")
+        if given and (not PROMPT_ID.fullmatch(given) or given.strip(".") == ""):
+            # The id goes into ComfyUI URLs (/history/{id}): "../free" would poll another route
+            # and hold the lease until run_timeout_s although the prompt ended long before.
+            raise BrokerError(
+                ErrorCode.BAD_REQUEST,
+                "prompt_id may hold only letters, digits and . _ : - (at most 128)",
+                consumer=self.name,
+            )
+        return prompt
+
+    async def forward(
+        self,
+        request: web.Request,
+        kind: str,
+        job: JobHandle,
+        max_body_bytes: int,
+        body: Body | None = None,
+    ) -> web.StreamResponse:
+        call = self.path_for(kind)
+        if call.method != "POST" or call.path.split("?", 1)[0] not in PROMPT_PATHS:
+            return await super().forward(request, kind, job, max_body_bytes, body)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if body is None:
+            body = await read_body(request, max_body_bytes, self.name)
+        prompt = self._prompt(body)
+        prompt_id = str(prompt.get("prompt_id") or uuid.uuid4())
+        prompt["prompt_id"] = prompt_id
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        # A caller that names its client_id listens on its own socket under that id. ComfyUI
+        # keeps one socket per client_id (a second connect replaces the first), so a broker
+        # socket under the same id would steal the caller's events: follow /history instead.
+        client_id = None
+        if not prompt.get("client_id"):
+            prompt["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+        posted = encode_json(prompt, "the prompt", self.name)
+        if client_id is not None:
+            # Open the socket before posting, or the prompt's events may come before we listen.
+            ws = await self._open_ws(client_id)
+        self.ours.add(prompt_id)
+        try:
+            response = await self.relay(request, call, max_body_bytes, body=posted)
+        except BaseException:
+            # The prompt may be on ComfyUI's queue already (the client went away while its
+            # answer was relayed): stop it before the lease goes, or it runs unguarded.
+            try:
+                await self.cancel(prompt_id)
+            finally:
+                self.ours.discard(prompt_id)
+                if ws is not None:
+                    await ws.close()
+            raise
+        if response.status != 200:  # rejected graph: nothing runs
+            self.ours.discard(prompt_id)
+            if ws is not None:
+                await ws.close()
+            return response
+        # run_timeout_s bounds the whole job: the /prompt call and the wait for the prompt.
+        left_s = max(0.0, self.config.run_timeout_s - (loop.time() - started))
+        job.hold_until(self._finished(prompt_id, ws), timeout_s=left_s)
+        return response
+
+    async def _open_ws(self, client_id: str) -> aiohttp.ClientWebSocketResponse | None:
+        try:
+            async with asyncio.timeout(self.health_config.timeout_s):
+                return await self.session.ws_connect(
+                    self.url("/ws"), params={"clientId": client_id}, heartbeat=30
+                )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning(
+                "%s: websocket unavailable (%s); following /history instead", self.name, exc
+            )
+            return None
+
+    async def _finished(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse | None) -> None:
+        """Return when the prompt has ended (success, error or interrupted). Cancelled or timed
+        out by the lease: interrupt it and drop it from ComfyUI's queue."""
+        try:
+            waiters = [asyncio.ensure_future(self._history_done(prompt_id))]
+            if ws is not None:
+                waiters.append(asyncio.ensure_future(self._ws_done(prompt_id, ws)))
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+            for task in done:
+                task.result()
+        except BaseException:
+            await self.cancel(prompt_id)
+            raise
+        finally:
+            self.ours.discard(prompt_id)
+            if ws is not None:
+                await ws.close()
+
+    async def _ws_done(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+        # Done is `executing` with `node: null`. ComfyUI sends execution_success / _error /
+        # _interrupted from inside the run, and only then takes the prompt off queue_running,
+        # writes /history and sends `node: null`; releasing on the earlier events let the next
+        # job see our own prompt on /queue as work posted around the broker.
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue  # binary frames are previews
+            try:
+                event = json.loads(msg.data)
+            except (ValueError, RecursionError):
+                continue
+            data = event.get("data") if isinstance(event, dict) else None
+            if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
+                continue
+            if event.get("type") == "executing" and data.get("node") is None:
+                return
+        # Socket closed without the end event: /history (the other waiter) decides.
+        await asyncio.Event().wait()
+
+    async def _history_done(self, prompt_id: str) -> None:
+        while True:
+            try:
+                history = await self.request_json(
+                    "GET", f"/history/{prompt_id}", timeout_s=self.health_config.timeout_s
+                )
+                entry = history.get(prompt_id) if isinstance(history, dict) else None
+                if isinstance(entry, dict):
+                    # The entry is written when the prompt leaves the queue, whatever its end.
+                    return
+            except BrokerError as exc:
+                log.debug("%s: /history poll failed: %s", self.name, exc)
+            await asyncio.sleep(self.history_poll_s)
+
+    async def cancel(self, prompt_id: str) -> None:
+        """/interrupt stops it if it runs; a queue delete removes it if it waits. Then wait
+        (up to cancel_wait_s) until it has left the queue: an interrupt takes effect at the
+        next step, and the lease must not pass on while the GPU is still busy with it."""
+        for path, body in (
+            ("/interrupt", {"prompt_id": prompt_id}),
+            ("/queue", {"delete": [prompt_id]}),
+        ):
+            try:
+                await self.request_json("POST", path, body=body, timeout_s=5.0)
+            except BrokerError as exc:
+                log.warning("%s: cancel %s via %s failed: %s", self.name, prompt_id, path, exc)
+                return  # unreachable or refusing: nothing to wait for
+        try:
+            async with asyncio.timeout(self.cancel_wait_s):
+                while True:
+                    if prompt_id not in await self.queued_ids():
+                        return
+                    await asyncio.sleep(self.history_poll_s)
+        except (TimeoutError, BrokerError) as exc:
+            log.warning("%s: cancelled prompt %s still queued: %s", self.name, prompt_id, exc)
+
+    @property
+    def can_unload(self) -> bool:
+        return True
+
+    @property
+    def dialect(self) -> Dialect:
+        return Dialect.COMFYUI
+
+    def uses_gpu(self, method: str, path: str) -> bool:
+        return (method == "POST" and path in PROMPT_PATHS) or super().uses_gpu(method, path)
