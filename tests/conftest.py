@@ -32,7 +32,7 @@ wait_for = wait_until
 # broker's default port or one of the demo's would fail beside it, or stop it from starting.
 # Every test binds port 0; a bind to a fixed port fails the test that made it.
 BROKER_PORT = 8770
-DEMO_PORTS = frozenset({8799, 8801, 8802, 8803, 8804})  # the demo registry's gpu and fakes
+DEMO_PORTS = frozenset({8799, 8801, 8802, 8803, 8804, 8805})  # the demo registry's gpu and fakes
 FIXED_PORTS = frozenset({BROKER_PORT}) | DEMO_PORTS
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +28,7 @@ from mgpumanager.scheduling.lease import Lease
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
+from mgpumanager.upstreams.client_unloads import client_unload
 from mgpumanager.upstreams.gpu import GpuReader, make_reader
 from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
@@ -33,6 +36,10 @@ from mgpumanager.upstreams.health import HealthMonitor
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+
+# How long an upstream's 404 for a model stands: jobs for that model meanwhile make no room
+# for it (its list, re-read, must still not show it). Past that, it costs its room again.
+MISSING_MODEL_S = 60.0
 
 # Who sent a request: set by the facade's auth check when the registry has tokens.
 CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
@@ -66,6 +73,10 @@ class Broker:
         self._jobs: JobEvents | None = None
         # Where each consumer's front door listens (HOST:PORT), as the server bound them.
         self.front_doors: dict[str, str] = {}
+        # (consumer, model) -> clock time its upstream last answered a job for it with 404.
+        self._missing_models: dict[tuple[str, str], float] = {}
+        # Re-reads of consumers that a client has just unloaded (client_unloads).
+        self._follows: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -89,7 +100,7 @@ class Broker:
             reader,
             self.clock,
             probe=self._health.probe_ok,
-            model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
+            model_size=lambda name, model: self.catalog.listed_size(name, model),
             in_flight=self._jobs_on,
             has_model=self._has_model,
             emit=self.events.emit,
@@ -142,11 +153,16 @@ class Broker:
                 await self.residency.read_gpu()
 
     async def _has_model(self, name: str, model: str) -> bool | None:
-        """Whether `name`'s upstream lists `model`; on a miss its list is re-read once (a model
-        pulled a moment ago)."""
-        if self.catalog.has(name, model) is False:
+        """False only where `name`'s upstream has just answered 404 for `model` and its list,
+        re-read, still does not show it: then nothing is evicted for it. Otherwise None: a
+        model its list does not show (spelt another way, pulled a moment ago, listed late)
+        still gets the room its cost needs."""
+        answered = self._missing_models.get((name, model))
+        if answered is None or self.clock.now() - answered > MISSING_MODEL_S:
+            return None
+        if self.catalog.has(name, model) is not True:
             await self.catalog.refresh([name])
-        return self.catalog.has(name, model)
+        return self.catalog.has(name, model) is True
 
     def _jobs_on(self, name: str) -> int:
         """The broker's jobs running on `name` now (only the lease holder has any)."""
@@ -175,6 +191,9 @@ class Broker:
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
+        for task in list(self._follows):
+            task.cancel()
+        await asyncio.gather(*self._follows, return_exceptions=True)
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
@@ -359,6 +378,8 @@ class Broker:
                         answer = await adapter.forward(request, job_spec, job)
                     if answer.status >= 400:  # relayed as it came, but not done
                         job.outcome, job.status = Outcome.UPSTREAM_ERROR, answer.status
+                    if per_model is not None:
+                        self._answered(name, per_model, answer.status)
                     return answer
                 except TimeoutError:
                     raise BrokerError(
@@ -371,6 +392,37 @@ class Broker:
         finally:
             if spec.body is None and isinstance(whole, SpooledBody):
                 whole.close()  # spooled here; a surface's own body is closed by the surface
+
+    def _answered(self, name: str, model: str, status: int) -> None:
+        """Remember an upstream's 404 for a model (its next jobs make no room for it)."""
+        if status == 404:
+            self._missing_models[(name, model)] = self.clock.now()
+        else:
+            self._missing_models.pop((name, model), None)
+
+    def answered(
+        self, name: str, method: str, path: str, status: int, body: dict[str, Any] | None = None
+    ) -> None:
+        """A request of `name`'s own API (`path` unquoted, no query; `body` its JSON where
+        read) has been answered: if it unloaded something (client_unloads), re-read `name` at
+        once and until the upstream shows it, in the background."""
+        consumer = self.config.consumers.get(name)
+        if consumer is None or status >= 400:
+            return
+        unload = client_unload(consumer, method, path, body)
+        if unload is not None:
+            self.follow_unload(name, unload.model)
+
+    def follow_unload(self, name: str, model: str | None) -> None:
+        task = asyncio.create_task(self._follow(name, model), name=f"follow-unload-{name}")
+        self._follows.add(task)
+        task.add_done_callback(self._follows.discard)
+
+    async def _follow(self, name: str, model: str | None) -> None:
+        try:
+            await self.residency.follow_client_unload(name, model)
+        except Exception:  # a bug here must not go unseen, nor end anything else
+            log.exception("%s: re-reading after a client's unload failed", name)
 
     async def passthrough(
         self,
@@ -385,7 +437,7 @@ class Broker:
         still answers an error). `body`: the body already read (else streamed)."""
         if self.session is None:
             raise RuntimeError("broker not started")
-        return await forward(
+        response = await forward(
             request,
             self.session,
             base_url=self.config.consumers[name].url,
@@ -395,6 +447,8 @@ class Broker:
             max_body_bytes=self.config.max_body_mib * MIB,
             body=body,
         )
+        self.answered(name, request.method, unquote(path.split("?", 1)[0]), response.status)
+        return response
 
     async def admin(self, name: str, action: str) -> dict[str, object]:
         """Unload or load one consumer, under the lease like any job."""

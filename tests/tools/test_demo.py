@@ -119,6 +119,7 @@ def run_the_demo(tmp_path: Path) -> None:
         commands = [line for line in tried if not line.startswith("#")]
         assert len(commands) >= 9, banner
         surfaces = ["/api/chat", "/v1/chat/completions", "/upstream/comfyui/prompt"]
+        surfaces += ["/v1/audio/speech", "/v1/audio/transcriptions"]
         assert all(any(s in c for c in commands) for s in surfaces), commands
         for command in commands:
             run = subprocess.run(
@@ -137,6 +138,9 @@ def run_the_demo(tmp_path: Path) -> None:
                 # prompt -> history -> the image's bytes, saved where the user ran it
                 assert run.stdout.startswith("200 image/png"), run.stdout
                 assert (tmp_path / "comfyui.png").read_bytes().startswith(b"\x89PNG")
+            elif "/v1/audio/speech" in command:
+                assert run.stdout.startswith("200 audio/wav"), run.stdout
+                assert (tmp_path / "speech.wav").read_bytes().startswith(b"RIFF")
             else:
                 # NDJSON for the streamed LLM answer, one JSON document otherwise
                 try:
@@ -173,6 +177,7 @@ def test_port_moves_every_piece_and_the_commands_follow(tmp_path: Path) -> None:
         "ollama": 9032,
         "comfyui": 9033,
         "whisper": 9034,
+        "speaches": 9035,
     }
     assert set(demo_ports(config, 0).values()) == {0}
     assert demo_ports(config, None)["broker"] == 8770

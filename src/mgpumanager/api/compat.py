@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from mgpumanager.api.audio_lists import add_routes as add_audio_lists
 from mgpumanager.api.dashboard import wants_html
 from mgpumanager.broker import BROKER, CALLER, MIB, Broker
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
@@ -41,6 +42,7 @@ from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
 from mgpumanager.upstreams.adapters import OPENAI_GPU_PATHS
 from mgpumanager.upstreams.catalog import ModelOwner
+from mgpumanager.upstreams.client_unloads import client_unload
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,40 @@ def relay_call(request: web.Request, path: str | None = None) -> HttpCall:
     return HttpCall(method=request.method, path=request.path if path is None else path)
 
 
+async def relay_job(
+    request: web.Request, name: str, path: str, found: Found | None, *, streams: bool = False
+) -> web.StreamResponse:
+    """A GPU request of `name`'s own API at `path` (as sent): scheduled, unless it only
+    unloads; one that unloads after its work (keep_alive 0 with a prompt) is followed by a
+    re-read of the consumer."""
+    if found is not None:
+        unloaded = await unload_only(request, name, path, found)
+        if unloaded is not None:
+            return unloaded
+    obj = found.obj if found is not None else None
+    response = await scheduled(request, name, relay_call(request, path), found, streams=streams)
+    request.app[BROKER].answered(name, request.method, unquote(path), response.status, obj)
+    return response
+
+
+async def unload_only(
+    request: web.Request, name: str, path: str, found: Found
+) -> web.StreamResponse | None:
+    """A request that only unloads (Ollama's keep_alive 0 without a prompt, as Open WebUI's
+    unload button sends it) runs nothing: it passes without the lease (no room is made for a
+    model about to go), and the consumer is re-read at once. None: it is no such request."""
+    broker = request.app[BROKER]
+    unload = client_unload(broker.config.consumers[name], request.method, unquote(path), found.obj)
+    if unload is None or unload.runs:
+        return None
+    try:
+        response = await broker.passthrough(request, name, path, body=found.body)
+    finally:
+        found.close()
+    broker.answered(name, request.method, unquote(path), response.status, found.obj)
+    return response
+
+
 def max_body(broker: Broker) -> int:
     return broker.config.max_body_mib * MIB
 
@@ -198,7 +234,7 @@ async def ollama_run(request: web.Request) -> web.StreamResponse:
     name, found = await ollama_route(request, ("model",))
     # generate and chat stream unless the body says `"stream": false`; embeddings never do.
     streams = request.path in OLLAMA_STREAMING and (found.obj or {}).get("stream") is not False
-    return await scheduled(request, name, relay_call(request), found, streams=streams)
+    return await relay_job(request, name, request.path, found, streams=streams)
 
 
 async def ollama_manage(request: web.Request) -> web.StreamResponse:
@@ -380,7 +416,7 @@ async def relay_consumer(request: web.Request, name: str, path: str) -> web.Stre
         owner = broker.catalog.owner(found.model, [name]) if found.model else None
         if owner is not None:
             found = renamed(found, "model", owner.target)
-    return await scheduled(request, name, relay_call(request, path), found)
+    return await relay_job(request, name, path, found)
 
 
 def same_site_origin(request: web.Request, base_url: str) -> dict[str, str]:
@@ -433,6 +469,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_post("/api/blobs/{digest}", ollama_default)
     router.add_get("/v1/models", openai_models)
     router.add_get("/v1/models/{model:.+}", openai_model)
+    add_audio_lists(router)  # GET /v1/audio/models, /v1/audio/voices
     for path in sorted(OPENAI_GPU_PATHS):
         router.add_post(path, openai_run)
     upstream = consumer_api(UPSTREAM_PREFIX)
