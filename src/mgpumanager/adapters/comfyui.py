@@ -34,6 +34,27 @@ PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PROMPT_PATHS = ("/prompt", "/api/prompt")
 
 
+# What torch calls a card: ROCm builds of torch say "cuda" too; some report "hip"/"rocm".
+CARD_TYPES = frozenset({"cuda", "rocm", "hip"})
+
+
+def card_device(devices: object, gpu_index: int) -> dict[str, Any] | None:
+    """The /system_stats device that is the broker's GPU, or None when ComfyUI runs on none.
+
+    A `--cpu` ComfyUI lists `{"type": "cpu", "index": null, "torch_vram_total": <RAM>}` and an
+    Apple one `mps`: neither holds card memory. Among cards, the one with the broker's index;
+    where ComfyUI lists a single card under another index (CUDA_VISIBLE_DEVICES renumbers
+    from 0), that one: counting it is safe, missing it would let a load run into its memory.
+    """
+    if not isinstance(devices, list):
+        return None
+    cards = [d for d in devices if isinstance(d, dict) and d.get("type") in CARD_TYPES]
+    for card in cards:
+        if card.get("index") == gpu_index:
+            return card
+    return cards[0] if len(cards) == 1 else None
+
+
 class ComfyUIAdapter(BaseAdapter):
     registry_actions = frozenset({"unload"})
     default_health = HealthConfig(path="/system_stats")
@@ -57,16 +78,30 @@ class ComfyUIAdapter(BaseAdapter):
         return ids
 
     async def torch_reserved_mib(self) -> int | None:
-        """/system_stats `devices[0].torch_vram_total`: what ComfyUI's own allocator holds.
-        It sees models loaded by anyone (its web page too) and works where a container hides
-        the process from the GPU reader."""
+        """What ComfyUI's own allocator holds on the broker's GPU: `torch_vram_total` of the
+        /system_stats device that is that card. It sees models loaded by anyone (its web page
+        too) and works where a container hides the process from the GPU reader. None: no
+        answer; 0: ComfyUI runs on no card (`--cpu`, MPS), where `torch_vram_total` is the
+        machine's RAM, not card memory."""
+        figure = await self._card_figure()
+        return None if figure is None else figure[1]
+
+    async def _card_figure(self) -> tuple[str, int] | None:
+        """(what the figure is, MiB), or None when /system_stats says nothing usable."""
         stats = await self.request_json(
             "GET", "/system_stats", timeout_s=self.health_config.timeout_s
         )
         devices = stats.get("devices") if isinstance(stats, dict) else None
-        first = devices[0] if isinstance(devices, list) and devices else None
-        total = first.get("torch_vram_total") if isinstance(first, dict) else None
-        return total // MIB if isinstance(total, int) and total >= 0 else None
+        device = card_device(devices, self.gpu_index)
+        if device is None:
+            if not isinstance(devices, list) or not devices:
+                return None
+            first = devices[0] if isinstance(devices[0], dict) else {}
+            return f"runs on {first.get('type') or 'no GPU'}, holds no card memory", 0
+        total = device.get("torch_vram_total")
+        if not isinstance(total, int) or total < 0:
+            return None
+        return f"torch holds {total // MIB} MiB", total // MIB
 
     async def unloaded(self) -> bool:
         """Its own allocator holds no more than a CUDA context (where /system_stats says)."""
@@ -74,16 +109,20 @@ class ComfyUIAdapter(BaseAdapter):
         return reserved is None or reserved <= residual_allowance_mib(self.config.vram_resident_mib)
 
     async def residency(self) -> ResidencyReport:
-        outside_ids, reserved = await asyncio.gather(self.queued_ids(), self.torch_reserved_mib())
+        outside_ids, figure = await asyncio.gather(self.queued_ids(), self._card_figure())
         outside = outside_ids - self.ours
-        detail = f"{len(outside)} prompt(s) posted around the broker" if outside else ""
-        if reserved is None:
-            return ResidencyReport(None, busy=bool(outside), detail=detail)
+        # The detail names the figures this report is made of, no others.
+        running = f"{len(outside)} prompt(s) posted around the broker" if outside else ""
+        if figure is None:
+            return ResidencyReport(None, busy=bool(outside), detail=running)
+        what, reserved = figure
         # Above its CUDA context and allocator cache (a few hundred MiB) it has models loaded.
         loaded = reserved > residual_allowance_mib(self.config.vram_resident_mib)
-        detail = ", ".join(filter(None, [f"torch holds {reserved} MiB", detail]))
         return ResidencyReport(
-            loaded, busy=bool(outside), detail=detail, held_mib=reserved if loaded else None
+            loaded,
+            busy=bool(outside),
+            detail=", ".join(filter(None, [what, running])),
+            held_mib=reserved if loaded else None,
         )
 
     async def unload(self) -> None:
