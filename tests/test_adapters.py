@@ -354,7 +354,8 @@ async def test_comfyui_does_not_take_over_the_callers_websocket() -> None:
 
 
 async def test_comfyui_prompt_past_run_timeout_is_interrupted_before_the_lease_goes() -> None:
-    async with comfyui_box(comfyui_settings(run_s=60)) as (cluster, fake, url):
+    # ComfyUI stops an interrupted prompt at the next node boundary: 1 s nodes.
+    async with comfyui_box(comfyui_settings(run_s=2)) as (cluster, fake, url):
         consumers = {"comfyui": comfyui_consumer(url, run_timeout_s=0.3)}
         config = broker_config(cluster, consumers, {"image": "comfyui"})
         async with running_broker(config) as server, aiohttp.ClientSession() as http:
@@ -401,9 +402,12 @@ async def outside_prompt_scenario(
     await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="first image")
     assert (await comfy.residency()).busy is False
 
-    # Someone posts straight to ComfyUI, around the broker.
-    fake.settings = dataclasses.replace(fake.settings, run_s=60)
-    status, answer = await post_json(http, f"{comfy_url}/prompt", {"prompt": GRAPH})
+    # Someone posts straight to ComfyUI, around the broker: another graph (an unchanged one
+    # would be answered from ComfyUI's cache at once); 4 s nodes, as an interrupt waits for
+    # the node that runs to end.
+    fake.settings = dataclasses.replace(fake.settings, run_s=8)
+    graph = {**GRAPH, "3": {"class_type": "KSampler", "inputs": {"seed": 8}}}
+    status, answer = await post_json(http, f"{comfy_url}/prompt", {"prompt": graph})
     assert status == 200
     outside = answer["prompt_id"]
     await wait_for(lambda: fake.running is not None, what="outside prompt running")

@@ -195,6 +195,11 @@ def describe(target: Target, kind: ServiceKind, a: Answers) -> Service:
         devices = list_of(stats, "devices") or [{}]
         torch = devices[0].get("torch_vram_total") if isinstance(devices[0], dict) else None
         held = torch // MIB if isinstance(torch, int) and torch >= 0 else None
+        kind_of = devices[0].get("type") if isinstance(devices[0], dict) else None
+        if isinstance(kind_of, str) and kind_of not in ("cuda", "rocm", "hip"):
+            # `--cpu` (or MPS): torch_vram_total is the machine's RAM, not card memory.
+            held = 0
+            notes.append(f"it runs on {kind_of}: it holds no GPU memory")
         if len(devices) > 1:
             notes.append(f"it sees {len(devices)} devices; the registry covers GPU 0")
         return Service(

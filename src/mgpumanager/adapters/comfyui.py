@@ -122,7 +122,8 @@ class ComfyUIAdapter(BaseAdapter):
             loaded,
             busy=bool(outside),
             detail=", ".join(filter(None, [what, running])),
-            held_mib=reserved if loaded else None,
+            # 0: on no card at all, so work around the broker takes no card memory either.
+            held_mib=reserved if loaded or reserved == 0 else None,
         )
 
     async def unload(self) -> None:

@@ -343,11 +343,13 @@ class FakeComfyUI(FakeService):
             async with recording(self.activity, self.name) if to_run else _nothing():
                 for node_id in node_ids:
                     if node_id in cached:
+                        # Only output nodes are staged; a cached one reports its old output.
                         out = self.cache[signatures[node_id]]
-                        if out is not None:
-                            outputs[node_id] = out
-                            await to_client("executed", _executed(node_id, out, pid))
-                        await node_state(node_id, "finished")
+                        if node_id in item.outputs:
+                            if out is not None:
+                                outputs[node_id] = out
+                                await to_client("executed", _executed(node_id, out, pid))
+                            await node_state(node_id, "finished")
                         executed.append(node_id)
                         continue
                     if self._interrupt.is_set():
