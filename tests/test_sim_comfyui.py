@@ -308,7 +308,7 @@ async def test_the_end_goes_only_to_the_prompts_client() -> None:
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
         async with http.ws_connect("/ws?clientId=other") as other:
             await other.receive_json(timeout=5)
-            # No client_id: no per-node events and no `node: null` for anyone; status only.
+            # No client_id: no per-node events and no `node: null` for anyone.
             pid = await post_prompt(http)
             await wait_until(lambda: pid in fake.history, what="done")
             # A prompt of another client: its events go to that client only.
@@ -322,7 +322,9 @@ async def test_the_end_goes_only_to_the_prompts_client() -> None:
                     seen.append(await other.receive_json(timeout=0.3))
                 except TimeoutError:
                     break
-        assert {e["type"] for e in seen} == {"status"}
+        # The prompt without a client_id: its progress went to everyone, nothing else did.
+        assert {e["type"] for e in seen} == {"status", "progress_state"}
+        assert {e["data"]["prompt_id"] for e in seen if e["type"] == "progress_state"} == {pid}
 
 
 async def test_progress_state_between_nodes() -> None:

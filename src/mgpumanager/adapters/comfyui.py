@@ -10,6 +10,7 @@ the first prompt).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -32,6 +33,9 @@ MIB = 1024 * 1024
 PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Newer ComfyUI serves every route under /api/ too; its own front end posts to /api/prompt.
 PROMPT_PATHS = ("/prompt", "/api/prompt")
+# Sent when a prompt's run is over; its /history entry and `executing {node: null}` follow.
+RUN_ENDED = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+ENDING_POLL_S = 0.02
 
 
 # What torch calls a card: ROCm builds of torch say "cuda" too; some report "hip"/"rocm".
@@ -229,10 +233,11 @@ class ComfyUIAdapter(BaseAdapter):
     async def _finished(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse | None) -> None:
         """Return when the prompt has ended (success, error or interrupted). Cancelled or timed
         out by the lease: interrupt it and drop it from ComfyUI's queue."""
+        ending = asyncio.Event()  # the socket said the run is over: /history has it soon
         try:
-            waiters = [asyncio.ensure_future(self._history_done(prompt_id))]
+            waiters = [asyncio.ensure_future(self._history_done(prompt_id, ending))]
             if ws is not None:
-                waiters.append(asyncio.ensure_future(self._ws_done(prompt_id, ws)))
+                waiters.append(asyncio.ensure_future(self._ws_done(prompt_id, ws, ending)))
             try:
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -249,11 +254,17 @@ class ComfyUIAdapter(BaseAdapter):
             if ws is not None:
                 await ws.close()
 
-    async def _ws_done(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _ws_done(
+        self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse, ending: asyncio.Event
+    ) -> None:
         # Done is `executing` with `node: null`. ComfyUI sends execution_success / _error /
         # _interrupted from inside the run, and only then takes the prompt off queue_running,
         # writes /history and sends `node: null`; releasing on the earlier events let the next
-        # job see our own prompt on /queue as work posted around the broker.
+        # job see our own prompt on /queue as work posted around the broker. Those events
+        # (and `execution_interrupted`, which ComfyUI sends to every socket) do say that the
+        # end is near: /history is then asked at once, in case `node: null` never reaches us.
+        # `execution_cached` (a graph run before: it ends at once), `progress_state` and
+        # `executing {node}` are the run going on.
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue  # binary frames are previews
@@ -264,12 +275,17 @@ class ComfyUIAdapter(BaseAdapter):
             data = event.get("data") if isinstance(event, dict) else None
             if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
                 continue
-            if event.get("type") == "executing" and data.get("node") is None:
+            kind = event.get("type")
+            if kind == "executing" and data.get("node") is None:
                 return
+            if kind in RUN_ENDED:
+                ending.set()
+            elif kind == "execution_cached" and isinstance(data.get("nodes"), list):
+                log.debug("%s: %s: %d node(s) cached", self.name, prompt_id, len(data["nodes"]))
         # Socket closed without the end event: /history (the other waiter) decides.
         await asyncio.Event().wait()
 
-    async def _history_done(self, prompt_id: str) -> None:
+    async def _history_done(self, prompt_id: str, ending: asyncio.Event) -> None:
         while True:
             try:
                 history = await self.request_json(
@@ -281,7 +297,12 @@ class ComfyUIAdapter(BaseAdapter):
                     return
             except BrokerError as exc:
                 log.debug("%s: /history poll failed: %s", self.name, exc)
-            await asyncio.sleep(self.history_poll_s)
+            if ending.is_set():
+                await asyncio.sleep(ENDING_POLL_S)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.history_poll_s):
+                        await ending.wait()
 
     async def cancel(self, prompt_id: str) -> None:
         """/interrupt stops it if it runs; a queue delete removes it if it waits. Then wait

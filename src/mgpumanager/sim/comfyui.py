@@ -13,8 +13,8 @@
   ``execution_error`` / ``execution_interrupted``, then the history entry is written, then
   ``status`` and ``executing`` with ``"node": null``. (So ``/history`` may still be ``{}`` when
   ``execution_success`` arrives; ``node: null`` is the reliable "done".) A prompt posted with
-  no ``client_id`` sends none of these but ``status`` and ``execution_interrupted`` (to
-  everyone): in particular no ``node: null``.
+  no ``client_id`` sends none of these but ``status``, ``progress_state`` and
+  ``execution_interrupted`` (to everyone): in particular no ``node: null``.
 - Outputs are cached as ComfyUI's executor caches them: a node whose class and inputs (its
   upstream nodes' included) are those of a node of the previous prompt is not run again; it
   is listed in ``execution_cached`` and an output node sends its cached ``executed``. A graph
@@ -322,7 +322,8 @@ class FakeComfyUI(FakeService):
                 "parent_node_id": None,
                 "real_node_id": node_id,
             }
-            await to_client("progress_state", {"prompt_id": pid, "nodes": dict(progress)})
+            # WebUIProgressHandler: to the prompt's client; to everyone when it has none.
+            await self._send("progress_state", {"prompt_id": pid, "nodes": dict(progress)}, cid)
 
         self.prompts_started.append(pid)
         signatures = _signatures(item.prompt)

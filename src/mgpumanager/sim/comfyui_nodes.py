@@ -16,7 +16,7 @@ def _node(
     output_node: bool = False,
     python_module: str = "nodes",
 ) -> dict[str, Any]:
-    return {
+    described: dict[str, Any] = {
         "input": {"required": required},
         "input_order": {"required": list(required)},
         "output": output,
@@ -28,8 +28,10 @@ def _node(
         "python_module": python_module,
         "category": category,
         "output_node": output_node,
-        "output_tooltips": [None] * len(output),
     }
+    if output:  # ComfyUI lists tooltips only for nodes with outputs
+        described["output_tooltips"] = [None] * len(output)
+    return described
 
 
 def object_info(input_images: list[str]) -> dict[str, Any]:
