@@ -44,7 +44,9 @@ needs_real_comfyui = pytest.mark.skipif(
 )
 
 
-def graph(prefix: str = "real", *, size: int = 256, blur: int = 5, fresh: bool = True) -> dict:
+def graph(
+    prefix: str = "real", *, size: int = 256, blur: int = 5, fresh: bool = True
+) -> dict[str, Any]:
     """A prompt that needs no model weights: EmptyImage -> ImageBlur -> ImageInvert ->
     SaveImage. `fresh`: a colour no earlier prompt used, so that ComfyUI's output cache
     (an unchanged graph is not run again) does not answer it."""

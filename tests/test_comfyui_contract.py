@@ -170,7 +170,8 @@ async def replay(url: str) -> Record:
             events = await _until_end(ws, answer["prompt_id"])
             rec["ws_interrupted_tail"] = [e["type"] for e in events][-3:]
             [stopped] = [e["data"] for e in events if e["type"] == "execution_interrupted"]
-            rec["interrupted_at"] = (stopped["node_id"], stopped["executed"])
+            # `executed` is a set in ComfyUI (list(set)): its order is not part of the answer.
+            rec["interrupted_at"] = (stopped["node_id"], sorted(stopped["executed"]))
             entry = await call("history_interrupted", "GET", f"/history/{answer['prompt_id']}")
             status = unwrap(rec, "history_interrupted", entry, answer["prompt_id"])["status"]
             rec["interrupted_status"] = (status["status_str"], status["completed"])
