@@ -279,7 +279,9 @@ async def test_comfyui_job_holds_the_lease_until_the_websocket_says_the_prompt_e
         config = broker_config(cluster, {"comfyui": comfyui_consumer(url)}, {"image": "comfyui"})
         async with running_broker(config) as server, aiohttp.ClientSession() as http:
             comfy = comfy_adapter(server)
-            comfy.history_poll_s = 60  # one /history look at the start; the socket must end it
+            # One /history look at the start, then the socket must end it (its end event may
+            # make the adapter look once more, at once).
+            comfy.history_poll_s = 60
             pid = await post_image(http, server)
             # /prompt has answered; the prompt runs on and still holds the lease.
             assert server.broker.lease.core.in_flight == 1
@@ -289,7 +291,7 @@ async def test_comfyui_job_holds_the_lease_until_the_websocket_says_the_prompt_e
             # Released only once ComfyUI had taken it off its queue and written its history.
             assert fake.running is None and not fake.queue
             assert fake.history[pid]["status"]["status_str"] == "success"
-            assert requests_to(fake, "GET", f"/history/{pid}") == [""]
+            assert requests_to(fake, "GET", f"/history/{pid}") in ([""], ["", ""])
             [query] = requests_to(fake, "GET", "/ws")
             assert query.startswith("clientId=mgpumanager-")
             assert not comfy.ours
