@@ -12,8 +12,11 @@ REAL_COMFYUI_TARBALL ?= ../shared/upstreams/comfyui-a125cd8.tar.gz
 REAL_COMFYUI_DIR     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mgpumanager/real-comfyui/comfyui-a125cd8
 export REAL_COMFYUI_DIR
 
-.PHONY: build test lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean \
+.PHONY: check build test test-fast lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean \
 	real-comfyui test-real-comfyui
+
+# The default: everything CI checks (lint, then the whole suite).
+check: lint test
 
 build: $(STAMP)
 
@@ -26,6 +29,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# The suite without the end-to-end runs marked `slow` (a quick loop while working).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m 'not slow'
+
 # Unpack the tarball and build ComfyUI's own virtualenv, once (reused while present); where
 # the tarball is absent it says so and the real-ComfyUI tests skip. `make test` runs them
 # when it has been built; .ci/run builds it first.
@@ -34,7 +41,7 @@ real-comfyui:
 
 # Only the tests that start the real ComfyUI (and the contract test against it).
 test-real-comfyui: $(STAMP) real-comfyui
-	$(BIN)/pytest -q tests/test_real_comfyui.py tests/test_comfyui_contract.py
+	$(BIN)/pytest -q tests/test_real_comfyui.py tests/sim/test_comfyui_contract.py
 
 # The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
 # 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
@@ -48,6 +55,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 run: $(STAMP)
 	$(BIN)/mgpumanager serve --config $(CONFIG)

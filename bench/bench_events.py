@@ -33,9 +33,9 @@ from typing import Any
 import aiohttp
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config
 from mgpumanager.daemon import Server, start_server
 from mgpumanager.events import CLIENT_BUFFER
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.server import wait_until

@@ -212,7 +212,7 @@ async def serve_role(role: str, upstream: str, profile: Path | None) -> None:
 
 
 def broker_config(upstream: str) -> Any:
-    from mgpumanager.config import Config
+    from mgpumanager.registry import Config
 
     return Config.model_validate(
         {
@@ -638,8 +638,8 @@ def core_grant_cost(depths: Sequence[int], grants: int = 2000) -> dict[str, floa
 
 
 def grant_cost(depth: int, grants: int) -> float:
-    from mgpumanager.config import SchedulerConfig
-    from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+    from mgpumanager.registry import SchedulerConfig
+    from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 
     names = ("a", "b", "c", "d")
     clock = FakeClock()

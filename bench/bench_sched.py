@@ -58,9 +58,9 @@ from sched_traces import (
 )
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config, GpuConfig
 from mgpumanager.daemon import Server, start_server
-from mgpumanager.scheduler import Grant, Outcome, SchedulerCore
+from mgpumanager.registry import Config, GpuConfig
+from mgpumanager.scheduling.core import Grant, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.mvoice import MVoiceSettings

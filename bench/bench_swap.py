@@ -32,8 +32,8 @@ from typing import Any
 import aiohttp
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config
 from mgpumanager.daemon import start_server
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.ollama import OllamaSettings

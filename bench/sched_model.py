@@ -52,8 +52,8 @@ from sched_traces import (
 )
 
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import SchedulerConfig
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.registry import SchedulerConfig
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 
 MARGIN_MIB = 512  # the broker's default safety margin
 CONSUMERS: Mapping[str, Kind] = {k.consumer: k for k in KINDS.values()}

@@ -35,9 +35,9 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mgpumanager.config import GpuConfig
-from mgpumanager.gpu import GpuReading, NvmlReader, make_reader
+from mgpumanager.registry import GpuConfig
 from mgpumanager.sim.server import wait_until
+from mgpumanager.upstreams.gpu import GpuReading, NvmlReader, make_reader
 
 ALLOC_MIB = 1024
 MIB = 1024 * 1024

@@ -31,10 +31,10 @@ import aiohttp
 import yaml
 
 from mgpumanager.broker import Broker
-from mgpumanager.config import Config, parse_config
 from mgpumanager.daemon import Server, start_server
-from mgpumanager.gpu import GpuProcess, GpuReading
+from mgpumanager.registry import Config, parse_config
 from mgpumanager.sim.server import bind_loopback, wait_until
+from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
 
 MIB = 1024 * 1024
 SERVICE = Path(__file__).resolve().parent / "gpu_service.py"

@@ -15,9 +15,9 @@ from aiohttp import web
 
 from mgpumanager.broker import Broker
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import Config, SchedulerConfig
 from mgpumanager.daemon import Server, start_server
-from mgpumanager.scheduler import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.registry import Config, SchedulerConfig
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, SimCluster
 from mgpumanager.sim.ollama import OllamaSettings
 from mgpumanager.sim.server import RunningApp, serve_app, wait_until

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from conftest import running_broker, wait_for
-from mgpumanager.config import Config
+from mgpumanager.registry import Config
 from mgpumanager.sim.activity import ActivityLog
 from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings

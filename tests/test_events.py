@@ -16,10 +16,10 @@ import pytest
 
 from conftest import SIM_MODEL, core, running_broker, sim_registry, sim_spec, wait_for
 from mgpumanager.clock import FakeClock
-from mgpumanager.config import Config
 from mgpumanager.daemon import Server
 from mgpumanager.events import Event, EventBus, History, JobEvents
-from mgpumanager.scheduler import ConsumerPolicy, Outcome
+from mgpumanager.registry import Config
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 
 MODEL = "llm:14b"

@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 
 from conftest import Upstream, running_broker, wait_done, wait_for
-from mgpumanager.config import Config
 from mgpumanager.daemon import Server
+from mgpumanager.registry import Config
 from real_comfyui import RealComfyUI, graph, needs_real_comfyui, running, slow_graph
 
 pytestmark = [needs_real_comfyui, pytest.mark.slow, pytest.mark.timeout(240)]

@@ -12,22 +12,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .app import make_app
-    from .broker import Broker
-    from .config import Config, ConfigError, ConfigProblem, load_config, parse_config
-    from .daemon import Server, start_server
-    from .errors import ERROR_TABLE, BrokerError, ErrorCode
+    from mgpumanager.api.app import make_app
+    from mgpumanager.broker import Broker
+    from mgpumanager.daemon import Server, start_server
+    from mgpumanager.errors import ERROR_TABLE, BrokerError, ErrorCode
+    from mgpumanager.registry import Config, ConfigError, ConfigProblem, load_config, parse_config
 
 _EXPORTS = {
     "Server": ".daemon",
-    "make_app": ".app",
+    "make_app": ".api.app",
     "start_server": ".daemon",
     "Broker": ".broker",
-    "Config": ".config",
-    "ConfigError": ".config",
-    "ConfigProblem": ".config",
-    "load_config": ".config",
-    "parse_config": ".config",
+    "Config": ".registry",
+    "ConfigError": ".registry",
+    "ConfigProblem": ".registry",
+    "load_config": ".registry",
+    "parse_config": ".registry",
     "ERROR_TABLE": ".errors",
     "BrokerError": ".errors",
     "ErrorCode": ".errors",

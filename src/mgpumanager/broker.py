@@ -9,23 +9,24 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from .adapters import BaseAdapter, make_adapter
-from .bodies import receive_whole
-from .catalog import ModelCatalog
-from .clock import Clock, MonotonicClock
-from .config import AdapterType, Caller, Config
-from .errors import BrokerError, ErrorCode
-from .events import EventBus, History, JobEvents
-from .gpu import GpuReader, make_reader
-from .health import HealthMonitor
-from .idle import IdleKeeper
-from .lease import Lease
-from .proxy import Body, forward
-from .records import State
-from .residency import Residency
-from .scheduler import ConsumerPolicy, SchedulerCore
-from .spool import SpooledBody
-from .status import Status, build_status
+from mgpumanager.clock import Clock, MonotonicClock
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.events import EventBus, History, JobEvents
+from mgpumanager.registry import AdapterType, Caller, Config
+from mgpumanager.relay.bodies import receive_whole
+from mgpumanager.relay.job import JobSpec
+from mgpumanager.relay.proxy import Body, forward
+from mgpumanager.relay.spool import SpooledBody
+from mgpumanager.residency.evict import Residency
+from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.records import State
+from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.lease import Lease
+from mgpumanager.status import Status, build_status
+from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
+from mgpumanager.upstreams.catalog import ModelCatalog
+from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.health import HealthMonitor
 
 log = logging.getLogger(__name__)
 
@@ -320,49 +321,39 @@ class Broker:
         )
         self.health.gate(name, stopped_by_broker=expected)
 
-    async def run_job(
-        self,
-        request: web.Request,
-        kind: str,
-        name: str,
-        priority: int | None = None,
-        *,
-        model: str | None = None,
-        body: Body | None = None,
-    ) -> web.StreamResponse:
+    async def run_job(self, request: web.Request, spec: JobSpec) -> web.StreamResponse:
         """health gate ► body received ► queue ► lease ► resident ► relay (until the upstream
         is done) ► (ComfyUI: prompt finished) ► release; the client then takes the rest of its
         answer from the buffer at its own pace (proxy.finish_delivery).
 
-        `model`: the model the request names, where the surface read it (its cost is the
-        model's); `body`: the request body when the surface has read it already (a SpooledBody
+        `spec.body`: the request body when the surface has read it already (a SpooledBody
         whose head was read is completed here, before the lease)."""
+        name = spec.consumer
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
         self.gate(name)
-        adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
-        max_body = self.config.max_body_mib * MIB
-        per_model = self.residency.model_key(name, model) if adapter.per_model else None
+        per_model = self.residency.model_key(name, spec.model) if adapter.per_model else None
         # The whole body first (a declared size past max_body_mib refused before queueing): a
         # client that sends slowly holds its own connection, never the lease (one byte every
         # half second would otherwise hold every consumer's jobs).
-        whole = await receive_whole(request, body, max_body, name)
+        whole = await receive_whole(request, spec.body, self.config.max_body_mib * MIB, name)
+        job_spec = spec.with_body(whole)
         try:
-            adapter.check_body(kind, whole)  # a body that could never run does not queue
+            adapter.check_body(job_spec)  # a body that could never run does not queue
             if self.idle is not None:
                 self.idle.interrupt()  # a warm load gives way to a job at once
             async with self.lease.job(
                 name,
-                priority=priority,
+                priority=spec.priority,
                 queue_timeout_s=self.config.scheduler.queue_timeout_s,
                 model=per_model,
-                label=job_label(request, model),
+                label=spec.label,
                 answer_first=True,
             ) as job:
                 self.residency.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
-                        return await adapter.forward(request, kind, job, max_body, whole)
+                        return await adapter.forward(request, job_spec, job)
                 except TimeoutError:
                     raise BrokerError(
                         ErrorCode.UPSTREAM_TIMEOUT,
@@ -372,7 +363,7 @@ class Broker:
                 finally:
                     self.residency.job_finished(name, per_model)
         finally:
-            if body is None and isinstance(whole, SpooledBody):
+            if spec.body is None and isinstance(whole, SpooledBody):
                 whole.close()  # spooled here; a surface's own body is closed by the surface
 
     async def passthrough(
@@ -422,11 +413,3 @@ class Broker:
 
 # The broker an HTTP application serves (every listener's handlers find it here).
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
-
-
-def job_label(request: web.Request, model: str | None) -> str:
-    """What a job is, as the queue, the events and recent jobs show it: its route, its model,
-    and who sent it where a named token says (`auth.tokens`)."""
-    label = request.path if model is None else f"{request.path} {model}"
-    caller = request.get(CALLER)
-    return label if caller is None else f"{label} ({caller.name})"

@@ -12,9 +12,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from . import logs
-from .config import ConfigError, load_config
-from .discover import Target, parse_target
+from mgpumanager.registry import ConfigError, load_config
+from mgpumanager.relay import logs
+from mgpumanager.tools.discover import Target, parse_target
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logs.install()  # a flood of lines any client can cause is cut to a trickle
     if args.command in ("status", "load", "unload"):
-        from .remote import run
+        from mgpumanager.tools.remote import run
 
         try:
             return run(args)
@@ -154,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.file}: OK ({len(config.consumers)} consumers: "
                 f"{', '.join(config.consumers)})"
             )
+            from mgpumanager.tools.browser_notes import browser_notes
+
+            print("\n".join(browser_notes(config)))
             return 0
         if args.command == "serve":
-            from .daemon import StartupError, serve
+            from mgpumanager.daemon import StartupError, serve
 
             try:
                 return run_loop(serve(args.config))
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mgpumanager: {exc}", file=sys.stderr)
                 return 1
         if args.command == "deploy-rules":
-            from .deploy import RuleError, polkit_rule
+            from mgpumanager.tools.deploy import RuleError, polkit_rule
 
             config = load_config(args.config)
             try:
@@ -174,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return 0
         if args.command == "init":
-            from .init import main_init
+            from mgpumanager.tools.init import main_init
 
             return main_init(args)
-        from .daemon import StartupError
-        from .demo import run_demo
+        from mgpumanager.daemon import StartupError
+        from mgpumanager.tools.demo import run_demo
 
         try:
             return run_loop(run_demo(args.config, args.port))

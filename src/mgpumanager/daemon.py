@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from .app import make_app, make_front_door
-from .broker import Broker
-from .config import Config, ConfigError, load_config, split_listen
-from .listener import ConnectionGuard, guard_runner, raise_file_limit
-from .notify import Notifier
+from mgpumanager.api.app import make_app, make_front_door
+from mgpumanager.broker import Broker
+from mgpumanager.notify import Notifier
+from mgpumanager.registry import Config, ConfigError, load_config, split_listen
+from mgpumanager.relay.listener import ConnectionGuard, guard_runner, raise_file_limit
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,8 @@ The HTTP status is the table's in every dialect.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from aiohttp import web
 
 
 class ErrorCode(enum.StrEnum):
@@ -49,6 +46,7 @@ class ErrorCode(enum.StrEnum):
     EVICTION_FAILED = "eviction_failed"
     LOAD_FAILED = "load_failed"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CLIENT_TIMEOUT = "client_timeout"
     TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -69,6 +67,9 @@ ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
         400, False, "malformed request (bad JSON, bad header, bad path)"
     ),
     ErrorCode.UNAUTHORIZED: ErrorSpec(401, False, "missing or wrong bearer token"),
+    ErrorCode.FORBIDDEN: ErrorSpec(
+        403, False, "foreign Host or Origin: not a name of the broker or an allowed web page"
+    ),
     ErrorCode.NOT_FOUND: ErrorSpec(404, False, "no such route"),
     ErrorCode.NO_CONSUMER: ErrorSpec(404, False, "no consumer is routed for this kind"),
     ErrorCode.MODEL_NOT_FOUND: ErrorSpec(404, False, "no consumer serves the requested model"),
@@ -215,16 +216,6 @@ def route_dialect(path: str) -> Dialect:
     if path.startswith(OPENAI_PREFIXES):
         return Dialect.OPENAI
     return Dialect.ENVELOPE
-
-
-def error_response(err: BrokerError, dialect: Dialect = Dialect.ENVELOPE) -> web.Response:
-    """The only place a BrokerError becomes an HTTP answer."""
-    return web.Response(
-        status=err.status,
-        body=json.dumps(err.body(dialect)).encode(),
-        content_type="application/json",
-        headers=err.headers,
-    )
 
 
 class ClientDisconnected(ConnectionResetError):

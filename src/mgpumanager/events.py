@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .clock import Clock
-from .policy import QueuedJob
-from .scheduler import Grant, Outcome, SchedulerCore
+from mgpumanager.clock import Clock
+from mgpumanager.scheduling.core import Grant, Outcome, SchedulerCore
+from mgpumanager.scheduling.order import QueuedJob
 
 log = logging.getLogger(__name__)
 

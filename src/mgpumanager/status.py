@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import AliasChoices, BaseModel, Field
 
-from . import __version__
-from .config import redact_url
+from mgpumanager import __version__
+from mgpumanager.registry import redact_url
 
 if TYPE_CHECKING:
-    from .broker import Broker
+    from mgpumanager.broker import Broker
 
 
 class GpuStatus(BaseModel):

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from conftest import wait_for
-from mgpumanager.config import Config
+from mgpumanager.registry import Config
 
 SOAK = bool(os.environ.get("MGPU_SOAK"))
 

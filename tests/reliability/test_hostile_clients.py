@@ -103,7 +103,7 @@ async def test_a_trickled_body_and_an_unread_answer_hold_no_lease(
     async with aiohttp.ClientSession() as session:
         # Content-Length 200, one byte every 0.5 s (the reproduction, as observed).
         reader, writer = await open_raw(box.url)
-        writer.write(b"POST /v1/stt HTTP/1.1\r\nHost: b\r\nContent-Length: 200\r\n\r\n")
+        writer.write(b"POST /v1/stt HTTP/1.1\r\nHost: localhost\r\nContent-Length: 200\r\n\r\n")
         sent = 0
         other_done = asyncio.Event()
 
@@ -135,7 +135,7 @@ async def test_a_trickled_body_and_an_unread_answer_hold_no_lease(
         # A 64 MiB answer nobody reads; the other consumer's job queued right behind it.
         timeline.at.clear()
         reader, writer = await open_raw(box.url)
-        writer.write(b"POST /v1/tts HTTP/1.1\r\nHost: b\r\nContent-Length: 2\r\n\r\n{}")
+        writer.write(b"POST /v1/tts HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}")
         await writer.drain()
         await wait_for(lambda: "big answer sent" in timeline.at, timeout_s=60, what="upstream")
         async with session.post(f"{box.url}/v1/llm", json={}) as resp:
@@ -204,7 +204,7 @@ async def test_slowloris_leaves_the_broker_serving_and_the_log_small(plain_box: 
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     for _ in range(n):
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: b\r\n")
+        writer.write(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n")
         conns.append((reader, writer))
     stop = asyncio.Event()
 
@@ -252,15 +252,15 @@ async def test_slowloris_leaves_the_broker_serving_and_the_log_small(plain_box: 
 
 
 MALFORMED = [
-    b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"G@T / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
     b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /v1/st\x00atus HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /v1/st\x00atus HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\nExpect: tea\r\nContent-Length: 2\r\n\r\n{}",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
-    b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
-    b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-T0ken\x00\r\n\r\n",
+    b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
+    b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer s3cret-T0ken\x00\r\n\r\n",
 ]
 
 
@@ -293,7 +293,7 @@ async def test_hostile_requests_get_answers_and_a_small_clean_log(plain_box: Dae
     nested = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     answer = await exchange(
         url,
-        b"POST /v1/image HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + AUTH
+        b"POST /v1/image HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + AUTH
         + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(nested)
         + nested,
     )  # fmt: skip
@@ -302,7 +302,7 @@ async def test_hostile_requests_get_answers_and_a_small_clean_log(plain_box: Dae
     for _ in range(20):
         _, writer = await open_raw(url)
         writer.write(
-            b"POST /v1/llm HTTP/1.1\r\nHost: x\r\n" + AUTH + b"Content-Length: 2\r\n\r\n{}"
+            b"POST /v1/llm HTTP/1.1\r\nHost: localhost\r\n" + AUTH + b"Content-Length: 2\r\n\r\n{}"
         )
         await writer.drain()
         writer.transport.abort()

@@ -25,7 +25,7 @@ from harness import Daemon, assert_clean_log, daemon, figure, scaled, write_regi
 from yarl import URL
 
 from conftest import Upstream, consumer, make_config, wait_for
-from mgpumanager.config import Config
+from mgpumanager.registry import Config
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 from test_e2e import registry as e2e_registry
 from test_e2e import requests_for, spec
@@ -147,7 +147,7 @@ async def test_a_storm_of_leaving_clients_leaves_nothing_behind(
         when = rng.choice(["mid-body", "queued", "queued", "mid-answer", "mid-answer"])
         sent = body[: rng.randrange(len(body))] if when == "mid-body" else body
         writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
             + sent
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mgpumanager.config import Config, ConfigError, parse_config
+from mgpumanager.registry import Config, ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [(ROOT / "config" / name).read_bytes() for name in ("consumers.yaml", "demo.yaml")]

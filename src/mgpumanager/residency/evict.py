@@ -1,0 +1,473 @@
+"""Making room: the changing side of residency (docs/residency.md).
+
+`Residency` extends the records and readings of `ResidencyView` (reconcile.py) with the changes:
+it makes a consumer, or one model of a per-model consumer, resident, evicting whoever is in the
+way. The decision of whom to evict is the pure `planner.plan_eviction`; this module carries it
+out: unload, confirm through the upstream and the GPU reading, and only then load — an
+unconfirmed eviction never leads to a load (that is the OOM we exist to prevent).
+
+Changes run under the lease (`ensure_resident` is the lease's prepare step; admin, idle and
+warm changes run as exclusive jobs) and, within a tenure whose jobs run concurrently, one at a
+time under `self.changing`. Every change of a record's state goes through `records.transition`,
+which holds the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from mgpumanager.clock import Clock
+from mgpumanager.errors import BrokerError, ErrorCode
+from mgpumanager.events import Emit, no_emit
+from mgpumanager.registry import Config
+from mgpumanager.residency.planner import CannotFit, Resident, plan_eviction
+from mgpumanager.residency.records import ModelRecord, State, transition
+from mgpumanager.residency.view import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
+from mgpumanager.upstreams.adapters import ConsumerAdapter, residual_allowance_mib
+from mgpumanager.upstreams.gpu import GpuReader, GpuReading
+
+log = logging.getLogger("mgpumanager.residency")
+
+__all__ = ["Counters", "EvictionDecision", "Residency"]
+
+
+@dataclass(frozen=True)
+class EvictionDecision:
+    """One plan carried out: who was evicted for whom, and what was known when deciding."""
+
+    at: float
+    target: str
+    need_mib: int
+    headroom_mib: int
+    victims: tuple[str, ...]
+    residents: tuple[str, ...]
+
+
+class Residency(ResidencyView):
+    def __init__(
+        self,
+        config: Config,
+        adapters: Mapping[str, ConsumerAdapter],
+        reader: GpuReader,
+        clock: Clock,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        probe: Callable[[str], Awaitable[bool]] | None = None,
+        model_size: Callable[[str, str], int | None] | None = None,
+        in_flight: Callable[[str], int] | None = None,
+        has_model: Callable[[str, str], Awaitable[bool | None]] | None = None,
+        emit: Emit = no_emit,
+    ) -> None:
+        super().__init__(
+            config, adapters, reader, clock, model_size=model_size, in_flight=in_flight, emit=emit
+        )
+        self._sleep = sleep
+        # How "ready" is checked after a load; the broker passes its health monitor's probe so
+        # that the monitor's verdict follows the load.
+        self._probe = probe or self._adapter_healthy
+        self.decisions: list[EvictionDecision] = []  # the last 100, newest last
+        # Whether a per-model upstream has a model (None: it cannot tell): the catalog's list.
+        self._has_model = has_model or _cannot_tell
+
+    def reconfigure_probe(self, probe: Callable[[str], Awaitable[bool]]) -> None:
+        self._probe = probe
+
+    def ready(self, name: str, model: str | None = None) -> bool:
+        """Resident, and where it is tracked per model, with `model` resident too."""
+        record = self.records[name]
+        if record.state is not State.RESIDENT:
+            return False
+        if model is None or not self.adapters[name].per_model:
+            return True
+        return self.model_key(name, model) in record.models
+
+    # -- making room ----------------------------------------------------------------------------
+
+    async def ensure_resident(self, target: str, model: str | None = None) -> None:
+        """The lease's prepare step: make `target` (and its `model`, for per-model consumers)
+        resident, evicting whoever is in the way."""
+        if self.adapters[target].per_model:
+            model = self.model_key(target, model)  # as the upstream lists it (aliases, tags)
+        if self.ready(target, model):
+            return
+        async with self.changing:
+            if self.ready(target, model):
+                return
+            started = self.clock.now()
+            try:
+                await self._make_resident(target, model)
+            finally:
+                self.counters.swap_seconds += self.clock.now() - started
+
+    async def _make_resident(self, target: str, model: str | None) -> None:
+        # The upstreams' word first: someone may have loaded or unloaded around the broker.
+        reading = await self.reconcile(changing=True)
+        if self.ready(target, model):
+            return
+        record = self.records[target]
+        per_model = model if self.adapters[target].per_model else None
+        if per_model is not None and await self._has_model(target, per_model) is False:
+            # The upstream answers its own 404 for it: nothing to make room for, nothing to load.
+            log.info("%s has no model %r: nothing evicted, its own answer follows", target, model)
+            return
+        if per_model is not None and record.state is State.RESIDENT:
+            # Room for one more model inside a resident consumer: its other models stay counted.
+            need, exclude = self.model_cost_mib(target, per_model), None
+        else:
+            # Its state stays as it is until the load: an `unknown` target keeps counting as
+            # taken on every failure path; here it is only left out of its own way.
+            need = record.cost_mib if per_model is None else self.model_cost_mib(target, per_model)
+            exclude = target
+        headroom = self.headroom_mib(reading, exclude=exclude)
+        residents = self.units(target, per_model if exclude is None else None)
+        plan = plan_eviction(
+            target=target,
+            target_cost_mib=need,
+            headroom_mib=headroom,
+            capacity_mib=self.capacity_mib,
+            residents=residents,
+        )
+        if isinstance(plan, CannotFit):
+            raise self._cannot_fit(target, plan, residents, reading)
+        if plan.victims:
+            self._decided(target, need, headroom, plan.victims, residents)
+        await self._evict_units(plan.victims, target)
+        await self._wait_for_room(target, need, exclude=exclude)
+        if per_model is not None:
+            await self._take_model(target, per_model, need)
+        else:
+            await self.load(target)
+
+    def _cannot_fit(
+        self, target: str, plan: CannotFit, residents: list[Resident], reading: GpuReading
+    ) -> BrokerError:
+        reason = plan.reason
+        stuck = [r.name for r in residents if self._cooling_down(unit_consumer(r.name))]
+        if stuck:
+            reason += f" ({', '.join(stuck)}: last unload not confirmed, state unknown)"
+        outside = self.outside_processes(reading)
+        if outside:
+            reason += f"; processes of no consumer hold memory: {', '.join(outside)}"
+        return BrokerError(
+            ErrorCode.INSUFFICIENT_VRAM, reason, consumer=target, retryable=plan.retryable
+        )
+
+    def _decided(
+        self,
+        target: str,
+        need: int,
+        headroom: int,
+        victims: tuple[str, ...],
+        residents: list[Resident],
+    ) -> None:
+        self.decisions.append(
+            EvictionDecision(
+                self.clock.now(), target, need, headroom, victims, tuple(r.name for r in residents)
+            )
+        )
+        del self.decisions[:-100]
+        self._emit(
+            "eviction.planned",
+            target=target,
+            need_mib=need,
+            headroom_mib=headroom,
+            victims=list(victims),
+            residents=[r.name for r in residents],
+        )
+        log.info(
+            "%s needs %d MiB, headroom %d MiB: evicting %s",
+            target,
+            need,
+            headroom,
+            ", ".join(victims),
+        )
+
+    async def _evict_units(self, victims: tuple[str, ...], target: str) -> None:
+        """Carry out a plan: a consumer all of whose models go is unloaded whole."""
+        by_consumer: dict[str, list[str]] = {}
+        for victim in victims:
+            name, _, model = victim.partition(UNIT_SEPARATOR)
+            by_consumer.setdefault(name, []).append(model)
+        for name, models in by_consumer.items():
+            record = self.records[name]
+            if "" in models or set(models) >= set(record.models):
+                await self.evict(name, for_consumer=target)
+            else:
+                for model in models:
+                    await self.evict_model(name, model, for_consumer=target)
+
+    # -- unloading ------------------------------------------------------------------------------
+
+    async def evict(self, name: str, *, for_consumer: str | None = None) -> None:
+        """Unload `name` and confirm that the memory came back, or raise eviction_failed.
+        Whatever its record says: an admin unload of an `unloaded` consumer still asks."""
+        record = self.records[name]
+        adapter = self.adapters[name]
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        started = self.clock.now()
+        before = await self.read_gpu()
+        # Known to hold its memory (the broker loaded it or saw it): then the GPU must show the
+        # memory coming back. An `unknown` one may hold nothing, and no drop is owed.
+        expect_mib = record.cost_mib if record.state is State.RESIDENT else 0
+        why = f"evicted for {for_consumer}" if for_consumer else "unload asked for"
+        transition(name, record, State.UNLOADING, why)
+        blame = for_consumer or name
+        try:
+            await adapter.unload()
+        except BrokerError as exc:
+            self._eviction_failed(name, f"unload call failed: {exc.message}")
+            raise BrokerError(
+                ErrorCode.EVICTION_FAILED,
+                f"unloading {name} failed: {exc.message}",
+                consumer=blame,
+            ) from exc
+        except BaseException:
+            # Cut off half-way: nobody knows (the safe side).
+            transition(name, record, State.UNKNOWN, "unload cut off")
+            raise
+        try:
+            await self._confirm(name, adapter.unloaded, before, expect_mib, timeout_s, blame)
+        except BrokerError:
+            self._eviction_failed(name, f"memory not back within {timeout_s:g} s")
+            raise
+        except BaseException:
+            if record.state is State.UNLOADING:
+                transition(name, record, State.UNKNOWN, "unload confirmation cut off")
+            raise
+        record.unload_failed_at = None
+        record.last_unload_s = self.clock.now() - started
+        self.counters.evictions += 1
+        confirmed = f"unload confirmed in {record.last_unload_s:.2f} s"
+        transition(name, record, State.UNLOADED, confirmed)
+        self._emit(
+            "eviction.confirmed",
+            consumer=name,
+            for_consumer=for_consumer,
+            unload_s=record.last_unload_s,
+        )
+
+    async def evict_model(self, name: str, model: str, *, for_consumer: str) -> None:
+        """Unload one model of a per-model consumer that keeps others resident."""
+        record = self.records[name]
+        adapter = self.adapters[name]
+        unit = record.models[model]
+        timeout_s = self.config.consumers[name].unload_timeout_s
+        before = await self.read_gpu()
+        log.info("%s: unloading model %s for %s", name, model, for_consumer)
+
+        async def gone() -> bool:
+            report = await adapter.residency()
+            return report.models is not None and model not in report.models
+
+        try:
+            await adapter.unload_model(model)
+            await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
+        except BrokerError as exc:
+            self._eviction_failed(name, f"unloading model {model} not confirmed")
+            raise BrokerError(
+                ErrorCode.EVICTION_FAILED,
+                f"unloading {name}/{model} failed: {exc.message}",
+                consumer=for_consumer,
+            ) from exc
+        except BaseException:
+            if record.state is not State.UNKNOWN:
+                transition(name, record, State.UNKNOWN, f"unload of model {model} cut off")
+            raise
+        del record.models[model]
+        record.generation += 1
+        self.counters.evictions += 1
+        self._emit("eviction.confirmed", consumer=name, model=model, for_consumer=for_consumer)
+
+    async def _confirm(
+        self,
+        name: str,
+        upstream_let_go: Callable[[], Awaitable[bool]],
+        before: GpuReading,
+        expect_mib: int,
+        timeout_s: float,
+        blame: str,
+    ) -> None:
+        """Poll until the upstream says it let go and the GPU shows `expect_mib` back."""
+        deadline = self.clock.now() + timeout_s
+        gone_since: float | None = None
+        while True:
+            gone = await _asked(name, upstream_let_go)
+            if gone and gone_since is None:
+                gone_since = self.clock.now()
+            after = await self.read_gpu()
+            settled_s = 0.0 if gone_since is None else self.clock.now() - gone_since
+            if gone and self._gpu_confirms(name, before, after, expect_mib, settled_s):
+                return
+            if self.clock.now() >= deadline:
+                raise BrokerError(
+                    ErrorCode.EVICTION_FAILED,
+                    f"{name} was asked to unload but its memory did not come back within "
+                    f"{timeout_s:g} s (upstream let go: {gone}; GPU: {_describe(after)}); "
+                    f"{name} is now 'unknown' and nothing was loaded",
+                    consumer=blame,
+                )
+            await self._sleep(self.config.gpu.poll_interval_s)
+
+    def _eviction_failed(self, name: str, reason: str) -> None:
+        record = self.records[name]
+        if record.state is State.UNKNOWN:  # a model of a consumer nobody could read already
+            record.detail = f"{reason}; state unknown"
+        else:
+            transition(name, record, State.UNKNOWN, f"{reason}; state unknown")
+        record.unload_failed_at = self.clock.now()
+        self.counters.eviction_failures += 1
+        self._emit("eviction.failed", consumer=name, reason=reason)
+
+    def _gpu_confirms(
+        self,
+        name: str,
+        before: GpuReading,
+        after: GpuReading,
+        expect_mib: int,
+        settled_s: float,
+    ) -> bool:
+        """The GPU's word that `expect_mib` of `name`'s memory is back. With per-process
+        figures for it: they dropped by half of that, or (a whole unload) to no more than a
+        CUDA context. Without them: used memory dropped by half of it. Nothing expected (it was
+        `unknown`): the free figure decides later. No readings at all (static backend): the
+        upstream's word, `settled_s` ago, once the driver's usual lag (gpu.static_settle_s)
+        has passed since.
+        """
+        if self.reader.backend == "static":
+            return settled_s >= self.config.gpu.static_settle_s
+        if not after.ok:
+            return False
+        record = self.records[name]
+        held_after = self._measure(name, after)
+        if held_after is not None:
+            if record.state is State.UNLOADING:
+                return held_after <= residual_allowance_mib(record.declared_mib)
+            held_before = self._measure(name, before)
+            return held_before is None or held_before - held_after >= expect_mib // 2
+        if expect_mib == 0:
+            # Nothing to watch for: whatever it may still hold shows in the free figure, which
+            # _wait_for_room checks before anything loads.
+            return True
+        if before.used_mib is None or after.used_mib is None:
+            return False
+        return before.used_mib - after.used_mib >= expect_mib // 2
+
+    async def _wait_for_room(self, target: str, need: int, exclude: str | None) -> None:
+        """Victims are confirmed; the free figure must agree before anything loads."""
+        deadline = self.clock.now() + max(
+            (c.unload_timeout_s for c in self.config.consumers.values()), default=1.0
+        )
+        while True:
+            reading = await self.read_gpu()
+            headroom = self.headroom_mib(reading, exclude=exclude)
+            if headroom >= need:
+                return
+            if self.clock.now() >= deadline:
+                raise BrokerError(
+                    ErrorCode.EVICTION_FAILED,
+                    f"{target} needs {need} MiB but only {headroom} MiB are free after evicting "
+                    f"(GPU: {_describe(reading)}); not loading",
+                    consumer=target,
+                )
+            await self._sleep(self.config.gpu.poll_interval_s)
+
+    # -- loading --------------------------------------------------------------------------------
+
+    async def _adapter_healthy(self, name: str) -> bool:
+        return (await self.adapters[name].health()).ok
+
+    async def load(self, name: str) -> None:
+        """Load with the consumer's load call and wait until its health passes; without a load
+        call, the first job loads it lazily (its memory is counted from now on)."""
+        record = self.records[name]
+        adapter = self.adapters[name]
+        config = self.config.consumers[name]
+        started = self.clock.now()
+        transition(name, record, State.LOADING, "needed by a job")
+        self._emit("load.started", consumer=name, vram_mib=record.cost_mib)
+        if adapter.has_load:
+            try:
+                async with asyncio.timeout(config.load_timeout_s):
+                    await adapter.load()
+                    while not await self._probe(name):
+                        await self._sleep(self.config.gpu.poll_interval_s)
+            except asyncio.CancelledError:
+                transition(name, record, State.UNKNOWN, "load cut off")  # the safe side
+                self._emit("load.failed", consumer=name, reason="load cut off")
+                raise
+            except (TimeoutError, BrokerError) as exc:
+                self.counters.load_failures += 1
+                message = (
+                    f"not ready within load_timeout_s ({config.load_timeout_s:g} s)"
+                    if isinstance(exc, TimeoutError)
+                    else exc.message
+                )
+                # It may hold part of its memory: the safe side.
+                transition(name, record, State.UNKNOWN, f"load failed: {message}")
+                self._emit("load.failed", consumer=name, reason=message)
+                raise BrokerError(
+                    ErrorCode.LOAD_FAILED, f"loading {name} failed: {message}", consumer=name
+                ) from exc
+            record.last_load_s = self.clock.now() - started
+        how = "loaded by the broker" if adapter.has_load else "loads lazily on its first job"
+        if adapter.per_model:
+            # Its preloaded models are what it holds now (and what a later eviction confirms).
+            for model in config.preload_models if adapter.has_load else ():
+                key = adapter.model_key(model)
+                record.models[key] = ModelRecord(self.model_cost_mib(name, key))
+        transition(name, record, State.RESIDENT, how)
+        self._emit(
+            "load.ready", consumer=name, load_s=record.last_load_s, lazy=not adapter.has_load
+        )
+        self.counters.swaps += 1
+        if adapter.has_load:
+            await self.read_gpu()  # so /v1/status shows the loaded figure, not the one before
+
+    async def _take_model(self, name: str, model: str, cost_mib: int) -> None:
+        """Room is made for `model`: the job loads it (Ollama and speaches load on first use);
+        its memory is counted from now on, and reconciliation corrects the figure later."""
+        record = self.records[name]
+        record.models[model] = ModelRecord(cost_mib)
+        record.generation += 1
+        if record.state is not State.RESIDENT:
+            if record.state is not State.LOADING:
+                transition(name, record, State.LOADING, f"model {model} needed by a job")
+            transition(name, record, State.RESIDENT, f"model {model} loads on its first job")
+        self.counters.swaps += 1
+
+    async def load_model(self, name: str, model: str) -> None:
+        """Load one model now (warm restore), with room made for it first."""
+        await self.ensure_resident(name, model)
+        try:
+            await self.adapters[name].load_model(self.model_key(name, model) or model)
+        except BrokerError as exc:
+            self.counters.load_failures += 1
+            message = f"loading {name}/{model} failed: {exc.message}"
+            self._emit("load.failed", consumer=name, model=model, reason=exc.message)
+            raise BrokerError(ErrorCode.LOAD_FAILED, message, consumer=name) from exc
+
+    async def unload(self, name: str) -> None:
+        """An admin (or idle) unload: always asks and confirms, whatever the record says."""
+        async with self.changing:
+            await self.evict(name)
+
+
+async def _cannot_tell(name: str, model: str) -> bool | None:
+    return None
+
+
+async def _asked(name: str, question: Callable[[], Awaitable[bool]]) -> bool:
+    try:
+        return await question()
+    except BrokerError as exc:
+        log.debug("%s: unload check failed: %s", name, exc)
+        return False
+
+
+def _describe(reading: GpuReading) -> str:
+    if not reading.ok:
+        return f"unknown ({reading.error})"
+    return f"{reading.used_mib} MiB used, {reading.free_mib} MiB free of {reading.total_mib}"
