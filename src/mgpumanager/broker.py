@@ -90,7 +90,8 @@ class Broker:
         reader = self._reader or await make_reader(config.gpu)
         self._reader = reader
         self.adapters = {
-            name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
+            name: make_adapter(name, c, self.session, gpu_index=config.gpu.index)
+            for name, c in config.consumers.items()
         }
         self._health = HealthMonitor(self.adapters, self.clock, emit=self.events.emit)
         self.catalog = ModelCatalog(config, self.adapters)
@@ -243,7 +244,9 @@ class Broker:
         }
         fresh = [n for n in new.consumers if n not in same]
         adapters = {
-            name: self.adapters[name] if name in same else make_adapter(name, c, self.session)
+            name: self.adapters[name]
+            if name in same
+            else make_adapter(name, c, self.session, gpu_index=new.gpu.index)
             for name, c in new.consumers.items()
         }
         # Every await first, on the new parts only; then everything is swapped in one step.

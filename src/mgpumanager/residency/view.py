@@ -344,7 +344,7 @@ class ResidencyView:
             else:
                 log.debug("%s: residency probe failed: %s", name, report)
             return
-        record.busy_outside = report.busy
+        was_busy_outside, record.busy_outside = record.busy_outside, report.busy
         # Per-model upstreams report their models' sizes, which the models themselves carry.
         record.reported_mib = report.held_mib if report.models is None else None
         busy = self.busy(name)
@@ -361,9 +361,10 @@ class ResidencyView:
             # Its upstream cannot tell; its processes on the GPU can.
             resident = record.measured_mib > residual_allowance_mib(record.declared_mib)
             detail = f"GPU reading: {record.measured_mib} MiB"
-        if report.busy and not resident:
+        if report.busy and not resident and report.held_mib != 0:
             # Work posted around the broker runs or waits on it: it holds its model, or is about
             # to load it. Counted as resident (and busy: not evicted) before it allocates.
+            # Not where the upstream says it holds no card memory at all (a CPU ComfyUI).
             resident = True
         if resident and record.state is State.UNLOADED:
             self.counters.outside_loads += 1
@@ -378,6 +379,10 @@ class ResidencyView:
             transition(name, record, State.UNLOADED, f"{how} ({detail or 'idle'})")
         elif resident and record.detail.startswith(OUTSIDE) and detail:
             record.detail = f"{OUTSIDE} ({detail})"  # what it holds now, not when first seen
+        elif detail and (report.busy or was_busy_outside):
+            # Work around the broker runs, or has just ended: the detail says what runs and
+            # holds now, not what did when the record last changed state.
+            record.detail = detail
 
     def _take_models(
         self, name: str, record: Record, reported: Mapping[str, int | None]

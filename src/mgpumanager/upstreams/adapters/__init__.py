@@ -47,8 +47,12 @@ ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
 }
 
 
-def make_adapter(name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> BaseAdapter:
-    return ADAPTERS[config.type](name, config, session)
+def make_adapter(
+    name: str, config: ConsumerConfig, session: aiohttp.ClientSession, *, gpu_index: int = 0
+) -> BaseAdapter:
+    adapter = ADAPTERS[config.type](name, config, session)
+    adapter.gpu_index = gpu_index
+    return adapter
 
 
 __all__ = [

@@ -135,6 +135,10 @@ class BaseAdapter:
     # Routes of its own API that use the GPU and whose JSON body names a model: `(method, path)`.
     model_routes: ClassVar[frozenset[tuple[str, str]]] = frozenset()
 
+    # The broker's card (`gpu.index`), for upstreams that list several devices (ComfyUI's
+    # /system_stats); make_adapter sets it.
+    gpu_index: int = 0
+
     def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
         self.name = name
         self.config = config
