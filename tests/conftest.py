@@ -159,7 +159,7 @@ def core(clock: FakeClock | None = None, policy: str = "fifo", **settings: objec
         "comfyui": ConsumerPolicy(priority=1, max_concurrency=1),
     }
     return SchedulerCore(
-        SchedulerConfig(policy=policy, **settings),  # type: ignore[arg-type]
+        SchedulerConfig(policy=policy, **settings),
         consumers,
         clock or FakeClock(),
     )

@@ -111,7 +111,7 @@ async def cluster() -> AsyncIterator[SimCluster]:
 
 def requests_for(kind: str, base: str, *, direct: bool) -> tuple[str, dict[str, Any]]:
     """(url, post kwargs) for one job of `kind`, at the broker or straight at the fake."""
-    paths = {
+    paths: dict[str, tuple[str, str, dict[str, Any]]] = {
         "tts": ("/v1/tts", "/api/synthesize", {"json": {"text": "hi"}}),
         "stt": ("/v1/stt", "/api/transcribe", {"data": b"RIFF" + b"\0" * 2048}),
         "stt-whisper": ("/v1/stt", "/inference", {"data": _form()}),

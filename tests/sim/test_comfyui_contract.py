@@ -56,7 +56,7 @@ def differences(fake: Any, real: Any, path: str = "") -> list[str]:
 
 async def _until_end(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list[Record]:
     """Text messages until `executing {node: null}` for the prompt."""
-    seen = []
+    seen: list[Record] = []
     while True:
         msg = await ws.receive(timeout=60)
         if msg.type is not aiohttp.WSMsgType.TEXT:

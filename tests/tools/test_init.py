@@ -290,7 +290,7 @@ async def serve_one_job_per_kind(config: Config, *, llm_model: str, tts: dict[st
 
         # The image job ends when its prompt has finished, after /v1/image answered.
         async def all_done() -> bool:
-            return (await scheduler())["completed"] == 4
+            return bool((await scheduler())["completed"] == 4)
 
         await wait_for(all_done, what="four completed jobs")
         assert (await scheduler())["failed"] == 0

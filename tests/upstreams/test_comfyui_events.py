@@ -41,13 +41,14 @@ async def test_the_end_of_a_run_is_seen_without_node_null(upstream: Upstream, en
 
         async def run() -> None:
             sock = sockets[cid]
-            for kind, data in [
+            steps: list[tuple[str, dict[str, Any]]] = [
                 ("execution_start", {}),
                 ("execution_cached", {"nodes": []}),
                 ("progress_state", {"nodes": {}}),
                 ("executing", {"node": "1", "display_node": "1"}),
                 (end, {}),
-            ]:
+            ]
+            for kind, data in steps:
                 await sock.send_json({"type": kind, "data": {**data, "prompt_id": pid}})
             await asyncio.sleep(0.05)
             history[pid] = {"status": {"status_str": "success"}, "outputs": {}}
