@@ -23,7 +23,7 @@ from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.api.app import requested_priority
+from mgpumanager.api.jobs import requested_priority
 from mgpumanager.broker import BROKER, CALLER, Broker
 from mgpumanager.registry import Caller
 from mgpumanager.relay.redaction import RedactSecrets, redact_text

@@ -135,8 +135,3 @@ async def audio_voices(request: web.Request) -> web.Response:
             )
         )
     return _answer("voices", voices, missing)
-
-
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/v1/audio/models", audio_models)
-    router.add_get("/v1/audio/voices", audio_voices)

@@ -19,7 +19,7 @@ import logging
 
 from aiohttp import web
 
-from mgpumanager.api.compat import Handler
+from mgpumanager.api.jobs import Handler
 from mgpumanager.broker import BROKER
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry.origins import Verdict, host_allowed, judge_origin
