@@ -14,7 +14,7 @@ from aiohttp import web
 from mgpumanager.clock import Clock, MonotonicClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
-from mgpumanager.registry import AdapterType, Caller, Config
+from mgpumanager.registry import AdapterType, Config
 from mgpumanager.relay.bodies import receive_whole
 from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.json_bodies import check_json
@@ -42,7 +42,6 @@ MIB = 1024 * 1024
 MISSING_MODEL_S = 60.0
 
 # Who sent a request: set by the facade's auth check when the registry has tokens.
-CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
 
 
 class Broker:

@@ -24,8 +24,9 @@ from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.api.jobs import requested_priority
-from mgpumanager.broker import BROKER, CALLER, Broker
+from mgpumanager.broker import BROKER, Broker
 from mgpumanager.registry import Caller
+from mgpumanager.relay.context import context
 from mgpumanager.relay.redaction import RedactSecrets, redact_text
 
 TOKEN = "s3cret-T0ken"
@@ -225,7 +226,7 @@ def test_x_priority_is_capped_by_the_callers_max_priority() -> None:
         headers = {} if value is None else {"X-Priority": value}
         request = make_mocked_request("POST", "/v1/tts", headers=headers, app=app)
         if caller is not None:
-            request[CALLER] = caller
+            context(request).caller = caller
         return requested_priority(request)
 
     batch, ops = Caller("batch", 1), Caller("ops", 4)

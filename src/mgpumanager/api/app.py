@@ -22,14 +22,12 @@ from mgpumanager.api.jobs import Handler
 from mgpumanager.api.ollama import HTML_ROOT
 from mgpumanager.api.routes import add_front_door_routes, add_main_routes
 from mgpumanager.api.upstream import FRONT_DOOR, request_dialect
-from mgpumanager.broker import BROKER, CALLER, MIB, Broker
+from mgpumanager.broker import BROKER, MIB, Broker
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import AuthConfig, Caller
+from mgpumanager.relay.context import context
 from mgpumanager.relay.logs import shown
 from mgpumanager.relay.proxy import (
-    CLIENT_IDLE_S,
-    CONSUMED,
-    PREPARED,
     abandon_delivery,
     finish_delivery,
 )
@@ -41,11 +39,12 @@ log = logging.getLogger(__name__)
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[CLIENT_IDLE_S] = request.app[BROKER].config.client_idle_s
+    state = context(request)
+    state.client_idle_s = request.app[BROKER].config.client_idle_s
     try:
         return await _answered(request, handler)
     except BrokerError as err:
-        if request.get(PREPARED):
+        if state.prepared:
             # The answer had started: no error can follow. Cutting the connection is the
             # only honest signal left (the client sees a truncated answer, never a fake end).
             log.warning("%s after the answer started: %s", err.code, err.message)
@@ -93,16 +92,17 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With a token in `auth`, every route but the broker's /healthz and the dashboard's own
     files (not its data) needs `Authorization: Bearer <token>`, on every listener (front doors
-    included); the token names the caller (request[CALLER]). Reads the registry on each
-    request, so a SIGHUP reload applies to it."""
+    included); the token names the caller (the request context's `caller`). Reads the
+    registry on each request, so a SIGHUP reload applies to it."""
     auth = request.app[BROKER].config.auth
     # /healthz and /ui/ are the broker's own; on a front door those paths are the consumer's.
     if auth.required and (FRONT_DOOR in request.app or not dashboard.needs_no_token(request)):
         caller = bearer_caller(auth, request.headers.get("Authorization", ""))
         if caller is None:
             raise BrokerError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
-        request[CALLER] = caller
-        request[CONSUMED] = ("authorization",)  # the broker's token is not the upstream's
+        state = context(request)
+        state.caller = caller
+        state.consumed = ("authorization",)  # the broker's token is not the upstream's
     return await handler(request)
 
 

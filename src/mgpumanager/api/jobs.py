@@ -9,10 +9,11 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from mgpumanager.broker import BROKER, CALLER, MIB, Broker
+from mgpumanager.broker import BROKER, MIB, Broker
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import HttpCall
 from mgpumanager.relay.bodies import Found
+from mgpumanager.relay.context import context
 from mgpumanager.relay.job import JobSpec
 from mgpumanager.upstreams.catalog import ModelOwner
 from mgpumanager.upstreams.client_unloads import client_unload
@@ -32,7 +33,7 @@ def requested_priority(request: web.Request) -> int | None:
         raise BrokerError(
             ErrorCode.BAD_REQUEST, f"X-Priority must be an integer 0..4, got {raw!r}"
         ) from None
-    caller = request.get(CALLER)  # a token asks for no more than its max_priority
+    caller = context(request).caller  # a token asks for no more than its max_priority
     return wanted if caller is None else min(wanted, caller.max_priority)
 
 
@@ -68,7 +69,7 @@ def job_label(request: web.Request, model: str | None) -> str:
     """What a job is, as the queue, the events and recent jobs show it: its route, its model,
     and who sent it where a named token says (`auth.tokens`)."""
     label = request.path if model is None else f"{request.path} {model}"
-    caller = request.get(CALLER)
+    caller = context(request).caller
     return label if caller is None else f"{label} ({caller.name})"
 
 

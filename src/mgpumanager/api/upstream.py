@@ -15,7 +15,8 @@ from mgpumanager.api.jobs import Handler, max_body, raw_path, relay_job
 from mgpumanager.broker import BROKER
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
 from mgpumanager.relay.bodies import find_model, renamed
-from mgpumanager.relay.proxy import OVERRIDES, forward_websocket, is_websocket, safe_path
+from mgpumanager.relay.context import context
+from mgpumanager.relay.proxy import forward_websocket, is_websocket, safe_path
 
 # The dialect of every error of an application that serves one consumer's API at its root.
 DIALECT: web.AppKey[Dialect] = web.AppKey("mgpumanager.dialect", Dialect)
@@ -60,7 +61,7 @@ async def relay_consumer(request: web.Request, name: str, path: str) -> web.Stre
     """One request of consumer `name`'s own API, at its raw `path`."""
     broker = request.app[BROKER]
     adapter = broker.adapters[name]
-    request[OVERRIDES] = same_site_origin(request, adapter.config.url)
+    context(request).overrides = same_site_origin(request, adapter.config.url)
     if is_websocket(request):
         if broker.session is None:
             raise RuntimeError("broker not started")

@@ -34,6 +34,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
+from mgpumanager.relay.context import context
 from mgpumanager.relay.spool import AnswerBuffer, SpooledBody, read_client, too_large
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,13 @@ HOP_BY_HOP = frozenset(
         "host",
     }
 )
-# Request headers the broker consumed itself (its own bearer token): never sent upstream.
-CONSUMED: web.RequestKey[tuple[str, ...]] = web.RequestKey("mgpumanager.consumed", tuple)
-# Set on the request once the answer has started: from then on an error can only cut it off.
-PREPARED: web.RequestKey[bool] = web.RequestKey("mgpumanager.prepared", bool)
 # An answer up to this size, with its length declared, is read whole and sent in one write.
 SMALL_ANSWER_BYTES = 64 * 1024
-# Headers sent upstream in place of the client's (a same-site Origin made the upstream's own).
-OVERRIDES: web.RequestKey[dict[str, str]] = web.RequestKey("mgpumanager.overrides", dict)
-# How long a client may send or take nothing (the registry's client_idle_s), set per request.
-CLIENT_IDLE_S: web.RequestKey[float] = web.RequestKey("mgpumanager.client_idle_s", float)
-DEFAULT_CLIENT_IDLE_S = 60.0
 
 
 def client_idle_s(request: web.Request) -> float:
-    return float(request.get(CLIENT_IDLE_S, DEFAULT_CLIENT_IDLE_S))
+    """How long `request`'s client may send or take nothing (the registry's client_idle_s)."""
+    return context(request).client_idle_s
 
 
 def upstream_url(base: str, path: str, raw_query: str = "") -> URL:
@@ -145,10 +138,6 @@ class _ClientBody:
             raise
 
 
-# The answer being written to the client by its Delivery, while the handler goes on.
-DELIVERY: web.RequestKey[Delivery] = web.RequestKey("mgpumanager.delivery")
-
-
 class Delivery:
     """Writes an answer to the client from its AnswerBuffer, in a task of its own, each write
     within `idle_s`: a client that takes nothing for that long is dropped."""
@@ -176,9 +165,9 @@ class Delivery:
             raise _dropped(request, consumer, idle_s) from None
         except ConnectionError as exc:
             raise ClientDisconnected(f"the client of {consumer} went away") from exc
-        request[PREPARED] = True
-        delivery = cls(request, response, idle_s, consumer)
-        request[DELIVERY] = delivery
+        state = context(request)
+        state.prepared = True
+        delivery = state.delivery = cls(request, response, idle_s, consumer)
         return delivery
 
     async def _write(self) -> None:
@@ -218,14 +207,14 @@ async def finish_delivery(request: web.Request) -> None:
     """Wait until the answer `forward` started has been written (or cut off after what had
     arrived, where the upstream broke off). ClientDisconnected if the client went away or was
     dropped. Cancelling the caller cancels the delivery."""
-    delivery = request.get(DELIVERY)
+    delivery = context(request).delivery
     if delivery is not None:
         await delivery.task
 
 
 def abandon_delivery(request: web.Request) -> None:
     """Stop writing an answer whose client is gone."""
-    delivery = request.get(DELIVERY)
+    delivery = context(request).delivery
     if delivery is not None:
         delivery.task.cancel()
 
@@ -257,7 +246,8 @@ async def forward(
         check_declared_size(request, max_body_bytes, consumer)
     idle_s = client_idle_s(request)
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
-    drop = list(request.get(CONSUMED, ()))
+    state = context(request)
+    drop = list(state.consumed)
     whole = isinstance(body, SpooledBody) and body.rest is None
     rewritten = isinstance(body, bytes) or (isinstance(body, SpooledBody) and not body.exact)
     if whole or rewritten or "Content-Encoding" in request.headers:
@@ -266,7 +256,7 @@ async def forward(
         # what is sent.
         drop += ["content-length", "content-encoding"]
     headers = filter_headers(request.headers, drop=drop)
-    headers.update(request.get(OVERRIDES, {}))
+    headers.update(state.overrides)
     source = _ClientBody(max_body_bytes, consumer)
     data: bytes | AsyncIterator[bytes] | None
     if isinstance(body, bytes):
@@ -374,8 +364,9 @@ async def forward_websocket(
     `clientId` reaches it), then accept the client and pass messages both ways until either
     side closes; the close code travels to the other side. Not GPU work: no lease."""
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
-    headers = filter_headers(request.headers, drop=[*request.get(CONSUMED, ()), *_WS_HANDSHAKE])
-    headers.update(request.get(OVERRIDES, {}))
+    state = context(request)
+    headers = filter_headers(request.headers, drop=[*state.consumed, *_WS_HANDSHAKE])
+    headers.update(state.overrides)
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]
@@ -392,7 +383,7 @@ async def forward_websocket(
         chosen = [upstream.protocol] if upstream.protocol else []
         client = web.WebSocketResponse(protocols=chosen, max_msg_size=0, autoping=True)
         await client.prepare(request)
-        request[PREPARED] = True
+        state.prepared = True
         to_upstream = asyncio.ensure_future(_pump(client, upstream))
         to_client = asyncio.ensure_future(_pump(upstream, client))
         try:
