@@ -45,7 +45,7 @@ test-real-comfyui: $(STAMP) real-comfyui
 
 # The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
 # 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
-# Their figures (what README's reliability section publishes) end up in $(VENV)/soak-figures.
+# Their figures (what docs/reliability.md publishes) end up in $(VENV)/soak-figures.
 soak: $(STAMP)
 	rm -f $(VENV)/soak-figures
 	MGPU_SOAK=1 MGPU_FIGURES=$(VENV)/soak-figures $(BIN)/pytest -q tests/reliability

@@ -1,5 +1,5 @@
 """The `/v1/status` document: pydantic models (one definition that the endpoint, /metrics and
-the README's description share) and `build_status`, which reads them from the live objects.
+docs/endpoints.md describe) and `build_status`, which reads them from the live objects.
 
 The models take their fields from the objects that own them (residency records, health
 states, scheduler statistics, residency counters) by name; a field whose public name differs
