@@ -1,6 +1,6 @@
 """Making room: the changing side of residency (docs/residency.md).
 
-`Residency` extends the records and readings of `ResidencyView` (residency/view.py) with the changes:
+`Residency` extends the records and readings of `ResidencyView` (view.py) with the changes:
 it makes a consumer, or one model of a per-model consumer, resident, evicting whoever is in the
 way. The decision of whom to evict is the pure `planner.plan_eviction`; this module carries it
 out: unload, confirm through the upstream and the GPU reading, and only then load — an

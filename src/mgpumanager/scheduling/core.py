@@ -11,7 +11,7 @@ then calls `ready()`; nothing else is granted meanwhile (residency is changing).
 pick belongs to another consumer, the holder gets no more grants and the lease passes once its
 jobs finished, so two consumers never run on the GPU at once.
 
-Which waiting job is picked next is the core's `order` (scheduling/order.py): `priority` or `fifo`, from
+Which waiting job is picked next is the core's `order` (order.py): `priority` or `fifo`, from
 the settings, or one passed in. The queue is kept per (consumer, priority) class, in arrival
 order, and an order sees each class's oldest job only: submitting, cancelling and granting cost
 the same whatever the queue's depth. The core also measures each consumer's recent run times
@@ -327,7 +327,7 @@ class SchedulerCore:
         its last load call; for a consumer without one, its unload alone); consumers without a
         figure (or with a negative or non-finite one) are unknown. To each figure the core adds
         what the consumer's first job after a swap runs longer than its jobs while resident (a
-        load inside the job). scheduling/order.py's docstring says how both steer the order."""
+        load inside the job). order.py's docstring says how both steer the order."""
         costs: Mapping[str, float] | None = None
         grants: list[Grant] = []
         while self._waiting:

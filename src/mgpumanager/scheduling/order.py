@@ -1,6 +1,6 @@
 """The order of the scheduler's jobs: which waiting job the lease goes to next.
 
-SchedulerCore (scheduling/core.py) keeps the queue and the lease; for each pick it hands an `Order` a
+SchedulerCore (core.py) keeps the queue and the lease; for each pick it hands an `Order` a
 `QueueView`, a read-only view of what the order may look at, and takes back the job to start.
 Two orders exist, chosen by the `scheduler.policy` setting: `fifo` (plain arrival order, the
 baseline the benchmark compares against) and `priority`, the default, below.
