@@ -28,6 +28,7 @@ from mgpumanager.sim.server import RunningApp, serve_app, wait_until
 # tests (tests/docker, `make test-docker`) do, and they say so with MGPU_DOCKER_TESTS=1.
 if not os.environ.get("MGPU_DOCKER_TESTS"):
     os.environ["DOCKER_HOST"] = "unix:///nonexistent/mgpumanager-tests/docker.sock"
+    collect_ignore = ["docker"]
 
 # The one poll-until helper, under the name the tests import from here.
 wait_for = wait_until
