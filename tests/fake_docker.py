@@ -42,7 +42,9 @@ class FakeContainer:
                 "DeviceRequests": [{"Capabilities": [["gpu"]]}] if self.gpu else None,
             },
             "NetworkSettings": {
-                "Ports": {f"{p}/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(p)}] for p in self.ports}
+                "Ports": {
+                    f"{p}/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(p)}] for p in self.ports
+                }
             },
         }
 
