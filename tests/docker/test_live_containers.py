@@ -137,6 +137,7 @@ async def test_the_broker_stops_and_starts_containers_to_make_room(
         await wait_for(stopped_seen, timeout_s=20, what="the broker to see the stop")
         status = await consumer_status(session, server, order[-1])
         assert status["health_detail"].startswith("stopped"), status
+        assert status["health_state"] == "stopped", status  # not failing
         await transcribe(session, server, order[-1])
         assert running(last)
         assert gpu.oom_count == 0
