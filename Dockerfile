@@ -22,16 +22,12 @@ RUN python3 -m venv /opt/mgpumanager \
  && rm -rf /tmp/wheels \
  && { find / -xdev -perm /6000 -type f -exec chmod a-s {} + 2>/dev/null || true; }
 
-# `mgpumanager demo` (simulated GPU and fake services, no GPU needed) reads config/demo.yaml
-# from the working directory.
-COPY config/demo.yaml /opt/mgpumanager/share/config/demo.yaml
-
 ENV PATH=/opt/mgpumanager/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MGPU_HEALTH_URL=http://127.0.0.1:8770/healthz
 USER 10001:10001
-WORKDIR /opt/mgpumanager/share
+WORKDIR /tmp
 # The registry is mounted at /etc/mgpumanager/consumers.yaml (read-only); `listen` in it must
 # be 0.0.0.0:8770 (with auth.token) for other containers to reach it, or 127.0.0.1 with
 # --network host.

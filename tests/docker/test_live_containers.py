@@ -97,6 +97,7 @@ def running(name: str) -> bool:
     return docker("inspect", "-f", "{{.State.Running}}", name) == "true"
 
 
+@pytest.mark.timeout(150)
 async def test_the_broker_stops_and_starts_containers_to_make_room(
     image: str, names: list[str], card: tuple[SimGPU, str]
 ) -> None:
@@ -143,6 +144,7 @@ async def test_the_broker_stops_and_starts_containers_to_make_room(
         assert gpu.oom_count == 0
 
 
+@pytest.mark.timeout(120)
 async def test_init_finds_the_containers_and_proposes_them(
     image: str, names: list[str], card: tuple[SimGPU, str], tmp_path: Path
 ) -> None:
@@ -175,8 +177,9 @@ async def test_init_finds_the_containers_and_proposes_them(
     assert container in report and "host network" in report, report
 
 
+@pytest.mark.timeout(150)
 async def test_the_image_serves_the_demo(image: str, names: list[str]) -> None:
-    port = free_port()
+    port = free_port(35)  # the demo's fakes listen on N+29..N+34
     name = unique("demo")
     names.append(name)
     docker(
@@ -203,7 +206,7 @@ async def test_the_image_serves_the_demo(image: str, names: list[str]) -> None:
         return bool(status)
 
     try:
-        await wait_for(answers, timeout_s=60, what="the demo in the image to answer")
+        await wait_for(answers, timeout_s=45, what="the demo in the image to answer")
     except TimeoutError:
         raise AssertionError(docker("logs", name, check=False)) from None
     assert status["gpu"]["backend"] == "sim"
@@ -211,7 +214,7 @@ async def test_the_image_serves_the_demo(image: str, names: list[str]) -> None:
     # The image's HEALTHCHECK (GET /healthz) passes; its user is not root.
     await wait_for(
         lambda: docker("inspect", "-f", "{{.State.Health.Status}}", name) == "healthy",
-        timeout_s=60,
+        timeout_s=45,
         what="the image's healthcheck",
     )
     assert docker("exec", name, "id", "-u") == "10001"
