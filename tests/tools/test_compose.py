@@ -44,7 +44,8 @@ def test_the_compose_registry_checks_and_matches_the_compose_file() -> None:
     assert services["ollama"]["container_name"] == "ollama"
     # Open WebUI talks to the broker's Ollama front door, by a Host the broker accepts.
     url = services["open-webui"]["environment"]["OLLAMA_BASE_URL"]
-    assert url == f"http://mgpumanager:{split_listen(config.consumers['ollama'].front_door)[1]}"
+    door = config.consumers["ollama"].front_door
+    assert door is not None and url == f"http://mgpumanager:{split_listen(door)[1]}"
     assert "mgpumanager" in config.auth.allowed_hosts
 
 
