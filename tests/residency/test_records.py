@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 from aiohttp import web
@@ -73,13 +74,8 @@ class FakeAdapter:
     def has_load(self) -> bool:
         return True
 
-    @property
-    def stops_process(self) -> bool:
-        return False
-
-    @property
-    def per_model(self) -> bool:
-        return False
+    stops_process: ClassVar[bool] = False
+    per_model: ClassVar[bool] = False
 
     @property
     def can_unload(self) -> bool:
@@ -327,9 +323,7 @@ async def test_unloading_to_unknown_when_the_memory_does_not_come_back() -> None
 class PerModelAdapter(FakeAdapter):
     """A per-model fake (like Ollama): each model unloads on its own."""
 
-    @property
-    def per_model(self) -> bool:
-        return True
+    per_model = True
 
     def model_key(self, model: str) -> str:
         return model

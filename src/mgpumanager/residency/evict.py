@@ -15,8 +15,9 @@ which holds the table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from mgpumanager.clock import Clock
@@ -37,6 +38,10 @@ __all__ = ["Counters", "EvictionDecision", "Residency"]
 # as used: the driver frees it 0.5-1.5 s later (Ollama reports the same lag), with room to spare.
 # A plan waits that long for it, rather than blame it on processes of no consumer.
 LET_GO_LAG_S = 3.0
+
+
+class NotConfirmed(BrokerError):
+    """An unload whose memory did not come back in time (eviction_failed)."""
 
 
 @dataclass(frozen=True)
@@ -308,31 +313,11 @@ class Residency(ResidencyView):
         why = f"evicted for {for_consumer}" if for_consumer else "unload asked for"
         transition(name, record, State.UNLOADING, why)
         blame = for_consumer or name
-        try:
+        async with self._unloading(name, name, blame, timeout_s):
             await adapter.unload()
-        except BrokerError as exc:
-            self._eviction_failed(name, f"unload call failed: {exc.message}")
-            raise BrokerError(
-                ErrorCode.EVICTION_FAILED,
-                f"unloading {name} failed: {exc.message}",
-                consumer=blame,
-            ) from exc
-        except BaseException:
-            # Cut off half-way: nobody knows (the safe side).
-            transition(name, record, State.UNKNOWN, "unload cut off")
-            raise
-        try:
             await self._confirm(name, adapter.unloaded, before, expect_mib, timeout_s, blame)
-        except BrokerError:
-            self._eviction_failed(name, f"memory not back within {timeout_s:g} s")
-            raise
-        except BaseException:
-            if record.state is State.UNLOADING:
-                transition(name, record, State.UNKNOWN, "unload confirmation cut off")
-            raise
         record.unload_failed_at = None
         record.last_unload_s = self.clock.now() - started
-        self.counters.evictions += 1
         confirmed = f"unload confirmed in {record.last_unload_s:.2f} s"
         transition(name, record, State.UNLOADED, confirmed)
         self._emit(
@@ -356,24 +341,39 @@ class Residency(ResidencyView):
             listed = report.models
             return listed is not None and all(adapter.model_key(m) != model for m in listed)
 
-        try:
+        async with self._unloading(name, f"{name}/{model}", for_consumer, timeout_s):
             await adapter.unload_model(self.upstream_name(name, model))
             await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
+        del record.models[model]
+        record.generation += 1
+        self._emit("eviction.confirmed", consumer=name, model=model, for_consumer=for_consumer)
+
+    @contextlib.asynccontextmanager
+    async def _unloading(
+        self, name: str, what: str, blame: str, timeout_s: float
+    ) -> AsyncIterator[None]:
+        """Around one unload and its confirmation (`what`: a consumer, or consumer/model). A
+        refused call or memory not back within `timeout_s` is eviction_failed for `blame`, and
+        the record is left `unknown`, marked as failed; an unload cut off half-way leaves it
+        `unknown` too: nobody knows (the safe side). Done: one eviction more."""
+        record = self.records[name]
+        try:
+            yield
+        except NotConfirmed:
+            self._eviction_failed(name, f"memory not back within {timeout_s:g} s")
+            raise
         except BrokerError as exc:
-            self._eviction_failed(name, f"unloading model {model} not confirmed")
+            self._eviction_failed(name, f"unload call failed: {exc.message}")
             raise BrokerError(
                 ErrorCode.EVICTION_FAILED,
-                f"unloading {name}/{model} failed: {exc.message}",
-                consumer=for_consumer,
+                f"unloading {what} failed: {exc.message}",
+                consumer=blame,
             ) from exc
         except BaseException:
             if record.state is not State.UNKNOWN:
-                transition(name, record, State.UNKNOWN, f"unload of model {model} cut off")
+                transition(name, record, State.UNKNOWN, f"unload of {what} cut off")
             raise
-        del record.models[model]
-        record.generation += 1
         self.counters.evictions += 1
-        self._emit("eviction.confirmed", consumer=name, model=model, for_consumer=for_consumer)
 
     async def _confirm(
         self,
@@ -396,7 +396,7 @@ class Residency(ResidencyView):
             if gone and self._gpu_confirms(name, before, after, expect_mib, settled_s):
                 return
             if self.clock.now() >= deadline:
-                raise BrokerError(
+                raise NotConfirmed(
                     ErrorCode.EVICTION_FAILED,
                     f"{name} was asked to unload but its memory did not come back within "
                     f"{timeout_s:g} s (upstream let go: {gone}; GPU: {_describe(after)}); "
@@ -460,7 +460,7 @@ class Residency(ResidencyView):
             if headroom >= need:
                 return
             if self.clock.now() >= deadline:
-                raise BrokerError(
+                raise NotConfirmed(
                     ErrorCode.EVICTION_FAILED,
                     f"{target} needs {need} MiB but only {headroom} MiB are free after evicting "
                     f"(GPU: {_describe(reading)}); not loading",

@@ -63,9 +63,7 @@ class ContainerDriver(BaseAdapter):
     def can_unload(self) -> bool:
         return True
 
-    @property
-    def stops_process(self) -> bool:
-        return True
+    stops_process = True
 
     async def inspect(self) -> Container:
         return await self.docker.inspect(self.container)

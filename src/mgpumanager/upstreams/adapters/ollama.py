@@ -41,9 +41,7 @@ class OllamaAdapter(BaseAdapter):
     def dialect(self) -> Dialect:
         return Dialect.OLLAMA
 
-    @property
-    def per_model(self) -> bool:
-        return True
+    per_model = True
 
     def model_key(self, model: str) -> str:
         # Its implied tag, namespace and registry (model_names): `big` is `big:latest`.

@@ -31,9 +31,7 @@ class SpeachesAdapter(BaseAdapter):
     def serves_openai(self) -> bool:
         return True
 
-    @property
-    def per_model(self) -> bool:
-        return True
+    per_model = True
 
     async def loaded_models(self) -> list[str]:
         models = await self.ps_models()
