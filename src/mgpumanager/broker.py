@@ -94,17 +94,8 @@ class Broker:
         }
         self._health = HealthMonitor(self.adapters, self.clock, emit=self.events.emit)
         self.catalog = ModelCatalog(config, self.adapters)
-        self._residency = Residency(
-            config,
-            self.adapters,
-            reader,
-            self.clock,
-            probe=self._health.probe_ok,
-            model_size=lambda name, model: self.catalog.listed_size(name, model),
-            in_flight=self._jobs_on,
-            has_model=self._has_model,
-            emit=self.events.emit,
-        )
+        # The core first: residency reads from it which consumers have jobs running (never
+        # evicted meanwhile); the lease then asks residency for each tenure (its Tenure).
         core = SchedulerCore(
             config.scheduler,
             {
@@ -114,13 +105,18 @@ class Broker:
             self.clock,
         )
         self._jobs = JobEvents(core, self.clock, self.events.emit)
-        self._lease = Lease(
-            core,
-            self._residency.ensure_resident,
-            self._residency.resident_set,
-            self._residency.swap_costs,
-            ready=self._residency.ready,
+        self._residency = Residency(
+            config,
+            self.adapters,
+            reader,
+            self.clock,
+            probe=self._health.probe_ok,
+            model_size=lambda name, model: self.catalog.listed_size(name, model),
+            in_flight=core.jobs_on,
+            has_model=self._has_model,
+            emit=self.events.emit,
         )
+        self._lease = Lease(core, self._residency)
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(
             self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
@@ -163,11 +159,6 @@ class Broker:
         if self.catalog.has(name, model) is not True:
             await self.catalog.refresh([name])
         return self.catalog.has(name, model) is True
-
-    def _jobs_on(self, name: str) -> int:
-        """The broker's jobs running on `name` now (only the lease holder has any)."""
-        core = self.lease.core
-        return core.in_flight if core.holder == name else 0
 
     async def drain(self) -> None:
         """Stop accepting (queued jobs get shutting_down), let in-flight jobs finish within

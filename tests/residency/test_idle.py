@@ -30,7 +30,7 @@ class Box(World):
         core = SchedulerCore(
             self.config.scheduler, {n: ConsumerPolicy() for n in consumers}, self.clock
         )
-        self.lease = Lease(core, self.residency.ensure_resident, self.residency.resident_set)
+        self.lease = Lease(core, self.residency)
         self.keeper = IdleKeeper(lambda: self.config, self.residency, self.lease, self.clock)
 
 

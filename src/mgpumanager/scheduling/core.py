@@ -364,6 +364,10 @@ class SchedulerCore:
                 costs[name] += extra
         return costs
 
+    def jobs_on(self, consumer: str) -> int:
+        """The jobs running on `consumer` now (only the lease holder has any)."""
+        return self.in_flight if self.holder == consumer else 0
+
     @property
     def startable(self) -> bool:
         """Whether `schedule` could grant anything now: jobs wait, no tenure is being prepared
