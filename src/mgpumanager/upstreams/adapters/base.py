@@ -124,12 +124,20 @@ class BaseAdapter:
 
     A subclass states its protocol in a few class attributes (no behaviour hides in flags):
     - `per_model`, `stops_process`: what it is (the Protocol says what each means);
+    - `unloads_itself`, `loads_itself`: it has its own way to unload / load (else only what the
+      registry writes: `unload:`, `load:`); `openai_routes`: it serves OpenAI routes itself
+      (else only with `openai: true`); `own_dialect`: its clients' error shape, where it has
+      one of its own;
     - `default_health`, `default_paths`: what it uses where the registry says nothing.
     and overrides the calls its upstream answers differently.
     """
 
     per_model: ClassVar[bool] = False
     stops_process: ClassVar[bool] = False
+    unloads_itself: ClassVar[bool] = False
+    loads_itself: ClassVar[bool] = False
+    openai_routes: ClassVar[bool] = False
+    own_dialect: ClassVar[Dialect | None] = None
 
     default_health: ClassVar[HealthConfig] = HealthConfig()
     default_paths: ClassVar[Mapping[str, HttpCall]] = {}
@@ -153,11 +161,11 @@ class BaseAdapter:
 
     @property
     def has_load(self) -> bool:
-        return self.config.load is not None
+        return self.loads_itself or self.config.load is not None
 
     @property
     def can_unload(self) -> bool:
-        return self.config.unload is not None
+        return self.unloads_itself or self.config.unload is not None
 
     def path_for(self, kind: str) -> HttpCall:
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
@@ -180,6 +188,8 @@ class BaseAdapter:
     @property
     def dialect(self) -> Dialect:
         """The error shape its own clients read (the broker's errors on its API use it)."""
+        if self.own_dialect is not None:
+            return self.own_dialect
         return Dialect.OPENAI if self.serves_openai else Dialect.ENVELOPE
 
     def names_model(self, method: str, path: str) -> bool:
@@ -261,7 +271,7 @@ class BaseAdapter:
     @property
     def serves_openai(self) -> bool:
         """It answers OpenAI routes (/v1/chat/completions, /v1/audio/speech...) itself."""
-        return self.config.openai
+        return self.openai_routes or self.config.openai
 
     def model_key(self, model: str) -> str:
         """The name this upstream lists `model` under."""
