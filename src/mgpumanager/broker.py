@@ -4,6 +4,7 @@ lease together, and runs facade jobs through them (the path in docs/architecture
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 from urllib.parse import unquote
@@ -15,7 +16,17 @@ from mgpumanager.clock import Clock, MonotonicClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
 from mgpumanager.registry import AdapterType, Config
-from mgpumanager.relay.bodies import receive_whole
+from mgpumanager.relay.bodies import parse_json, receive_whole
+from mgpumanager.relay.feedback import (
+    Feedback,
+    FeedbackPlan,
+    FrameKind,
+    WaitState,
+    declared_route,
+    declares_stream,
+    streamed_kind,
+    wait_text,
+)
 from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.json_bodies import check_json
 from mgpumanager.relay.proxy import Body, forward
@@ -25,6 +36,7 @@ from mgpumanager.residency.idle import IdleKeeper
 from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
+from mgpumanager.scheduling.waits import QueueWaits
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
@@ -70,6 +82,7 @@ class Broker:
         self.history = History()
         self.events.taps.append(self.history)
         self._jobs: JobEvents | None = None
+        self._waits: QueueWaits | None = None
         # Where each consumer's front door listens (HOST:PORT), as the server bound them.
         self.front_doors: dict[str, str] = {}
         # (consumer, model) -> clock time its upstream last answered a job for it with 404.
@@ -117,6 +130,8 @@ class Broker:
             emit=self.events.emit,
         )
         self._lease = Lease(core, self._residency)
+        self._waits = QueueWaits(core, self.clock, self._residency.swap_costs)
+        self._jobs.waits = self._waits
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         await asyncio.gather(
             self._health.probe_all(), self._residency.view.discover(), self.catalog.refresh()
@@ -302,6 +317,12 @@ class Broker:
         return self._jobs
 
     @property
+    def waits(self) -> QueueWaits:
+        if self._waits is None:
+            raise RuntimeError("broker not started")
+        return self._waits
+
+    @property
     def health(self) -> HealthMonitor:
         if self._health is None:
             raise RuntimeError("broker not started")
@@ -352,9 +373,11 @@ class Broker:
         # half second would otherwise hold every consumer's jobs).
         whole = await receive_whole(request, spec.body, self.config.max_body_mib * MIB, name)
         job_spec = spec.with_body(whole)
+        feedback: Feedback | None = None
         try:
             adapter.check_body(job_spec)  # a body that could never run does not queue
             check_json(request, job_spec)
+            feedback = self._feedback(request, job_spec)
             if self.idle is not None:
                 self.idle.interrupt()  # a warm load gives way to a job at once
             async with self.lease.job(
@@ -364,15 +387,21 @@ class Broker:
                 model=per_model,
                 label=spec.label,
                 answer_first=True,
+                on_wait=None if feedback is None else feedback.on_wait,
             ) as job:
                 self.residency.view.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
                         answer = await adapter.forward(request, job_spec, job)
-                    if answer.status >= 400:  # relayed as it came, but not done
-                        job.outcome, job.status = Outcome.UPSTREAM_ERROR, answer.status
+                        if feedback is not None and feedback.live:
+                            answer = await _settle(feedback, answer)
+                    status = answer.status
+                    if feedback is not None and feedback.upstream_status is not None:
+                        status = feedback.upstream_status  # sent in-band, under a 200
+                    if status >= 400:  # relayed as it came, but not done
+                        job.outcome, job.status = Outcome.UPSTREAM_ERROR, status
                     if per_model is not None:
-                        self._answered(name, per_model, answer.status)
+                        self._answered(name, per_model, status)
                     return answer
                 except TimeoutError:
                     raise BrokerError(
@@ -383,8 +412,59 @@ class Broker:
                 finally:
                     self.residency.view.job_finished(name, per_model)
         finally:
+            if feedback is not None:
+                feedback.stop()
             if spec.body is None and isinstance(whole, SpooledBody):
                 whole.close()  # spooled here; a surface's own body is closed by the surface
+
+    def _feedback(self, request: web.Request, spec: JobSpec) -> Feedback | None:
+        """How `request` is kept informed should it wait (None: it is answered as before, its
+        status line telling the outcome): streamed answers of Ollama and OpenAI routes, a
+        generic consumer's declared streamed routes where it gives a keepalive, and any
+        answer of a consumer with early_headers."""
+        consumer = self.config.consumers[spec.consumer]
+        interval_s = consumer.feedback_interval_s or self.config.feedback_interval_s
+        kind = streamed_kind(spec.call.path) if spec.streams else None
+        keepalive, content_type = b"", ""
+        if kind is None:
+            route = declared_route(consumer, spec.call)
+            if route is not None and consumer.keepalive is not None:
+                body: object = None
+                if route.stream_detect is not None and spec.body is not None:
+                    raw = spec.body if isinstance(spec.body, bytes) else spec.body.read_all()
+                    with contextlib.suppress(BrokerError):
+                        body = parse_json(raw, "the body", spec.consumer)
+                if declares_stream(route, body):
+                    kind = FrameKind.GENERIC
+                    keepalive = consumer.keepalive.frame.encode()
+                    content_type = consumer.keepalive.content_type
+        if kind is None and consumer.early_headers:
+            kind = FrameKind.JSON
+        if kind is None:
+            return None
+        plan = FeedbackPlan(
+            kind,
+            interval_s,
+            model=spec.model,
+            loading_notice=consumer.loading_notice,
+            dialect=self.adapters[spec.consumer].dialect,
+            keepalive=keepalive,
+            content_type=content_type,
+        )
+        name, model = spec.consumer, spec.model
+
+        def describe(job_id: int, stage: str) -> WaitState:
+            estimate = self.waits.of(job_id) if stage == "queued" else None
+            return wait_text(
+                stage,
+                consumer=name,
+                model=model,
+                position=None if estimate is None else estimate.position,
+                expected_start_s=None if estimate is None else estimate.expected_start_s,
+                holder=self.lease.core.holder,
+            )
+
+        return Feedback(request, plan, describe, name)
 
     def _answered(self, name: str, model: str, status: int) -> None:
         """Remember an upstream's 404 for a model (its next jobs make no room for it)."""
@@ -465,6 +545,19 @@ class Broker:
 
     def status(self) -> Status:
         return build_status(self)
+
+
+async def _settle(feedback: Feedback, answer: web.StreamResponse) -> web.StreamResponse:
+    """An answer an adapter made itself (not relayed through `forward`) while the early
+    answer had started: its body goes on that answer, or its error in-band."""
+    body = answer.body if isinstance(answer, web.Response) else None
+    raw = body if isinstance(body, bytes) else b""
+    if answer.status >= 400:
+        return await feedback.upstream_failed(answer.status, raw)
+    response = await feedback.hand_over()
+    await response.write(raw)
+    await response.write_eof()
+    return response
 
 
 # The broker an HTTP application serves (every listener's handlers find it here).

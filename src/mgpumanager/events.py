@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from mgpumanager.clock import Clock
 from mgpumanager.scheduling.core import Grant, Outcome, SchedulerCore
 from mgpumanager.scheduling.order import QueuedJob
+from mgpumanager.scheduling.waits import QueueWaits
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,8 @@ class JobEvents:
         core.on_finish.append(self._finished)
         self._core = core
         core.on_leave.append(self._left)
+        # Where a queued job stands (position, expected start), once the broker has one.
+        self.waits: QueueWaits | None = None
 
     def running_s(self, job_id: int) -> float | None:
         job = self._jobs.get(job_id)
@@ -210,6 +213,7 @@ class JobEvents:
 
     def _submitted(self, job: QueuedJob) -> None:
         self._jobs[job.id] = _Job(job)
+        where = None if self.waits is None else self.waits.of(job.id)
         self._emit(
             "job.queued",
             job=job.id,
@@ -217,6 +221,8 @@ class JobEvents:
             label=job.label,
             priority=job.priority,
             exclusive=job.exclusive,
+            position=None if where is None else where.position,
+            expected_start_s=None if where is None else where.expected_start_s,
         )
 
     def _granted(self, grant: Grant) -> None:

@@ -75,6 +75,9 @@ class QueuedJobStatus(BaseModel):
     label: str  # what the job is: its route (and model), or `admin unload`
     priority: int
     age_s: float
+    waited_s: float  # the same as age_s, under the name the queue's other figures use
+    position: int | None  # jobs expected to start before it (0: next)
+    expected_start_s: float | None  # seconds from now; None while a run time is unknown
 
 
 class RunningJobStatus(BaseModel):
@@ -192,6 +195,7 @@ def build_status(broker: Broker) -> Status:
             }
         )
     core = broker.lease.core
+    waits = broker.waits.all()
     scheduler = {
         **_fields(stats),
         **dataclasses.asdict(residency.view.counters),
@@ -202,6 +206,9 @@ def build_status(broker: Broker) -> Status:
                 label=j.label,
                 priority=j.priority,
                 age_s=now - j.enqueued_at,
+                waited_s=now - j.enqueued_at,
+                position=None if (w := waits.get(j.id)) is None else w.position,
+                expected_start_s=None if w is None else w.expected_start_s,
             )
             # queue_depth counts them all; listing 10,000 would hold the event loop ~30 ms.
             for j in itertools.islice(core.waiting.values(), WAITING_SHOWN)

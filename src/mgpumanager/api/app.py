@@ -44,6 +44,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await _answered(request, handler)
     except BrokerError as err:
+        feedback = state.feedback
+        if feedback is not None and feedback.live:
+            # Headers went out while the job waited: the error in the protocol's own frame.
+            log.info("%s after the early headers, sent in-band: %s", err.code, err.message)
+            return await feedback.fail(err)
         if state.prepared:
             # The answer had started: no error can follow. Cutting the connection is the
             # only honest signal left (the client sees a truncated answer, never a fake end).

@@ -14,9 +14,11 @@ from aiohttp import web
 from mgpumanager.api.jobs import Handler, max_body, raw_path, relay_job
 from mgpumanager.broker import BROKER
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
+from mgpumanager.registry import AdapterType
 from mgpumanager.relay.bodies import find_model, renamed
 from mgpumanager.relay.context import context
 from mgpumanager.relay.proxy import forward_websocket, is_websocket, safe_path
+from mgpumanager.upstreams.adapters import BaseAdapter
 
 # The dialect of every error of an application that serves one consumer's API at its root.
 DIALECT: web.AppKey[Dialect] = web.AppKey("mgpumanager.dialect", Dialect)
@@ -78,7 +80,18 @@ async def relay_consumer(request: web.Request, name: str, path: str) -> web.Stre
         owner = broker.catalog.owner(found.model, [name]) if found.model else None
         if owner is not None:
             found = renamed(found, "model", owner.target)
-    return await relay_job(request, name, path, found)
+    obj = found.obj if found is not None else None
+    return await relay_job(request, name, path, found, streams=asks_stream(adapter, plain, obj))
+
+
+def asks_stream(adapter: BaseAdapter, path: str, obj: object) -> bool:
+    """A request of a consumer's own API that gets a streamed answer: Ollama's generate and
+    chat unless `"stream": false`, OpenAI's completions with `"stream": true`."""
+    body = obj if isinstance(obj, dict) else {}
+    if adapter.config.type is AdapterType.OLLAMA and path in ("/api/generate", "/api/chat"):
+        return body.get("stream") is not False
+    openai_streams = ("/v1/chat/completions", "/v1/completions")
+    return adapter.serves_openai and path in openai_streams and body.get("stream") is True
 
 
 def same_site_origin(request: web.Request, base_url: str) -> dict[str, str]:

@@ -81,12 +81,33 @@ def _check_path(v: str) -> str:
 UpstreamPath = Annotated[str, AfterValidator(_check_path)]
 
 
+class StreamDetect(_Model):
+    """A request streams its answer when its JSON body's `field` equals `equals`."""
+
+    field: Annotated[str, Field(min_length=1)]
+    equals: Any = True
+
+
 class HttpCall(_Model):
-    """An HTTP call to a consumer: `{method, path, body}`."""
+    """An HTTP call to a consumer: `{method, path, body}`. On a generic consumer's `paths` and
+    `scheduled`, `streams: true` (its answer always streams) or `stream_detect` (when the body
+    asks for a stream) say that a waiting request of that route gets the consumer's
+    `keepalive` frames."""
 
     method: HttpMethod = "POST"
     path: UpstreamPath
     body: Any = None
+    streams: bool = False
+    stream_detect: StreamDetect | None = None
+
+
+class Keepalive(_Model):
+    """What a generic consumer's streamed answers look like while they wait: the content type
+    the early headers declare, and the frame sent every feedback_interval_s (an SSE comment
+    such as ": waiting\n\n", or an NDJSON line its clients skip)."""
+
+    content_type: Annotated[str, Field(min_length=1)] = "text/event-stream"
+    frame: Annotated[str, Field(min_length=1)] = ": waiting\n\n"
 
 
 class Action(_Model):
@@ -166,6 +187,16 @@ class ConsumerConfig(_Model):
     # `type: docker` is the plain HTTP one for services with no protocol of their own.
     container: Annotated[str, Field(min_length=1)] | None = None
     stop_timeout_s: float = Field(default=10.0, ge=0)
+    # A waiting streamed request gets a frame this often (None: the top-level value).
+    feedback_interval_s: PositiveFloat | None = None
+    # The wait also said in the client's visible channel, once per change (Ollama `thinking`,
+    # OpenAI `reasoning_content`): "queued, 2 ahead", "loading qwen2.5:14b".
+    loading_notice: bool = False
+    # Non-streamed answers too get their status line at once while they wait (then JSON
+    # whitespace until the answer): an error that follows comes in the body, under 200.
+    early_headers: bool = False
+    # A generic consumer's streamed routes (`streams`/`stream_detect`): its keep-alive frame.
+    keepalive: Keepalive | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -321,6 +352,9 @@ class Config(_Model):
     # too_many_connections and closed. Lowered at start when the process's file limit is
     # too small to honour it.
     max_connections: int = Field(default=4096, ge=1)
+    # A streamed request that waits (queued, or its model loading) gets a frame this often
+    # until the upstream's first bytes (a consumer's own feedback_interval_s overrides it).
+    feedback_interval_s: PositiveFloat = 1.0
     gpu: GpuConfig = GpuConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     auth: AuthConfig = AuthConfig()
@@ -421,8 +455,10 @@ __all__ = [
     "HealthConfig",
     "HttpCall",
     "IdleConfig",
+    "Keepalive",
     "ModelEntry",
     "SchedulerConfig",
+    "StreamDetect",
     "TokenConfig",
     "is_loopback",
     "redact_url",

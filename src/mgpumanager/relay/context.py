@@ -15,6 +15,7 @@ from aiohttp import web
 from mgpumanager.registry import Caller
 
 if TYPE_CHECKING:
+    from mgpumanager.relay.feedback import Feedback
     from mgpumanager.relay.proxy import Delivery
 
 # How long a client may send or take nothing, where the registry's client_idle_s is not set
@@ -30,7 +31,8 @@ class RequestContext:
     - `overrides`: headers sent upstream in place of the client's (a same-site Origin);
     - `prepared`: the answer has started, so an error can only cut it off;
     - `delivery`: the answer being written to the client while the handler goes on;
-    - `cors_origin`: the allowed web origin the answer's CORS headers name."""
+    - `cors_origin`: the allowed web origin the answer's CORS headers name;
+    - `feedback`: the early answer of a request that waits (frames until the upstream's)."""
 
     client_idle_s: float = DEFAULT_CLIENT_IDLE_S
     caller: Caller | None = None
@@ -39,6 +41,7 @@ class RequestContext:
     prepared: bool = False
     delivery: Delivery | None = None
     cors_origin: str | None = None
+    feedback: Feedback | None = None
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("mgpumanager.context", RequestContext)

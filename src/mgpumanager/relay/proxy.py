@@ -35,6 +35,7 @@ from yarl import URL
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
 from mgpumanager.relay.context import context
+from mgpumanager.relay.feedback import ERROR_BODY_BYTES
 from mgpumanager.relay.spool import AnswerBuffer, SpooledBody, read_client, too_large
 
 log = logging.getLogger(__name__)
@@ -213,10 +214,12 @@ async def finish_delivery(request: web.Request) -> None:
 
 
 def abandon_delivery(request: web.Request) -> None:
-    """Stop writing an answer whose client is gone."""
-    delivery = context(request).delivery
-    if delivery is not None:
-        delivery.task.cancel()
+    """Stop writing an answer whose client is gone (its frames too, while it waited)."""
+    state = context(request)
+    if state.delivery is not None:
+        state.delivery.task.cancel()
+    if state.feedback is not None:
+        state.feedback.abandon()
 
 
 async def forward(
@@ -280,7 +283,16 @@ async def forward(
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         ) as upstream:
-            if _small(request, upstream):
+            early = state.feedback if state.feedback is not None and state.feedback.live else None
+            if early is not None:
+                # The headers went out while the job waited: an error comes in-band, else the
+                # upstream's stream goes on the same answer.
+                if upstream.status >= 400:
+                    body = await upstream.content.read(ERROR_BODY_BYTES)
+                    return await early.upstream_failed(upstream.status, body)
+                response = await early.hand_over()
+                delivery = state.delivery = Delivery(request, response, idle_s, consumer)
+            elif _small(request, upstream):
                 # Read whole and sent with its headers in one write once the handler returns:
                 # it fits in the socket's buffer, so no reader's pace can hold the lease (a
                 # write that waits lets the job's deferred finish run), and no delivery task
@@ -291,9 +303,10 @@ async def forward(
                     headers=filter_headers(upstream.headers),
                     body=await upstream.read(),
                 )
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.update(filter_headers(upstream.headers))
-            delivery = await Delivery.start(request, response, idle_s, consumer)
+            else:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                response.headers.update(filter_headers(upstream.headers))
+                delivery = await Delivery.start(request, response, idle_s, consumer)
             try:
                 async for chunk in upstream.content.iter_any():
                     delivery.buffer.put(chunk)

@@ -447,6 +447,47 @@ class SchedulerCore:
         self._estimate()
         return types.MappingProxyType(self._run_s)
 
+    def waiting_estimates(
+        self, swap_cost_s: Mapping[str, float] | None = None
+    ) -> list[tuple[QueuedJob, float | None]]:
+        """Read only: the waiting jobs in the order they are expected to start, each with the
+        seconds until its expected start, from the recent run times and `swap_cost_s` (as
+        `schedule` takes them); None once a run time it depends on is not known yet. An
+        estimate: swap affinity and jobs yet to come may change the order."""
+        now = self._clock.now()
+        costs = self._with_loads_in_jobs(known_costs(swap_cost_s))
+        run_s = self._run_s
+        aging_s = self._settings.aging_s
+        jobs = list(self._waiting.values())  # arrival order: fifo's, and each level's ties
+        if self.order.name != "fifo":
+
+            def key(job: QueuedJob) -> tuple[int, float]:
+                level = min(MAX_PRIORITY, job.priority + int((now - job.enqueued_at) / aging_s))
+                return -level, job.enqueued_at + (level - job.priority) * aging_s
+
+            jobs.sort(key=key)
+        start: float | None = 0.0
+        for job_id, job in self._running.items():  # they run side by side: the longest counts
+            run = run_s.get(job.consumer)
+            if run is None or start is None:
+                start = None
+                continue
+            began = self._ready_at.get(job_id)
+            left = run if began is None else max(0.0, run - (now - began))
+            if job_id in self._preparing:
+                left += costs.get(job.consumer, 0.0)
+            start = max(start, left)
+        out: list[tuple[QueuedJob, float | None]] = []
+        previous = self.holder
+        for job in jobs:
+            if start is not None and job.consumer != previous:
+                start += costs.get(job.consumer, 0.0)
+            out.append((job, start))
+            run = run_s.get(job.consumer)
+            start = None if run is None or start is None else start + run
+            previous = job.consumer
+        return out
+
     @property
     def in_flight(self) -> int:
         return len(self._running)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping, Set
+from collections.abc import Awaitable, Callable, Mapping, Set
 from typing import Any, Protocol
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
@@ -23,6 +23,11 @@ from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduling.core import ConsumerPolicy, Grant, Outcome, SchedulerCore
 
 log = logging.getLogger(__name__)
+
+# Told when a job must wait: (job id, "queued") when it is not granted at once, (job id,
+# "loading") when its grant must make its consumer or model resident first. Synchronous, called
+# before the wait begins (a streamed request's headers go out then).
+OnWait = Callable[[int, str], None]
 
 
 class Tenure(Protocol):
@@ -72,7 +77,7 @@ class JobContext:
     unless `hold_until` keeps the lease past the handler. (A class rather than a generator:
     this runs for every job.)"""
 
-    __slots__ = ("_answer_first", "_args", "_handle", "_lease")
+    __slots__ = ("_answer_first", "_args", "_handle", "_lease", "_on_wait")
 
     def __init__(
         self,
@@ -84,21 +89,27 @@ class JobContext:
         model: str | None,
         label: str,
         answer_first: bool,
+        on_wait: OnWait | None = None,
     ) -> None:
         self._lease = lease
         self._args = (consumer, priority, queue_timeout_s, exclusive, model, label)
         self._answer_first = answer_first
+        self._on_wait = on_wait
         self._handle: JobHandle | None = None
 
     async def __aenter__(self) -> JobHandle:
         lease = self._lease
         consumer, priority, queue_timeout_s, exclusive, model, label = self._args
-        grant = await lease._acquire(consumer, priority, queue_timeout_s, exclusive, label)
+        grant = await lease._acquire(
+            consumer, priority, queue_timeout_s, exclusive, label, self._on_wait
+        )
         handle = self._handle = JobHandle(lease, grant)
         if exclusive or not (grant.prepare or model is not None):
             return handle
         try:
             if not lease.tenure.ready(consumer, model):
+                if self._on_wait is not None:
+                    self._on_wait(grant.job_id, "loading")
                 # A residency change is never cut in half by a client that leaves: it runs to
                 # its end (each step bounded by its own timeout), then the job is cancelled.
                 await _run_to_end(lease.tenure.ensure_resident(consumer, model))
@@ -159,6 +170,7 @@ class Lease:
         model: str | None = None,
         label: str = "",
         answer_first: bool = False,
+        on_wait: OnWait | None = None,
     ) -> JobContext:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
         run alone, with no prepare step, and nothing else is granted until they finish.
@@ -166,18 +178,35 @@ class Lease:
         `label`: what the job is (its route), shown in the queue and the events.
         `answer_first`: a relayed job whose handler sends its answer on return: when it ends
         well and nobody waits, it is finished right after (the next loop callbacks), not before
-        the answer leaves."""
+        the answer leaves.
+        `on_wait`: told when the job must wait (OnWait)."""
         return JobContext(
-            self, consumer, priority, queue_timeout_s, exclusive, model, label, answer_first
+            self,
+            consumer,
+            priority,
+            queue_timeout_s,
+            exclusive,
+            model,
+            label,
+            answer_first,
+            on_wait,
         )
 
     async def _acquire(
-        self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool, label: str
+        self,
+        consumer: str,
+        priority: int | None,
+        timeout_s: float,
+        exclusive: bool,
+        label: str,
+        on_wait: OnWait | None = None,
     ) -> Grant:
         job_id = self.core.submit(consumer, priority, exclusive=exclusive, label=label)
         mine = self._dispatch(job_id)
         if mine is not None:  # granted at once (the lease was free): nothing to wait for
             return mine
+        if on_wait is not None:
+            on_wait(job_id, "queued")
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         self._waiters[job_id] = future
         try:
