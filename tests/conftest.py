@@ -9,7 +9,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -249,3 +249,17 @@ async def wait_done(ws: aiohttp.ClientWebSocketResponse, prompt_id: str) -> list
         if done and data["prompt_id"] == prompt_id:
             return seen
     raise AssertionError(f"socket closed before {prompt_id} finished; saw {seen}")
+
+
+T = TypeVar("T")
+
+
+def without_wait_frames(parts: list[T]) -> list[T]:
+    """An Ollama client's parts without the frames the broker sends while the job waits
+    (queued, or its model loading): leading chunks with empty text and `done: false`."""
+    for i, part in enumerate(parts):
+        message = getattr(part, "message", None)
+        text = getattr(part, "response", None) or (message.content if message else None)
+        if text or getattr(part, "done", False):
+            return parts[i:]
+    return []

@@ -20,6 +20,7 @@ from mgpumanager.daemon import Server
 from mgpumanager.events import Emit, Event, EventBus, History, JobEvents
 from mgpumanager.registry import Config
 from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
+from mgpumanager.scheduling.waits import QueueWaits
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 
 MODEL = "llm:14b"
@@ -108,6 +109,7 @@ def test_a_job_is_queued_granted_and_finished_with_its_wait_and_run() -> None:
     c = core(clock)
     events: list[tuple[str, dict[str, Any]]] = []
     jobs = JobEvents(c, clock, recorder(events))
+    jobs.waits = QueueWaits(c, clock)
     job = c.submit("ollama", label="/v1/llm llm:14b")
     clock.advance(2.0)
     [grant] = c.schedule()
@@ -122,6 +124,8 @@ def test_a_job_is_queued_granted_and_finished_with_its_wait_and_run() -> None:
         "label": "/v1/llm llm:14b",
         "priority": 2,
         "exclusive": False,
+        "position": 0,  # nothing ahead of it, nothing running: it starts now
+        "expected_start_s": 0.0,
     }
     assert events[1][1]["wait_s"] == 2.0 and events[1][1]["swap"] is grant.prepare
     assert events[2][1] == {

@@ -464,7 +464,15 @@ class Broker:
                 holder=self.lease.core.holder,
             )
 
-        return Feedback(request, plan, describe, name)
+        def waits_for(stage: str) -> bool:
+            # A model its upstream does not list is no load to wait for: the upstream's own
+            # 404 comes at once, with its status (unless the job queued first).
+            per_model = model is not None and self.adapters[name].per_model
+            return not (
+                stage == "loading" and per_model and self.catalog.has(name, model or "") is False
+            )
+
+        return Feedback(request, plan, describe, name, waits_for=waits_for)
 
     def _answered(self, name: str, model: str, status: int) -> None:
         """Remember an upstream's 404 for a model (its next jobs make no room for it)."""

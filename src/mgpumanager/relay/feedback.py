@@ -148,9 +148,18 @@ class Feedback:
     answer to the relay; `fail` ends it with an in-band error."""
 
     def __init__(
-        self, request: web.Request, plan: FeedbackPlan, describe: Describe, consumer: str
+        self,
+        request: web.Request,
+        plan: FeedbackPlan,
+        describe: Describe,
+        consumer: str,
+        *,
+        waits_for: Callable[[str], bool] | None = None,
     ) -> None:
+        """`waits_for(stage)`: False where a stage is no real wait (the early answer does not
+        start for it)."""
         self.request = request
+        self.waits_for = waits_for
         self.plan = plan
         self.describe = describe
         self.consumer = consumer
@@ -171,7 +180,7 @@ class Feedback:
 
     def on_wait(self, job_id: int, stage: str) -> None:
         self._job_id, self._stage = job_id, stage
-        if self._task is None:
+        if self._task is None and (self.waits_for is None or self.waits_for(stage)):
             self._task = asyncio.create_task(self._run(), name=f"feedback for {self.consumer}")
             self._task.add_done_callback(_retrieve)
 
