@@ -15,7 +15,7 @@ REAL_COMFYUI_TARBALL ?= ../shared/upstreams/comfyui-a125cd8.tar.gz
 REAL_COMFYUI_DIR     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mgpumanager/real-comfyui/comfyui-a125cd8
 export REAL_COMFYUI_DIR
 
-.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean \
+.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy bench-wait deploy undeploy clean \
 	real-comfyui test-real-comfyui
 
 # The default: everything CI checks (lint, then the whole suite).
@@ -88,6 +88,11 @@ bench: $(STAMP)
 # Job latency with and without a /v1/events client that stops reading (needs curl).
 bench-events: $(STAMP)
 	$(BIN)/python bench/bench_events.py
+
+# Streamed clients waiting behind a 20 s job: header latency, silence, broker CPU (~1 minute,
+# bench/results/wait.json).
+bench-wait: $(STAMP)
+	$(BIN)/python bench/bench_wait.py
 
 # The broker's own hop against a bare aiohttp proxy with one lock and nginx, on loopback
 # (needs wrk and curl; nginx where installed): ~4 minutes, bench/results/proxy.json.
