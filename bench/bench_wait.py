@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,18 +108,21 @@ class Waiter:
         self.headers_at: float | None = None
         self.pieces: list[float] = []
         self.body = b""
+        self.answered = asyncio.Event()  # its headers came
         self.task = asyncio.ensure_future(self._run(http, url))
 
     async def _run(self, http: aiohttp.ClientSession, base: str) -> None:
         messages = [{"role": "user", "content": "Why is the sky blue?"}]
+        body: dict[str, object] = {"model": MODEL, "messages": messages}
         if self.openai:
-            url, body = f"{base}/v1/chat/completions", {"stream": True}
+            url = f"{base}/v1/chat/completions"
+            body["stream"] = True
         else:
-            url, body = f"{base}/api/chat", {}
-        body.update({"model": MODEL, "messages": messages})
+            url = f"{base}/api/chat"
         self.sent = time.perf_counter()
         async with http.post(url, json=body) as resp:
             self.headers_at = time.perf_counter()
+            self.answered.set()
             if resp.status != 200:
                 raise RuntimeError(f"{url}: {resp.status} {await resp.text()}")
             async for piece in resp.content.iter_any():
@@ -130,7 +133,7 @@ class Waiter:
         if self.headers_at is None:
             return float("inf")
         marks = [self.headers_at, *(t for t in self.pieces if t <= until), until]
-        return max(b - a for a, b in zip(marks, marks[1:], strict=False))
+        return max(b - a for a, b in itertools.pairwise(marks))
 
     def complete(self) -> bool:
         text = self.body.decode()
@@ -168,8 +171,7 @@ async def phase(
     await asyncio.sleep(WINDOW_S / 2)
     idle_cpu_per_s = (cpu_s(pid) - before) / (WINDOW_S / 2)
     waiters = [Waiter(http, url, openai=i % 2 == 1) for i in range(clients)]
-    while sum(w.headers_at is not None for w in waiters) < clients:
-        await asyncio.sleep(0.01)
+    await asyncio.gather(*(w.answered.wait() for w in waiters))
     await asyncio.sleep(INTERVAL_S)  # every stream in its steady state
     before = cpu_s(pid)
     await asyncio.sleep(WINDOW_S)
@@ -195,15 +197,17 @@ async def main() -> None:
     )
     async with await start_cluster(spec=spec) as cluster:
         config = json.dumps(registry(cluster))
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", config],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--serve",
+            config,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         assert proc.stdout is not None and proc.stdin is not None
         try:
-            info = json.loads(await asyncio.to_thread(proc.stdout.readline))
+            info = json.loads(await proc.stdout.readline())
             url, pid = info["url"], info["pid"]
             connector = aiohttp.TCPConnector(limit=0)
             timeout = aiohttp.ClientTimeout(total=None)
@@ -215,7 +219,8 @@ async def main() -> None:
                 thousand, _, cpu1000 = await phase(http, url, pid, 1000)
         finally:
             proc.stdin.close()
-            await asyncio.to_thread(proc.wait, 30)
+            async with asyncio.timeout(30):
+                await proc.wait()
     latencies_ms = [((w.headers_at or 0) - w.sent) * 1000 for w in hundred]
     silences_ms = [w.silence_s(released) * 1000 for w in hundred]
     thousand_latencies_ms = [((w.headers_at or 0) - w.sent) * 1000 for w in thousand]
