@@ -382,10 +382,14 @@ function renderScheduler(status) {
     ? h("span", {}, "Holding the GPU: ", h("b", {}, s.holder),
       running.length ? h("span", { class: "muted" }, " — " + running.join(", ")) : "")
     : h("span", { class: "muted" }, "Nothing holds the GPU."));
+  // position: jobs expected to start before it; expected start: from the measured run times
+  // and swap costs ("—" while a run time it depends on is not known yet).
   const rows = s.waiting.map((j) => h("tr", {},
+    h("td", { class: "num" }, j.position === null ? "—" : j.position + 1),
     h("td", {}, "#" + j.job), h("td", {}, j.label || "—"), h("td", {}, j.consumer),
-    h("td", { class: "num" }, j.priority), h("td", { class: "num" }, secs(j.age_s))));
-  fill($("queue").tBodies[0], rows, 5, "nobody waits");
+    h("td", { class: "num" }, j.priority), h("td", { class: "num" }, secs(j.waited_s)),
+    h("td", { class: "num" }, j.expected_start_s === null ? "—" : "in " + secs(j.expected_start_s))));
+  fill($("queue").tBodies[0], rows, 7, "nobody waits");
   const counters = [
     ["completed", s.completed], ["upstream errors", s.upstream_error], ["failed", s.failed],
     ["cancelled", s.cancelled],
