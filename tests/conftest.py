@@ -263,3 +263,22 @@ def without_wait_frames(parts: list[T]) -> list[T]:
         if text or getattr(part, "done", False):
             return parts[i:]
     return []
+
+
+@asynccontextmanager
+async def lease_held(broker: Broker, name: str = "mvoice") -> AsyncIterator[asyncio.Event]:
+    """The lease held by a job of `name` until the event yielded is set (or the block ends)."""
+    release, held = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with broker.lease.job(name, queue_timeout_s=60, exclusive=True, label="holder"):
+            held.set()
+            await release.wait()
+
+    task = asyncio.create_task(hold())
+    await held.wait()
+    try:
+        yield release
+    finally:
+        release.set()
+        await task

@@ -20,7 +20,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from conftest import Upstream, consumer, make_config, running_broker, wait_for
+from conftest import Upstream, consumer, lease_held, make_config, running_broker, wait_for
 from mgpumanager.broker import Broker
 from mgpumanager.daemon import Server
 from mgpumanager.events import Event
@@ -90,25 +90,6 @@ async def sim_box(**top: Any) -> AsyncIterator[Box]:
             )
             async with oa:
                 yield Box(cluster, server, cast(FakeOllama, cluster.fakes["ollama"]), client, oa)
-
-
-@contextlib.asynccontextmanager
-async def lease_held(broker: Broker, name: str = "mvoice") -> AsyncIterator[asyncio.Event]:
-    """The lease held by a job of `name` until the event yielded is set (or the block ends)."""
-    release, held = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        async with broker.lease.job(name, queue_timeout_s=60, exclusive=True, label="holder"):
-            held.set()
-            await release.wait()
-
-    task = asyncio.create_task(hold())
-    await held.wait()
-    try:
-        yield release
-    finally:
-        release.set()
-        await task
 
 
 def gaps(times: list[float]) -> float:

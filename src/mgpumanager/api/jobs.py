@@ -9,6 +9,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from mgpumanager.api import comfyui_queue
+from mgpumanager.api.comfyui_queue import holds_prompts
 from mgpumanager.broker import BROKER, MIB, Broker
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import HttpCall
@@ -60,6 +62,8 @@ async def scheduled(
             label=job_label(request, found.model),
             streams=streams,
         )
+        if holds_prompts(request.app[BROKER], name, call.method, call.path):
+            return await comfyui_queue.submit(request, spec)  # accepted at once if it waits
         return await request.app[BROKER].run_job(request, spec)
     finally:
         found.close()

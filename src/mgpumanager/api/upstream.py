@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from mgpumanager.api import comfyui_queue
 from mgpumanager.api.jobs import Handler, max_body, raw_path, relay_job
 from mgpumanager.broker import BROKER
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode, route_dialect
@@ -67,10 +68,18 @@ async def relay_consumer(request: web.Request, name: str, path: str) -> web.Stre
     if is_websocket(request):
         if broker.session is None:
             raise RuntimeError("broker not started")
+        hooks = comfyui_queue.socket_hooks(broker, name, request.query.get("clientId", ""))
         return await forward_websocket(
-            request, broker.session, base_url=adapter.config.url, path=path, consumer=name
+            request,
+            broker.session,
+            base_url=adapter.config.url,
+            path=path,
+            consumer=name,
+            hooks=hooks,
         )
     plain = unquote(path)
+    if comfyui_queue.intercepts(broker, name, request.method, plain):
+        return await comfyui_queue.serve_view(request, name, path)
     if not adapter.uses_gpu(request.method, plain):
         return await broker.passthrough(request, name, path)
     found = None

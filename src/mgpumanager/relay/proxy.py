@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 from urllib.parse import unquote
 
 import aiohttp
@@ -365,6 +366,15 @@ def is_websocket(request: web.Request) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
+class WebSocketHooks(Protocol):
+    """What a surface may add to a relayed websocket: it learns when the client's socket opens
+    and closes (to send messages of its own), and may rewrite the upstream's text messages."""
+
+    def opened(self, ws: web.WebSocketResponse) -> None: ...
+    def closed(self, ws: web.WebSocketResponse) -> None: ...
+    def to_client(self, text: str) -> str: ...
+
+
 async def forward_websocket(
     request: web.Request,
     session: aiohttp.ClientSession,
@@ -372,6 +382,7 @@ async def forward_websocket(
     base_url: str,
     path: str,
     consumer: str,
+    hooks: WebSocketHooks | None = None,
 ) -> web.StreamResponse:
     """Relay a websocket: connect upstream first (with the client's query, so ComfyUI's
     `clientId` reaches it), then accept the client and pass messages both ways until either
@@ -391,13 +402,19 @@ async def forward_websocket(
         except aiohttp.WSServerHandshakeError as exc:
             # The upstream refused the upgrade (404, 403...): the client gets that status.
             return web.Response(status=exc.status, text=exc.message or "")
+    opened: web.WebSocketResponse | None = None
     try:
         chosen = [upstream.protocol] if upstream.protocol else []
         client = web.WebSocketResponse(protocols=chosen, max_msg_size=0, autoping=True)
         await client.prepare(request)
         state.prepared = True
+        if hooks is not None:
+            hooks.opened(client)
+            opened = client
         to_upstream = asyncio.ensure_future(_pump(client, upstream))
-        to_client = asyncio.ensure_future(_pump(upstream, client))
+        to_client = asyncio.ensure_future(
+            _pump(upstream, client, None if hooks is None else hooks.to_client)
+        )
         try:
             done, _ = await asyncio.wait(
                 [to_upstream, to_client], return_when=asyncio.FIRST_COMPLETED
@@ -415,17 +432,20 @@ async def forward_websocket(
             await other.close(code=code)
         return client
     finally:
+        if hooks is not None and opened is not None:
+            hooks.closed(opened)
         await upstream.close()
 
 
 async def _pump(
     source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    rewrite: Callable[[str], str] | None = None,
 ) -> None:
-    """Copy messages from `source` to `sink` until `source` closes."""
+    """Copy messages from `source` to `sink` until `source` closes (text through `rewrite`)."""
     async for msg in source:
         if msg.type is aiohttp.WSMsgType.TEXT:
-            await sink.send_str(msg.data)
+            await sink.send_str(msg.data if rewrite is None else rewrite(msg.data))
         elif msg.type is aiohttp.WSMsgType.BINARY:
             await sink.send_bytes(msg.data)
         elif msg.type is aiohttp.WSMsgType.ERROR:

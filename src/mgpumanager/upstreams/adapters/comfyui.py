@@ -24,7 +24,7 @@ from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.registry import ConsumerConfig, HealthConfig, HttpCall
 from mgpumanager.relay.bodies import encode_json, parse_json
 from mgpumanager.relay.job import JobSpec
-from mgpumanager.relay.proxy import Body
+from mgpumanager.relay.proxy import UPSTREAM_FAILURES, Body, translate_client_error
 from mgpumanager.scheduling.lease import JobHandle
 from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
 
@@ -145,6 +145,54 @@ class ComfyUIAdapter(BaseAdapter):
         """A prompt that could never run is refused before it queues for the GPU."""
         if _posts_prompt(spec.call):
             self._prompt(spec.body if spec.body is not None else b"")
+
+    def prompt_of(self, body: Body) -> dict[str, Any]:
+        """The prompt `body` holds, checked (a bad_request saying why not)."""
+        return self._prompt(body)
+
+    async def post_held(self, path: str, prompt: dict[str, Any], job: JobHandle) -> tuple[int, Any]:
+        """Post a prompt the broker held while it waited (its client has had its answer):
+        from the broker itself, not relayed. Answers ComfyUI's status and JSON; on 200 the
+        lease is held until the prompt has finished, as for a relayed one."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        prompt_id = str(prompt["prompt_id"])
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        prompt = dict(prompt)
+        if not prompt.get("client_id"):
+            prompt["client_id"] = client_id = f"mgpumanager-{uuid.uuid4().hex}"
+            ws = await self._open_ws(client_id)
+        self.ours.add(prompt_id)
+        try:
+            async with self.session.post(
+                self.url(path),
+                data=encode_json(prompt, "the prompt", self.name),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                status = response.status
+                raw = await response.read()
+        except BaseException as exc:
+            try:
+                await self.cancel(prompt_id)
+            finally:
+                self.ours.discard(prompt_id)
+                if ws is not None:
+                    await ws.close()
+            if isinstance(exc, UPSTREAM_FAILURES):
+                raise translate_client_error(exc, self.name) from exc
+            raise
+        try:
+            answer: Any = json.loads(raw)
+        except ValueError:
+            answer = {"error": raw.decode("utf-8", "replace")}
+        if status != 200:
+            self.ours.discard(prompt_id)
+            if ws is not None:
+                await ws.close()
+            return status, answer
+        left_s = max(0.0, self.config.run_timeout_s - (loop.time() - started))
+        job.hold_until(self._finished(prompt_id, ws), timeout_s=left_s)
+        return status, answer
 
     def _prompt(self, body: Body) -> dict[str, Any]:
         """The prompt a body holds (received whole), or a bad_request saying why not."""
