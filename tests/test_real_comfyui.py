@@ -10,6 +10,7 @@ Skipped where `make real-comfyui` has not built the environment (.ci/run builds 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import Upstream, running_broker, wait_done, wait_for
+from conftest import Upstream, lease_held, running_broker, wait_done, wait_for
 from mgpumanager.daemon import Server
 from mgpumanager.registry import Config
 from real_comfyui import RealComfyUI, graph, needs_real_comfyui, running, slow_graph
@@ -214,6 +215,46 @@ async def fetch_png(http: aiohttp.ClientSession, server: Server) -> bytes:
     [image] = (await history(http, base, prompt_id))["outputs"]["4"]["images"]
     async with http.get(f"{base}/view", params=image) as resp:
         return await resp.read()
+
+
+async def test_a_prompt_held_while_the_gpu_is_busy_runs_after_the_holder(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """Accepted at once at the front door while another job holds the lease: in ComfyUI's own
+    /queue, /history {} until it runs, counted in the websocket's status; posted and run when
+    the holder ends. A held graph the real ComfyUI then refuses reaches the client as
+    execution_error and an error in /history."""
+    door, client_id = server.front_doors["comfyui"].url, "held-client"
+    loop = asyncio.get_running_loop()
+    async with http.ws_connect(f"{door}/ws?clientId={client_id}") as ws:
+        await ws.receive_json(timeout=10)  # ComfyUI's hello
+        async with lease_held(server.broker, "other") as release:
+            sent = loop.time()
+            body = {"prompt": graph("held"), "client_id": client_id}
+            async with http.post(f"{door}/prompt", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                answer = await resp.json()
+            assert loop.time() - sent < 1.0
+            prompt_id = answer["prompt_id"]
+            refused_body = {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
+            refused_body["client_id"] = client_id
+            async with http.post(f"{door}/prompt", json=refused_body) as resp:
+                refused_id = (await resp.json())["prompt_id"]
+            async with http.get(f"{door}/queue") as resp:
+                pending = (await resp.json())["queue_pending"]
+            assert [item[1] for item in pending] == [prompt_id, refused_id]
+            async with http.get(f"{door}/history/{prompt_id}") as resp:
+                assert await resp.json() == {}
+            release.set()
+            events = await asyncio.wait_for(wait_done(ws, prompt_id), 60)
+            assert "execution_success" in events
+            events = await asyncio.wait_for(wait_done(ws, refused_id), 60)
+            assert "execution_error" in events
+    entry = await history(http, door, prompt_id)
+    assert entry["status"]["status_str"] == "success"
+    refused = await history(http, door, refused_id)
+    assert refused["status"]["status_str"] == "error"
+    await wait_for(lambda: in_flight(server) == 0, timeout_s=60, what="the prompt ended")
 
 
 async def test_residency_and_an_admin_unload_are_confirmed(
