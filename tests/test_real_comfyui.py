@@ -236,8 +236,10 @@ async def test_a_prompt_held_while_the_gpu_is_busy_runs_after_the_holder(
                 answer = await resp.json()
             assert loop.time() - sent < 1.0
             prompt_id = answer["prompt_id"]
-            refused_body = {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}
-            refused_body["client_id"] = client_id
+            refused_body: dict[str, Any] = {
+                "prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}},
+                "client_id": client_id,
+            }
             async with http.post(f"{door}/prompt", json=refused_body) as resp:
                 refused_id = (await resp.json())["prompt_id"]
             async with http.get(f"{door}/queue") as resp:
