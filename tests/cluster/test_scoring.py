@@ -113,6 +113,14 @@ def test_the_shortest_queue_breaks_the_tie_and_alone_routes_modelless_requests()
     assert order([a, b], Want("llama", need_mib=0)) == ["b", "a"]
 
 
+def test_a_consumer_of_one_model_counts_as_resident_and_hosts_without_it_are_left_out() -> None:
+    comfy = consumer("comfyui", resident=True, vram_mib=12000)
+    a = host("a", consumer("comfyui", vram_mib=12000), headroom_mib=20000)
+    b = host("b", comfy, headroom_mib=1000)
+    c = host("c")
+    assert order([a, b, c], Want(None, "comfyui", 12000)) == ["b", "a"]
+
+
 def test_a_status_older_than_three_periods_is_skipped_and_returns_when_fresh() -> None:
     old = host("a", llama(), read_at=0.0)
     b = host("b", read_at=3.0)
@@ -247,7 +255,13 @@ def test_ranking_is_a_total_order_over_exactly_the_usable_hosts(
     hosts: list[HostSummary], want: Want, now: float
 ) -> None:
     ranked = rank_hosts(hosts, want, now=now, period_s=PERIOD)
-    usable = {h.name for h in hosts if h.accepting and now - h.read_at <= 3 * PERIOD}
+    usable = {
+        h.name
+        for h in hosts
+        if h.accepting
+        and now - h.read_at <= 3 * PERIOD
+        and (want.consumer is None or want.consumer in h.consumers)
+    }
     assert sorted(c.host for c in ranked) == sorted(usable)
     keys = [(c.tier, c.key, c.host) for c in ranked]
     assert keys == sorted(keys)

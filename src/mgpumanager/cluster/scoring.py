@@ -134,9 +134,14 @@ def score(
     `reserved`: the models reserved on this host."""
     queue = float(host.queue_depth)
     if want.model is None:
-        return Tier.NO_ROOM, (queue, float(host.in_flight))
-    holder = host.serves(want.model)
-    if holder is not None or want.model in reserved:
+        if want.consumer is None:
+            return Tier.NO_ROOM, (queue, float(host.in_flight))
+        # A consumer that is one model (ComfyUI, mVoice): resident is the consumer resident.
+        own = host.consumers.get(want.consumer)
+        holder = own if own is not None and own.resident else None
+    else:
+        holder = host.serves(want.model)
+    if holder is not None or (want.model is not None and want.model in reserved):
         used = holder.last_used_s_ago if holder and holder.last_used_s_ago is not None else 0.0
         return Tier.RESIDENT, (float(host.in_flight), used, queue)
     if host.headroom_mib is not None and want.need_mib <= host.headroom_mib:
@@ -155,13 +160,16 @@ def rank_hosts(
     period_s: float,
     reservations: Reservations | None = None,
 ) -> list[Choice]:
-    """Every usable host for `want`, best first. Stale and non-accepting hosts are left out;
-    an empty list means no host can take it now."""
+    """Every usable host for `want`, best first. Stale and non-accepting hosts, and hosts
+    without the consumer `want` names, are left out; an empty list means no host can take it
+    now."""
     held = reservations.active(now) if reservations is not None else {}
     choices = []
     for host in hosts:
         if not host.accepting or not is_fresh(host, now, period_s):
             continue
+        if want.consumer is not None and want.consumer not in host.consumers:
+            continue  # that host has no such service
         models = frozenset(m for m, h in held.items() if h == host.name)
         tier, key = score(host, want, models)
         choices.append(Choice(host.name, tier, key))
