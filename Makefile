@@ -114,9 +114,9 @@ test-ray: $(RAY_STAMP)
 	MGPU_RAY_TESTS=1 $(BIN)/pytest -q -rs -p no:cacheprovider tests/cluster_ray
 
 # The hop through a host's front against a call straight to its broker, same script, same
-# simulated host: bench/results/cluster.json.
+# simulated host, and the same hop through Ray Serve's proxy: bench/results/cluster.json.
 bench-cluster: $(RAY_STAMP)
-	$(BIN)/python bench/bench_cluster.py
+	$(BIN)/python bench/bench_cluster.py --serve
 
 # rsync the tree to HOST's /opt/mgpumanager, build its .venv there, then deploy/install.sh as
 # root: the mgpumanager user, the registry under /etc/mgpumanager (installed once, never
