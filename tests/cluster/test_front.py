@@ -215,3 +215,21 @@ async def test_a_503_with_retry_after_moves_the_request_to_the_next_host(pair: P
         assert resident_on(pair, SMALL_MODEL) == ["h2"]
     finally:
         await runner.cleanup()
+
+
+async def test_the_host_selector_and_each_hosts_dashboard_through_the_front(pair: Pair) -> None:
+    front = pair.fronts["h1"].url
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{front}/cluster/") as resp:
+            page = await resp.text()
+        assert 'href="/ui/?host=h1"' in page and 'href="/ui/?host=h2"' in page
+        html = {"Accept": "text/html"}
+        async with session.get(f"{front}/ui/", headers=html, allow_redirects=False) as resp:
+            assert (resp.status, resp.headers["Location"]) == (302, "/cluster/")
+        async with session.get(f"{front}/ui/?host=h2", headers=html) as resp:
+            assert resp.status == 200 and 'id="hosts"' in await resp.text()
+        async with session.get(f"{front}/hosts/h2/v1/status") as resp:
+            status = await resp.json()
+        assert status["gpu"]["device"] == "Simulated GPU h2"
+        async with session.get(f"{front}/hosts/nowhere/v1/status") as resp:
+            assert resp.status == 404

@@ -271,6 +271,14 @@ class Front:
 
     async def route(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        if request.method == "GET" and path in ("/", "/ui", "/ui/"):
+            # A browser's dashboard shows one host's broker: `?host=` names it, else the
+            # host selector lets the user pick one.
+            host = request.query.get("host")
+            if host is not None and (host == self.name or host in self.hosts):
+                return await self.send(request, [host], None)
+            if "text/html" in request.headers.get("Accept", "") or path != "/":
+                raise web.HTTPFound("/cluster/")
         body: bytes | None = None
         length = request.content_length
         if request.body_exists and length is not None and length <= BODY_READ_WHOLE:

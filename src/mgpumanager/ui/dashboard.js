@@ -94,8 +94,13 @@ function authHeaders() {
   return t ? { Authorization: "Bearer " + t } : {};
 }
 
+// Behind a cluster's front (docs/cluster.md), `?host=NAME` shows that host's broker: every
+// call goes to /hosts/NAME/..., and the header's selector switches between the hosts.
+const HOST = new URLSearchParams(location.search).get("host");
+const BASE = HOST ? "/hosts/" + encodeURIComponent(HOST) : "";
+
 async function api(path, init) {
-  const res = await fetch(path, { cache: "no-store", ...init, headers: authHeaders() });
+  const res = await fetch(BASE + path, { cache: "no-store", ...init, headers: authHeaders() });
   if (res.status === 401) throw new TokenRefused(await errorMessage(res));
   return res;
 }
@@ -457,4 +462,20 @@ function logEvent(e) {
   while (list.children.length > LOG_KEEP) list.lastChild.remove();
 }
 
+async function hostSelector() {
+  if (!HOST) return;
+  const res = await fetch("/v1/status", { cache: "no-store", headers: authHeaders() });
+  if (!res.ok) return;
+  const doc = await res.json();
+  if (!Array.isArray(doc.hosts)) return;
+  const select = $("hosts");
+  select.replaceChildren(...doc.hosts.map((x) => h("option",
+    { value: x.name, selected: x.name === HOST }, x.name + (x.up ? "" : " (down)"))));
+  select.hidden = false;
+  select.addEventListener("change", () => {
+    location.search = "?host=" + encodeURIComponent(select.value);
+  });
+}
+
+hostSelector();
 follow();
