@@ -101,7 +101,7 @@ async def measure(targets: dict[str, str]) -> dict[str, Any]:
                 for name, base in targets.items():
                     for _ in range(BLOCK):
                         samples[name].append(await call(session, base))
-            row = {name: summary(s) for name, s in samples.items()}
+            row: dict[str, Any] = {name: summary(s) for name, s in samples.items()}
             direct = row["direct"]["p50_ms"]
             for name in targets:
                 if name != "direct":
@@ -120,7 +120,6 @@ def serve_front(broker_url: str) -> str:
     from starlette.requests import Request
     from starlette.responses import StreamingResponse
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0, "num_gpus": 0})
     class Forward:
         def __init__(self, broker: str) -> None:
             self.broker = broker
@@ -152,7 +151,8 @@ def serve_front(broker_url: str) -> str:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(Forward.bind(broker_url), route_prefix="/", name="mgpu-bench")
+    deployment = serve.deployment(ray_actor_options={"num_cpus": 0, "num_gpus": 0})(Forward)
+    serve.run(deployment.bind(broker_url), route_prefix="/", name="mgpu-bench")
     return f"http://127.0.0.1:{port}"
 
 

@@ -331,8 +331,8 @@ class Front:
                 connect_retry = False
             except _MoveOn as move:
                 last = move.response
-            if body is None and request.body_exists:
-                break  # a streamed body cannot be sent twice
+                if body is None and request.body_exists:
+                    break  # a streamed body was sent: it cannot be sent twice
         if last is not None:
             return last
         return _error(503, "no_host", "no host of the cluster answered")
