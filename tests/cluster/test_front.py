@@ -81,6 +81,7 @@ async def test_follow_ups_stay_on_the_host_that_loaded_the_model(pair: Pair) -> 
         await generate(session, front.url, BIG_MODEL)
         [first] = resident_on(pair, BIG_MODEL)
         await settled(front, first, BIG_MODEL)
+        await settled(pair.fronts["h2"], first, BIG_MODEL)
         for _ in range(10):
             await generate(session, pair.fronts["h2"].url, BIG_MODEL)
         assert resident_on(pair, BIG_MODEL) == [first]

@@ -73,6 +73,22 @@ async def shows(session: aiohttp.ClientSession, front: str, host: str, model: st
         await asyncio.sleep(0.1)
 
 
+async def holds(session: aiohttp.ClientSession, front: str, host: str, consumer: str) -> None:
+    """Until `front`'s view of `host` has `consumer` resident."""
+
+    async def seen() -> bool:
+        async with session.get(f"{front}/v1/status") as resp:
+            hosts = {h["name"]: h for h in (await resp.json())["hosts"]}
+        summary = hosts[host]["summary"] or {}
+        residency = summary.get("consumers", {}).get(consumer, {}).get("residency")
+        return bool(residency == "resident")
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while not await seen():
+        assert asyncio.get_running_loop().time() < deadline, f"{consumer} never on {host}"
+        await asyncio.sleep(0.1)
+
+
 async def test_the_cluster_routes_streams_and_survives_a_dead_host(
     lc: LocalCluster,
 ) -> None:
@@ -82,6 +98,7 @@ async def test_the_cluster_routes_streams_and_survives_a_dead_host(
         await generate(session, h2, BIG_MODEL)
         [home] = resident_on(lc, BIG_MODEL)
         await shows(session, h1, home, BIG_MODEL)
+        await shows(session, h2, home, BIG_MODEL)
         for i in range(10):
             await generate(session, (h1, h2)[i % 2], BIG_MODEL)
         assert resident_on(lc, BIG_MODEL) == [home]
@@ -89,10 +106,10 @@ async def test_the_cluster_routes_streams_and_survives_a_dead_host(
         # A cold model goes where it fits without eviction: the other host's card is free.
         other = "h2" if home == "h1" else "h1"
         direct = lc.hosts[home].url
-        async with session.post(f"{direct}/v1/tts", json={"text": "hi"}) as resp:
-            assert resp.status == 200  # mVoice joins the big model: the small one won't fit
-        await shows(session, h1, home, BIG_MODEL)
-        await asyncio.sleep(1.0)  # a status period or more: the front sees mVoice's memory
+        graph = {"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}}
+        async with session.post(f"{direct}/v1/image", json=graph) as resp:
+            assert resp.status == 200  # ComfyUI joins the big model: the small one won't fit
+        await holds(session, h1, home, "comfyui")
         await generate(session, h1, SMALL_MODEL)
         assert resident_on(lc, SMALL_MODEL) == [other]
         assert lc.hosts[home].sim.gpu.oom_count == 0
