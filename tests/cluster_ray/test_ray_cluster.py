@@ -106,8 +106,8 @@ async def test_the_cluster_routes_streams_and_survives_a_dead_host(
         # A cold model goes where it fits without eviction: the other host's card is free.
         other = "h2" if home == "h1" else "h1"
         direct = lc.hosts[home].url
-        graph = {"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}}
-        async with session.post(f"{direct}/v1/image", json=graph) as resp:
+        image_job = {"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}}
+        async with session.post(f"{direct}/v1/image", json=image_job) as resp:
             assert resp.status == 200  # ComfyUI joins the big model: the small one won't fit
         await holds(session, h1, home, "comfyui")
         await generate(session, h1, SMALL_MODEL)
