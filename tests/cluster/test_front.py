@@ -234,3 +234,37 @@ async def test_the_host_selector_and_each_hosts_dashboard_through_the_front(pair
         assert status["gpu"]["device"] == "Simulated GPU h2"
         async with session.get(f"{front}/hosts/nowhere/v1/status") as resp:
             assert resp.status == 404
+
+
+class Breaks(Full):
+    """A broker stand-in that takes the request and breaks off before answering."""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.path == "/v1/status":
+            return await super().handle(request)
+        self.calls += 1
+        await request.read()
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+
+async def test_a_request_once_forwarded_is_never_sent_again(pair: Pair) -> None:
+    front = pair.fronts["h1"]
+    breaks = Breaks(pair.hosts["h1"].url)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", breaks.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        front.broker_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with aiohttp.ClientSession() as session:
+            body = {"model": SMALL_MODEL, "prompt": "hi", "stream": False}
+            async with session.post(f"{front.url}/api/generate", json=body) as resp:
+                assert resp.status == 502
+                assert (await resp.json())["error"] == "host_failed"
+        assert breaks.calls == 1
+        assert resident_on(pair, SMALL_MODEL) == []  # h2 never saw it
+    finally:
+        await runner.cleanup()
