@@ -198,6 +198,10 @@ class GpuConfig(_Model):
     safety_margin_mib: int = Field(default=512, ge=0)
     sim_url: str = "http://127.0.0.1:8799"
     poll_interval_s: PositiveFloat = 0.1
+    # While an eviction waits for its memory to come back (and a load for its readiness), the
+    # GPU and the upstream are read this often: the swap goes on as soon as the card frees.
+    # NVML answers in well under a millisecond; the background readings stay at their pace.
+    confirm_poll_s: PositiveFloat = 0.01
     # How often residency is re-read from the upstreams and the GPU in the background (work
     # done around the broker); it is also re-read before every eviction plan.
     reconcile_interval_s: PositiveFloat = 5.0
