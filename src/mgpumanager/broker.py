@@ -18,6 +18,7 @@ from mgpumanager.relay.proxy import Body, forward
 from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.prefetch import Prefetcher, job_weights
 from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
@@ -54,6 +55,7 @@ class Broker:
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
         self.idle: IdleKeeper | None = None
+        self.prefetch: Prefetcher | None = None  # the next tenure's weights read ahead
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
         # What happens, as it happens (/v1/events), and the recent past /v1/status shows.
@@ -108,6 +110,15 @@ class Broker:
             ready=self._residency.ready,
         )
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
+        self.prefetch = Prefetcher(
+            lambda: self.config,
+            self._residency,
+            core,
+            lambda: self.adapters,
+            self.clock,
+            emit=self.events.emit,
+        )
+        self.prefetch.attach()
         await asyncio.gather(
             self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
         )
@@ -177,6 +188,8 @@ class Broker:
         await self.catalog.aclose()
         if self.idle is not None:
             await self.idle.aclose()
+        if self.prefetch is not None:
+            await self.prefetch.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -355,6 +368,7 @@ class Broker:
                 model=per_model,
                 label=job_label(request, model),
                 answer_first=True,
+                weights=job_weights(self.config, name, whole),
             ) as job:
                 self.residency.job_started(name, per_model)
                 try:

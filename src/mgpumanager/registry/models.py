@@ -116,6 +116,8 @@ class ModelEntry(_Model):
     name: Annotated[str, Field(min_length=1)]
     vram_mib: int | None = Field(default=None, ge=0)  # else the upstream's own figure
     preload: bool = False  # loaded by the consumer's load (and by warm restore)
+    # Its weight files (paths or globs), read into the page cache before its turn (prefetch).
+    weights: list[str] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +148,13 @@ class ConsumerConfig(_Model):
     models: list[ModelEntry] = []
     # OpenAI model names clients insist on -> one of this consumer's models.
     aliases: dict[str, str] = {}
+    # Weight files (paths or globs) its load reads, read into the page cache while the job
+    # before its turn runs (prefetch); a model's own `weights` replace these for that model.
+    weights: list[str] = []
+    # Folders its model files live in: ComfyUI's models/ folders (a loader node's file name is
+    # looked for in each, and in its subfolders); an Ollama blob path is looked for in each too
+    # (OLLAMA_MODELS) when the path /api/show gives is not readable here.
+    model_dirs: list[str] = []
     # A generic consumer that serves OpenAI routes (/v1/chat/completions, /v1/audio/speech...).
     openai: bool = False
     # Further requests that use the GPU, scheduled when they arrive under /upstream/<name>/.
@@ -226,6 +235,20 @@ class IdleConfig(_Model):
     # Consumers (or consumer/model) brought back when the GPU has been idle for warm_after_s.
     warm: list[str] = []
     warm_after_s: PositiveFloat = 30.0
+
+
+class PrefetchConfig(_Model):
+    """`prefetch`: reading the next tenure's weight files into the page cache while the
+    current job runs. `prefetch: false` turns it off."""
+
+    enabled: bool = True
+    # Never more than this share of MemAvailable (read when a prefetch starts).
+    max_ram_fraction: float = Field(default=0.5, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 def _check_token(v: SecretStr) -> SecretStr:
@@ -311,6 +334,7 @@ class Config(_Model):
     scheduler: SchedulerConfig = SchedulerConfig()
     auth: AuthConfig = AuthConfig()
     idle: IdleConfig = IdleConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
     routing: dict[str, str] = {}
     audio_proxy: str | None = None
     consumers: dict[str, ConsumerConfig]
@@ -407,6 +431,7 @@ __all__ = [
     "HttpCall",
     "IdleConfig",
     "ModelEntry",
+    "PrefetchConfig",
     "SchedulerConfig",
     "TokenConfig",
     "is_loopback",
