@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean
+.PHONY: build test lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch deploy undeploy clean
 
 build: $(STAMP)
 
@@ -52,6 +52,12 @@ bench-events: $(STAMP)
 # (needs wrk and curl; nginx where installed): ~4 minutes, bench/results/proxy.json.
 bench-proxy: $(STAMP)
 	$(BIN)/python bench/bench_proxy.py
+
+# A swap's load with its weights cold against read ahead during the job before (a generated
+# 1 GiB file in a temporary folder, removed after; needs ~2 GiB free there): ~1 minute,
+# bench/results/prefetch.json.
+bench-prefetch: $(STAMP)
+	$(BIN)/python bench/bench_prefetch.py
 
 bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
