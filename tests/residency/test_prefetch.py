@@ -3,15 +3,18 @@ MemAvailable, cancelled when the forecast changes, paused while residency change
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from conftest import wait_for
+from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.clock import FakeClock
 from mgpumanager.registry import Config, SchedulerConfig
 from mgpumanager.residency.prefetch import (
@@ -327,3 +330,65 @@ def test_registry_keys(value: object) -> None:
     assert not config.prefetch.enabled
     assert config.consumers["ollama"].models[0].weights == ["/w/*.gguf"]
     assert Config.model_validate({"consumers": {}}).prefetch.max_ram_fraction == 0.5
+
+
+# -- through the broker -------------------------------------------------------------------------
+
+
+async def test_broker_reads_the_next_load_ahead_and_reports_it(
+    tmp_path: Path, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    upstream.route("POST", "/a/run", slow)
+    for path in ("/b/run", "/a/unload", "/b/unload", "/a/load", "/b/load"):
+        upstream.route("POST", path, ok)
+    await upstream.start()
+    blob = weights(tmp_path, "b", files=1, size=3 * MIB)
+
+    def one(name: str, kind: str, **extra: Any) -> dict[str, Any]:
+        return consumer(
+            upstream.url,
+            paths={kind: {"path": f"/{name}/run"}},
+            vram_resident_mib=14000,
+            unload={"path": f"/{name}/unload"},
+            load={"path": f"/{name}/load"},
+            **extra,
+        )
+
+    config = make_config(
+        {"a": one("a", "tts"), "b": one("b", "stt", weights=[blob])},
+        gpu={"static_settle_s": 0},
+        routing={"tts": "a", "stt": "b"},
+    )
+    async with running_broker(config) as server:
+        broker = server.broker
+        seen: list[str] = []
+        broker.events.taps.append(lambda event: seen.append(event.type))
+        a_job = asyncio.ensure_future(client.post(f"{server.url}/v1/tts", json={}))
+        await wait_for(lambda: broker.lease.core.holder == "a", what="a's tenure")
+        b_job = asyncio.ensure_future(client.post(f"{server.url}/v1/stt", json={}))
+
+        def prefetched() -> bool:
+            status = broker.status().prefetch
+            return status is not None and status.done == 1
+
+        await wait_for(prefetched, what="b's weights read while a's job runs")
+        release.set()
+        for job in (a_job, b_job):
+            async with await job as resp:
+                assert resp.status == 200
+        async with client.get(f"{server.url}/v1/status") as resp:
+            status = (await resp.json())["prefetch"]
+        assert status["enabled"] and status["warm_loads"] == 1 and status["cold_loads"] == 0
+        assert status["bytes_read"] == 3 * MIB
+        assert status["last"]["consumer"] == "b" and status["last"]["warm"] is True
+        await wait_for(lambda: "prefetch.used" in seen, what="the load's verdict emitted")
+        assert seen.index("prefetch.started") < seen.index("prefetch.done")
