@@ -324,6 +324,7 @@ class Residency(ResidencyView):
         deadline = self.clock.now() + timeout_s
         gone_since: float | None = None
         while True:
+            asked_at = self.clock.now()
             gone, after = await asyncio.gather(_asked(name, upstream_let_go), self.read_gpu())
             if gone and gone_since is None:
                 gone_since = self.clock.now()
@@ -338,7 +339,11 @@ class Residency(ResidencyView):
                     f"{name} is now 'unknown' and nothing was loaded",
                     consumer=blame,
                 )
-            await self._sleep(self.config.gpu.confirm_poll_s)
+            # At a steady rate, the asking included: the card is seen free no later than one
+            # interval after it freed.
+            await self._sleep(
+                max(0.0, asked_at + self.config.gpu.confirm_poll_s - self.clock.now())
+            )
 
     def _eviction_failed(self, name: str, reason: str) -> None:
         record = self.records[name]
