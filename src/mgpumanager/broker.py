@@ -269,6 +269,7 @@ class Broker:
             "client_idle_s",
             "header_timeout_s",  # new connections get the new limits
             "max_connections",
+            "prefetch",
         ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)

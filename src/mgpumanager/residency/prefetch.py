@@ -193,6 +193,9 @@ class Prefetcher:
             self._cancel("prefetch is off")
             return
         core, residency = self._core, self._residency
+        if not core.others_waiting:  # most changes (a job of the holder's): cheap to tell
+            self._cancel("no other consumer's job waits")
+            return
         job = core.next_tenure(residency.resident_set(), residency.swap_costs())
         if job is None or job.exclusive or job.consumer not in config.consumers:
             self._cancel("no other consumer's job waits")
@@ -526,27 +529,37 @@ def cached_fraction(paths: Sequence[str]) -> float | None:
     libc = _libc()
     if libc is None:
         return None
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     page = mmap.PAGESIZE
     total = cached = 0
     for path in paths:
         try:
-            size = os.path.getsize(path)
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
             if size == 0:
                 continue
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+            # A read-only shared mapping: nothing is read, nothing committed.
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
                 pages = (size + page - 1) // page
                 vector = (ctypes.c_ubyte * pages)()
-                buffer = ctypes.c_char.from_buffer(m)
-                try:
-                    rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buffer)), size, vector)
-                finally:
-                    del buffer
-                if rc != 0:
+                if libc.mincore(address, size, vector) != 0:
                     return None
-                total += pages
-                cached += pages - bytes(vector).count(0)  # the low bit: resident
-        except (OSError, ValueError, BufferError):
-            return None
+            finally:
+                libc.munmap(address, size)
+            total += pages
+            cached += pages - bytes(vector).count(0)  # the low bit: resident
+        finally:
+            os.close(fd)
     return cached / total if total else None
 
 

@@ -384,6 +384,11 @@ class SchedulerCore:
         return costs
 
     @property
+    def others_waiting(self) -> bool:
+        """Jobs of a consumer other than the holder wait (a next tenure is in view)."""
+        return any(consumer != self._holder for consumer, _ in self._classes)
+
+    @property
     def preparing(self) -> bool:
         """A tenure is being prepared: residency is changing for it."""
         return bool(self._preparing)
