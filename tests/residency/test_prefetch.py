@@ -392,3 +392,22 @@ async def test_broker_reads_the_next_load_ahead_and_reports_it(
         assert status["last"]["consumer"] == "b" and status["last"]["warm"] is True
         await wait_for(lambda: "prefetch.used" in seen, what="the load's verdict emitted")
         assert seen.index("prefetch.started") < seen.index("prefetch.done")
+
+
+async def test_a_reload_switching_prefetch_off_stops_the_reading(tmp_path: Path) -> None:
+    gate = Gate()
+    box = Box(registry(tmp_path), read_range=gate)
+    try:
+        box.run("a")
+        box.core.submit("b")
+        await wait_for(lambda: len(gate.calls) == 1, what="b's first chunk asked for")
+        box.config = box.config.model_copy(
+            update={"prefetch": box.config.prefetch.model_copy(update={"enabled": False})}
+        )
+        gate.open.set()
+        await wait_for(lambda: bool(box.kinds("prefetch.cancelled")), what="the reading stopped")
+        [cancelled] = box.kinds("prefetch.cancelled")
+        assert cancelled["reason"] == "prefetch is off" and len(gate.calls) == 1
+    finally:
+        gate.open.set()
+        await box.prefetcher.aclose()

@@ -331,6 +331,9 @@ class Prefetcher:
             log.info("%s: prefetch failed: %s", name, exc)
 
     async def _until_may_read(self, prefetch: Prefetch) -> None:
+        if not self._config().prefetch.enabled:  # switched off by a reload meanwhile
+            prefetch.reason = "prefetch is off"
+            raise asyncio.CancelledError
         while not self._may_read():
             prefetch.state = "paused"
             self._wake.clear()
