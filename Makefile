@@ -6,7 +6,17 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
-.PHONY: build test lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch deploy undeploy clean
+# The real ComfyUI the tests in tests/test_real_comfyui.py start (docs/real-comfyui.md): its
+# source from this tarball, built once into REAL_COMFYUI_DIR, outside the work tree.
+REAL_COMFYUI_TARBALL ?= ../shared/upstreams/comfyui-a125cd8.tar.gz
+REAL_COMFYUI_DIR     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mgpumanager/real-comfyui/comfyui-a125cd8
+export REAL_COMFYUI_DIR
+
+.PHONY: check build test test-fast lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch deploy undeploy clean \
+	real-comfyui test-real-comfyui
+
+# The default: everything CI checks (lint, then the whole suite).
+check: lint test
 
 build: $(STAMP)
 
@@ -19,9 +29,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# The suite without the end-to-end runs marked `slow` (a quick loop while working).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m 'not slow'
+
+# Unpack the tarball and build ComfyUI's own virtualenv, once (reused while present); where
+# the tarball is absent it says so and the real-ComfyUI tests skip. `make test` runs them
+# when it has been built; .ci/run builds it first.
+real-comfyui:
+	scripts/real_comfyui.sh $(REAL_COMFYUI_TARBALL) $(REAL_COMFYUI_DIR) $(PYTHON)
+
+# Only the tests that start the real ComfyUI (and the contract test against it).
+test-real-comfyui: $(STAMP) real-comfyui
+	$(BIN)/pytest -q tests/test_real_comfyui.py tests/sim/test_comfyui_contract.py
+
 # The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
 # 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.
-# Their figures (what README's reliability section publishes) end up in $(VENV)/soak-figures.
+# Their figures (what docs/reliability.md publishes) end up in $(VENV)/soak-figures.
 soak: $(STAMP)
 	rm -f $(VENV)/soak-figures
 	MGPU_SOAK=1 MGPU_FIGURES=$(VENV)/soak-figures $(BIN)/pytest -q tests/reliability
@@ -31,6 +55,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 run: $(STAMP)
 	$(BIN)/mgpumanager serve --config $(CONFIG)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ from mgpumanager.sim.vllm import VLLMSettings
 
 MODEL = "qwen2.5:14b"
 GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}
+_SEEDS = itertools.count(8)
 
 
 # -- the cluster and the broker ------------------------------------------------------------------
@@ -228,7 +230,8 @@ def request_for(kind: str, base: str) -> tuple[str, dict[str, Any]]:
     bodies: dict[str, dict[str, Any]] = {
         "tts": {"text": "the kettle is on"},
         "llm": {"model": MODEL, "prompt": "hi"},
-        "image": {"prompt": GRAPH},
+        # A new seed per image: ComfyUI answers an unchanged graph from its cache, running nothing.
+        "image": {"prompt": {"3": {**GRAPH["3"], "inputs": {"seed": next(_SEEDS)}}}},
         "chat": {"model": "Qwen/Qwen2.5-7B-Instruct", "prompt": "hi", "max_tokens": 8},
     }
     return f"{base}/v1/{kind}", {"json": bodies[kind]}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +25,33 @@ from mgpumanager.sim.server import RunningApp, serve_app, wait_until
 
 # The one poll-until helper, under the name the tests import from here.
 wait_for = wait_until
+
+
+# -- no test takes a fixed port ------------------------------------------------------------
+# A broker or a `make demo` may run on the box while the suite does: a test that bound the
+# broker's default port or one of the demo's would fail beside it, or stop it from starting.
+# Every test binds port 0; a bind to a fixed port fails the test that made it.
+BROKER_PORT = 8770
+DEMO_PORTS = frozenset({8799, 8801, 8802, 8803, 8804, 8805})  # the demo registry's gpu and fakes
+FIXED_PORTS = frozenset({BROKER_PORT}) | DEMO_PORTS
+
+
+@pytest.fixture(autouse=True)
+def no_fixed_port(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Fails a test that binds (or only tries to bind) one of FIXED_PORTS, even where the code
+    under test swallows the error. Answers the list of such ports tried, for the guard's test."""
+    tried: list[int] = []
+    bind = socket.socket.bind
+
+    def guarded(sock: socket.socket, address: Any) -> None:
+        if isinstance(address, tuple) and len(address) >= 2 and address[1] in FIXED_PORTS:
+            tried.append(address[1])
+            raise AssertionError(f"a test bound the fixed port {address[1]}: bind port 0")
+        bind(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", guarded)
+    yield tried
+    assert not tried, f"a test bound the fixed port(s) {tried}: bind port 0"
 
 
 class Upstream:
@@ -131,7 +159,7 @@ def core(clock: FakeClock | None = None, policy: str = "fifo", **settings: objec
         "comfyui": ConsumerPolicy(priority=1, max_concurrency=1),
     }
     return SchedulerCore(
-        SchedulerConfig(policy=policy, **settings),  # type: ignore[arg-type]
+        SchedulerConfig(policy=policy, **settings),
         consumers,
         clock or FakeClock(),
     )

@@ -5,6 +5,7 @@ upstreams (the fakes' activity log), not by the broker's own counters."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,13 @@ from mgpumanager.sim.whisper import WhisperSettings
 
 MODEL = "llm:14b"
 GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}
+# ComfyUI answers an unchanged graph from its cache without running it: each image job here
+# is a new image (a new seed), as a person making images sends.
+_seeds = itertools.count(100)
+
+
+def fresh_graph() -> dict[str, Any]:
+    return {"3": {"class_type": "KSampler", "inputs": {"seed": next(_seeds)}}}
 
 
 def spec(*, whisper_subprocess: bool = False) -> FakeSpec:
@@ -103,12 +111,12 @@ async def cluster() -> AsyncIterator[SimCluster]:
 
 def requests_for(kind: str, base: str, *, direct: bool) -> tuple[str, dict[str, Any]]:
     """(url, post kwargs) for one job of `kind`, at the broker or straight at the fake."""
-    paths = {
+    paths: dict[str, tuple[str, str, dict[str, Any]]] = {
         "tts": ("/v1/tts", "/api/synthesize", {"json": {"text": "hi"}}),
         "stt": ("/v1/stt", "/api/transcribe", {"data": b"RIFF" + b"\0" * 2048}),
         "stt-whisper": ("/v1/stt", "/inference", {"data": _form()}),
         "llm": ("/v1/llm", "/api/generate", {"json": {"model": MODEL, "prompt": "hi"}}),
-        "image": ("/v1/image", "/prompt", {"json": {"prompt": GRAPH}}),
+        "image": ("/v1/image", "/prompt", {"json": {"prompt": fresh_graph()}}),
     }
     facade, upstream, kwargs = paths[kind]
     return base + (upstream if direct else facade), kwargs

@@ -1,4 +1,4 @@
-"""The error table: one code -> one HTTP status, the same in the code and in the README."""
+"""The error table: one code -> one HTTP status, the same in the code and in docs/errors.md."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 from mgpumanager.errors import ERROR_TABLE, BrokerError, ErrorCode
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
 
 def test_every_code_has_one_status_and_the_readme_table_matches() -> None:
-    text = README.read_text()
+    text = TABLE.read_text()
     table = text.split("<!-- error-table")[1].split("<!-- /error-table -->")[0]
     rows = re.findall(r"^\| `(\w+)` \| (\d{3}) \| (yes|no) \| (.+?) \|$", table, re.M)
     documented = {

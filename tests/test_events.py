@@ -17,7 +17,7 @@ import pytest
 from conftest import SIM_MODEL, core, running_broker, sim_registry, sim_spec, wait_for
 from mgpumanager.clock import FakeClock
 from mgpumanager.daemon import Server
-from mgpumanager.events import Event, EventBus, History, JobEvents
+from mgpumanager.events import Emit, Event, EventBus, History, JobEvents
 from mgpumanager.registry import Config
 from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
 from mgpumanager.sim.cluster import SimCluster, start_cluster
@@ -94,11 +94,20 @@ def parse_all(frames: bytes) -> list[tuple[str, dict[str, Any]]]:
 # -- jobs as events, on a fake clock ---------------------------------------------------------
 
 
+def recorder(events: list[tuple[str, dict[str, Any]]]) -> Emit:
+    """An `emit` that appends each (kind, figures) to `events`."""
+
+    def emit(kind: str, /, **figures: Any) -> None:
+        events.append((kind, figures))
+
+    return emit
+
+
 def test_a_job_is_queued_granted_and_finished_with_its_wait_and_run() -> None:
     clock = FakeClock()
     c = core(clock)
     events: list[tuple[str, dict[str, Any]]] = []
-    jobs = JobEvents(c, clock, lambda kind, **f: events.append((kind, f)))
+    jobs = JobEvents(c, clock, recorder(events))
     job = c.submit("ollama", label="/v1/llm llm:14b")
     clock.advance(2.0)
     [grant] = c.schedule()
@@ -122,6 +131,7 @@ def test_a_job_is_queued_granted_and_finished_with_its_wait_and_run() -> None:
         "outcome": "completed",
         "wait_s": 2.0,
         "run_s": 3.0,
+        "status": None,
     }
     assert jobs.running_s(job) is None
 
@@ -130,7 +140,7 @@ def test_a_job_that_leaves_the_queue_finishes_without_a_run() -> None:
     clock = FakeClock()
     c = core(clock)
     events: list[tuple[str, dict[str, Any]]] = []
-    JobEvents(c, clock, lambda kind, **f: events.append((kind, f)))
+    JobEvents(c, clock, recorder(events))
     c.submit("mvoice")  # holds the lease
     c.schedule()
     waiting = c.submit("comfyui", label="/v1/image")
@@ -145,6 +155,7 @@ def test_a_job_that_leaves_the_queue_finishes_without_a_run() -> None:
             "outcome": "timed_out",
             "wait_s": 4.0,
             "run_s": None,
+            "status": None,
         }
     ]
 
@@ -153,7 +164,7 @@ def test_a_job_of_a_consumer_removed_by_a_reload_finishes_failed() -> None:
     clock = FakeClock()
     c = core(clock)
     events: list[tuple[str, dict[str, Any]]] = []
-    JobEvents(c, clock, lambda kind, **f: events.append((kind, f)))
+    JobEvents(c, clock, recorder(events))
     c.submit("mvoice")
     c.schedule()
     gone = c.submit("comfyui", label="/v1/image")
@@ -228,7 +239,7 @@ async def follow(session: aiohttp.ClientSession, server: Server, **kwargs: Any) 
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"].startswith("text/event-stream")
     follower = Follower(response)
-    await wait_for(lambda: follower.events, what="the snapshot")
+    await wait_for(lambda: bool(follower.events), what="the snapshot")
     return follower
 
 
@@ -275,7 +286,10 @@ async def test_snapshot_first_then_one_jobs_swap_in_order(cluster: SimCluster) -
         for kind, f in events
         if about_this_job(kind, f)
     ]
-    expected = [("job.queued", "comfyui", None), ("job.granted", "comfyui", None)]
+    expected: list[tuple[str, str, str | None]] = [
+        ("job.queued", "comfyui", None),
+        ("job.granted", "comfyui", None),
+    ]
     expected.append(("eviction.planned", "comfyui", None))
     for victim in victims:
         expected += [

@@ -81,7 +81,7 @@ async def test_reload_refuses_what_needs_a_restart(upstream: Upstream) -> None:
     await upstream.start()
     config = make_config({"mvoice": consumer(upstream.url)})
     async with running_broker(config) as server:
-        moved = make_config({"mvoice": consumer(upstream.url)}, gpu={"total_mib": 8192})
-        with pytest.raises(ValueError, match="gpu"):
+        moved = make_config({"mvoice": consumer(upstream.url)}, gpu={"backend": "nvml"})
+        with pytest.raises(ValueError, match=r"gpu\.backend static -> nvml: restart"):
             await server.broker.reload(moved)
         assert server.broker.config == config

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -12,28 +14,35 @@ from aiohttp import web
 from mgpumanager.clock import Clock, MonotonicClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import EventBus, History, JobEvents
-from mgpumanager.registry import AdapterType, Caller, Config
+from mgpumanager.registry import AdapterType, Config
 from mgpumanager.relay.bodies import receive_whole
+from mgpumanager.relay.job import JobSpec
+from mgpumanager.relay.json_bodies import check_json
 from mgpumanager.relay.proxy import Body, forward
 from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
 from mgpumanager.residency.prefetch import Prefetcher, job_weights
 from mgpumanager.residency.records import State
-from mgpumanager.scheduling.core import ConsumerPolicy, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
+from mgpumanager.upstreams.client_unloads import client_unload
 from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
+# How long an upstream's 404 for a model stands: jobs for that model meanwhile make no room
+# for it (its list, re-read, must still not show it). Past that, it costs its room again.
+MISSING_MODEL_S = 60.0
+
 # Who sent a request: set by the facade's auth check when the registry has tokens.
-CALLER: web.RequestKey[Caller] = web.RequestKey("mgpumanager.caller", Caller)
 
 
 class Broker:
@@ -65,6 +74,10 @@ class Broker:
         self._jobs: JobEvents | None = None
         # Where each consumer's front door listens (HOST:PORT), as the server bound them.
         self.front_doors: dict[str, str] = {}
+        # (consumer, model) -> clock time its upstream last answered a job for it with 404.
+        self._missing_models: dict[tuple[str, str], float] = {}
+        # Re-reads of consumers that a client has just unloaded (client_unloads).
+        self._follows: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -78,7 +91,8 @@ class Broker:
         reader = self._reader or await make_reader(config.gpu)
         self._reader = reader
         self.adapters = {
-            name: make_adapter(name, c, self.session) for name, c in config.consumers.items()
+            name: make_adapter(name, c, self.session, gpu_index=config.gpu.index)
+            for name, c in config.consumers.items()
         }
         self._health = HealthMonitor(self.adapters, self.clock, emit=self.events.emit)
         self.catalog = ModelCatalog(config, self.adapters)
@@ -88,7 +102,7 @@ class Broker:
             reader,
             self.clock,
             probe=self._health.probe_ok,
-            model_size=lambda name, model: self.catalog.upstream.get(name, {}).get(model),
+            model_size=lambda name, model: self.catalog.listed_size(name, model),
             in_flight=self._jobs_on,
             has_model=self._has_model,
             emit=self.events.emit,
@@ -150,11 +164,16 @@ class Broker:
                 await self.residency.read_gpu()
 
     async def _has_model(self, name: str, model: str) -> bool | None:
-        """Whether `name`'s upstream lists `model`; on a miss its list is re-read once (a model
-        pulled a moment ago)."""
-        if self.catalog.has(name, model) is False:
+        """False only where `name`'s upstream has just answered 404 for `model` and its list,
+        re-read, still does not show it: then nothing is evicted for it. Otherwise None: a
+        model its list does not show (spelt another way, pulled a moment ago, listed late)
+        still gets the room its cost needs."""
+        answered = self._missing_models.get((name, model))
+        if answered is None or self.clock.now() - answered > MISSING_MODEL_S:
+            return None
+        if self.catalog.has(name, model) is not True:
             await self.catalog.refresh([name])
-        return self.catalog.has(name, model)
+        return self.catalog.has(name, model) is True
 
     def _jobs_on(self, name: str) -> int:
         """The broker's jobs running on `name` now (only the lease holder has any)."""
@@ -183,6 +202,9 @@ class Broker:
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
+        for task in list(self._follows):
+            task.cancel()
+        await asyncio.gather(*self._follows, return_exceptions=True)
         if self._health is not None:
             await self._health.aclose()
         await self.catalog.aclose()
@@ -198,17 +220,18 @@ class Broker:
     async def reload(self, new: Config) -> list[str]:
         """Apply a re-read registry while serving; answers what changed. Known consumers keep
         their residency and queued jobs; new ones are probed and discovered; jobs queued for a
-        removed consumer get no_consumer (running ones finish). `listen` and `gpu` need a
-        restart: a registry changing them is refused whole and the old one stays."""
+        removed consumer get no_consumer (running ones finish). `gpu` changes apply where they
+        can (gpu_reload); `listen` and a new GPU reader need a restart: a registry changing
+        them is refused whole, naming each such key, and the old one stays."""
         async with self._reload_lock:  # two quick SIGHUPs apply one after the other
             return await self._reload(new)
 
     async def _reload(self, new: Config) -> list[str]:
         old = self.config
-        for key in ("listen", "gpu"):
-            if getattr(new, key) != getattr(old, key):
-                raise ValueError(f"{key!r} changed: restart the service to apply it")
         residency = self.residency
+        restart = needs_restart(old, new, residency.reader)
+        if restart:
+            raise ValueError(refusal(restart))
         for name in set(old.consumers) - set(new.consumers):
             state = residency.records[name].state
             if state is State.UNLOADED:
@@ -233,7 +256,9 @@ class Broker:
         }
         fresh = [n for n in new.consumers if n not in same]
         adapters = {
-            name: self.adapters[name] if name in same else make_adapter(name, c, self.session)
+            name: self.adapters[name]
+            if name in same
+            else make_adapter(name, c, self.session, gpu_index=new.gpu.index)
             for name, c in new.consumers.items()
         }
         # Every await first, on the new parts only; then everything is swapped in one step.
@@ -254,6 +279,7 @@ class Broker:
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
         )
+        gpu_changes = apply_gpu(old, new, residency.reader)
         health.start()
         catalog.start()
         await asyncio.gather(old_health.aclose(), old_catalog.aclose())
@@ -273,6 +299,7 @@ class Broker:
         ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
+        changes += gpu_changes
         if dropped:
             changes.append(f"{dropped} queued job(s) of removed consumers refused")
         return changes
@@ -331,50 +358,46 @@ class Broker:
         )
         self.health.gate(name, stopped_by_broker=expected)
 
-    async def run_job(
-        self,
-        request: web.Request,
-        kind: str,
-        name: str,
-        priority: int | None = None,
-        *,
-        model: str | None = None,
-        body: Body | None = None,
-    ) -> web.StreamResponse:
+    async def run_job(self, request: web.Request, spec: JobSpec) -> web.StreamResponse:
         """health gate ► body received ► queue ► lease ► resident ► relay (until the upstream
         is done) ► (ComfyUI: prompt finished) ► release; the client then takes the rest of its
         answer from the buffer at its own pace (proxy.finish_delivery).
 
-        `model`: the model the request names, where the surface read it (its cost is the
-        model's); `body`: the request body when the surface has read it already (a SpooledBody
+        `spec.body`: the request body when the surface has read it already (a SpooledBody
         whose head was read is completed here, before the lease)."""
+        name = spec.consumer
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
         self.gate(name)
-        adapter.path_for(kind)  # a kind it has no path for is refused now, not after a swap
-        max_body = self.config.max_body_mib * MIB
-        per_model = self.residency.model_key(name, model) if adapter.per_model else None
+        per_model = self.residency.model_key(name, spec.model) if adapter.per_model else None
         # The whole body first (a declared size past max_body_mib refused before queueing): a
         # client that sends slowly holds its own connection, never the lease (one byte every
         # half second would otherwise hold every consumer's jobs).
-        whole = await receive_whole(request, body, max_body, name)
+        whole = await receive_whole(request, spec.body, self.config.max_body_mib * MIB, name)
+        job_spec = spec.with_body(whole)
         try:
-            adapter.check_body(kind, whole)  # a body that could never run does not queue
+            adapter.check_body(job_spec)  # a body that could never run does not queue
+            check_json(request, job_spec)
             if self.idle is not None:
                 self.idle.interrupt()  # a warm load gives way to a job at once
             async with self.lease.job(
                 name,
-                priority=priority,
+                priority=spec.priority,
                 queue_timeout_s=self.config.scheduler.queue_timeout_s,
                 model=per_model,
-                label=job_label(request, model),
+                label=spec.label,
                 answer_first=True,
-                weights=job_weights(self.config, name, whole),
+                weights=job_weights(self.config, name, job_spec.call, whole),
             ) as job:
                 self.residency.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
-                        return await adapter.forward(request, kind, job, max_body, whole)
+                        answer = await adapter.forward(request, job_spec, job)
+                    if answer.status >= 400:  # relayed as it came, but not done
+                        job.outcome, job.status = Outcome.UPSTREAM_ERROR, answer.status
+                    if per_model is not None:
+                        self._answered(name, per_model, answer.status)
+                    return answer
                 except TimeoutError:
                     raise BrokerError(
                         ErrorCode.UPSTREAM_TIMEOUT,
@@ -384,8 +407,39 @@ class Broker:
                 finally:
                     self.residency.job_finished(name, per_model)
         finally:
-            if body is None and isinstance(whole, SpooledBody):
+            if spec.body is None and isinstance(whole, SpooledBody):
                 whole.close()  # spooled here; a surface's own body is closed by the surface
+
+    def _answered(self, name: str, model: str, status: int) -> None:
+        """Remember an upstream's 404 for a model (its next jobs make no room for it)."""
+        if status == 404:
+            self._missing_models[(name, model)] = self.clock.now()
+        else:
+            self._missing_models.pop((name, model), None)
+
+    def answered(
+        self, name: str, method: str, path: str, status: int, body: dict[str, Any] | None = None
+    ) -> None:
+        """A request of `name`'s own API (`path` unquoted, no query; `body` its JSON where
+        read) has been answered: if it unloaded something (client_unloads), re-read `name` at
+        once and until the upstream shows it, in the background."""
+        consumer = self.config.consumers.get(name)
+        if consumer is None or status >= 400:
+            return
+        unload = client_unload(consumer, method, path, body)
+        if unload is not None:
+            self.follow_unload(name, unload.model)
+
+    def follow_unload(self, name: str, model: str | None) -> None:
+        task = asyncio.create_task(self._follow(name, model), name=f"follow-unload-{name}")
+        self._follows.add(task)
+        task.add_done_callback(self._follows.discard)
+
+    async def _follow(self, name: str, model: str | None) -> None:
+        try:
+            await self.residency.follow_client_unload(name, model)
+        except Exception:  # a bug here must not go unseen, nor end anything else
+            log.exception("%s: re-reading after a client's unload failed", name)
 
     async def passthrough(
         self,
@@ -400,7 +454,7 @@ class Broker:
         still answers an error). `body`: the body already read (else streamed)."""
         if self.session is None:
             raise RuntimeError("broker not started")
-        return await forward(
+        response = await forward(
             request,
             self.session,
             base_url=self.config.consumers[name].url,
@@ -410,11 +464,16 @@ class Broker:
             max_body_bytes=self.config.max_body_mib * MIB,
             body=body,
         )
+        self.answered(name, request.method, unquote(path.split("?", 1)[0]), response.status)
+        return response
 
     async def admin(self, name: str, action: str) -> dict[str, object]:
         """Unload or load one consumer, under the lease like any job."""
         if name not in self.config.consumers:
-            raise BrokerError(ErrorCode.NOT_FOUND, f"no consumer named {name!r}")
+            names = ", ".join(self.config.consumers) or "none"
+            raise BrokerError(
+                ErrorCode.NOT_FOUND, f"no consumer named {name!r}; the consumers: {names}"
+            )
         residency = self.residency
         async with self.lease.job(
             name,
@@ -434,11 +493,3 @@ class Broker:
 
 # The broker an HTTP application serves (every listener's handlers find it here).
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
-
-
-def job_label(request: web.Request, model: str | None) -> str:
-    """What a job is, as the queue, the events and recent jobs show it: its route, its model,
-    and who sent it where a named token says (`auth.tokens`)."""
-    label = request.path if model is None else f"{request.path} {model}"
-    caller = request.get(CALLER)
-    return label if caller is None else f"{label} ({caller.name})"

@@ -1,4 +1,5 @@
-"""`mgpumanager serve | check-config | demo | deploy-rules | init | status | load | unload`."""
+"""`mgpumanager serve | check-config | demo | sim | deploy-rules | init | status | load |
+unload`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from mgpumanager.registry import ConfigError, load_config
 from mgpumanager.relay import logs
+from mgpumanager.sim.single import add_parser as sim_parser
 from mgpumanager.tools.discover import Target, parse_target
 
 
@@ -25,13 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the broker")
-    serve.add_argument("--config", type=Path, default=Path("config/consumers.yaml"))
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the registry (default /etc/mgpumanager/consumers.yaml, where it exists)",
+    )
     check = sub.add_parser("check-config", help="validate a registry, list every problem")
     check.add_argument("file", type=Path)
     demo = sub.add_parser(
         "demo", help="simulated 24 GiB GPU + fake Ollama/ComfyUI/mVoice/whisper + the broker"
     )
-    demo.add_argument("--config", type=Path, default=Path("config/demo.yaml"))
+    demo.add_argument(
+        "--config", type=Path, default=None, help="a registry of your own (default: the demo's)"
+    )
     demo.add_argument(
         "--port",
         type=int,
@@ -39,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the broker's port; every other piece moves by as much (the simulated GPU to "
         "N+29, the fakes to N+31..N+34); 0: free ports for all, named in the banner",
     )
+    sim_parser(sub)
     rules = sub.add_parser(
         "deploy-rules",
         help="print the polkit rule letting the daemon's user start/stop its command consumers' "
@@ -70,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.add_argument(
         "--gpu-sim", metavar="URL", help="read the simulated GPU at URL instead of NVML"
+    )
+    init.add_argument(
+        "--total-mib",
+        type=int,
+        metavar="N",
+        help="the card's size, on a box where NVML cannot read it (writes backend: static)",
     )
     init.add_argument(
         "--no-usual-ports",
@@ -160,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             from mgpumanager.daemon import StartupError, serve
+            from mgpumanager.registry.paths import NoRegistry, serve_registry
 
             try:
-                return run_loop(serve(args.config))
+                return run_loop(serve(serve_registry(args.config)))
+            except NoRegistry as exc:
+                print(f"mgpumanager serve: {exc}", file=sys.stderr)
+                return 2
             except StartupError as exc:
-                print(f"mgpumanager: {exc}", file=sys.stderr)
+                print(f"mgpumanager: {asyncio.run(port_taken(exc))}", file=sys.stderr)
                 return 1
         if args.command == "deploy-rules":
             from mgpumanager.tools.deploy import RuleError, polkit_rule
@@ -176,15 +196,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.config}: {exc}", file=sys.stderr)
                 return 2
             return 0
+        if args.command == "sim":
+            from mgpumanager.sim.single import run as run_sim
+
+            return run_loop(run_sim(args))
         if args.command == "init":
             from mgpumanager.tools.init import main_init
 
             return main_init(args)
         from mgpumanager.daemon import StartupError
+        from mgpumanager.registry.paths import demo_registry
         from mgpumanager.tools.demo import run_demo
 
         try:
-            return run_loop(run_demo(args.config, args.port))
+            return run_loop(run_demo(args.config or demo_registry(), args.port))
         except StartupError as exc:
             print(f"mgpumanager: {exc}", file=sys.stderr)
             return 1
@@ -193,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+async def port_taken(exc: Exception) -> str:
+    """`exc` as one line, saying so where the port it could not bind is another broker's
+    (the daemon says which key asked for the port; who holds it is the tools' to tell)."""
+    from mgpumanager.daemon import ListenError
+    from mgpumanager.tools.port_holder import broker_holds
+
+    cause = exc.__cause__
+    if isinstance(cause, ListenError) and await broker_holds(cause.address):
+        return str(exc).replace(
+            "; change", ": another mgpumanager runs there; stop it, or change", 1
+        )
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class ListenError(StartupError):
 
     def __init__(self, key: str, address: str, reason: str, consumer: str | None = None) -> None:
         self.key = key
+        self.address = address
         what = "" if consumer is None else f" (front door of {consumer})"
         super().__init__(f"cannot listen on {address}{what}: {reason}")
 
@@ -334,8 +335,8 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
 async def start_server(broker: Broker, host: str | None = None, port: int | None = None) -> Server:
     """Start `broker` behind its listeners: `listen` (`host`, `port` override it) and each
     consumer's `front_door`. A port that cannot be bound is a ListenError naming its registry
-    key, and nothing is left running."""
-    await broker.start()
+    key, and nothing is left running: every address is bound (not yet accepting) before the
+    broker starts and probes its upstreams."""
     cfg_host, cfg_port = broker.config.listen_host_port
     address = _join(cfg_host if host is None else host, cfg_port if port is None else port)
     opened: list[Listener] = []
@@ -348,6 +349,7 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
             guard.max_connections,
             guard.files,
         )
+    started = False
     try:
         listener = await open_listener(make_app(broker), "listen", address, guard=guard)
         opened.append(listener)
@@ -355,11 +357,14 @@ async def start_server(broker: Broker, host: str | None = None, port: int | None
             if c.front_door is not None:
                 doors[name] = await open_front_door(broker, name, c.front_door, guard)
                 opened.append(doors[name])
+        started = True
+        await broker.start()
         for each in opened:
             await each.serve()
     except BaseException:
         await asyncio.gather(*(each.aclose() for each in opened))
-        await broker.aclose()
+        if started:
+            await broker.aclose()
         raise
     return Server(broker, listener, doors, guard)
 
@@ -395,6 +400,7 @@ async def _serve(
     try:
         server = await start_server(Broker(config))
     except ListenError as exc:
+        # The CLI asks who holds the port (tools.port_holder) and says so.
         raise StartupError(f"broker: {exc}; change `{exc.key}` in {config_path}") from exc
     server.reload_read_timeout_s = reload_read_timeout_s
     stop = asyncio.Event()

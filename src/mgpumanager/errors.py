@@ -60,7 +60,7 @@ class ErrorSpec:
     meaning: str
 
 
-# The one table code -> HTTP status. README's error table is generated from the same rows
+# The one table code -> HTTP status. docs/errors.md's error table is generated from the same rows
 # (tests/test_errors.py checks that the two agree).
 ERROR_TABLE: Mapping[ErrorCode, ErrorSpec] = {
     ErrorCode.BAD_REQUEST: ErrorSpec(

@@ -200,6 +200,7 @@ class JobEvents:
         core.on_submit.append(self._submitted)
         core.on_grant.append(self._granted)
         core.on_finish.append(self._finished)
+        self._core = core
         core.on_leave.append(self._left)
 
     def running_s(self, job_id: int) -> float | None:
@@ -238,7 +239,7 @@ class JobEvents:
         if job is None:
             return
         run_s = None if job.granted_at is None else self._clock.now() - job.granted_at
-        self._finish_event(job, outcome, run_s)
+        self._finish_event(job, outcome, run_s, self._core.finished_status)
 
     def _left(self, queued: QueuedJob, outcome: Outcome) -> None:
         job = self._jobs.pop(queued.id, None)
@@ -246,7 +247,9 @@ class JobEvents:
             job.wait_s = self._clock.now() - queued.enqueued_at
             self._finish_event(job, outcome, None)
 
-    def _finish_event(self, job: _Job, outcome: Outcome, run_s: float | None) -> None:
+    def _finish_event(
+        self, job: _Job, outcome: Outcome, run_s: float | None, status: int | None = None
+    ) -> None:
         self._emit(
             "job.finished",
             job=job.queued.id,
@@ -255,6 +258,7 @@ class JobEvents:
             outcome=str(outcome),
             wait_s=job.wait_s,
             run_s=run_s,  # None: it left the queue without running
+            status=status,  # the upstream's 4xx/5xx of an upstream_error, else None
         )
 
 

@@ -1,5 +1,5 @@
 """The `/v1/status` document: pydantic models (one definition that the endpoint, /metrics and
-the README's description share) and `build_status`, which reads them from the live objects.
+docs/endpoints.md describe) and `build_status`, which reads them from the live objects.
 
 The models take their fields from the objects that own them (residency records, health
 states, scheduler statistics, residency counters) by name; a field whose public name differs
@@ -41,9 +41,16 @@ class ConsumerStatus(BaseModel):
     type: str
     url: str
     healthy: bool | None = _from("ok")
+    # ok, failing, or stopped (an on-demand service not running; its next job starts it);
+    # None: not probed yet
+    health_state: str | None
     health_detail: str
     residency: str = _from("state")
     residency_detail: str = _from("detail")
+    # The one figure the planner counts it at (when it holds memory), and where it comes
+    # from: measured, reported or declared; the dashboard, `status` and /metrics show it.
+    vram_mib: int
+    vram_source: str
     vram_declared_mib: int = _from("declared_mib")
     vram_measured_mib: int | None = _from("measured_mib")
     last_used_s_ago: float | None
@@ -84,9 +91,10 @@ class JobStatus(BaseModel):
     job: int
     consumer: str
     label: str
-    outcome: str
+    outcome: str  # completed (2xx/3xx), upstream_error, failed, cancelled, timed_out
     wait_s: float | None
     run_s: float | None
+    status: int | None = None  # the upstream's HTTP status of an upstream_error
 
 
 class EvictionStatus(BaseModel):
@@ -117,7 +125,8 @@ class SchedulerStatus(BaseModel):
     oldest_queued: float | None
     holder: str | None
     accepting: bool
-    completed: int
+    completed: int  # the upstream answered 2xx/3xx
+    upstream_error: int  # it answered 4xx/5xx
     failed: int
     cancelled: int
     timed_out: int
@@ -185,8 +194,11 @@ def build_status(broker: Broker) -> Status:
                 "url": redact_url(c.url),  # credentials in a URL are secrets
                 **dataclasses.asdict(health),
                 "health_detail": health.detail,
+                "health_state": health.health_state,
                 **_fields(record),  # after health: its `detail` is the residency's
                 "state": str(record.state),
+                "vram_mib": record.cost_mib,
+                "vram_source": record.cost_source,
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
                 "resident_models": sorted(record.models),
                 "front_door": broker.front_doors.get(name),

@@ -151,4 +151,4 @@ async def test_a_bad_graph_is_comfyuis_own_answer_and_releases_the_lease(box: Bo
         assert (await resp.json())["error"]["type"] == "invalid_prompt"
     stats = box.server.broker.lease.core.stats
     await wait_for(lambda: stats().in_flight == 0, what="the job ended with its answer")
-    assert stats().completed == 1 and box.comfyui.prompts_started == []
+    assert stats().upstream_error == 1 and box.comfyui.prompts_started == []  # not completed

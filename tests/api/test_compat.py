@@ -17,7 +17,8 @@ from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.api.app import error_middleware, make_app
-from mgpumanager.api.compat import DIALECT, HTML_ROOT, consumer_api
+from mgpumanager.api.ollama import HTML_ROOT
+from mgpumanager.api.upstream import DIALECT, consumer_api
 from mgpumanager.broker import BROKER, Broker
 from mgpumanager.errors import ERROR_TABLE, Dialect
 from mgpumanager.sim import FakeOllama, LocalLedger, OllamaSettings, SimGPU, serving

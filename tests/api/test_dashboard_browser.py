@@ -25,11 +25,12 @@ from playwright.async_api import async_playwright, expect
 from mgpumanager.broker import Broker
 from mgpumanager.daemon import Server, start_server
 from mgpumanager.registry import Config, load_config, split_listen
+from mgpumanager.registry.paths import demo_registry as demo_registry_file
 from mgpumanager.sim.cluster import start_cluster
 from mgpumanager.tools.demo import DEMO_MODEL, ephemeral_registry, ephemeral_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "config" / "demo.yaml"
+DEMO = demo_registry_file()
 TOKEN = "dashboard-test-token"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 PAGE_LIMIT_BYTES = 100_000

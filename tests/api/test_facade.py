@@ -36,7 +36,7 @@ async def post(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> Answer
 
 
 async def envelope(resp: aiohttp.ClientResponse | Answer, code: str) -> dict[str, Any]:
-    body = await resp.json()
+    body: dict[str, Any] = await resp.json()
     assert set(body) == {"error", "message", "consumer", "retryable"}, body
     assert body["error"] == code, body
     assert resp.status == ERROR_TABLE[code].status  # type: ignore[index]

@@ -382,7 +382,7 @@ async def test_reload_opens_and_closes_front_doors(
         # Refused whole when the broker refuses the registry: no door is left open for it.
         moved = registry(upstream.url, front_door="127.0.0.1:0")
         moved["consumers"]["other"] = {**moved["consumers"]["svc"]}
-        moved["gpu"]["total_mib"] = 8192
+        moved["gpu"]["backend"] = "nvml"  # a new reader: a restart
         write(moved)
         await server.reload(path)
         assert set(server.front_doors) == {"svc"} and "other" not in server.broker.config.consumers

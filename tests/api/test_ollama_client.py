@@ -167,7 +167,7 @@ async def test_heartbeat_head_and_get_root(box: Box) -> None:
 async def test_pull_progress_reaches_the_client_before_the_pull_ends(box: Box) -> None:
     box.fake.settings = dataclasses.replace(box.fake.settings, pull_s=1.0, pull_steps=4)
     stream = await box.client.pull(PULLABLE, stream=True)
-    statuses = []
+    statuses: list[ollama.ProgressResponse] = []
     async for progress in stream:
         if not statuses:
             # The first line is here; the fake is still downloading.

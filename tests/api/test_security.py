@@ -23,9 +23,10 @@ from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
-from mgpumanager.api.app import BROKER, requested_priority
-from mgpumanager.broker import CALLER, Broker
+from mgpumanager.api.jobs import requested_priority
+from mgpumanager.broker import BROKER, Broker
 from mgpumanager.registry import Caller
+from mgpumanager.relay.context import context
 from mgpumanager.relay.redaction import RedactSecrets, redact_text
 
 TOKEN = "s3cret-T0ken"
@@ -142,7 +143,7 @@ async def test_a_token_followed_by_a_nul_byte_never_reaches_the_log(
 async def test_the_filter_redacts_what_aiohttps_parser_quotes() -> None:
     """The record aiohttp writes for that request, built from the parser's own exception: the
     filter leaves the log line, less the token."""
-    parser = HttpRequestParser(None, asyncio.get_running_loop(), 2**16)  # type: ignore[arg-type]
+    parser = HttpRequestParser(None, asyncio.get_running_loop(), 2**16)
     raw = b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\x00\r\n\r\n"
     with pytest.raises(BadHttpMessage) as info:
         parser.feed_data(raw)
@@ -225,7 +226,7 @@ def test_x_priority_is_capped_by_the_callers_max_priority() -> None:
         headers = {} if value is None else {"X-Priority": value}
         request = make_mocked_request("POST", "/v1/tts", headers=headers, app=app)
         if caller is not None:
-            request[CALLER] = caller
+            context(request).caller = caller
         return requested_priority(request)
 
     batch, ops = Caller("batch", 1), Caller("ops", 4)
@@ -277,7 +278,7 @@ async def test_a_capped_token_cannot_jump_the_queue(
         waiting = [j.label for j in server.broker.status().scheduler.waiting]
         assert waiting == ["/v1/tts (batch)", "/v1/tts (ops)"], waiting
         release.set()
-        assert await asyncio.gather(first, batch, ops) == [200, 200, 200]
+        assert list(await asyncio.gather(first, batch, ops)) == [200, 200, 200]
     assert order == ["first", "ops", "batch"]
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import mgpumanager.registry.load as config_module
 from mgpumanager.registry import AdapterType, ConfigError, load_config, parse_config, redact_url
+from mgpumanager.registry.paths import demo_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,9 +56,9 @@ def test_a_good_registry_loads_with_defaults() -> None:
     assert not config.coexist("ollama", "mvoice")
 
 
-@pytest.mark.parametrize("name", ["consumers.yaml", "demo.yaml"])
-def test_the_shipped_registries_load(name: str) -> None:
-    config = load_config(ROOT / "config" / name)
+@pytest.mark.parametrize("path", [ROOT / "config" / "consumers.yaml", demo_registry()])
+def test_the_shipped_registries_load(path: Path) -> None:
+    config = load_config(path)
     assert config.consumers
 
 

@@ -3,7 +3,7 @@ the broker as a real `mgpumanager serve` process (its log in a file, real signal
 from /proc).
 
 Sizes scale with `MGPU_SOAK`: unset, each run is a smaller version that fits `make test`;
-`make soak` sets it and the same runs go to the figures published in the README.
+`make soak` sets it and the same runs go to the figures published in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def scaled(small: int, soak: int) -> int:
 
 def figure(name: str, value: float | int | str) -> None:
     """A measured figure: printed (`pytest -s` shows it) and, where `MGPU_FIGURES` names a file,
-    appended to it as a JSON line (how `make soak` collects what the README publishes)."""
+    appended to it as a JSON line (how `make soak` collects what docs/reliability.md publishes)."""
     print(f"FIGURE {name} = {value}")
     path = os.environ.get("MGPU_FIGURES")
     if path:

@@ -191,11 +191,11 @@ async def test_signals_under_load(cluster: SimCluster, tmp_path: Path) -> None:
             batch = 4 if i % 2 else 8
             write_registry(path, base, scheduler={"queue_timeout_s": 120, "max_batch": batch})
             d.send(signal.SIGHUP)
-            await wait_for(
-                lambda n=i + 1: d.log().count("SIGHUP: registry") >= n,
-                timeout_s=30,
-                what=f"reload {i + 1}",
-            )
+
+            def reloaded(n: int = i + 1) -> bool:
+                return d.log().count("SIGHUP: registry") >= n
+
+            await wait_for(reloaded, timeout_s=30, what=f"reload {i + 1}")
         seen = await load
         assert {status for _, status in seen} == {200}, seen
         figure(f"SIGHUP: {hups} reloads under load, jobs answered", sum(seen.values()))

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mgpumanager.registry import Config, ConfigError, parse_config
+from mgpumanager.registry.paths import demo_registry
 
 ROOT = Path(__file__).resolve().parents[2]
-SEEDS = [(ROOT / "config" / name).read_bytes() for name in ("consumers.yaml", "demo.yaml")]
+SEEDS = [path.read_bytes() for path in (ROOT / "config" / "consumers.yaml", demo_registry())]
 
 SNIPPETS = [
     b"&a ",

@@ -67,7 +67,7 @@ json_objects = st.fixed_dictionaries(
         "name": st.text(max_size=10),
     },
 )
-bodies = st.one_of(
+bodies: st.SearchStrategy[bytes] = st.one_of(
     st.just(b""),
     st.binary(max_size=600),
     json_objects.map(lambda o: json.dumps(o).encode()),

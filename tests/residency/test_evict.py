@@ -13,8 +13,14 @@ from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.registry import Config
-from mgpumanager.residency.records import State
+from mgpumanager.residency.records import Record, State
 from mgpumanager.upstreams.gpu import GpuProcess, GpuReading
+
+
+def state_of(record: Record) -> State:
+    """The record's state, read afresh: mypy keeps `record.state` narrowed by an earlier assert
+    across the awaits in which the broker changes it."""
+    return record.state
 
 
 async def start_upstreams(*names: str) -> tuple[dict[str, Upstream], list[str]]:
@@ -110,7 +116,7 @@ async def test_a_client_leaving_mid_load_does_not_cut_the_load_in_half(upstream:
         await wait_for(lambda: server.broker.lease.core.stats().cancelled == 0, what="no-op")
         release.set()  # the load finishes although its client is gone
         await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="lease freed")
-        assert record.state is State.RESIDENT
+        assert state_of(record) is State.RESIDENT
         assert server.broker.lease.core.stats().cancelled == 1
 
 
@@ -148,7 +154,7 @@ async def test_a_consumer_that_left_by_itself_is_not_evicted_again() -> None:
             graph = {"prompt": {"1": {"class_type": "KSampler", "inputs": {}}}}
             async with session.post(f"{server.url}/v1/image", json=graph) as resp:
                 assert resp.status == 200, await resp.text()
-            assert records["ollama"].state is State.UNLOADED
+            assert state_of(records["ollama"]) is State.UNLOADED
             victims = [v for d in server.broker.residency.decisions for v in d.victims]
             assert "ollama" not in victims  # found gone, not unloaded again
         assert cluster.gpu.oom_count == 0

@@ -183,7 +183,11 @@ async def test_mixed_direct_and_brokered_traffic_never_wedges_the_broker(backend
                         async with session.post(url, json={"prompt": GRAPH}) as resp:
                             answer = await resp.json()
                         pid = answer.get("prompt_id")
-                        await wait_for(lambda p=pid: p in history, what="direct prompt")
+
+                        def listed(prompt_id: str = pid) -> bool:
+                            return prompt_id in history
+
+                        await wait_for(listed, what="direct prompt")
                         outcomes.append((kind, resp.status, history[pid]))
                         continue
                     url, kwargs = requests_for(kind, server.url, direct=False)

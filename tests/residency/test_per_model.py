@@ -1,8 +1,8 @@
 """Per-model residency through a real broker on the simulated GPU (24 GiB): with FLUX (ComfyUI,
-12 GiB) resident, a chat on a resident 7B model, a small embedding call and a request for a model
-Ollama does not have each evict nothing — the consumer's declared cost (its largest model,
-14 GiB) would not have fitted beside FLUX. When room is needed inside Ollama, its other models
-go one by one, least recently used first."""
+12 GiB) resident, a chat on a resident 7B model and a small embedding call each evict nothing —
+the consumer's declared cost (its largest model, 14 GiB) would not have fitted beside FLUX.
+When room is needed inside Ollama, its other models go one by one, least recently used first.
+(A model Ollama does not have: test_model_names.)"""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ async def chat(session: aiohttp.ClientSession, server: Server, model: str) -> tu
     return await post(session, f"{server.url}/api/chat", body)
 
 
-async def test_resident_model_embedding_and_missing_model_evict_nothing(
+async def test_resident_model_and_embedding_evict_nothing(
     box: tuple[SimCluster, Server, aiohttp.ClientSession],
 ) -> None:
     cluster, server, session = box
@@ -110,10 +110,6 @@ async def test_resident_model_embedding_and_missing_model_evict_nothing(
         session, f"{server.url}/api/embed", {"model": "nomic-embed-text", "input": "hello"}
     )
     assert status == 200 and answer["embeddings"], answer
-    # A model Ollama does not have: Ollama's own 404, nothing evicted, nothing loaded.
-    status, answer = await chat(session, server, "no-such-model:1b")
-    assert status == 404 and "not found" in answer["error"], answer
-
     assert counters.evictions == evictions == 0
     assert cluster.gpu.held_by("comfyui") == 12300  # FLUX never left
     assert cluster.gpu.oom_count == 0

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from conftest import Upstream, consumer, make_config, running_broker, wait_for
 from mgpumanager.clock import FakeClock
-from mgpumanager.registry import Config, SchedulerConfig
+from mgpumanager.registry import Config, HttpCall, SchedulerConfig
 from mgpumanager.residency.prefetch import (
     Prefetcher,
     _expand,
@@ -89,11 +89,14 @@ class Box:
             self.core,
             lambda: adapters,
             self.clock,
-            emit=lambda kind, **figures: self.events.append((kind, figures)),
+            emit=self._record,
             mem_available=mem_available,
             read_range=read_range,
         )
         self.prefetcher.attach()
+
+    def _record(self, kind: str, /, **figures: Any) -> None:
+        self.events.append((kind, figures))
 
     def run(self, consumer: str, priority: int | None = None) -> int:
         """A job of `consumer` granted and ready at once (a tenure under way)."""
@@ -280,7 +283,9 @@ def test_comfyui_loader_files_under_model_dirs(tmp_path: Path) -> None:
     config = Config.model_validate(
         {"consumers": {"comfyui": {"type": "comfyui", "url": "http://x", "vram_resident_mib": 1}}}
     )
-    assert job_weights(config, "comfyui", json.dumps(prompt).encode()) == names
+    body = json.dumps(prompt).encode()
+    assert job_weights(config, "comfyui", HttpCall(path="/prompt"), body) == names
+    assert job_weights(config, "comfyui", HttpCall(path="/upload/image"), body) == ()
 
 
 async def test_ollama_blobs_from_the_modelfile(tmp_path: Path) -> None:

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
+from aiohttp import web
 
 from conftest import consumer, make_config
 from mgpumanager.clock import FakeClock
 from mgpumanager.errors import BrokerError, ErrorCode
-from mgpumanager.registry import Config, ConsumerConfig
+from mgpumanager.registry import Config, ConsumerConfig, HttpCall
+from mgpumanager.relay.job import JobSpec
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.records import (
     TRANSITIONS,
@@ -23,6 +24,7 @@ from mgpumanager.residency.records import (
     State,
     transition,
 )
+from mgpumanager.scheduling.lease import JobHandle
 from mgpumanager.upstreams.adapters import HealthResult, ResidencyReport
 from mgpumanager.upstreams.gpu import GpuReading
 
@@ -53,7 +55,8 @@ class FakeCard:
 
 @dataclass
 class FakeAdapter:
-    """Records every call; `script` decides how each call goes."""
+    """Records every call; `script` decides how each call goes. A `ConsumerAdapter` of a
+    consumer not tracked per model (like `BaseAdapter`'s defaults); it runs no jobs."""
 
     name: str
     config: ConsumerConfig
@@ -82,7 +85,7 @@ class FakeAdapter:
     def can_unload(self) -> bool:
         return True
 
-    def path_for(self, kind: str) -> Any:
+    def path_for(self, kind: str) -> HttpCall:
         raise AssertionError("no jobs here")
 
     async def health(self) -> HealthResult:
@@ -111,7 +114,21 @@ class FakeAdapter:
             raise self.load_error
         self.card.held[self.name] = self.config.vram_resident_mib
 
-    async def forward(self, *args: Any) -> Any:
+    def model_key(self, model: str) -> str:
+        return model
+
+    async def unload_model(self, model: str) -> None:
+        raise BrokerError(ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model")
+
+    async def load_model(self, model: str) -> None:
+        raise BrokerError(ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model")
+
+    def check_body(self, spec: JobSpec) -> None:
+        raise AssertionError("no jobs here")
+
+    async def forward(
+        self, request: web.Request, spec: JobSpec, job: JobHandle
+    ) -> web.StreamResponse:
         raise AssertionError("no jobs here")
 
 

@@ -3,6 +3,8 @@ sockets. The order of the jobs (policy.py) is tested in test_policy.py."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 
 from conftest import core, done, grant_one
@@ -10,7 +12,7 @@ from mgpumanager.clock import FakeClock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry import SchedulerConfig
 from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
-from mgpumanager.scheduling.order import FIFO, PRIORITY, QueuedJob, QueueView
+from mgpumanager.scheduling.order import FIFO, PRIORITY, Order, QueuedJob, QueueView
 
 
 def test_first_job_is_granted_with_prepare_and_blocks_others_until_ready() -> None:
@@ -211,7 +213,9 @@ def test_the_order_follows_the_settings_unless_one_is_given() -> None:
     c = core(policy="fifo")
     assert c.order is FIFO and c.stats().policy == "fifo"
     c.reconfigure(SchedulerConfig(policy="priority"), consumers())
-    assert c.order is PRIORITY and c.stats().policy == "priority"
+    # Read afresh: mypy keeps `c.order` narrowed to FifoOrder by the assert above, though the
+    # reconfigure changed it (a property).
+    assert cast(Order, c.order) is PRIORITY and c.stats().policy == "priority"
 
     given = SchedulerCore(SchedulerConfig(policy="fifo"), consumers(), FakeClock(), order=Newest())
     jobs = [given.submit(n) for n in ("mvoice", "comfyui", "ollama")]
@@ -336,7 +340,8 @@ def test_a_load_inside_the_first_job_after_a_swap_counts_in_its_swap_cost() -> N
         one granted ends cancelled, which is no run sample."""
         jobs = {c.submit("mvoice"), c.submit("mvoice")}
         [g] = c.schedule(frozenset(), measured)
-        assert c.cancel(*(jobs - {g.job_id}))
+        [other] = jobs - {g.job_id}
+        assert c.cancel(other)
         c.ready(g.job_id)
         c.finish(g.job_id, Outcome.CANCELLED)
         return order.seen[-1]

@@ -149,7 +149,7 @@ def three(clock: FakeClock, **settings: object) -> SchedulerCore:
     """Consumers a, b, c, all priority 2, one job at a time; aging out of the way by default."""
     config: dict[str, object] = {"policy": "priority", "aging_s": 1000, **settings}
     return SchedulerCore(
-        SchedulerConfig(**config),  # type: ignore[arg-type]
+        SchedulerConfig(**config),
         {"a": ConsumerPolicy(2), "b": ConsumerPolicy(2), "c": ConsumerPolicy(2)},
         clock,
     )
@@ -378,7 +378,7 @@ def two_level(clock: FakeClock, **settings: object) -> SchedulerCore:
     """bg (priority 2, two at once) and tts (priority 4)."""
     config: dict[str, object] = {"policy": "priority", **settings}
     return SchedulerCore(
-        SchedulerConfig(**config),  # type: ignore[arg-type]
+        SchedulerConfig(**config),
         {"bg": ConsumerPolicy(2), "tts": ConsumerPolicy(4), "other": ConsumerPolicy(2)},
         clock,
     )

@@ -115,9 +115,9 @@ async def test_free_only_sets_flags_and_the_context_stays() -> None:
         await wait_until(lambda: gpu.held_by("comfyui") == 300, what="weights freed when idle")
 
 
-async def test_interrupt_stops_the_running_prompt() -> None:
+async def test_interrupt_stops_the_running_prompt_at_the_next_node() -> None:
     gpu = SimGPU(24576)
-    fake = make(gpu, run_s=30)
+    fake = make(gpu, run_s=2)  # 0.5 s a node
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
         async with http.ws_connect("/ws?clientId=c") as ws:
             pid = await post_prompt(http, client_id="c")
@@ -128,8 +128,10 @@ async def test_interrupt_stops_the_running_prompt() -> None:
             async with http.post("/interrupt") as r:
                 assert r.status == 200
             events = await until_done(ws, pid)
+        # The node that ran ("4") finished; the interrupt stopped the prompt before "6".
         [interrupted] = [e["data"] for e in events if e["type"] == "execution_interrupted"]
-        assert interrupted["prompt_id"] == pid and interrupted["node_id"] == "4"
+        assert interrupted["prompt_id"] == pid and interrupted["node_id"] == "6"
+        assert interrupted["executed"] == ["4"]
         async with http.get(f"/history/{pid}") as r:
             status = (await r.json())[pid]["status"]
         assert (status["status_str"], status["completed"]) == ("error", False)
@@ -173,8 +175,8 @@ async def test_cuda_oom_is_an_execution_error() -> None:
     gpu.allocate("ollama", 14000)
     fake = make(gpu)
     async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
-        async with http.ws_connect("/ws") as ws:
-            pid = await post_prompt(http)  # no client_id: events go to every socket
+        async with http.ws_connect("/ws?clientId=oom") as ws:
+            pid = await post_prompt(http, client_id="oom")
             events = await until_done(ws, pid)
         [error] = [e["data"] for e in events if e["type"] == "execution_error"]
         assert "CUDA out of memory" in error["exception_message"]
@@ -195,7 +197,10 @@ async def test_outputs_are_named_as_comfyui_names_them() -> None:
         async with http.ws_connect("/ws?clientId=n") as ws:
             first = await post_prompt(http, client_id="n")
             await until_done(ws, first)
-            second = await post_prompt(http, client_id="n")
+            # Another seed: an unchanged graph would be all cached, its image the same file.
+            graph = {**GRAPH, "3": {"class_type": "KSampler", "inputs": {"seed": 2}}}
+            async with http.post("/prompt", json={"prompt": graph, "client_id": "n"}) as r:
+                second = (await r.json())["prompt_id"]
             await until_done(ws, second)
         names = []
         for pid in (first, second):
@@ -254,3 +259,108 @@ async def test_upload_image_view_it_and_object_info_lists_it() -> None:
             assert list(await r.json()) == ["KSampler"]
         async with http.get("/object_info/Nope") as r:
             assert await r.json() == {}
+
+
+async def test_an_unchanged_graph_is_cached_and_free_memory_clears_the_cache() -> None:
+    gpu = SimGPU(24576)
+    fake = make(gpu, run_s=0.4)
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.ws_connect("/ws?clientId=c") as ws:
+            first = await post_prompt(http, client_id="c")
+            await until_done(ws, first)
+            again = await post_prompt(http, client_id="c")
+            events = await until_done(ws, again)
+            [cached] = [e["data"]["nodes"] for e in events if e["type"] == "execution_cached"]
+            assert cached == list(GRAPH)
+            executing = [e["data"]["node"] for e in events if e["type"] == "executing"]
+            assert executing == [None]  # nothing ran
+            # The cached output node still reports its (same) image.
+            [executed] = [e["data"] for e in events if e["type"] == "executed"]
+            async with http.get(f"/history/{first}") as r:
+                image = (await r.json())[first]["outputs"]["9"]["images"]
+            assert executed["output"]["images"] == image
+            # /free unloads (weights go) but only free_memory drops the cache.
+            async with http.post("/free", json={"unload_models": True}) as r:
+                assert r.status == 200
+            await wait_until(lambda: not fake.model_loaded, what="unloaded")
+            third = await post_prompt(http, client_id="c")
+            events = await until_done(ws, third)
+            assert not fake.model_loaded  # all cached: nothing loaded
+            async with http.post("/free", json={"unload_models": True, "free_memory": True}) as r:
+                assert r.status == 200
+            await wait_until(lambda: fake.cache == {}, what="cache cleared")
+            fourth = await post_prompt(http, client_id="c")
+            events = await until_done(ws, fourth)
+        [cached] = [e["data"]["nodes"] for e in events if e["type"] == "execution_cached"]
+        assert cached == [] and fake.model_loaded and fake.load_count == 2
+
+
+async def test_free_with_an_empty_body_is_a_server_error() -> None:
+    fake = make(SimGPU(24576))
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.post("/free") as r:
+            assert r.status == 500
+        assert fake.flags == {}
+
+
+async def test_the_end_goes_only_to_the_prompts_client() -> None:
+    fake = make(SimGPU(24576), run_s=0.2)
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.ws_connect("/ws?clientId=other") as other:
+            await other.receive_json(timeout=5)
+            # No client_id: no per-node events and no `node: null` for anyone.
+            pid = await post_prompt(http)
+            await wait_until(lambda: pid in fake.history, what="done")
+            # A prompt of another client: its events go to that client only.
+            async with http.ws_connect("/ws?clientId=mine") as ws:
+                mine = await post_prompt(http, client_id="mine")
+                events = await until_done(ws, mine)
+            assert [e["type"] for e in events if e["type"] == "progress_state"]
+            seen = []
+            while True:
+                try:
+                    seen.append(await other.receive_json(timeout=0.3))
+                except TimeoutError:
+                    break
+        # The prompt without a client_id: its progress went to everyone, nothing else did.
+        assert {e["type"] for e in seen} == {"status", "progress_state"}
+        assert {e["data"]["prompt_id"] for e in seen if e["type"] == "progress_state"} == {pid}
+
+
+async def test_progress_state_between_nodes() -> None:
+    fake = make(SimGPU(24576), run_s=0.2)
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.ws_connect("/ws?clientId=p") as ws:
+            pid = await post_prompt(http, client_id="p")
+            events = await until_done(ws, pid)
+    kinds = [e["type"] for e in events if e["type"] not in ("status",)]
+    assert kinds[:4] == ["execution_start", "execution_cached", "progress_state", "executing"]
+    last = [e["data"] for e in events if e["type"] == "progress_state"][-1]
+    assert last["prompt_id"] == pid
+    assert {n: v["state"] for n, v in last["nodes"].items()} == dict.fromkeys(GRAPH, "finished")
+
+
+async def test_unknown_node_classes_are_refused_at_prompt() -> None:
+    fake = make(SimGPU(24576))
+    graph = {**GRAPH, "5": {"class_type": "NoSuchNode", "inputs": {}}}
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.post("/prompt", json={"prompt": graph}) as r:
+            assert r.status == 400
+            answer = await r.json()
+    assert answer["error"]["type"] == "invalid_prompt" and answer["node_errors"] == {}
+    assert "NoSuchNode" in answer["error"]["message"]
+    assert fake.prompts_started == []
+
+
+async def test_a_cpu_comfyui_holds_no_card_memory() -> None:
+    gpu = SimGPU(24576)
+    fake = make(gpu, device="cpu", ram_mib=32000)
+    async with serving(fake.app) as server, aiohttp.ClientSession(server.url) as http:
+        async with http.ws_connect("/ws?clientId=cpu") as ws:
+            pid = await post_prompt(http, client_id="cpu")
+            await until_done(ws, pid)
+        async with http.get("/system_stats") as r:
+            [device] = (await r.json())["devices"]
+    assert fake.model_loaded and gpu.held_by("comfyui") == 0
+    assert (device["type"], device["index"]) == ("cpu", None)
+    assert device["torch_vram_total"] == 32000 * 1024 * 1024  # the machine's RAM

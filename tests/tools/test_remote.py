@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import SIM_MODEL, running_broker, sim_registry, sim_spec, wait_for
+from conftest import SIM_MODEL, running_broker, sim_registry, sim_spec
 from mgpumanager.sim.cluster import SimCluster, start_cluster
 from mgpumanager.tools.remote import DEFAULT_URL, Part, bar, broker_url, memory_parts
 
@@ -92,7 +92,9 @@ async def test_unload_and_load_change_the_consumer_and_say_so(cluster: SimCluste
         assert cluster.gpu.held_by("mvoice") == 0
         run = await cli("unload", "nope", "--url", server.url)
         assert run.code == 1
-        assert run.err == "mgpumanager: no consumer named 'nope'\n"
+        assert run.err == (
+            "mgpumanager: no consumer named 'nope'; the consumers: mvoice, ollama, comfyui\n"
+        )
 
 
 async def test_a_stopped_broker_is_one_line_and_a_failure(cluster: SimCluster) -> None:
@@ -121,6 +123,7 @@ async def test_a_token_missing_or_refused_is_one_line_and_a_failure(cluster: Sim
         assert run.code == 0 and "mvoice" in run.out
 
 
+@pytest.mark.timeout(120)
 async def test_watch_redraws_until_interrupted(cluster: SimCluster) -> None:
     async with running_broker(sim_registry(cluster)) as server:
         proc = await asyncio.create_subprocess_exec(
@@ -137,16 +140,31 @@ async def test_watch_redraws_until_interrupted(cluster: SimCluster) -> None:
             stderr=asyncio.subprocess.PIPE,
         )
         assert proc.stdout is not None
+        stdout = proc.stdout
         seen = b""
+        two_pictures = asyncio.Event()
 
-        async def frames() -> bool:
+        async def read() -> None:
+            # Every byte the watch prints, until the second picture has been drawn in full
+            # (its closing newline): the test waits on that, not on a read racing the drawing.
             nonlocal seen
-            seen += await proc.stdout.read(4096)  # type: ignore[union-attr]
-            return seen.count(b"\x1b[H\x1b[2J") >= 2
+            while chunk := await stdout.read(4096):
+                seen += chunk
+                if seen.count(b"\x1b[H\x1b[2J") >= 3 or (
+                    seen.count(b"\x1b[H\x1b[2J") == 2 and seen.endswith(b"\n")
+                ):
+                    two_pictures.set()
+                    return
 
-        await wait_for(frames, timeout_s=20, what="two pictures")
+        reader = asyncio.create_task(read())
+        try:
+            # generous: a loaded box may take long to start the interpreter
+            async with asyncio.timeout(45):
+                await two_pictures.wait()
+        finally:
+            reader.cancel()
         proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        _, err = await asyncio.wait_for(proc.communicate(), 45)
     assert proc.returncode == 0, err
     assert b"comfyui" in seen
 
@@ -166,17 +184,9 @@ def test_the_bar_gives_every_holder_a_cell_and_keeps_its_width() -> None:
     status = {
         "gpu": {"total_mib": 24576, "used_mib": 20000, "safety_margin_mib": 512},
         "consumers": {
-            "ollama": {
-                "residency": "resident",
-                "vram_measured_mib": 14000,
-                "vram_declared_mib": 14000,
-            },
-            "mvoice": {"residency": "unknown", "vram_measured_mib": None, "vram_declared_mib": 60},
-            "comfyui": {
-                "residency": "unloaded",
-                "vram_measured_mib": 0,
-                "vram_declared_mib": 12300,
-            },
+            "ollama": {"residency": "resident", "vram_mib": 14000, "vram_source": "measured"},
+            "mvoice": {"residency": "unknown", "vram_mib": 60, "vram_source": "declared"},
+            "comfyui": {"residency": "unloaded", "vram_mib": 12300, "vram_source": "declared"},
         },
     }
     parts = memory_parts(status)

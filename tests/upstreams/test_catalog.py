@@ -50,7 +50,7 @@ async def test_owner_size_and_listing_from_registry_and_upstreams() -> None:
     # The registry's figure wins; else the upstream's own (/api/tags size, 0.85 x 600 MiB).
     assert catalog.size_mib("ollama", "llama3.1:8b") == 7000
     assert catalog.size_mib("ollama", "gpt-4o-mini") == 7000
-    assert catalog.size_mib("ollama", "nomic-embed-text") is None  # not its full tag
+    assert catalog.size_mib("ollama", "nomic-embed-text") == 510  # its implied tag: one model
     assert catalog.size_mib("ollama", "nomic-embed-text:latest") == 510
     owner = catalog.owner("gpt-4o-mini")
     assert owner is not None and (owner.consumer, owner.target) == ("ollama", "llama3.1:8b")

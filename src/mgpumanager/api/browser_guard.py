@@ -19,16 +19,16 @@ import logging
 
 from aiohttp import web
 
-from mgpumanager.api.compat import Handler
+from mgpumanager.api.jobs import Handler
 from mgpumanager.broker import BROKER
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.registry.origins import Verdict, host_allowed, judge_origin
+from mgpumanager.relay.context import context
 from mgpumanager.relay.logs import shown
 
 log = logging.getLogger(__name__)
 
 # The allowed origin a request came from, for the CORS headers of its answer.
-CORS_ORIGIN: web.RequestKey[str] = web.RequestKey("mgpumanager.cors_origin", str)
 PREFLIGHT_MAX_AGE_S = 600
 PREFLIGHT_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
@@ -81,7 +81,7 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
             "auth.allowed_origins",
         )
     if verdict is Verdict.LISTED:
-        request[CORS_ORIGIN] = origin
+        context(request).cors_origin = origin
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return _preflight(request, origin)
     return await handler(request)
@@ -104,7 +104,7 @@ def _preflight(request: web.Request, origin: str) -> web.Response:
 async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: the CORS headers of an answer to an allowed origin, set just before
     its head is sent (a relayed answer streams, so a middleware would be too late)."""
-    origin = request.get(CORS_ORIGIN)
+    origin = context(request).cors_origin
     if origin is None:
         return
     response.headers["Access-Control-Allow-Origin"] = origin

@@ -99,12 +99,6 @@ async def to_page(request: web.Request) -> web.Response:
     raise web.HTTPFound("/ui/")
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/ui", to_page)
-    app.router.add_get("/ui/", page)
-    app.router.add_get("/ui/{name}", asset)
-
-
 async def stream_events(
     request: web.Request, bus: EventBus, snapshot: Callable[[], Status]
 ) -> web.StreamResponse:

@@ -31,7 +31,7 @@ class StatusCollector(Collector):
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         jobs = CounterMetricFamily(f"{PREFIX}_jobs", "jobs by outcome", labels=["outcome"])
         jobs.add_metric(["submitted"], sched.total_jobs)
-        for outcome in ("completed", "failed", "cancelled", "timed_out"):
+        for outcome in ("completed", "upstream_error", "failed", "cancelled", "timed_out"):
             jobs.add_metric([outcome], getattr(sched, outcome))
         yield jobs
         for name, doc in (
@@ -74,15 +74,21 @@ class StatusCollector(Collector):
         vram_c = GaugeMetricFamily(
             f"{PREFIX}_consumer_vram_mib", "VRAM per consumer", labels=["consumer", "kind"]
         )
+        planned = GaugeMetricFamily(
+            f"{PREFIX}_consumer_vram_planned_mib",
+            "the VRAM figure the planner counts per consumer, by its source",
+            labels=["consumer", "source"],
+        )
         for name, c in s.consumers.items():
             up.add_metric([name], 1.0 if c.healthy else 0.0)
             resident.add_metric([name, c.residency], 1.0)
             queue.add_metric([name], c.queue_depth)
             running.add_metric([name], c.in_flight)
             vram_c.add_metric([name, "declared"], c.vram_declared_mib)
+            planned.add_metric([name, c.vram_source], c.vram_mib)
             if c.vram_measured_mib is not None:
                 vram_c.add_metric([name, "measured"], c.vram_measured_mib)
-        yield from (up, resident, queue, running, vram_c)
+        yield from (up, resident, queue, running, vram_c, planned)
 
 
 def render(snapshot: Callable[[], Status]) -> bytes:

@@ -187,10 +187,6 @@ class ConsumerConfig(_Model):
         name = self.aliases.get(name, name)
         return next((m for m in self.models if m.name == name), None)
 
-    def path_for(self, kind: str) -> HttpCall:
-        call = self.paths.get(kind)
-        return call if call is not None else DEFAULT_PATHS[kind]
-
 
 DEFAULT_PATHS: Mapping[str, HttpCall] = {
     "tts": HttpCall(method="POST", path="/api/synthesize"),
@@ -224,7 +220,7 @@ class SchedulerConfig(_Model):
     max_queue: int = Field(default=256, ge=1)
     queue_timeout_s: PositiveFloat = 600.0
     aging_s: PositiveFloat = 30.0
-    # Caps of swap affinity, which otherwise follows the load (policy.py).
+    # Caps of swap affinity, which otherwise follows the load (scheduling/order.py).
     affinity_wait_s: float = Field(default=120.0, ge=0)
     max_batch: int = Field(default=32, ge=1)
     allow_priority_header: bool = False

@@ -71,14 +71,17 @@ async def receive_whole(
 ) -> Body | None:
     """A job's body, all of it here: `body` as a surface read it (bytes; a SpooledBody whose
     head was read, completed in place), else the client's whole body: bytes up to 1 MiB, past
-    that a new SpooledBody (the caller closes it). None: the request has no body."""
-    check_declared_size(request, max_body_bytes, consumer)
+    that a new SpooledBody (the caller closes it). None: the request has no body.
+
+    The declared size is checked where reading starts: by the surface that read a body or its
+    head (`read_body`, `find_model`), else here."""
     idle_s = client_idle_s(request)
     if isinstance(body, SpooledBody):
         await body.receive_rest(max_body_bytes, idle_s, consumer)
         return body
     if body is not None or not request.body_exists:
         return body
+    check_declared_size(request, max_body_bytes, consumer)
     return await receive_body(request.content, max_body_bytes, idle_s, consumer)
 
 

@@ -34,6 +34,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
+from mgpumanager.relay.context import context
 from mgpumanager.relay.spool import AnswerBuffer, SpooledBody, read_client, too_large
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,13 @@ HOP_BY_HOP = frozenset(
         "host",
     }
 )
-# Request headers the broker consumed itself (its own bearer token): never sent upstream.
-CONSUMED: web.RequestKey[tuple[str, ...]] = web.RequestKey("mgpumanager.consumed", tuple)
-# Set on the request once the answer has started: from then on an error can only cut it off.
-PREPARED: web.RequestKey[bool] = web.RequestKey("mgpumanager.prepared", bool)
 # An answer up to this size, with its length declared, is read whole and sent in one write.
 SMALL_ANSWER_BYTES = 64 * 1024
-# Headers sent upstream in place of the client's (a same-site Origin made the upstream's own).
-OVERRIDES: web.RequestKey[dict[str, str]] = web.RequestKey("mgpumanager.overrides", dict)
-# How long a client may send or take nothing (the registry's client_idle_s), set per request.
-CLIENT_IDLE_S: web.RequestKey[float] = web.RequestKey("mgpumanager.client_idle_s", float)
-DEFAULT_CLIENT_IDLE_S = 60.0
 
 
 def client_idle_s(request: web.Request) -> float:
-    return float(request.get(CLIENT_IDLE_S, DEFAULT_CLIENT_IDLE_S))
+    """How long `request`'s client may send or take nothing (the registry's client_idle_s)."""
+    return context(request).client_idle_s
 
 
 def upstream_url(base: str, path: str, raw_query: str = "") -> URL:
@@ -127,7 +120,7 @@ class _ClientBody:
     request body in its own ClientConnectionError, so the verdict (too large, the client went
     quiet or away) is kept here, where the caller can read it."""
 
-    def __init__(self, max_body_bytes: int, consumer: str) -> None:
+    def __init__(self, max_body_bytes: int | None, consumer: str) -> None:
         self.max_body_bytes = max_body_bytes
         self.consumer = consumer
         self.error: BrokerError | ClientDisconnected | None = None
@@ -137,16 +130,12 @@ class _ClientBody:
         try:
             async for chunk in chunks:
                 seen += len(chunk)
-                if seen > self.max_body_bytes:
+                if self.max_body_bytes is not None and seen > self.max_body_bytes:
                     raise too_large(self.max_body_bytes, self.consumer)
                 yield chunk
         except (BrokerError, ClientDisconnected) as exc:
             self.error = exc
             raise
-
-
-# The answer being written to the client by its Delivery, while the handler goes on.
-DELIVERY: web.RequestKey[Delivery] = web.RequestKey("mgpumanager.delivery")
 
 
 class Delivery:
@@ -176,9 +165,9 @@ class Delivery:
             raise _dropped(request, consumer, idle_s) from None
         except ConnectionError as exc:
             raise ClientDisconnected(f"the client of {consumer} went away") from exc
-        request[PREPARED] = True
-        delivery = cls(request, response, idle_s, consumer)
-        request[DELIVERY] = delivery
+        state = context(request)
+        state.prepared = True
+        delivery = state.delivery = cls(request, response, idle_s, consumer)
         return delivery
 
     async def _write(self) -> None:
@@ -218,14 +207,14 @@ async def finish_delivery(request: web.Request) -> None:
     """Wait until the answer `forward` started has been written (or cut off after what had
     arrived, where the upstream broke off). ClientDisconnected if the client went away or was
     dropped. Cancelling the caller cancels the delivery."""
-    delivery = request.get(DELIVERY)
+    delivery = context(request).delivery
     if delivery is not None:
         await delivery.task
 
 
 def abandon_delivery(request: web.Request) -> None:
     """Stop writing an answer whose client is gone."""
-    delivery = request.get(DELIVERY)
+    delivery = context(request).delivery
     if delivery is not None:
         delivery.task.cancel()
 
@@ -238,7 +227,7 @@ async def forward(
     method: str,
     path: str,
     consumer: str,
-    max_body_bytes: int,
+    max_body_bytes: int | None,
     body: Body | None = None,
 ) -> web.StreamResponse:
     """Relay `request` to `base_url + path`; return once the upstream's answer has been read
@@ -247,11 +236,18 @@ async def forward(
     `body`, when given, replaces the client's body: bytes (a surface or adapter that rewrote
     it: a ComfyUI prompt_id, an alias resolved) or a SpooledBody (received whole, or its head
     read already); otherwise the client's body is streamed through as it arrives.
+
+    `max_body_bytes` bounds what is still read from the client (its declared size is checked
+    here, where that reading starts); None: the body was received whole before (a job's).
     """
-    check_declared_size(request, max_body_bytes, consumer)
+    if body is None and request.body_exists:
+        if max_body_bytes is None:
+            raise RuntimeError("a job's body is received whole before it is relayed")
+        check_declared_size(request, max_body_bytes, consumer)
     idle_s = client_idle_s(request)
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
-    drop = list(request.get(CONSUMED, ()))
+    state = context(request)
+    drop = list(state.consumed)
     whole = isinstance(body, SpooledBody) and body.rest is None
     rewritten = isinstance(body, bytes) or (isinstance(body, SpooledBody) and not body.exact)
     if whole or rewritten or "Content-Encoding" in request.headers:
@@ -260,7 +256,7 @@ async def forward(
         # what is sent.
         drop += ["content-length", "content-encoding"]
     headers = filter_headers(request.headers, drop=drop)
-    headers.update(request.get(OVERRIDES, {}))
+    headers.update(state.overrides)
     source = _ClientBody(max_body_bytes, consumer)
     data: bytes | AsyncIterator[bytes] | None
     if isinstance(body, bytes):
@@ -368,8 +364,9 @@ async def forward_websocket(
     `clientId` reaches it), then accept the client and pass messages both ways until either
     side closes; the close code travels to the other side. Not GPU work: no lease."""
     url = upstream_url(base_url, path, request.rel_url.raw_query_string)
-    headers = filter_headers(request.headers, drop=[*request.get(CONSUMED, ()), *_WS_HANDSHAKE])
-    headers.update(request.get(OVERRIDES, {}))
+    state = context(request)
+    headers = filter_headers(request.headers, drop=[*state.consumed, *_WS_HANDSHAKE])
+    headers.update(state.overrides)
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]
@@ -386,7 +383,7 @@ async def forward_websocket(
         chosen = [upstream.protocol] if upstream.protocol else []
         client = web.WebSocketResponse(protocols=chosen, max_msg_size=0, autoping=True)
         await client.prepare(request)
-        request[PREPARED] = True
+        state.prepared = True
         to_upstream = asyncio.ensure_future(_pump(client, upstream))
         to_client = asyncio.ensure_future(_pump(upstream, client))
         try:

@@ -1,6 +1,6 @@
 """Making room: the changing side of residency (docs/residency.md).
 
-`Residency` extends the records and readings of `ResidencyView` (reconcile.py) with the changes:
+`Residency` extends the records and readings of `ResidencyView` (view.py) with the changes:
 it makes a consumer, or one model of a per-model consumer, resident, evicting whoever is in the
 way. The decision of whom to evict is the pure `planner.plan_eviction`; this module carries it
 out: unload, confirm through the upstream and the GPU reading, and only then load — an
@@ -23,8 +23,8 @@ from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.registry import Config
-from mgpumanager.residency.planner import CannotFit, Resident, plan_eviction
-from mgpumanager.residency.records import ModelRecord, State, transition
+from mgpumanager.residency.planner import CannotFit, Evict, Resident, plan_eviction
+from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, State, transition
 from mgpumanager.residency.view import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
 from mgpumanager.upstreams.adapters import ConsumerAdapter, residual_allowance_mib
 from mgpumanager.upstreams.gpu import GpuReader, GpuReading
@@ -32,6 +32,11 @@ from mgpumanager.upstreams.gpu import GpuReader, GpuReading
 log = logging.getLogger("mgpumanager.residency")
 
 __all__ = ["Counters", "EvictionDecision", "Residency"]
+
+# How long after an upstream let go (by itself, or asked by a client) its memory may still show
+# as used: the driver frees it 0.5-1.5 s later (Ollama reports the same lag), with room to spare.
+# A plan waits that long for it, rather than blame it on processes of no consumer.
+LET_GO_LAG_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class Residency(ResidencyView):
         # that the monitor's verdict follows the load.
         self._probe = probe or self._adapter_healthy
         self.decisions: list[EvictionDecision] = []  # the last 100, newest last
-        # Whether a per-model upstream has a model (None: it cannot tell): the catalog's list.
+        # False where a per-model upstream has just answered 404 for a model (None: no such
+        # answer): never "not in its list", which is no proof (model_names, a late list).
         self._has_model = has_model or _cannot_tell
         self._reads: set[asyncio.Task[GpuReading]] = set()  # readings off the swap's path
 
@@ -117,26 +123,32 @@ class Residency(ResidencyView):
         record = self.records[target]
         per_model = model if self.adapters[target].per_model else None
         if per_model is not None and await self._has_model(target, per_model) is False:
-            # The upstream answers its own 404 for it: nothing to make room for, nothing to load.
+            # The upstream has just answered 404 for it: nothing to make room for, nothing to
+            # load; its own 404 follows again.
             log.info("%s has no model %r: nothing evicted, its own answer follows", target, model)
             return
-        if per_model is not None and record.state is State.RESIDENT:
+        if per_model is not None and record.state is State.RESIDENT and record.models:
             # Room for one more model inside a resident consumer: its other models stay counted.
+            # (Resident with none listed: its upstream holds nothing, though the record could
+            # not say `unloaded` while the broker's own job on it was still counted.)
             need, exclude = self.model_cost_mib(target, per_model), None
         else:
             # Its state stays as it is until the load: an `unknown` target keeps counting as
             # taken on every failure path; here it is only left out of its own way.
             need = record.cost_mib if per_model is None else self.model_cost_mib(target, per_model)
             exclude = target
+        unit_model = per_model if exclude is None else None
         headroom = self.headroom_mib(reading, exclude=exclude)
-        residents = self.units(target, per_model if exclude is None else None)
-        plan = plan_eviction(
-            target=target,
-            target_cost_mib=need,
-            headroom_mib=headroom,
-            capacity_mib=self.capacity_mib,
-            residents=residents,
-        )
+        residents = self.units(target, unit_model)
+        plan = self._plan(target, need, headroom, residents)
+        if isinstance(plan, CannotFit) or (plan.victims and self._lagging(reading, exclude)):
+            # A second look before blaming anyone, or evicting for memory that is coming back.
+            reading = await self._second_look(need, exclude)
+            if self.ready(target, model):
+                return
+            headroom = self.headroom_mib(reading, exclude=exclude)
+            residents = self.units(target, unit_model)
+            plan = self._plan(target, need, headroom, residents)
         if isinstance(plan, CannotFit):
             raise self._cannot_fit(target, plan, residents, reading)
         if plan.victims:
@@ -149,6 +161,87 @@ class Residency(ResidencyView):
             await self._take_model(target, per_model, need)
         else:
             await self.load(target)
+
+    def _plan(
+        self, target: str, need: int, headroom: int, residents: list[Resident]
+    ) -> Evict | CannotFit:
+        return plan_eviction(
+            target=target,
+            target_cost_mib=need,
+            headroom_mib=headroom,
+            capacity_mib=self.capacity_mib,
+            residents=residents,
+        )
+
+    def unattributed_mib(self, reading: GpuReading, exclude: str | None = None) -> int:
+        """Memory the GPU says is used that no record accounts for (`exclude`: the consumer
+        the room is for, not counted, as in headroom_mib): processes of no consumer, or a
+        consumer's memory still on its way back after it let go."""
+        if not reading.ok or reading.used_mib is None:
+            return 0
+        held = sum(
+            r.cost_mib
+            for name, r in self.records.items()
+            if r.state in HOLDS_MEMORY and name != exclude
+        )
+        return reading.used_mib - held
+
+    def _lag_left_s(self) -> float:
+        """How long memory let go a moment ago may still show as used: LET_GO_LAG_S after the
+        last consumer (or model) was seen letting go by itself or by a client."""
+        now = self.clock.now()
+        return max((at + LET_GO_LAG_S - now for at in self.let_go_at.values()), default=0.0)
+
+    def _lagging(self, reading: GpuReading, exclude: str | None) -> bool:
+        return self.unattributed_mib(reading, exclude) > 0 and self._lag_left_s() > 0
+
+    async def _second_look(self, need: int, exclude: str | None) -> GpuReading:
+        """Before a plan says "cannot fit" (or evicts for memory nobody accounts for): re-read
+        every consumer whose figures it would blame, then the memory no record accounts for,
+        again — until it comes back while something let go a moment ago (the driver frees it
+        0.5-1.5 s after the upstream said so), else once, a poll interval later. What is still
+        there after that is held outside the broker's consumers."""
+        reading = await self.reconcile(changing=True)
+        deadline = self.clock.now() + max(self._lag_left_s(), self.config.gpu.poll_interval_s)
+        while (
+            self.unattributed_mib(reading, exclude) > 0
+            and self.headroom_mib(reading, exclude) < need
+        ):
+            if self.clock.now() >= deadline:
+                break
+            await self._sleep(self.config.gpu.poll_interval_s)
+            reading = await self.read_gpu()
+        return reading
+
+    async def follow_client_unload(self, name: str, model: str | None) -> None:
+        """A client has just unloaded `name` (or its `model`) through the broker: re-read it
+        now, and again every poll interval until the upstream shows it (within its
+        unload_timeout_s), so that status, events and the next plan see it at once."""
+        if name not in self.records:
+            return
+        config = self.config.consumers[name]
+        key = self.model_key(name, model) if self.adapters[name].per_model else None
+        deadline = self.clock.now() + config.unload_timeout_s
+        self.let_go_at[name] = self.clock.now()
+        self.client_unloading.add(name)
+        try:
+            while True:
+                await self.reconcile([name])
+                record = self.records.get(name)
+                if record is None or self.clock.now() >= deadline:
+                    return
+                # Gone: unloaded, or that model left the list (while others stay, or while
+                # the record cannot say `resident` anyway). Resident with no model left: the
+                # record says `unloaded` once the broker's last job on it is counted out.
+                left = key is not None and key not in record.models
+                if record.state is State.UNLOADED or (
+                    left and (record.models or record.state is not State.RESIDENT)
+                ):
+                    self.let_go_at[name] = self.clock.now()  # its memory follows from now
+                    return
+                await self._sleep(self.config.gpu.poll_interval_s)
+        finally:
+            self.client_unloading.discard(name)
 
     def _cannot_fit(
         self, target: str, plan: CannotFit, residents: list[Resident], reading: GpuReading
@@ -287,10 +380,11 @@ class Residency(ResidencyView):
 
         async def gone() -> bool:
             report = await adapter.residency()
-            return report.models is not None and model not in report.models
+            listed = report.models
+            return listed is not None and all(adapter.model_key(m) != model for m in listed)
 
         try:
-            await adapter.unload_model(model)
+            await adapter.unload_model(self.upstream_name(name, model))
             after = await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
         except BrokerError as exc:
             self._eviction_failed(name, f"unloading model {model} not confirmed")
@@ -486,7 +580,8 @@ class Residency(ResidencyView):
         """Load one model now (warm restore), with room made for it first."""
         await self.ensure_resident(name, model)
         try:
-            await self.adapters[name].load_model(self.model_key(name, model) or model)
+            key = self.model_key(name, model) or model
+            await self.adapters[name].load_model(self.upstream_name(name, key))
         except BrokerError as exc:
             self.counters.load_failures += 1
             message = f"loading {name}/{model} failed: {exc.message}"
@@ -514,4 +609,6 @@ async def _asked(name: str, question: Callable[[], Awaitable[bool]]) -> bool:
 def _describe(reading: GpuReading) -> str:
     if not reading.ok:
         return f"unknown ({reading.error})"
+    if reading.used_mib is None or reading.free_mib is None:  # static: a size, no readings
+        return f"{reading.total_mib} MiB, memory in use not read ({reading.backend})"
     return f"{reading.used_mib} MiB used, {reading.free_mib} MiB free of {reading.total_mib}"

@@ -27,6 +27,7 @@ class Resident:
     last_used: float  # clock seconds; smaller is less recently used
     pinned: bool = False
     busy: bool = False  # a job in flight (or work the broker did not send)
+    why_busy: str = "busy"  # how messages say it: a job in flight is not an unconfirmed unload
     coexists: bool = False  # may stay resident together with the target
 
 
@@ -110,7 +111,7 @@ def _cannot_fit(
     reason = f"{target!r} needs {target_cost_mib} MiB; {best_mib} MiB could be free{evictable}"
     if blockers and best_mib + blocked_mib >= target_cost_mib:
         in_the_way = ", ".join(
-            f"{r.name!r} ({r.cost_mib} MiB, {'busy' if r.busy else 'pinned'})" for r in blockers
+            f"{r.name!r} ({r.cost_mib} MiB, {r.why_busy if r.busy else 'pinned'})" for r in blockers
         )
         return CannotFit(f"{reason}; in the way: {in_the_way}", retryable=True)
     if blockers:

@@ -42,12 +42,13 @@ from typing import Any, Protocol
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError
 from mgpumanager.events import Emit, no_emit
-from mgpumanager.registry import AdapterType, Config
+from mgpumanager.registry import AdapterType, Config, HttpCall
 from mgpumanager.residency.records import State
 from mgpumanager.residency.view import ResidencyView
 from mgpumanager.scheduling.core import Grant, Outcome, SchedulerCore
 from mgpumanager.scheduling.order import QueuedJob
 from mgpumanager.upstreams.adapters import ConsumerAdapter
+from mgpumanager.upstreams.adapters.comfyui import PROMPT_PATHS
 
 log = logging.getLogger("mgpumanager.residency.prefetch")
 
@@ -587,9 +588,13 @@ def _idle_io_priority() -> None:
     libc.syscall(number, ioprio_who_process, 0, ioprio_class_idle << 13)
 
 
-def job_weights(config: Config, name: str, body: bytes | WholeBody | None) -> tuple[str, ...]:
+def job_weights(
+    config: Config, name: str, call: HttpCall, body: bytes | WholeBody | None
+) -> tuple[str, ...]:
     """What a job's body says its consumer loads, for reading ahead: a ComfyUI prompt's loader
-    files (nothing for other types, or with prefetch off: no body is parsed for it)."""
+    files (nothing for other calls or types, or with prefetch off: no body is parsed for it)."""
     if not config.prefetch.enabled or config.consumers[name].type is not AdapterType.COMFYUI:
         return ()
+    if call.method != "POST" or call.path.split("?", 1)[0] not in PROMPT_PATHS:
+        return ()  # an upload, say: not a prompt, and maybe large
     return loader_files(body)

@@ -101,6 +101,17 @@ class Record:
         base = sum(m.cost_mib for m in self.models.values()) if self.models else self.declared_mib
         return max(base, self.measured_mib or 0, self.reported_mib or 0)
 
+    @property
+    def cost_source(self) -> str:
+        """Where `cost_mib` comes from: `measured` (the GPU's per-process figures), `reported`
+        (the upstream's own), or `declared` (the registry's, per model where it has models)."""
+        cost = self.cost_mib
+        if self.measured_mib and self.measured_mib == cost:
+            return "measured"
+        if self.reported_mib and self.reported_mib == cost:
+            return "reported"
+        return "declared"
+
 
 def transition(name: str, record: Record, to: State, reason: str) -> None:
     """Move `record` to `to`, or raise IllegalTransition; logs the change with its reason."""

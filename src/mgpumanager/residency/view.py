@@ -36,6 +36,7 @@ from mgpumanager.residency.planner import Resident
 from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 from mgpumanager.upstreams.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
 from mgpumanager.upstreams.gpu import GpuReader, GpuReading, measured_mib
+from mgpumanager.upstreams.model_names import registry_entry
 
 log = logging.getLogger("mgpumanager.residency")
 
@@ -101,11 +102,19 @@ class ResidencyView:
             name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             for name, c in config.consumers.items()
         }
-        # Sizes per (consumer, model) seen while resident: better than any file size.
+        # Sizes per (consumer, model identity) seen while resident: better than any file size.
         self.seen_model_mib: dict[tuple[str, str], int] = {}
+        # How each upstream spells a model it listed as resident, per (consumer, identity):
+        # what its unload and load calls are sent (model_names).
+        self.spellings: dict[tuple[str, str], str] = {}
         # Held while residency changes (evict, load): a reconciliation in the background reads
         # meanwhile but takes nothing in, since the change may be half done.
         self.changing = asyncio.Lock()
+        # Clock time each consumer (or one of its models) was last seen letting go by itself
+        # or by a client: its memory may still show as used for a while (the driver's lag).
+        self.let_go_at: dict[str, float] = {}
+        # Consumers a client has just asked to unload (client_unloads): the reason they show.
+        self.client_unloading: set[str] = set()
 
     # -- figures --------------------------------------------------------------------------------
 
@@ -141,9 +150,9 @@ class ResidencyView:
         broker saw it hold, else the upstream's listed size (plus the cache), else the
         consumer's declared cost (its largest model)."""
         entry = self.model_entry(name, model)
-        target = self.adapters[name].model_key(entry.name) if entry is not None else model
         if entry is not None and entry.vram_mib is not None:
             return entry.vram_mib
+        target = self.model_key(name, model) or model
         seen = self.seen_model_mib.get((name, target))
         if seen is not None:
             return seen
@@ -153,8 +162,9 @@ class ResidencyView:
         return self.config.consumers[name].vram_resident_mib
 
     def model_key(self, name: str, model: str | None) -> str | None:
-        """The upstream's own name for `model`: an alias resolved, Ollama's implicit `:latest`
-        added (so a job for "llama3" finds the resident "llama3:latest")."""
+        """The identity of `model` on `name`'s upstream (model_names), under which its records
+        are kept: an alias resolved, Ollama's implicit tag and namespace added (so a job for
+        "llama3" finds the resident "llama3:latest", however the upstream spells it)."""
         if model is None:
             return None
         entry = self.model_entry(name, model)
@@ -163,13 +173,12 @@ class ResidencyView:
     def model_entry(self, name: str, model: str) -> ModelEntry | None:
         """The registry's entry for `model` as a client names it (an alias too) or as the
         upstream lists it: the registry's `llama3` is Ollama's `llama3:latest`."""
-        c = self.config.consumers[name]
-        entry = c.model_entry(model)
-        if entry is not None:
-            return entry
-        key_of = self.adapters[name].model_key
-        key = key_of(model)
-        return next((m for m in c.models if key_of(m.name) == key), None)
+        return registry_entry(self.config.consumers[name], model)
+
+    def upstream_name(self, name: str, key: str) -> str:
+        """How `name`'s upstream spells the model whose identity is `key` (as it last listed
+        it resident; else the identity itself)."""
+        return self.spellings.get((name, key), key)
 
     def busy(self, name: str) -> bool:
         return self._in_flight(name) > 0
@@ -232,7 +241,15 @@ class ResidencyView:
                 continue
             # Without an unload call nothing can evict it: as good as pinned.
             pinned = r.pinned or not self.adapters[name].can_unload
-            busy = r.busy_outside or self._cooling_down(name)
+            cooling = self._cooling_down(name)
+            busy = r.busy_outside or cooling
+            why = (
+                "busy outside the broker"
+                if r.busy_outside
+                else "its last unload is not confirmed yet"
+                if cooling
+                else "busy"
+            )
             coexists = name == target or self.config.coexist(name, target)
             if self.adapters[name].per_model and r.models:
                 for m, unit in r.models.items():
@@ -245,6 +262,7 @@ class ResidencyView:
                             last_used=_lru(unit.last_used, r.last_used),
                             pinned=pinned,
                             busy=busy or unit.in_flight > 0,
+                            why_busy=why,
                             coexists=coexists,
                         )
                     )
@@ -256,6 +274,7 @@ class ResidencyView:
                         last_used=_lru(r.last_used, None),
                         pinned=pinned,
                         busy=busy or self.busy(name),
+                        why_busy=why,
                         coexists=coexists,
                     )
                 )
@@ -325,21 +344,27 @@ class ResidencyView:
             else:
                 log.debug("%s: residency probe failed: %s", name, report)
             return
-        record.busy_outside = report.busy
+        was_busy_outside, record.busy_outside = record.busy_outside, report.busy
         # Per-model upstreams report their models' sizes, which the models themselves carry.
         record.reported_mib = report.held_mib if report.models is None else None
         busy = self.busy(name)
         if report.models is not None:
-            self._take_models(name, record, report.models)
+            gone = self._take_models(name, record, report.models)
+            if gone:
+                self.let_go_at[name] = self.clock.now()
+            if gone and report.resident and record.state is State.RESIDENT:
+                # Some of its models left, others stay: no change of state, but one to see.
+                self._models_changed(name, record, gone)
         resident = report.resident
         detail = report.detail
         if resident is None and record.measured_mib is not None:
             # Its upstream cannot tell; its processes on the GPU can.
             resident = record.measured_mib > residual_allowance_mib(record.declared_mib)
             detail = f"GPU reading: {record.measured_mib} MiB"
-        if report.busy and not resident:
+        if report.busy and not resident and report.held_mib != 0:
             # Work posted around the broker runs or waits on it: it holds its model, or is about
             # to load it. Counted as resident (and busy: not evicted) before it allocates.
+            # Not where the upstream says it holds no card memory at all (a CPU ComfyUI).
             resident = True
         if resident and record.state is State.UNLOADED:
             self.counters.outside_loads += 1
@@ -349,15 +374,26 @@ class ResidencyView:
         elif resident is False and record.state is State.UNKNOWN:
             transition(name, record, State.UNLOADED, detail or "found unloaded")
         elif resident is False and record.state is State.RESIDENT and not busy:
-            transition(name, record, State.UNLOADED, f"left by itself ({detail or 'idle'})")
+            self.let_go_at[name] = self.clock.now()
+            how = "unloaded by a client" if name in self.client_unloading else "left by itself"
+            transition(name, record, State.UNLOADED, f"{how} ({detail or 'idle'})")
         elif resident and record.detail.startswith(OUTSIDE) and detail:
             record.detail = f"{OUTSIDE} ({detail})"  # what it holds now, not when first seen
+        elif detail and (report.busy or was_busy_outside):
+            # Work around the broker runs, or has just ended: the detail says what runs and
+            # holds now, not what did when the record last changed state.
+            record.detail = detail
 
-    def _take_models(self, name: str, record: Record, reported: Mapping[str, int | None]) -> None:
+    def _take_models(
+        self, name: str, record: Record, reported: Mapping[str, int | None]
+    ) -> list[str]:
         """The upstream's list of resident models replaces the record's, except models with
-        the broker's jobs on them (still loading, they may not be listed yet)."""
+        the broker's jobs on them (still loading, they may not be listed yet). Answers the
+        models that left."""
         models = {}
-        for model, size in reported.items():
+        for listed, size in reported.items():
+            model = self.adapters[name].model_key(listed)  # its identity (model_names)
+            self.spellings[(name, model)] = listed
             if size is not None:
                 self.seen_model_mib[(name, model)] = size
             known = record.models.get(model)
@@ -368,9 +404,24 @@ class ResidencyView:
         for model, known in record.models.items():
             if model not in models and known.in_flight > 0:
                 models[model] = known
+        # Models it listed before and no longer does (not one a job named that never loaded).
+        gone = sorted(m for m in set(record.models) - set(models) if (name, m) in self.spellings)
         if models.keys() != record.models.keys():
             record.generation += 1
         record.models = models
+        return gone
+
+    def _models_changed(self, name: str, record: Record, gone: list[str]) -> None:
+        how = "unloaded by a client" if name in self.client_unloading else "left by itself"
+        self._emit(
+            "residency.changed",
+            consumer=name,
+            previous=str(record.state),
+            residency=str(record.state),
+            reason=f"{', '.join(gone)} {how}",
+            resident_models=sorted(record.models),
+            vram_mib=record.cost_mib,
+        )
 
     def reconfigure(
         self,

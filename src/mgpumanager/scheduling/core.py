@@ -3,7 +3,7 @@
 It owns the queue, the lease holder and the statistics. Callers tell it what happened
 (`submit`, `cancel`, `ready`, `finish`) and ask it what to start (`schedule`); it never awaits
 and reads no clock but the injected one, so every decision is tested step by step with a fake
-clock (tests/test_scheduler.py).
+clock (tests/scheduling/test_core.py).
 
 Lease: one consumer holds it at a time, with up to its `max_concurrency` jobs. A grant that
 starts a tenure (nothing in flight) has `prepare=True`: the caller makes the consumer resident,
@@ -11,7 +11,7 @@ then calls `ready()`; nothing else is granted meanwhile (residency is changing).
 pick belongs to another consumer, the holder gets no more grants and the lease passes once its
 jobs finished, so two consumers never run on the GPU at once.
 
-Which waiting job is picked next is the core's `order` (policy.py): `priority` or `fifo`, from
+Which waiting job is picked next is the core's `order` (order.py): `priority` or `fifo`, from
 the settings, or one passed in. The queue is kept per (consumer, priority) class, in arrival
 order, and an order sees each class's oldest job only: submitting, cancelling and granting cost
 the same whatever the queue's depth. The core also measures each consumer's recent run times
@@ -55,7 +55,8 @@ def _median(values: Iterable[float]) -> float:
 
 
 class Outcome(enum.StrEnum):
-    COMPLETED = "completed"
+    COMPLETED = "completed"  # the upstream answered 2xx or 3xx
+    UPSTREAM_ERROR = "upstream_error"  # it answered 4xx or 5xx: relayed, but not done
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
@@ -82,6 +83,7 @@ class Grant:
 class _Counters:
     total_jobs: int = 0
     completed: int = 0
+    upstream_error: int = 0
     failed: int = 0
     cancelled: int = 0
     timed_out: int = 0
@@ -113,6 +115,7 @@ class SchedulerStats:
     holder: str | None
     accepting: bool
     consumers: dict[str, ConsumerQueueStats] = field(default_factory=dict)
+    upstream_error: int = 0
 
 
 class SchedulerCore:
@@ -155,6 +158,7 @@ class SchedulerCore:
         self._tenure_grants = 0  # grants since the holder's tenure began
         self._accepting = True
         self._c = _Counters()
+        self.finished_status: int | None = None  # see `finish`
         # Called synchronously, in order, for every grant and every finished job. They must not
         # raise or call back into the core.
         self.on_submit: list[Callable[[QueuedJob], None]] = []
@@ -247,7 +251,9 @@ class SchedulerCore:
         for observer in self.on_ready:
             observer(job_id)
 
-    def finish(self, job_id: int, outcome: Outcome) -> None:
+    def finish(self, job_id: int, outcome: Outcome, status: int | None = None) -> None:
+        """`status`: the upstream's HTTP status of an UPSTREAM_ERROR, read by the finish
+        observers as `finished_status` while they run."""
         job = self._running.pop(job_id)
         self._preparing.discard(job_id)
         now = self._clock.now()
@@ -261,8 +267,10 @@ class SchedulerCore:
             self._window_opened_at = now
         self._c.last_run_ms = (now - started_at) * 1000.0
         self._count(outcome)
+        self.finished_status = status
         for observer in self.on_finish:
             observer(job_id, outcome)
+        self.finished_status = None
 
     def _sample_run(self, consumer: str, warm: bool, run_s: float) -> None:
         """A completed job's run time, from ready (its swap done) to finish; `warm`: granted
@@ -328,7 +336,7 @@ class SchedulerCore:
         its last load call; for a consumer without one, its unload alone); consumers without a
         figure (or with a negative or non-finite one) are unknown. To each figure the core adds
         what the consumer's first job after a swap runs longer than its jobs while resident (a
-        load inside the job). policy.py's docstring says how both steer the order."""
+        load inside the job). order.py's docstring says how both steer the order."""
         costs: Mapping[str, float] | None = None
         grants: list[Grant] = []
         while self._waiting:
@@ -507,6 +515,7 @@ class SchedulerCore:
             failed=c.failed,
             cancelled=c.cancelled,
             timed_out=c.timed_out,
+            upstream_error=c.upstream_error,
             handoffs=c.handoffs,
             last_wait_ms=c.last_wait_ms,
             last_run_ms=c.last_run_ms,

@@ -37,6 +37,7 @@ class JobHandle:
         self.id = grant.job_id
         self.consumer = grant.consumer
         self.outcome = Outcome.COMPLETED
+        self.status: int | None = None  # the upstream's HTTP status, when it answered 4xx/5xx
         self._held: asyncio.Task[Any] | None = None
 
     def hold_until(self, work: Awaitable[Any], *, timeout_s: float) -> None:
@@ -227,7 +228,7 @@ class Lease:
         return False
 
     def _finish(self, handle: JobHandle) -> None:
-        self.core.finish(handle.id, handle.outcome)
+        self.core.finish(handle.id, handle.outcome, handle.status)
         self.dispatch()
 
     async def _hold(self, handle: JobHandle, work: Awaitable[Any], timeout_s: float) -> None:

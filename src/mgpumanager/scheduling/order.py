@@ -1,6 +1,6 @@
 """The order of the scheduler's jobs: which waiting job the lease goes to next.
 
-SchedulerCore (scheduler.py) keeps the queue and the lease; for each pick it hands an `Order` a
+SchedulerCore (core.py) keeps the queue and the lease; for each pick it hands an `Order` a
 `QueueView`, a read-only view of what the order may look at, and takes back the job to start.
 Two orders exist, chosen by the `scheduler.policy` setting: `fifo` (plain arrival order, the
 baseline the benchmark compares against) and `priority`, the default, below.
@@ -38,7 +38,7 @@ No starvation: the window and the deadline never exceed `affinity_wait_s` and a 
 exceeds `max_batch` grants while others wait, so a job of priority p is granted within
 max((4 - p) * aging_s, affinity_wait_s) + R * (c + 2 * max_queue * max_batch), R the longest a
 granted job holds the lease (its swap included), c the largest max_concurrency; derived and
-checked on random traces in tests/test_scheduler_properties.py.
+checked on random traces in tests/scheduling/test_core_properties.py.
 """
 
 from __future__ import annotations

@@ -6,18 +6,33 @@
 - The worker, per prompt: on the very first run it allocates a CUDA context (``ctx_mib``, tag
   ``cuda_context``) that is NEVER freed; it loads the model if needed (``load_s``, then
   ``model_mib`` under tag ``weights``), runs the graph's nodes over ``run_s``, sends the events
-  to the prompt's ``client_id`` (everyone when it has none), and writes ``/history``.
-  Event order, as ComfyUI's ``main.py`` does it: ``execution_start``, ``execution_cached``,
-  per node ``executing`` (+ ``executed`` for output nodes), then ``execution_success`` /
+  to the prompt's ``client_id``, and writes ``/history``. Event order, as ComfyUI's
+  ``main.py`` and ``execution.py`` do it: ``status`` (the worker took it),
+  ``execution_start``, ``execution_cached``, per node ``progress_state`` + ``executing`` (+
+  ``executed`` for output nodes) + ``progress_state``, then ``execution_success`` /
   ``execution_error`` / ``execution_interrupted``, then the history entry is written, then
-  ``executing`` with ``"node": null``. (So ``/history`` may still be ``{}`` when
-  ``execution_success`` arrives; ``node: null`` is the reliable "done".)
+  ``status`` and ``executing`` with ``"node": null``. (So ``/history`` may still be ``{}`` when
+  ``execution_success`` arrives; ``node: null`` is the reliable "done".) A prompt posted with
+  no ``client_id`` sends none of these but ``status``, ``progress_state`` and
+  ``execution_interrupted`` (to everyone): in particular no ``node: null``.
+- Outputs are cached as ComfyUI's executor caches them: a node whose class and inputs (its
+  upstream nodes' included) are those of a node of the previous prompt is not run again; it
+  is listed in ``execution_cached`` and an output node sends its cached ``executed``. A graph
+  run again unchanged takes no time and loads nothing. ``/free`` with ``free_memory`` clears
+  that cache.
+- ``device="cpu"`` (the setting) is a ComfyUI started with ``--cpu``: the model goes to the
+  machine's RAM, nothing to the GPU, and ``/system_stats`` lists a ``cpu`` device whose
+  ``torch_vram_total`` is that RAM.
 - CUDA OOM shows up as ``execution_error`` with ``exception_type`` ``torch.OutOfMemoryError``
   and a history entry with ``status_str: "error"``; the model stays unloaded.
 - ``POST /free`` only sets flags and answers 200 at once; the worker unloads after the running
   prompt, or at once when idle, and the memory returns ``free_delay_s`` later. The context stays.
-- ``POST /interrupt`` stops the running prompt (optionally only if its id matches);
+  An empty (non-JSON) body is a 500, as ComfyUI's ``await request.json()`` makes it.
+- ``POST /interrupt`` stops the running prompt (optionally only if its id matches) at the next
+  node boundary: the node that runs finishes first;
   ``POST /queue {"delete": [...]} | {"clear": true}`` drops pending ones.
+- A node class that ``/object_info`` does not list is refused at ``/prompt`` (400,
+  ``invalid_prompt``, ``node_errors: {}``), as ComfyUI refuses it.
 - Output nodes are those whose ``class_type`` starts with ``Save`` or ``Preview``; a graph with
   none treats its last node as the output (real ComfyUI would refuse it; the fake is lenient).
   An output is named as ComfyUI names it: ``{filename_prefix}_{counter:05}_.png`` (prefix from
@@ -37,11 +52,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -52,6 +68,7 @@ from mgpumanager.sim._base import (
 )
 from mgpumanager.sim.activity import ActivitySink, recording
 from mgpumanager.sim.comfyui_files import ComfyFiles
+from mgpumanager.sim.comfyui_nodes import node_classes
 from mgpumanager.sim.gpu import MIB, CudaOutOfMemory, GpuLedger, GpuMemoryView
 
 
@@ -65,6 +82,9 @@ class ComfyUISettings:
     run_s: float = 4.0  # one prompt, spread over its nodes
     free_delay_s: float = 1.0
     max_history: int = 10000
+    # "cpu": a ComfyUI started with --cpu (models in RAM, none on the card); "cuda": on the GPU.
+    device: Literal["cuda", "cpu"] = "cuda"
+    ram_mib: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,8 @@ class FakeComfyUI(FakeService):
         self.store = ComfyFiles()  # generated images and uploads
         self.sockets: dict[str, set[web.WebSocketResponse]] = {}
         self.flags: dict[str, bool] = {}
+        # The executor's output cache: node signature -> its `executed` output (None: none).
+        self.cache: dict[str, dict[str, Any] | None] = {}
         self._number = itertools.count()
         self._wake = asyncio.Event()
         self._interrupt = asyncio.Event()
@@ -227,18 +249,28 @@ class FakeComfyUI(FakeService):
             item = self.queue.pop(0)
             self.running = item
             self._interrupt.clear()
+            await self._broadcast_status()  # PromptQueue.get() says so too
             await self._execute(item)
 
     async def _apply_flags(self) -> None:
         flags, self.flags = self.flags, {}
         free_memory = flags.get("free_memory", False)
+        if free_memory:
+            self.cache.clear()  # main.py: e.reset()
         if flags.get("unload_models", free_memory) and self.model_loaded:
             self.model_loaded = False
             self.unload_count += 1
             await sim_sleep(self.settings.free_delay_s)
-            await self.ledger.release(self.owner, "weights")  # the CUDA context stays
+            if self.settings.device != "cpu":
+                await self.ledger.release(self.owner, "weights")  # the CUDA context stays
 
     async def _ensure_model(self) -> None:
+        if self.settings.device == "cpu":  # into the machine's RAM: nothing on the card
+            if not self.model_loaded:
+                await sim_sleep(self.settings.load_s)
+                self.model_loaded = True
+                self.load_count += 1
+            return
         try:
             if not self.ctx_allocated:
                 await self.ledger.allocate(self.owner, self.settings.ctx_mib, "cuda_context")
@@ -253,56 +285,91 @@ class FakeComfyUI(FakeService):
             raise
 
     async def _run_node_s(self, seconds: float) -> bool:
-        """Sleep ``seconds`` of node work; True when interrupted."""
+        """``seconds`` of node work; True when interrupted. ComfyUI checks its interrupt flag
+        between nodes (and inside the few that loop, such as a sampler's steps): an
+        /interrupt stops the prompt at the next node boundary, not in the middle of one."""
         if self._interrupt.is_set():
             return True
-        try:
-            await asyncio.wait_for(self._interrupt.wait(), timeout=max(0.0, seconds))
-        except TimeoutError:
-            return False
-        return True
+        await sim_sleep(seconds)
+        return False
 
     async def _execute(self, item: QueueItem) -> None:
         pid, cid = item.prompt_id, item.client_id
         messages: list[list[Any]] = []
 
-        async def event(kind: str, data: dict[str, Any], keep: bool = True) -> None:
-            if keep:
-                messages.append([kind, data])
-            await self._send(kind, data, cid)
+        async def event(kind: str, data: dict[str, Any], broadcast: bool = False) -> None:
+            """execution.py's add_message: recorded in the history entry; sent to the prompt's
+            client, or to everyone when it has none and the event is broadcast."""
+            data = {**data, "timestamp": _ms()}
+            messages.append([kind, data])
+            if cid is not None or broadcast:
+                await self._send(kind, data, cid)
+
+        async def to_client(kind: str, data: dict[str, Any]) -> None:
+            if cid is not None:  # per-node events go to the prompt's client only
+                await self._send(kind, data, cid)
+
+        progress: dict[str, dict[str, Any]] = {}
+
+        async def node_state(node_id: str, state: str) -> None:
+            progress[node_id] = {
+                "value": 1.0 if state == "finished" else 0.0,
+                "max": 1.0,
+                "state": state,
+                "node_id": node_id,
+                "prompt_id": pid,
+                "display_node_id": node_id,
+                "parent_node_id": None,
+                "real_node_id": node_id,
+            }
+            # WebUIProgressHandler: to the prompt's client; to everyone when it has none.
+            await self._send("progress_state", {"prompt_id": pid, "nodes": dict(progress)}, cid)
 
         self.prompts_started.append(pid)
-        await event("execution_start", {"prompt_id": pid, "timestamp": _ms()})
-        await event("execution_cached", {"nodes": [], "prompt_id": pid, "timestamp": _ms()})
+        signatures = _signatures(item.prompt)
+        cached = [n for n in item.prompt if signatures[n] in self.cache]
+        # Like the executor's cache, only what the current prompt uses is kept.
+        self.cache = {sig: self.cache[sig] for sig in signatures.values() if sig in self.cache}
+        await event("execution_start", {"prompt_id": pid})
+        await event("execution_cached", {"nodes": cached, "prompt_id": pid})
         outputs: dict[str, Any] = {}
         executed: list[str] = []
         node_ids = list(item.prompt)
+        to_run = [n for n in node_ids if n not in cached]
         success = False
         try:
-            await self._ensure_model()
-            per_node_s = self.settings.run_s / len(node_ids)
-            async with recording(self.activity, self.name):
+            if to_run:
+                await self._ensure_model()
+            per_node_s = self.settings.run_s / len(to_run) if to_run else 0.0
+            async with recording(self.activity, self.name) if to_run else _nothing():
                 for node_id in node_ids:
-                    await event(
-                        "executing",
-                        {"node": node_id, "display_node": node_id, "prompt_id": pid},
-                        keep=False,
-                    )
+                    if node_id in cached:
+                        # Only output nodes are staged; a cached one reports its old output.
+                        out = self.cache[signatures[node_id]]
+                        if node_id in item.outputs:
+                            if out is not None:
+                                outputs[node_id] = out
+                                await to_client("executed", _executed(node_id, out, pid))
+                            await node_state(node_id, "finished")
+                        executed.append(node_id)
+                        continue
+                    if self._interrupt.is_set():
+                        raise _Interrupted(node_id)
+                    await node_state(node_id, "running")
+                    data = {"node": node_id, "display_node": node_id, "prompt_id": pid}
+                    await to_client("executing", data)
                     if await self._run_node_s(per_node_s):
                         raise _Interrupted(node_id)
                     executed.append(node_id)
+                    out = None
                     if node_id in item.outputs:
                         out = {"images": [self.store.save_image(item.prompt[node_id])]}
                         outputs[node_id] = out
-                        data = {
-                            "node": node_id,
-                            "display_node": node_id,
-                            "output": out,
-                            "prompt_id": pid,
-                        }
-                        await event("executed", data, keep=False)
+                        await to_client("executed", _executed(node_id, out, pid))
+                    self.cache[signatures[node_id]] = out
+                    await node_state(node_id, "finished")
             success = True
-            await event("execution_success", {"prompt_id": pid, "timestamp": _ms()})
+            await event("execution_success", {"prompt_id": pid})
         except CudaOutOfMemory as exc:
             node = node_ids[0]
             await event(
@@ -316,8 +383,7 @@ class FakeComfyUI(FakeService):
                     "exception_type": "torch.OutOfMemoryError",
                     "traceback": ["torch.OutOfMemoryError: " + str(exc)],
                     "current_inputs": {},
-                    "current_outputs": {},
-                    "timestamp": _ms(),
+                    "current_outputs": [],
                 },
             )
         except _Interrupted as exc:
@@ -328,8 +394,8 @@ class FakeComfyUI(FakeService):
                     "node_id": exc.node_id,
                     "node_type": item.prompt[exc.node_id].get("class_type"),
                     "executed": executed,
-                    "timestamp": _ms(),
                 },
+                broadcast=True,
             )
         self.history[pid] = {
             "prompt": item.as_list(),
@@ -345,7 +411,8 @@ class FakeComfyUI(FakeService):
             del self.history[next(iter(self.history))]
         self.running = None
         await self._broadcast_status()
-        await self._send("executing", {"node": None, "prompt_id": pid}, cid)
+        # main.py sends the end only where the prompt has a client_id, and only to it.
+        await to_client("executing", {"node": None, "prompt_id": pid})
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -366,6 +433,12 @@ class FakeComfyUI(FakeService):
                 return _error(
                     "invalid_prompt",
                     "Cannot execute because a node is missing the class_type property.",
+                    f"Node ID '#{node_id}'",
+                )
+            if node["class_type"] not in node_classes():
+                return _error(
+                    "invalid_prompt",
+                    f"Cannot execute because node {node['class_type']} does not exist.",
                     f"Node ID '#{node_id}'",
                 )
         outputs = [
@@ -448,7 +521,16 @@ class FakeComfyUI(FakeService):
         return web.Response(status=200)
 
     async def _post_free(self, request: web.Request) -> web.Response:
-        body = await read_json_object(request)
+        try:
+            body = await request.json()  # server.py: an empty body raises, aiohttp answers 500
+        except ValueError:
+            return web.Response(
+                status=500, text="500 Internal Server Error\n\nServer got itself in trouble"
+            )
+        if not isinstance(body, dict):
+            return web.Response(
+                status=500, text="500 Internal Server Error\n\nServer got itself in trouble"
+            )
         for key in ("unload_models", "free_memory"):
             if key in body:
                 self.flags[key] = bool(body[key])
@@ -463,6 +545,27 @@ class FakeComfyUI(FakeService):
         if isinstance(self.ledger, GpuMemoryView):
             mem = await self.ledger.memory()
             total_mib, free_mib = mem.total_mib, mem.free_mib
+        device: dict[str, Any] = {
+            "name": "cuda:0 Simulated GPU : cudaMallocAsync",
+            "type": "cuda",
+            "index": 0,
+            "vram_total": total_mib * MIB,
+            "vram_free": free_mib * MIB,
+            "torch_vram_total": held_mib * MIB,
+            "torch_vram_free": 0,
+        }
+        if self.settings.device == "cpu":
+            # main.py --cpu: the "device" is the machine, its figures the machine's RAM.
+            ram = self.settings.ram_mib * MIB
+            device = {
+                "name": "cpu",
+                "type": "cpu",
+                "index": None,
+                "vram_total": ram,
+                "vram_free": ram // 2,
+                "torch_vram_total": ram,
+                "torch_vram_free": ram // 2,
+            }
         return web.json_response(
             {
                 "system": {
@@ -475,16 +578,41 @@ class FakeComfyUI(FakeService):
                     "embedded_python": False,
                     "argv": ["main.py"],
                 },
-                "devices": [
-                    {
-                        "name": "cuda:0 Simulated GPU : cudaMallocAsync",
-                        "type": "cuda",
-                        "index": 0,
-                        "vram_total": total_mib * MIB,
-                        "vram_free": free_mib * MIB,
-                        "torch_vram_total": held_mib * MIB,
-                        "torch_vram_free": 0,
-                    }
-                ],
+                "devices": [device],
             }
         )
+
+
+def _signatures(graph: dict[str, Any]) -> dict[str, str]:
+    """Each node's cache key: its class and inputs, with each link replaced by the linked
+    node's key (so a change upstream changes every key below it), as ComfyUI's input
+    signature does."""
+    keys: dict[str, str] = {}
+
+    def key(node_id: str, seen: frozenset[str]) -> str:
+        if node_id in keys:
+            return keys[node_id]
+        node = graph.get(node_id)
+        if not isinstance(node, dict) or node_id in seen:
+            return json.dumps(["missing", node_id])
+        inputs = node.get("inputs")
+        resolved: dict[str, Any] = {}
+        for name, value in (inputs if isinstance(inputs, dict) else {}).items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                value = ["link", key(value[0], seen | {node_id}), value[1]]
+            resolved[name] = value
+        keys[node_id] = json.dumps([node.get("class_type"), resolved], sort_keys=True)
+        return keys[node_id]
+
+    for node_id in graph:
+        key(node_id, frozenset())
+    return keys
+
+
+def _executed(node_id: str, output: dict[str, Any], prompt_id: str) -> dict[str, Any]:
+    return {"node": node_id, "display_node": node_id, "output": output, "prompt_id": prompt_id}
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield

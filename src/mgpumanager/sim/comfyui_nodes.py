@@ -9,9 +9,14 @@ from typing import Any
 
 
 def _node(
-    name: str, category: str, required: dict[str, Any], output: list[str], output_node: bool = False
+    name: str,
+    category: str,
+    required: dict[str, Any],
+    output: list[str],
+    output_node: bool = False,
+    python_module: str = "nodes",
 ) -> dict[str, Any]:
-    return {
+    described: dict[str, Any] = {
         "input": {"required": required},
         "input_order": {"required": list(required)},
         "output": output,
@@ -20,10 +25,13 @@ def _node(
         "name": name,
         "display_name": name,
         "description": "",
-        "python_module": "nodes",
+        "python_module": python_module,
         "category": category,
         "output_node": output_node,
     }
+    if output:  # ComfyUI lists tooltips only for nodes with outputs
+        described["output_tooltips"] = [None] * len(output)
+    return described
 
 
 def object_info(input_images: list[str]) -> dict[str, Any]:
@@ -82,4 +90,38 @@ def object_info(input_images: list[str]) -> dict[str, Any]:
             {"image": [input_images, {"image_upload": True}]},
             ["IMAGE", "MASK"],
         ),
+        # Nodes that need no weights: the graph the real-ComfyUI tests run (CPU, no models).
+        "EmptyImage": _node(
+            "EmptyImage",
+            "image",
+            {
+                "width": ["INT", {"default": 512, "min": 1, "max": 16384, "step": 1}],
+                "height": ["INT", {"default": 512, "min": 1, "max": 16384, "step": 1}],
+                "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
+                "color": ["INT", {"default": 0, "min": 0, "max": 16777215, "step": 1}],
+            },
+            ["IMAGE"],
+        ),
+        "ImageBlur": _node(
+            "ImageBlur",
+            "image/postprocessing",
+            {
+                "image": ["IMAGE", {}],
+                "blur_radius": ["INT", {"default": 1, "min": 1, "max": 31, "step": 1}],
+                "sigma": ["FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1}],
+            },
+            ["IMAGE"],
+            python_module="comfy_extras.nodes_post_processing",
+        ),
+        "ImageInvert": _node("ImageInvert", "image", {"image": ["IMAGE"]}, ["IMAGE"]),
+        "PreviewImage": _node("PreviewImage", "image", {"images": ["IMAGE"]}, [], True),
     }
+
+
+def node_classes() -> frozenset[str]:
+    """The node classes the fake knows; a prompt with any other is refused, as ComfyUI
+    refuses a class it has not loaded."""
+    return _CLASSES
+
+
+_CLASSES = frozenset(object_info([]))

@@ -5,6 +5,9 @@
   ``model``, ``response_format`` ``json`` (default) | ``text`` | ``verbose_json``), and
   ``POST /v1/audio/speech`` (JSON ``{model, input, voice, response_format}`` → audio bytes; the
   fake always makes WAV and says so: ``audio/wav``).
+- ``GET /v1/audio/models`` (its text-to-speech models: ``{"models": [...], "object": "list"}``)
+  and ``GET /v1/audio/voices`` (``{"voices": [{"id", "name", "language", "gender"}],
+  "object": "list"}``), as speaches serves them for Open WebUI's TTS settings.
 - Models load by themselves on the first request naming them (``load_s``, then the model's MiB
   in the ledger as ``owner``, tag = model id) and unload after ``ttl_s`` idle (negative: never).
 - Control endpoints: ``GET /api/ps`` → ``{"models": [ids]}``; ``POST /api/ps/{model}`` loads
@@ -49,6 +52,9 @@ class SpeachesSettings:
     )
     default_stt_model: str = "Systran/faster-whisper-small"
     default_tts_model: str = "speaches-ai/Kokoro-82M-v1.0-ONNX"
+    # Its text-to-speech models (the rest transcribe) and their voices (Kokoro's names).
+    tts_models: tuple[str, ...] = ("speaches-ai/Kokoro-82M-v1.0-ONNX",)
+    voices: tuple[str, ...] = ("af_heart", "af_bella", "am_adam", "bf_emma")
     residual_mib: int = 200
     ttl_s: float = 300.0
     load_s: float = 1.0
@@ -80,6 +86,8 @@ class FakeSpeaches(FakeService):
     def _routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/health", self._health)
         router.add_get("/v1/models", self._models)
+        router.add_get("/v1/audio/models", self._audio_models)
+        router.add_get("/v1/audio/voices", self._audio_voices)
         router.add_get("/api/ps", self._ps)
         router.add_post("/api/ps/{model:.+}", self._ps_load)
         router.add_delete("/api/ps/{model:.+}", self._ps_unload)
@@ -165,6 +173,26 @@ class FakeSpeaches(FakeService):
             for m in self.settings.models
         ]
         return web.json_response({"data": data, "object": "list"})
+
+    async def _audio_models(self, _request: web.Request) -> web.Response:
+        models = [
+            {"id": m, "object": "model", "created": 0, "owned_by": m.split("/")[0]}
+            for m in self.settings.models
+            if m in self.settings.tts_models
+        ]
+        return web.json_response({"models": models, "object": "list"})
+
+    async def _audio_voices(self, _request: web.Request) -> web.Response:
+        voices = [
+            {
+                "name": v,
+                "language": "en-us" if v.startswith("a") else "en-gb",
+                "gender": "female" if v[1] == "f" else "male",
+                "id": v,
+            }
+            for v in self.settings.voices
+        ]
+        return web.json_response({"voices": voices, "object": "list"})
 
     async def _ps(self, _request: web.Request) -> web.Response:
         return web.json_response({"models": list(self.loaded)})

@@ -1,11 +1,13 @@
-"""`mgpumanager demo`: a simulated 24 GiB GPU, fake Ollama / ComfyUI / mVoice / whisper.cpp
-servers that speak the real protocols, and the broker in front of them — no GPU needed.
+"""`mgpumanager demo`: a simulated 24 GiB GPU, fake Ollama / ComfyUI / mVoice / whisper.cpp /
+speaches servers that speak the real protocols, and the broker in front of them — no GPU
+needed.
 
-The fakes listen where `config/demo.yaml` says; whisper starts stopped, like a service the
-broker will start on the first transcription (its `load.command`). `--port N` moves the whole
-demo: the broker to N and every other piece by the same distance (the simulated GPU to N+29,
-the fakes to N+31..N+34 with the shipped registry); `--port 0` gives every piece a free port,
-and the banner names them. A port that is taken is one line naming the piece and the flag.
+The fakes listen where the demo's registry (`demo.yaml`, package data) says; whisper starts
+stopped, like a service the broker will start on the first transcription (its `load.command`).
+`--port N` moves the whole demo: the broker to N and every other piece by the same distance
+(the simulated GPU to N+29, the fakes to N+31..N+35 with the shipped registry); `--port 0`
+gives every piece a free port, and the banner names them. A port that is taken is one line
+naming the piece and the flag.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mgpumanager.sim.cluster import BindError, FakeSpec, SimCluster, start_clust
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.ollama import OllamaSettings
+from mgpumanager.sim.speaches import SpeachesSettings
 from mgpumanager.sim.whisper import WhisperSettings
 
 DEMO_MODEL = "qwen2.5:14b"
@@ -64,7 +67,17 @@ def demo_spec(config: Config) -> FakeSpec:
             free_delay_s=0.5,
         ),
         whisper=None,  # a process of its own, started and stopped by the broker's commands
+        speaches=_speaches(config),
     )
+
+
+def _speaches(config: Config) -> SpeachesSettings | None:
+    """The fake speaches with the registry's models and sizes (OpenAI's audio routes)."""
+    c = config.consumers.get("speaches")
+    if c is None:
+        return None
+    models = {m.name: m.vram_mib or c.vram_resident_mib for m in c.models}
+    return SpeachesSettings(models=models or SpeachesSettings().models, load_s=0.8, run_s=0.4)
 
 
 def ephemeral_spec(config: Config) -> FakeSpec:
@@ -92,12 +105,15 @@ def ephemeral_registry(path: Path, cluster: SimCluster, **top: Any) -> Config:
     return parse_config(yaml.safe_dump(data), str(path))
 
 
-DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in config/demo.yaml
+DEMO_ALIAS = "gpt-4o-mini"  # an OpenAI model name, mapped to DEMO_MODEL in demo.yaml
 
 
-def curl_examples(base: str, comfyui_url: str | None = None) -> list[str]:
+def curl_examples(
+    base: str, comfyui_url: str | None = None, *, with_audio: bool = False
+) -> list[str]:
     """Commands to try, one per surface; `#` lines say what the next one shows. `comfyui_url`:
-    the fake ComfyUI's own address, to show work done around the broker."""
+    the fake ComfyUI's own address, to show work done around the broker; `with_audio`: a
+    consumer serves OpenAI's audio routes."""
     json_body = "-H 'Content-Type: application/json' -d"
     llm = f'{{"model": "{DEMO_MODEL}", "prompt": "Why is the sky blue?"}}'
     tts = '{"text": "Hello from the broker"}'
@@ -134,6 +150,16 @@ def curl_examples(base: str, comfyui_url: str | None = None) -> list[str]:
         "# ComfyUI's own API under /upstream/comfyui: prompt, wait, fetch the image",
         comfy_round_trip,
     ]
+    if with_audio:
+        speech = '{"model": "tts-1", "input": "Hello from the broker", "voice": "af_heart"}'
+        examples += [
+            "# OpenAI's audio routes (speaches): voices, speech, a transcription",
+            f"curl -s {base}/v1/audio/voices",
+            f"curl -s {base}/v1/audio/speech {json_body} '{speech}' -o speech.wav "
+            "-w '%{http_code} %{content_type} %{size_download} bytes -> speech.wav\\n'",
+            f"curl -s {base}/v1/audio/transcriptions -F model=whisper-1 "
+            "-F 'file=@/dev/null;filename=silence.wav'",
+        ]
     if comfyui_url is not None:
         # A prompt posted straight to ComfyUI's own port loads FLUX there, around the broker;
         # the LLM job after it needs that room, and still succeeds: the broker sees it.
@@ -168,12 +194,16 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
         "Point your clients at the broker:",
         f"  Ollama clients   OLLAMA_HOST={base}   (ollama CLI, Open WebUI, Home Assistant)",
         f"  OpenAI SDKs      base_url={base}/v1   (models: curl -s {base}/v1/models)",
+        f"  OpenAI audio     base_url={base}/v1   (Open WebUI's audio: tts-1, whisper-1)",
         f"  ComfyUI clients  {base}/upstream/comfyui   (every consumer: /upstream/<name>)",
         "",
         "Try:",
     ]
     comfyui = config.consumers.get("comfyui")
-    lines += curl_examples(base, comfyui.url if comfyui is not None else None)
+    with_audio = any(c.type is AdapterType.SPEACHES for c in config.consumers.values())
+    lines += curl_examples(
+        base, comfyui.url if comfyui is not None else None, with_audio=with_audio
+    )
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
 

@@ -123,6 +123,13 @@ class Service:
     pid: int | None = None
     unit: Unit | None = None
     notes: tuple[str, ...] = ()
+    # The device it says it computes on where that is no GPU ("cpu", "mps"): it holds no card
+    # memory, and its memory figures are the host's, not the card's.
+    off_card: str | None = None
+
+
+# Devices a service may report that are not an NVIDIA card.
+OFF_CARD_DEVICES = frozenset({"cpu", "mps"})
 
 
 @dataclass(frozen=True)
@@ -193,8 +200,15 @@ def describe(target: Target, kind: ServiceKind, a: Answers) -> Service:
         system = stats.get("system")
         version = system.get("comfyui_version") if isinstance(system, dict) else None
         devices = list_of(stats, "devices") or [{}]
-        torch = devices[0].get("torch_vram_total") if isinstance(devices[0], dict) else None
+        first = devices[0] if isinstance(devices[0], dict) else {}
+        torch = first.get("torch_vram_total")
         held = torch // MIB if isinstance(torch, int) and torch >= 0 else None
+        device = str(first.get("type", "")).lower()
+        off_card = device if device in OFF_CARD_DEVICES else None
+        if off_card is not None:
+            # Its "VRAM" figures are the host's RAM: none of it is on the card.
+            held = None
+            notes.append(f"runs on {off_card.upper()}: holds no card memory")
         if len(devices) > 1:
             notes.append(f"it sees {len(devices)} devices; the registry covers GPU 0")
         return Service(
@@ -206,6 +220,7 @@ def describe(target: Target, kind: ServiceKind, a: Answers) -> Service:
             loaded=None if held is None else held > CONTEXT_MIB,
             held_mib=held,
             notes=tuple(notes),
+            off_card=off_card,
         )
     if kind in (ServiceKind.SPEACHES, ServiceKind.VLLM):
         listed = [str(m["id"]) for m in openai_models(a) or []]
@@ -366,11 +381,13 @@ def one_line(text: str, limit: int = 200) -> str:
 @dataclass(frozen=True)
 class Gpu:
     reading: GpuReading
-    sim_url: str | None = None  # the simulated GPU's URL; None: NVML
+    sim_url: str | None = None  # the simulated GPU's URL; None: NVML (or static)
 
     @property
     def backend(self) -> str:
-        return "sim" if self.sim_url is not None else "nvml"
+        if self.sim_url is not None:
+            return "sim"
+        return "static" if self.reading.backend == "static" else "nvml"
 
 
 async def read_gpu(
@@ -379,8 +396,17 @@ async def read_gpu(
     *,
     nvml: NvmlApi | None = None,
     proc_root: Path = Path("/proc"),
+    total_mib: int | None = None,
 ) -> Gpu:
-    """One reading of the card, or InitError saying why there is none."""
+    """One reading of the card, or InitError saying why there is none. `total_mib`: the
+    card's size as the user gives it (a box without NVML): no reading, backend static."""
+    if total_mib is not None:
+        if sim_url is not None:
+            raise InitError("give --total-mib or --gpu-sim, not both", status=2)
+        if total_mib <= 0:
+            raise InitError(f"--total-mib must be positive (got {total_mib})", status=2)
+        device = f"a card of {total_mib} MiB (given: --total-mib)"
+        return Gpu(GpuReading.without_figures("static", device, total_mib))
     reader: SimReader | NvmlReader = (
         SimReader(sim_url) if sim_url else NvmlReader(index, nvml=nvml, proc_root=proc_root)
     )
@@ -391,8 +417,9 @@ async def read_gpu(
         hint = (
             "is the simulated GPU running?"
             if sim_url
-            else "init needs NVIDIA's driver to read the card; without one, try it against "
-            "the simulated GPU of `mgpumanager demo` with --gpu-sim http://127.0.0.1:8799"
+            else "init needs NVIDIA's driver to read the card; without one, give the card's "
+            "size with --total-mib N (the registry's backend is then static), or read a "
+            "simulated card with --gpu-sim URL"
         )
         raise InitError(f"cannot read the GPU: {exc}; {hint}") from exc
     finally:

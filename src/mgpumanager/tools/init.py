@@ -1,6 +1,7 @@
 """`mgpumanager init`: look at the box and write a registry that works.
 
-It reads the GPU (NVML, or the simulated GPU with `--gpu-sim URL`), probes the usual ports and
+It reads the GPU (NVML, the simulated GPU with `--gpu-sim URL`, or takes its size from
+`--total-mib N` on a box without NVML: `backend: static`), probes the usual ports and
 the `--scan` list (`discover.py`), builds a proposal (`proposal.py`: sizes, routing,
 coexistence, priorities, front doors) and writes it as an annotated registry: each value with
 a comment saying where it comes from, and `CHECK` wherever it is a guess.
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from mgpumanager.registry import ConfigError, parse_config
+from mgpumanager.tools.broker_doors import leave_out_doors
 from mgpumanager.tools.discover import (
     USUAL_PORTS,
     ServiceKind,
@@ -45,6 +47,8 @@ from mgpumanager.tools.proposal import (
     read_gpu,
 )
 from mgpumanager.upstreams.gpu import NvmlApi
+
+BROKER_PORT = int(LISTEN.rsplit(":", 1)[1])
 
 # -- writing the registry -------------------------------------------------------------------
 
@@ -195,7 +199,7 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
     data: dict[str, Any] = {}
     doc.comment(f"Written by `mgpumanager init` on {when} from what this box showed.")
     doc.comment(
-        f"GPU: {r.device}, {r.total_mib} MiB, {r.used_mib} MiB in use when read. Found: "
+        f"GPU: {r.device}, {r.total_mib} MiB, {_in_use(r.used_mib)}. Found: "
         + (", ".join(f"{c.name} ({c.service.kind.label})" for c in plan.consumers) or "nothing")
         + "."
     )
@@ -211,12 +215,16 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
     gpu: dict[str, Any] = {"backend": plan.gpu.backend}
     if plan.gpu.sim_url is not None:
         gpu["sim_url"] = plan.gpu.sim_url
+    if plan.gpu.backend == "static":
+        gpu["total_mib"] = r.total_mib
     gpu["safety_margin_mib"] = plan.margin_mib
     data["gpu"] = gpu
     doc.open("gpu")
     doc.put("backend", gpu["backend"], 2, note=f"{one_line(r.device, 60)}, {r.total_mib} MiB")
     if "sim_url" in gpu:
         doc.put("sim_url", gpu["sim_url"], 2)
+    if "total_mib" in gpu:
+        doc.put("total_mib", gpu["total_mib"], 2, note="the card's size, as given: never read")
     doc.put("safety_margin_mib", plan.margin_mib, 2, note="always kept free")
     doc.blank()
     if plan.routing:
@@ -317,12 +325,17 @@ def registry_text(plan: Plan, written_at: dt.datetime | None = None) -> str:
 # -- the summary ----------------------------------------------------------------------------
 
 
+def _in_use(used_mib: int | None) -> str:
+    """What was in use on the card, where it was read (a static card is not)."""
+    return "memory in use not read" if used_mib is None else f"{used_mib} MiB in use when read"
+
+
 def summary(plan: Plan, out: Path) -> str:
     r = plan.gpu.reading
     lines = [
         f"mgpumanager init: wrote {out} ({len(plan.consumers)} consumers; check-config: OK)",
         "",
-        f"GPU  {r.device}: {r.total_mib} MiB, {r.used_mib} MiB in use ({plan.gpu.backend})",
+        f"GPU  {r.device}: {r.total_mib} MiB, {_in_use(r.used_mib)} ({plan.gpu.backend})",
         "",
         "Found:",
     ]
@@ -426,6 +439,7 @@ async def run_init(
     out: Path,
     force: bool = False,
     gpu_sim: str | None = None,
+    total_mib: int | None = None,
     usual_ports: Sequence[int] = USUAL_PORTS,
     front_end_ports: Sequence[int] | None = None,  # None: FRONT_END_PORTS, or () without usual
     system: LocalSystem | None = None,
@@ -435,9 +449,10 @@ async def run_init(
 ) -> tuple[Plan, str]:
     """Everything `mgpumanager init` does but printing: returns the plan and the summary."""
     await asyncio.to_thread(refuse_overwrite, out, force)  # before any probing
-    gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root)
+    gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root, total_mib=total_mib)
     system = system if system is not None else ProcSystem(proc_root)
     found = await scan_targets(targets_to_probe(scan, usual_ports), system=system)
+    doors = await leave_out_doors(found)  # a broker's front doors are no services
     if front_end_ports is None:
         front_end_ports = FRONT_END_PORTS if usual_ports else ()
     fronts = await find_front_ends(
@@ -451,6 +466,11 @@ async def run_init(
     ]
     plan = make_plan(found, gpu, system)
     plan.front_ends = fronts
+    plan.checks.extend(
+        f"{d.target.address}: the front door of the mgpumanager broker at {d.broker.address} "
+        f"(its consumer {d.consumer}): left out"
+        for d in doors
+    )
     if not plan.consumers:
         probed = ", ".join(t.address for t in targets_to_probe(scan, usual_ports))
         extra = "".join(f"\n  {line}" for line in plan.checks)
@@ -475,7 +495,9 @@ def main_init(args: Any) -> int:
                 out=args.out,
                 force=args.force,
                 gpu_sim=args.gpu_sim,
-                usual_ports=() if args.no_usual_ports else USUAL_PORTS,
+                total_mib=args.total_mib,
+                # and the broker's own default port: a broker there says where its doors are
+                usual_ports=() if args.no_usual_ports else (*USUAL_PORTS, BROKER_PORT),
             )
         )
     except InitError as exc:

@@ -141,6 +141,15 @@ def size_consumer(c: Consumer, usable_mib: int) -> None:
         "CHECK: not loaded now, so not measured: the whole card (the safe side); lower it to "
         "what it holds after a job (vram_measured_mib in /v1/status)",
     )
+    if svc.off_card is not None:
+        # Its own memory figures are the host's: none of them is taken as the card's.
+        where = svc.off_card.upper()
+        c.cost = Size(
+            0,
+            "reported",
+            f"runs on {where}: holds no card memory; once it runs on the GPU, run init again",
+        )
+        return
     if svc.kind is ServiceKind.OLLAMA:
         loaded = [m for m in svc.models if m.loaded]
         sizes = [(m, _ollama_model_size(m, len(loaded) == 1, measured)) for m in svc.models]

@@ -135,18 +135,15 @@ class Part:
 
 
 def memory_parts(status: dict[str, Any]) -> list[Part]:
-    """The card's memory, left to right: what each consumer holds (measured where the GPU
-    reading attributes it, declared otherwise), memory held outside any consumer, free, and the
-    safety margin. The page draws the same."""
+    """The card's memory, left to right: what each consumer holds (the figure the planner
+    counts, `vram_mib`, by its source), memory held outside any consumer, free, and the safety
+    margin. The page draws the same."""
     gpu = status["gpu"]
     parts = []
     for name, c in status["consumers"].items():
         if c["residency"] not in HOLDS_MEMORY:
             continue
-        measured = c["vram_measured_mib"]
-        known = measured is not None and measured > 0
-        kind = "measured" if known else "declared"
-        parts.append(Part(name, measured if known else c["vram_declared_mib"], kind))
+        parts.append(Part(name, c["vram_mib"], c["vram_source"]))
     held = sum(p.mib for p in parts)
     used = gpu["used_mib"]
     outside = 0 if used is None else max(0, used - held)
@@ -173,8 +170,8 @@ FILL = {"outside": "#", "free": ".", "margin": "!"}
 
 
 def bar(parts: list[Part], glyphs: dict[str, str], width: int) -> str:
-    """Measured memory in upper case, declared in lower case, outside `#`, free `.`, margin
-    `!`; every part that holds memory gets at least one cell."""
+    """Measured or reported memory in upper case, declared in lower case, outside `#`, free
+    `.`, margin `!`; every part that holds memory gets at least one cell."""
     total = sum(p.mib for p in parts) or 1
     cells = []
     for p in parts:
@@ -182,7 +179,7 @@ def bar(parts: list[Part], glyphs: dict[str, str], width: int) -> str:
         if p.mib > 0 and p.kind != "free":
             n = max(1, n)
         ch = FILL.get(p.kind) or glyphs[p.label]
-        cells.append((ch.upper() if p.kind == "measured" else ch) * n)
+        cells.append((ch.upper() if p.kind in ("measured", "reported") else ch) * n)
     line = "".join(cells)
     if len(line) > width:  # rounding: take the excess from the free part
         line = line.replace(".", "", len(line) - width)
@@ -257,6 +254,8 @@ def render(status: dict[str, Any], url: str, width: int = 100, evictions: int = 
     ]
     for name, c in consumers.items():
         health = {None: "not probed", True: "healthy", False: "FAILING"}[c["healthy"]]
+        if c.get("health_state") == "stopped":
+            health = "stopped"  # on demand: its next job starts it
         residency = c["residency"]
         if c["resident_models"]:
             residency += f" ({', '.join(c['resident_models'])})"
@@ -266,7 +265,7 @@ def render(status: dict[str, Any], url: str, width: int = 100, evictions: int = 
                 name,
                 health,
                 residency,
-                _mib(c["vram_declared_mib"]),
+                f"{_mib(c['vram_mib'])} {c['vram_source']}",
                 "never" if used_ago is None else f"{_secs(used_ago)} ago",
                 f"{_secs(c['last_load_s'])} / {_secs(c['last_unload_s'])}",
                 str(c["queue_depth"]),
@@ -288,7 +287,8 @@ def render(status: dict[str, Any], url: str, width: int = 100, evictions: int = 
             f"waiting {_secs(j['age_s'])}"
         )
     lines.append(
-        f"  completed {sched['completed']}, failed {sched['failed']}, cancelled "
+        f"  completed {sched['completed']}, upstream errors {sched.get('upstream_error', 0)}, "
+        f"failed {sched['failed']}, cancelled "
         f"{sched['cancelled']}, timed out {sched['timed_out']}; swaps {sched['swaps']}, "
         f"evictions {sched['evictions']} ({sched['eviction_failures']} failed)"
     )

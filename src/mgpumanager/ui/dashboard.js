@@ -236,18 +236,15 @@ function render(status) {
   renderJobs(status.recent_jobs);
 }
 
-// The bar: what each consumer holds (measured where the GPU reading attributes it, declared
-// otherwise), memory no consumer accounts for, what is free, and the safety margin.
+// The bar: what each consumer holds (the figure the planner counts, by its source: measured,
+// reported or declared), memory no consumer accounts for, what is free, and the safety margin.
 function memoryParts(status) {
   const gpu = status.gpu;
   const total = gpu.total_mib;
   const parts = [];
   for (const [name, c] of Object.entries(status.consumers)) {
     if (!HOLDS_MEMORY.has(c.residency)) continue;
-    const measured = c.vram_measured_mib;
-    const known = measured !== null && measured > 0;
-    const value = known ? measured : c.vram_declared_mib;
-    parts.push({ kind: known ? "measured" : "declared", name, mib: value, residency: c.residency });
+    parts.push({ kind: c.vram_source, name, mib: c.vram_mib, residency: c.residency });
   }
   const held = parts.reduce((a, p) => a + p.mib, 0);
   const outside = gpu.used_mib === null ? 0 : Math.max(0, gpu.used_mib - held);
@@ -327,7 +324,8 @@ function renderConsumers(status) {
     const r = state.rows[name] || (state.rows[name] = consumerRow(name));
     r.sub.textContent = `${c.type} · priority ${c.priority}${c.pinned ? " · pinned" : ""}`;
     const health = c.healthy === null ? pill("not probed", "unloaded")
-      : c.healthy ? pill("healthy", "ok") : pill("failing", "bad");
+      : c.healthy ? pill("healthy", "ok")
+      : c.health_state === "stopped" ? pill("stopped", "unloaded") : pill("failing", "bad");
     r.health.replaceChildren(health);
     r.health.title = c.health_detail;
     const models = c.resident_models.length
@@ -335,8 +333,9 @@ function renderConsumers(status) {
     const busy = c.busy_outside ? h("div", { class: "sub" }, "busy outside the broker") : null;
     r.residency.replaceChildren(...[pill(c.residency), models, busy].filter(Boolean));
     r.residency.title = c.residency_detail;
-    const measured = c.vram_measured_mib === null ? "" : ` (${mib(c.vram_measured_mib)} seen)`;
-    r.vram.textContent = mib(c.vram_declared_mib) + measured;
+    r.vram.textContent = `${mib(c.vram_mib)} ${c.vram_source}`;
+    r.vram.title = `declared ${mib(c.vram_declared_mib)} MiB` +
+      (c.vram_measured_mib === null ? "" : `, measured ${mib(c.vram_measured_mib)} MiB`);
     r.used.textContent = ago(c.last_used_s_ago);
     r.times.textContent = `${secs(c.last_load_s)} / ${secs(c.last_unload_s)}`;
     r.queue.textContent = c.queue_depth;
@@ -388,7 +387,8 @@ function renderScheduler(status) {
     h("td", { class: "num" }, j.priority), h("td", { class: "num" }, secs(j.age_s))));
   fill($("queue").tBodies[0], rows, 5, "nobody waits");
   const counters = [
-    ["completed", s.completed], ["failed", s.failed], ["cancelled", s.cancelled],
+    ["completed", s.completed], ["upstream errors", s.upstream_error], ["failed", s.failed],
+    ["cancelled", s.cancelled],
     ["timed out", s.timed_out], ["swaps", s.swaps], ["evictions", s.evictions],
     ["eviction failures", s.eviction_failures], ["load failures", s.load_failures],
     ["handoffs", s.handoffs], ["swap time", secs(s.swap_seconds)],
@@ -414,7 +414,7 @@ function renderJobs(jobs) {
   const rows = jobs.map((j) => h("tr", {},
     h("td", {}, clock(j.time)), h("td", {}, j.label || "—"), h("td", {}, j.consumer),
     h("td", { class: "num" }, secs(j.wait_s)), h("td", { class: "num" }, secs(j.run_s)),
-    h("td", {}, pill(j.outcome))));
+    h("td", {}, pill(j.status ? `${j.outcome} ${j.status}` : j.outcome, j.outcome))));
   fill($("jobs").tBodies[0], rows, 6, "no job yet");
 }
 
@@ -427,7 +427,7 @@ function describe(e) {
     case "job.granted":
       return `${job(e)} → ${e.consumer} after ${secs(e.wait_s)}${e.swap ? ", swap" : ""}`;
     case "job.finished":
-      return `${job(e)} ${e.outcome}: waited ${secs(e.wait_s)}, ran ${secs(e.run_s)}`;
+      return `${job(e)} ${e.outcome}${e.status ? " " + e.status : ""}: waited ${secs(e.wait_s)}, ran ${secs(e.run_s)}`;
     case "eviction.planned":
       return `${e.target} needs ${mib(e.need_mib)} MiB, headroom ${mib(e.headroom_mib)}: ` +
         `evicting ${e.victims.join(", ")}`;
@@ -443,7 +443,8 @@ function describe(e) {
     case "residency.changed":
       return `${e.consumer}: ${e.previous} → ${e.residency} (${e.reason})`;
     case "health.changed":
-      return `${e.consumer}: ${e.healthy ? "healthy" : "failing"} (${e.detail})`;
+      return `${e.consumer}: ${e.healthy ? "healthy"
+        : e.health_state === "stopped" ? "stopped" : "failing"} (${e.detail})`;
     default: return JSON.stringify(e);
   }
 }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mgpumanager.registry import Config
 from mgpumanager.upstreams.adapters import BaseAdapter
+from mgpumanager.upstreams.model_names import model_identity, registry_entry, spelling
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +70,51 @@ class ModelCatalog:
 
     def owner(self, model: str, among: list[str] | None = None) -> ModelOwner | None:
         """The consumer that serves `model`: one whose registry lists it (or an alias of it)
-        first, in registry order, else one whose upstream lists it. `among` narrows the
-        consumers asked (say, only those of type ollama)."""
+        first, in registry order, else one whose upstream lists it under any spelling of the
+        same model (model_names). `among` narrows the consumers asked (say, only those of type
+        ollama). `target` is the name as the upstream lists it, where its list says."""
         names = [n for n in self.config.consumers if among is None or n in among]
         for name in names:
             consumer = self.config.consumers[name]
-            entry = consumer.model_entry(model)
+            entry = registry_entry(consumer, model)
             if entry is not None:
-                return ModelOwner(model, name, entry.name)
+                return ModelOwner(model, name, self.listed_name(name, entry.name) or entry.name)
             if model in consumer.aliases:  # an alias of a model only its upstream lists
-                return ModelOwner(model, name, consumer.aliases[model])
+                target = consumer.aliases[model]
+                return ModelOwner(model, name, self.listed_name(name, target) or target)
         for name in names:
-            listed = self.upstream.get(name)
-            if not listed:
-                continue
-            if model in listed:
-                return ModelOwner(model, name, model)
-            key = self.adapters[name].model_key(model)  # Ollama's implicit :latest
-            if key in listed:
-                return ModelOwner(model, name, key)
+            listed = self.listed_name(name, model)
+            if listed is not None:
+                return ModelOwner(model, name, listed)
         return None
 
+    def listed_name(self, consumer: str, model: str) -> str | None:
+        """How `consumer`'s upstream list spells `model` (None: not listed, or no list)."""
+        listed = self.upstream.get(consumer)
+        if not listed:
+            return None
+        return spelling(self.config.consumers[consumer].type, listed, model)
+
+    def listed_size(self, consumer: str, model: str) -> int | None:
+        """The upstream list's size for `model` in MiB, under any spelling of it."""
+        name = self.listed_name(consumer, model)
+        return None if name is None else self.upstream[consumer][name]
+
     def listing(self, among: list[str] | None = None) -> list[ModelOwner]:
-        """Every model (and alias) of every consumer in `among`, each once, registry first."""
+        """Every model (and alias) of every consumer in `among`, each once, registry first:
+        an upstream's `big:latest` is not listed again beside the registry's `big`."""
         seen: set[str] = set()
         out = []
         for name, c in self.config.consumers.items():
             if among is not None and name not in among:
                 continue
+            mine = {model_identity(c.type, m.name) for m in c.models}
             names = [m.name for m in c.models] + list(c.aliases)
-            names += sorted(self.upstream.get(name, {}))
+            names += [
+                m
+                for m in sorted(self.upstream.get(name, {}))
+                if model_identity(c.type, m) not in mine
+            ]
             for model in names:
                 if model not in seen:
                     seen.add(model)
@@ -107,17 +123,17 @@ class ModelCatalog:
 
     def size_mib(self, consumer: str, model: str) -> int | None:
         """VRAM one model needs: the registry's `vram_mib`, else the upstream's own figure."""
-        entry = self.config.consumers[consumer].model_entry(model)
+        entry = registry_entry(self.config.consumers[consumer], model)
         if entry is not None and entry.vram_mib is not None:
             return entry.vram_mib
-        target = entry.name if entry is not None else model
-        return self.upstream.get(consumer, {}).get(target)
+        return self.listed_size(consumer, entry.name if entry is not None else model)
 
     def has(self, consumer: str, model: str) -> bool | None:
-        """Whether the upstream has `model` (None: it keeps no list, or it was not read)."""
+        """Whether the upstream lists `model` under any spelling (None: it keeps no list, or it
+        was not read)."""
         listed = self.upstream.get(consumer)
         if listed is None:
             return None
-        entry = self.config.consumers[consumer].model_entry(model)
+        entry = registry_entry(self.config.consumers[consumer], model)
         target = entry.name if entry is not None else model
-        return target in listed or self.adapters[consumer].model_key(target) in listed
+        return spelling(self.config.consumers[consumer].type, listed, target) is not None

@@ -150,6 +150,12 @@ class StaticReader:
     def total_mib(self) -> int:
         return self._total_mib
 
+    def resize(self, total_mib: int) -> None:
+        """A reload gave the card another size."""
+        if total_mib <= 0:
+            raise ValueError(f"total_mib must be positive, got {total_mib}")
+        self._total_mib = total_mib
+
     async def read(self) -> GpuReading:
         return GpuReading.without_figures(self.backend, "static (no readings)", self._total_mib)
 

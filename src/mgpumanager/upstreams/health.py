@@ -3,6 +3,10 @@
 The gate is strict: a job for a consumer whose last probe failed gets `consumer_unreachable`
 at once (retryable) and is never forwarded elsewhere. One exception: a consumer the broker
 itself stopped (type `command`, unloaded) fails its probes by design; its next job starts it.
+
+An on-demand service (one whose unload stops its process) that nothing answers for is
+`stopped`, not failing: `health_state` says `ok`, `failing` or `stopped` (None: not probed
+yet), and a service found stopped is one INFO line, never `health FAILED`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ class HealthState:
     detail: str
     checked_at: float | None
     consecutive_failures: int = 0
+    stopped: bool = False  # an on-demand service whose process is not running
+    answered: int | None = None  # the HTTP status its last probe got, if it got one
+
+    @property
+    def health_state(self) -> str | None:
+        """`ok`, `failing` or `stopped`; None before the first probe."""
+        if self.ok is None:
+            return None
+        return "ok" if self.ok else "stopped" if self.stopped else "failing"
 
 
 class HealthMonitor:
@@ -58,13 +71,24 @@ class HealthMonitor:
             return previous  # a newer probe already answered: this one is stale
         self._applied[name] = seq
         failures = 0 if result.ok else previous.consecutive_failures + 1
-        state = HealthState(result.ok, result.detail, self.clock.now(), failures)
-        if previous.ok is not result.ok:
-            level = logging.INFO if result.ok else logging.WARNING
-            log.log(
-                level, "%s: health %s (%s)", name, "ok" if result.ok else "FAILED", result.detail
+        stopped = not result.ok and result.refused and adapter.stops_process
+        state = HealthState(
+            result.ok, result.detail, self.clock.now(), failures, stopped, result.answered
+        )
+        if previous.health_state != state.health_state:
+            if state.stopped:
+                log.info("%s: not running (started on demand by its next job)", name)
+            elif result.ok:
+                log.info("%s: health ok (%s)", name, result.detail)
+            else:
+                log.warning("%s: health FAILED (%s)", name, result.detail)
+            self._emit(
+                "health.changed",
+                consumer=name,
+                healthy=result.ok,
+                health_state=state.health_state,
+                detail=result.detail,
             )
-            self._emit("health.changed", consumer=name, healthy=result.ok, detail=result.detail)
         self.states[name] = state
         return state
 
@@ -97,8 +121,10 @@ class HealthMonitor:
         """Raise consumer_unreachable if the last probe failed."""
         state = self.states[name]
         if state.ok is False and not stopped_by_broker:
-            raise BrokerError(
-                ErrorCode.CONSUMER_UNREACHABLE,
-                f"upstream {name} last probe failed: {state.detail}",
-                consumer=name,
+            message = (
+                f"upstream {name} answers, but its health probe failed: {state.detail} "
+                "(check its health.path in the registry)"
+                if state.answered is not None
+                else f"upstream {name} cannot be reached: {state.detail}"
             )
+            raise BrokerError(ErrorCode.CONSUMER_UNREACHABLE, message, consumer=name)

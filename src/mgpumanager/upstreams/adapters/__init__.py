@@ -28,7 +28,6 @@ from mgpumanager.upstreams.adapters.base import (
     HealthResult,
     ResidencyReport,
     UpstreamStatus,
-    relay_kind,
     residual_allowance_mib,
 )
 from mgpumanager.upstreams.adapters.comfyui import ComfyUIAdapter
@@ -48,8 +47,12 @@ ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
 }
 
 
-def make_adapter(name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> BaseAdapter:
-    return ADAPTERS[config.type](name, config, session)
+def make_adapter(
+    name: str, config: ConsumerConfig, session: aiohttp.ClientSession, *, gpu_index: int = 0
+) -> BaseAdapter:
+    adapter = ADAPTERS[config.type](name, config, session)
+    adapter.gpu_index = gpu_index
+    return adapter
 
 
 __all__ = [
@@ -67,6 +70,5 @@ __all__ = [
     "UpstreamStatus",
     "VllmAdapter",
     "make_adapter",
-    "relay_kind",
     "residual_allowance_mib",
 ]

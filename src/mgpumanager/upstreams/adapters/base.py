@@ -28,16 +28,12 @@ from aiohttp import web
 
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.registry import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
+from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.proxy import Body, forward, translate_client_error
 from mgpumanager.scheduling.lease import JobHandle
 
 log = logging.getLogger(__name__)
 
-
-# A job's kind is either a facade kind (`tts`, `llm`..., looked up in the consumer's paths) or
-# a relay: the client's own method and path sent to the same path upstream (Ollama's API at the
-# root, the OpenAI-compatible routes, a consumer's API under /upstream/<name>/).
-RELAY_PREFIX = "relay:"
 
 # The OpenAI-style routes that run a model: scheduled wherever a consumer serves OpenAI routes.
 OPENAI_GPU_PATHS = frozenset(
@@ -53,24 +49,12 @@ OPENAI_GPU_PATHS = frozenset(
 )
 
 
-def relay_kind(method: str, path: str) -> str:
-    """The kind of a job relayed as `method path` (the raw path, still percent-encoded)."""
-    return f"{RELAY_PREFIX}{method} {path}"
-
-
-def relay_call(kind: str) -> HttpCall | None:
-    """The call a relay kind stands for; None for a facade kind."""
-    if not kind.startswith(RELAY_PREFIX):
-        return None
-    method, _, path = kind.removeprefix(RELAY_PREFIX).partition(" ")
-    return HttpCall.model_validate({"method": method, "path": path})
-
-
 @dataclass(frozen=True)
 class HealthResult:
     ok: bool
     detail: str
     refused: bool = False  # nothing listens: the process is not running
+    answered: int | None = None  # the HTTP status of a probe that got an answer
 
 
 @dataclass(frozen=True)
@@ -119,19 +103,15 @@ class ConsumerAdapter(Protocol):
     def model_key(self, model: str) -> str: ...
     async def unload_model(self, model: str) -> None: ...
     async def load_model(self, model: str) -> None: ...
-    def check_body(self, kind: str, body: Body | None) -> None:
+    def check_body(self, spec: JobSpec) -> None:
         """Refuse (bad_request) a job's body, received whole, that could never run: before it
         queues for the GPU, not under the lease."""
 
     async def forward(
-        self,
-        request: web.Request,
-        kind: str,
-        job: JobHandle,
-        max_body_bytes: int,
-        body: Body | None = None,
+        self, request: web.Request, spec: JobSpec, job: JobHandle
     ) -> web.StreamResponse:
-        """Run one job; `body`: the request body, received whole before the job started."""
+        """Run one job; `spec.body`: the request body, received whole before the job started
+        (None: the request has none)."""
 
 
 class UpstreamStatus(BrokerError):
@@ -154,6 +134,10 @@ class BaseAdapter:
     default_paths: ClassVar[Mapping[str, HttpCall]] = {}
     # Routes of its own API that use the GPU and whose JSON body names a model: `(method, path)`.
     model_routes: ClassVar[frozenset[tuple[str, str]]] = frozenset()
+
+    # The broker's card (`gpu.index`), for upstreams that list several devices (ComfyUI's
+    # /system_stats); make_adapter sets it.
+    gpu_index: int = 0
 
     def __init__(self, name: str, config: ConsumerConfig, session: aiohttp.ClientSession) -> None:
         self.name = name
@@ -183,9 +167,6 @@ class BaseAdapter:
         return self.config.unload is not None
 
     def path_for(self, kind: str) -> HttpCall:
-        relayed = relay_call(kind)
-        if relayed is not None:
-            return relayed
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
         call = call or DEFAULT_PATHS.get(kind)
         if call is None:
@@ -322,8 +303,10 @@ class BaseAdapter:
                 async with self.session.request(h.method, self.url(h.path)) as resp:
                     await resp.read()
                     if 200 <= resp.status < 300:
-                        return HealthResult(True, f"{resp.status}")
-                    return HealthResult(False, f"{h.method} {h.path} answered {resp.status}")
+                        return HealthResult(True, f"{resp.status}", answered=resp.status)
+                    return HealthResult(
+                        False, f"{h.method} {h.path} answered {resp.status}", answered=resp.status
+                    )
         except TimeoutError:
             return HealthResult(False, f"no answer within {h.timeout_s:g} s")
         except aiohttp.ClientConnectorError as exc:
@@ -360,23 +343,19 @@ class BaseAdapter:
             ErrorCode.SCHEDULER_ERROR, f"{self.name} is not tracked per model", consumer=self.name
         )
 
-    def check_body(self, kind: str, body: Body | None) -> None:
+    def check_body(self, spec: JobSpec) -> None:
         return None  # most upstreams judge their own bodies
 
     async def forward(
-        self,
-        request: web.Request,
-        kind: str,
-        job: JobHandle,
-        max_body_bytes: int,
-        body: Body | None = None,
+        self, request: web.Request, spec: JobSpec, job: JobHandle
     ) -> web.StreamResponse:
-        return await self.relay(request, self.path_for(kind), max_body_bytes, body)
+        return await self.relay(request, spec.call, spec.body)
 
     async def relay(
-        self, request: web.Request, call: HttpCall, max_body_bytes: int, body: Body | None = None
+        self, request: web.Request, call: HttpCall, body: Body | None
     ) -> web.StreamResponse:
-        """Stream `request` to this upstream's `call` (with `body` instead of the client's)."""
+        """Send a job's `body`, received whole, to this upstream's `call`, and relay the
+        answer."""
         return await forward(
             request,
             self.session,
@@ -384,6 +363,6 @@ class BaseAdapter:
             method=call.method,
             path=call.path,
             consumer=self.name,
-            max_body_bytes=max_body_bytes,
+            max_body_bytes=None,  # received whole before the job started
             body=body,
         )

@@ -10,6 +10,7 @@ the first prompt).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -21,7 +22,8 @@ from aiohttp import web
 
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.registry import ConsumerConfig, HealthConfig, HttpCall
-from mgpumanager.relay.bodies import encode_json, parse_json, read_body
+from mgpumanager.relay.bodies import encode_json, parse_json
+from mgpumanager.relay.job import JobSpec
 from mgpumanager.relay.proxy import Body
 from mgpumanager.scheduling.lease import JobHandle
 from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport, residual_allowance_mib
@@ -32,6 +34,30 @@ MIB = 1024 * 1024
 PROMPT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Newer ComfyUI serves every route under /api/ too; its own front end posts to /api/prompt.
 PROMPT_PATHS = ("/prompt", "/api/prompt")
+# Sent when a prompt's run is over; its /history entry and `executing {node: null}` follow.
+RUN_ENDED = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+ENDING_POLL_S = 0.02
+
+
+# What torch calls a card: ROCm builds of torch say "cuda" too; some report "hip"/"rocm".
+CARD_TYPES = frozenset({"cuda", "rocm", "hip"})
+
+
+def card_device(devices: object, gpu_index: int) -> dict[str, Any] | None:
+    """The /system_stats device that is the broker's GPU, or None when ComfyUI runs on none.
+
+    A `--cpu` ComfyUI lists `{"type": "cpu", "index": null, "torch_vram_total": <RAM>}` and an
+    Apple one `mps`: neither holds card memory. Among cards, the one with the broker's index;
+    where ComfyUI lists a single card under another index (CUDA_VISIBLE_DEVICES renumbers
+    from 0), that one: counting it is safe, missing it would let a load run into its memory.
+    """
+    if not isinstance(devices, list):
+        return None
+    cards = [d for d in devices if isinstance(d, dict) and d.get("type") in CARD_TYPES]
+    for card in cards:
+        if card.get("index") == gpu_index:
+            return card
+    return cards[0] if len(cards) == 1 else None
 
 
 class ComfyUIAdapter(BaseAdapter):
@@ -56,16 +82,30 @@ class ComfyUIAdapter(BaseAdapter):
         return ids
 
     async def torch_reserved_mib(self) -> int | None:
-        """/system_stats `devices[0].torch_vram_total`: what ComfyUI's own allocator holds.
-        It sees models loaded by anyone (its web page too) and works where a container hides
-        the process from the GPU reader."""
+        """What ComfyUI's own allocator holds on the broker's GPU: `torch_vram_total` of the
+        /system_stats device that is that card. It sees models loaded by anyone (its web page
+        too) and works where a container hides the process from the GPU reader. None: no
+        answer; 0: ComfyUI runs on no card (`--cpu`, MPS), where `torch_vram_total` is the
+        machine's RAM, not card memory."""
+        figure = await self._card_figure()
+        return None if figure is None else figure[1]
+
+    async def _card_figure(self) -> tuple[str, int] | None:
+        """(what the figure is, MiB), or None when /system_stats says nothing usable."""
         stats = await self.request_json(
             "GET", "/system_stats", timeout_s=self.health_config.timeout_s
         )
         devices = stats.get("devices") if isinstance(stats, dict) else None
-        first = devices[0] if isinstance(devices, list) and devices else None
-        total = first.get("torch_vram_total") if isinstance(first, dict) else None
-        return total // MIB if isinstance(total, int) and total >= 0 else None
+        device = card_device(devices, self.gpu_index)
+        if device is None:
+            if not isinstance(devices, list) or not devices:
+                return None
+            first = devices[0] if isinstance(devices[0], dict) else {}
+            return f"runs on {first.get('type') or 'no GPU'}, holds no card memory", 0
+        total = device.get("torch_vram_total")
+        if not isinstance(total, int) or total < 0:
+            return None
+        return f"torch holds {total // MIB} MiB", total // MIB
 
     async def unloaded(self) -> bool:
         """Its own allocator holds no more than a CUDA context (where /system_stats says)."""
@@ -73,16 +113,21 @@ class ComfyUIAdapter(BaseAdapter):
         return reserved is None or reserved <= residual_allowance_mib(self.config.vram_resident_mib)
 
     async def residency(self) -> ResidencyReport:
-        outside_ids, reserved = await asyncio.gather(self.queued_ids(), self.torch_reserved_mib())
+        outside_ids, figure = await asyncio.gather(self.queued_ids(), self._card_figure())
         outside = outside_ids - self.ours
-        detail = f"{len(outside)} prompt(s) posted around the broker" if outside else ""
-        if reserved is None:
-            return ResidencyReport(None, busy=bool(outside), detail=detail)
+        # The detail names the figures this report is made of, no others.
+        running = f"{len(outside)} prompt(s) posted around the broker" if outside else ""
+        if figure is None:
+            return ResidencyReport(None, busy=bool(outside), detail=running)
+        what, reserved = figure
         # Above its CUDA context and allocator cache (a few hundred MiB) it has models loaded.
         loaded = reserved > residual_allowance_mib(self.config.vram_resident_mib)
-        detail = ", ".join(filter(None, [f"torch holds {reserved} MiB", detail]))
         return ResidencyReport(
-            loaded, busy=bool(outside), detail=detail, held_mib=reserved if loaded else None
+            loaded,
+            busy=bool(outside),
+            detail=", ".join(filter(None, [what, running])),
+            # 0: on no card at all, so work around the broker takes no card memory either.
+            held_mib=reserved if loaded or reserved == 0 else None,
         )
 
     async def unload(self) -> None:
@@ -94,11 +139,10 @@ class ComfyUIAdapter(BaseAdapter):
                 "POST", "/free", body=body, timeout_s=self.config.unload_timeout_s
             )
 
-    def check_body(self, kind: str, body: Body | None) -> None:
+    def check_body(self, spec: JobSpec) -> None:
         """A prompt that could never run is refused before it queues for the GPU."""
-        call = self.path_for(kind)
-        if call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS:
-            self._prompt(body if body is not None else b"")
+        if _posts_prompt(spec.call):
+            self._prompt(spec.body if spec.body is not None else b"")
 
     def _prompt(self, body: Body) -> dict[str, Any]:
         """The prompt a body holds (received whole), or a bad_request saying why not."""
@@ -122,21 +166,13 @@ class ComfyUIAdapter(BaseAdapter):
         return prompt
 
     async def forward(
-        self,
-        request: web.Request,
-        kind: str,
-        job: JobHandle,
-        max_body_bytes: int,
-        body: Body | None = None,
+        self, request: web.Request, spec: JobSpec, job: JobHandle
     ) -> web.StreamResponse:
-        call = self.path_for(kind)
-        if call.method != "POST" or call.path.split("?", 1)[0] not in PROMPT_PATHS:
-            return await super().forward(request, kind, job, max_body_bytes, body)
+        if not _posts_prompt(spec.call):
+            return await super().forward(request, spec, job)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        if body is None:
-            body = await read_body(request, max_body_bytes, self.name)
-        prompt = self._prompt(body)
+        prompt = self._prompt(spec.body if spec.body is not None else b"")
         prompt_id = str(prompt.get("prompt_id") or uuid.uuid4())
         prompt["prompt_id"] = prompt_id
         ws: aiohttp.ClientWebSocketResponse | None = None
@@ -152,7 +188,7 @@ class ComfyUIAdapter(BaseAdapter):
             ws = await self._open_ws(client_id)
         self.ours.add(prompt_id)
         try:
-            response = await self.relay(request, call, max_body_bytes, body=posted)
+            response = await self.relay(request, spec.call, posted)
         except BaseException:
             # The prompt may be on ComfyUI's queue already (the client went away while its
             # answer was relayed): stop it before the lease goes, or it runs unguarded.
@@ -188,10 +224,11 @@ class ComfyUIAdapter(BaseAdapter):
     async def _finished(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse | None) -> None:
         """Return when the prompt has ended (success, error or interrupted). Cancelled or timed
         out by the lease: interrupt it and drop it from ComfyUI's queue."""
+        ending = asyncio.Event()  # the socket said the run is over: /history has it soon
         try:
-            waiters = [asyncio.ensure_future(self._history_done(prompt_id))]
+            waiters = [asyncio.ensure_future(self._history_done(prompt_id, ending))]
             if ws is not None:
-                waiters.append(asyncio.ensure_future(self._ws_done(prompt_id, ws)))
+                waiters.append(asyncio.ensure_future(self._ws_done(prompt_id, ws, ending)))
             try:
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -208,11 +245,17 @@ class ComfyUIAdapter(BaseAdapter):
             if ws is not None:
                 await ws.close()
 
-    async def _ws_done(self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _ws_done(
+        self, prompt_id: str, ws: aiohttp.ClientWebSocketResponse, ending: asyncio.Event
+    ) -> None:
         # Done is `executing` with `node: null`. ComfyUI sends execution_success / _error /
         # _interrupted from inside the run, and only then takes the prompt off queue_running,
         # writes /history and sends `node: null`; releasing on the earlier events let the next
-        # job see our own prompt on /queue as work posted around the broker.
+        # job see our own prompt on /queue as work posted around the broker. Those events
+        # (and `execution_interrupted`, which ComfyUI sends to every socket) do say that the
+        # end is near: /history is then asked at once, in case `node: null` never reaches us.
+        # `execution_cached` (a graph run before: it ends at once), `progress_state` and
+        # `executing {node}` are the run going on.
         async for msg in ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 continue  # binary frames are previews
@@ -223,12 +266,17 @@ class ComfyUIAdapter(BaseAdapter):
             data = event.get("data") if isinstance(event, dict) else None
             if not isinstance(data, dict) or data.get("prompt_id") != prompt_id:
                 continue
-            if event.get("type") == "executing" and data.get("node") is None:
+            kind = event.get("type")
+            if kind == "executing" and data.get("node") is None:
                 return
+            if kind in RUN_ENDED:
+                ending.set()
+            elif kind == "execution_cached" and isinstance(data.get("nodes"), list):
+                log.debug("%s: %s: %d node(s) cached", self.name, prompt_id, len(data["nodes"]))
         # Socket closed without the end event: /history (the other waiter) decides.
         await asyncio.Event().wait()
 
-    async def _history_done(self, prompt_id: str) -> None:
+    async def _history_done(self, prompt_id: str, ending: asyncio.Event) -> None:
         while True:
             try:
                 history = await self.request_json(
@@ -240,7 +288,12 @@ class ComfyUIAdapter(BaseAdapter):
                     return
             except BrokerError as exc:
                 log.debug("%s: /history poll failed: %s", self.name, exc)
-            await asyncio.sleep(self.history_poll_s)
+            if ending.is_set():
+                await asyncio.sleep(ENDING_POLL_S)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.history_poll_s):
+                        await ending.wait()
 
     async def cancel(self, prompt_id: str) -> None:
         """/interrupt stops it if it runs; a queue delete removes it if it waits. Then wait
@@ -274,3 +327,8 @@ class ComfyUIAdapter(BaseAdapter):
 
     def uses_gpu(self, method: str, path: str) -> bool:
         return (method == "POST" and path in PROMPT_PATHS) or super().uses_gpu(method, path)
+
+
+def _posts_prompt(call: HttpCall) -> bool:
+    """`call` queues a prompt (ComfyUI's `POST /prompt`, or `/api/prompt`)."""
+    return call.method == "POST" and call.path.split("?", 1)[0] in PROMPT_PATHS

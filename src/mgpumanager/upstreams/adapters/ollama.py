@@ -11,6 +11,7 @@ from __future__ import annotations
 from mgpumanager.errors import Dialect
 from mgpumanager.registry import HealthConfig, HttpCall
 from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport
+from mgpumanager.upstreams.model_names import ollama_identity
 
 MIB = 1024 * 1024
 # Ollama's own routes that run a model (the rest of its API manages models: no GPU).
@@ -45,8 +46,8 @@ class OllamaAdapter(BaseAdapter):
         return True
 
     def model_key(self, model: str) -> str:
-        # Ollama names every model with a tag; a name without one means `:latest`.
-        return model if ":" in model else f"{model}:latest"
+        # Its implied tag, namespace and registry (model_names): `big` is `big:latest`.
+        return ollama_identity(model)
 
     async def installed_models(self) -> dict[str, int | None]:
         """GET /api/tags: every pulled model with its size on disk (close to its VRAM cost)."""
