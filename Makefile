@@ -6,13 +6,16 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config/consumers.yaml
 HOST   ?=
 
+IMAGE  ?= mgpumanager:local
+BASE   ?= python:3.11-slim
+
 # The real ComfyUI the tests in tests/test_real_comfyui.py start (docs/real-comfyui.md): its
 # source from this tarball, built once into REAL_COMFYUI_DIR, outside the work tree.
 REAL_COMFYUI_TARBALL ?= ../shared/upstreams/comfyui-a125cd8.tar.gz
 REAL_COMFYUI_DIR     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mgpumanager/real-comfyui/comfyui-a125cd8
 export REAL_COMFYUI_DIR
 
-.PHONY: check build test test-fast lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch deploy undeploy clean \
+.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch deploy undeploy clean \
 	real-comfyui test-real-comfyui
 
 # The default: everything CI checks (lint, then the whole suite).
@@ -42,6 +45,19 @@ real-comfyui:
 # Only the tests that start the real ComfyUI (and the contract test against it).
 test-real-comfyui: $(STAMP) real-comfyui
 	$(BIN)/pytest -q tests/test_real_comfyui.py tests/sim/test_comfyui_contract.py
+
+# The broker's image (Dockerfile) from BASE, any base with Python 3.11. The wheels are built
+# here with this machine's pip, so the build itself needs no network (--network none).
+image: $(STAMP)
+	rm -rf build/wheels
+	$(BIN)/pip wheel --quiet --wheel-dir build/wheels .
+	docker build --network none --build-arg BASE=$(BASE) -t $(IMAGE) .
+
+# Against a real dockerd (.ci/docker-setup starts one and makes a base): fake services in
+# containers stopped and started by the broker, init finding them, the image serving the demo.
+# Every test there is skipped, saying why, where no Docker answers or IMAGE is missing.
+test-docker: $(STAMP)
+	MGPU_DOCKER_TESTS=1 MGPU_IMAGE=$(IMAGE) $(BIN)/pytest -q -rs -p no:cacheprovider tests/docker
 
 # The reliability runs at full size (10,000 fuzzed requests, 64 clients x 64 jobs, a storm of
 # 450 leaving clients, 28 SIGHUPs under load...); `make test` runs smaller versions of the same.

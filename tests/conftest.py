@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,12 @@ from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.sim.cluster import FakeSpec, SimCluster
 from mgpumanager.sim.ollama import OllamaSettings
 from mgpumanager.sim.server import RunningApp, serve_app, wait_until
+
+# The suite never talks to a Docker daemon that happens to run on the box: only the container
+# tests (tests/docker, `make test-docker`) do, and they say so with MGPU_DOCKER_TESTS=1.
+if not os.environ.get("MGPU_DOCKER_TESTS"):
+    os.environ["DOCKER_HOST"] = "unix:///nonexistent/mgpumanager-tests/docker.sock"
+    collect_ignore = ["docker"]
 
 # The one poll-until helper, under the name the tests import from here.
 wait_for = wait_until

@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             config = load_config(args.file)
+            from mgpumanager.upstreams.containers import check_containers
+
+            if not check_containers(config, args.file):
+                return 2
             print(
                 f"{args.file}: OK ({len(config.consumers)} consumers: "
                 f"{', '.join(config.consumers)})"

@@ -24,6 +24,7 @@ HONOURED = {
     AdapterType.SPEACHES: set(),
     AdapterType.COMMAND: {"unload", "load"},
     AdapterType.VLLM: {"unload", "load"},
+    AdapterType.DOCKER: set(),  # stopping and starting its container
 }
 
 
@@ -54,6 +55,8 @@ def test_an_action_key_is_honoured_or_refused(kind: AdapterType, key: str) -> No
     keys = {key: action(kind)}
     if kind is AdapterType.COMMAND and key == "unload":
         keys["load"] = action(kind)  # a command consumer that is stopped must be startable
+    if kind is AdapterType.DOCKER:
+        keys["container"] = "c"
     text = registry(kind, **keys)
     if key in HONOURED[kind]:
         assert HONOURED_ACTIONS[kind] == HONOURED[kind]

@@ -80,6 +80,7 @@ def cross_key_problems(data: Mapping[str, Any], problem: Problem) -> Iterator[Co
             # Its unload stops the process; with no load nothing would ever start it again.
             yield problem((*base, "unload"), "type: command with an unload needs a load too")
         adapter_type = _adapter_type(c.get("type", AdapterType.GENERIC.value))
+        yield from _container_problems(c, adapter_type, base, problem)
         for action_name in ("unload", "load"):
             action = c.get(action_name)
             if action is None:
@@ -121,6 +122,30 @@ def cross_key_problems(data: Mapping[str, Any], problem: Problem) -> Iterator[Co
         if section(consumers[name]).get("idle_unload_s") is not None:
             # It would be unloaded when idle and brought back when idle, over and over.
             yield problem(("idle", "warm", i), f"{name} has idle_unload_s: warm it or unload it")
+
+
+def _container_problems(
+    c: Mapping[str, Any], adapter_type: AdapterType | None, base: Loc, problem: Problem
+) -> Iterator[ConfigProblem]:
+    """`container:`: the container driver stops and starts it, so no written unload or load
+    may say otherwise; `type: docker` has no other way, so it needs one."""
+    has_container = c.get("container") is not None
+    if adapter_type is AdapterType.DOCKER and not has_container:
+        yield problem((*base, "container"), "type: docker needs container: NAME")
+    if not has_container:
+        if "stop_timeout_s" in c:
+            yield problem((*base, "stop_timeout_s"), "only for a consumer with a container")
+        return
+    if adapter_type is AdapterType.COMMAND:
+        yield problem((*base, "container"), "type: command stops its process itself: not both")
+    for action_name in ("unload", "load"):
+        honoured = adapter_type is not None and action_name in HONOURED_ACTIONS[adapter_type]
+        if c.get(action_name) is not None and honoured:
+            yield problem(
+                (*base, action_name),
+                f"not applicable with container: stopping and starting the container is its "
+                f"{action_name}",
+            )
 
 
 def _adapter_type(value: Any) -> AdapterType | None:

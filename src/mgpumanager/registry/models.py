@@ -36,6 +36,7 @@ class AdapterType(enum.StrEnum):
     SPEACHES = "speaches"
     COMMAND = "command"
     VLLM = "vllm"
+    DOCKER = "docker"
 
 
 RegistryAction = Literal["unload", "load"]
@@ -51,7 +52,12 @@ HONOURED_ACTIONS: dict[AdapterType, frozenset[RegistryAction]] = {
     AdapterType.SPEACHES: frozenset(),
     AdapterType.COMMAND: frozenset({"unload", "load"}),
     AdapterType.VLLM: frozenset({"unload", "load"}),
+    AdapterType.DOCKER: frozenset(),  # stopping and starting its container is its way
 }
+
+# How a GPU process running in a container is named (after its command line) by the GPU
+# reader, and so what a consumer with `container:` is measured by.
+CONTAINER_TAG = "[container:{}]"
 
 
 class _Model(BaseModel):
@@ -164,6 +170,22 @@ class ConsumerConfig(_Model):
     # HOST:PORT where the broker also listens with this consumer's own API at the root (the
     # service moves to another port and the broker takes its usual one). None: no front door.
     front_door: str | None = None
+    # The Docker container it runs in: unloading stops it (with `stop_timeout_s` of grace
+    # before SIGKILL), loading starts it (upstreams/adapters/docker.py). Any type may name one;
+    # `type: docker` is the plain HTTP one for services with no protocol of their own.
+    container: Annotated[str, Field(min_length=1)] | None = None
+    stop_timeout_s: float = Field(default=10.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _container_processes(cls, data: Any) -> Any:
+        # Its processes on the GPU are those the reader finds in its container.
+        if isinstance(data, Mapping) and isinstance(data.get("container"), str):
+            tag = CONTAINER_TAG.format(data["container"])
+            processes = data.get("gpu_processes", [])
+            if isinstance(processes, list) and tag not in processes:
+                data = {**data, "gpu_processes": [*processes, tag]}
+        return data
 
     @field_validator("front_door", mode="before")
     @classmethod
@@ -413,6 +435,7 @@ def redact_url(url: str) -> str:
 
 
 __all__ = [
+    "CONTAINER_TAG",
     "DEFAULT_PATHS",
     "HONOURED_ACTIONS",
     "KINDS",

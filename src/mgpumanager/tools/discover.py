@@ -126,6 +126,7 @@ class Service:
     # The device it says it computes on where that is no GPU ("cpu", "mps"): it holds no card
     # memory, and its memory figures are the host's, not the card's.
     off_card: str | None = None
+    container: str | None = None  # the Docker container it runs in (tools/containers.py)
 
 
 # Devices a service may report that are not an NVIDIA card.

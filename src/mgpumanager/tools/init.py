@@ -27,6 +27,13 @@ import yaml
 
 from mgpumanager.registry import ConfigError, parse_config
 from mgpumanager.tools.broker_doors import leave_out_doors
+from mgpumanager.tools.containers import (
+    container_targets,
+    find_containers,
+    place,
+    with_container,
+)
+from mgpumanager.tools.containers import summary_lines as container_summary
 from mgpumanager.tools.discover import (
     USUAL_PORTS,
     ServiceKind,
@@ -46,6 +53,7 @@ from mgpumanager.tools.proposal import (
     one_line,
     read_gpu,
 )
+from mgpumanager.upstreams.containers import DockerClient
 from mgpumanager.upstreams.gpu import NvmlApi
 
 BROKER_PORT = int(LISTEN.rsplit(":", 1)[1])
@@ -175,6 +183,7 @@ def _consumer_data(c: Consumer) -> dict[str, Any]:
         data["pinned"] = True
     if c.gpu_processes:
         data["gpu_processes"] = list(c.gpu_processes)
+    with_container(kind, svc.container, data)
     return data
 
 
@@ -291,6 +300,7 @@ def _write_consumer(doc: _Doc, c: Consumer, cdata: dict[str, Any], plan: Plan) -
         "pinned": "CHECK: no sleep mode, so nothing can unload it",
         "can_coexist_with": "fit together with it",
         "gpu_processes": "" if c.patterns_seen else "CHECK: usual names, not seen on the GPU now",
+        "container": "stopped to unload, started to load (its processes on the GPU: this one's)",
     }
     if c.service.kind is ServiceKind.WHISPER and "unload" in cdata:
         notes["unload"] = "whisper-server has no unload call: stopping its unit frees the card"
@@ -355,6 +365,8 @@ def summary(plan: Plan, out: Path) -> str:
         lines.append(f"  {'-':<12} {'nothing answers':<18} {t.url}")
     for f in plan.front_ends:
         lines.append(f"  {'-':<12} {f.name:<18} {f.target.url:<24} a front end, not a consumer")
+    if plan.containers is not None:
+        lines += container_summary(plan.containers, r)
     lines += ["", "Proposed:"]
     routes = ", ".join(f"{k} -> {v}" for k, v in plan.routing.items())
     lines.append(f"  routing      {routes or 'none'}")
@@ -446,13 +458,17 @@ async def run_init(
     written_at: dt.datetime | None = None,
     nvml: NvmlApi | None = None,
     proc_root: Path = Path("/proc"),
+    docker: DockerClient | None = None,
 ) -> tuple[Plan, str]:
     """Everything `mgpumanager init` does but printing: returns the plan and the summary."""
     await asyncio.to_thread(refuse_overwrite, out, force)  # before any probing
     gpu = await read_gpu(gpu_sim, nvml=nvml, proc_root=proc_root, total_mib=total_mib)
     system = system if system is not None else ProcSystem(proc_root)
-    found = await scan_targets(targets_to_probe(scan, usual_ports), system=system)
+    containers = await find_containers(docker, proc_root)
+    targets = targets_to_probe(scan, usual_ports)
+    found = await scan_targets(targets + container_targets(containers, targets), system=system)
     doors = await leave_out_doors(found)  # a broker's front doors are no services
+    found.services = [place(s, containers, proc_root) for s in found.services]
     if front_end_ports is None:
         front_end_ports = FRONT_END_PORTS if usual_ports else ()
     fronts = await find_front_ends(
@@ -471,6 +487,7 @@ async def run_init(
         f"(its consumer {d.consumer}): left out"
         for d in doors
     )
+    plan.containers = containers
     if not plan.consumers:
         probed = ", ".join(t.address for t in targets_to_probe(scan, usual_ports))
         extra = "".join(f"\n  {line}" for line in plan.checks)

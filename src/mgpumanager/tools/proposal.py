@@ -20,7 +20,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mgpumanager.registry import KINDS, GpuConfig
 from mgpumanager.tools.discover import (
@@ -38,6 +38,9 @@ from mgpumanager.tools.discover import (
 from mgpumanager.tools.frontends import FrontEnd
 from mgpumanager.tools.procfs import LocalSystem
 from mgpumanager.upstreams.gpu import GpuProcess, GpuReading, measured_mib
+
+if TYPE_CHECKING:
+    from mgpumanager.tools.containers import Containers
 
 LISTEN = "127.0.0.1:8770"
 OLLAMA_DISK_FACTOR = 1.2  # weights on disk + KV cache and CUDA context, roughly
@@ -320,6 +323,8 @@ class Plan:
     checks: list[str]
     # Web front ends found (their origins are proposed for auth.allowed_origins).
     front_ends: list[FrontEnd] = field(default_factory=list)
+    # The running Docker containers (tools/containers.py); None: not looked for.
+    containers: Containers | None = None
 
     @property
     def usable_mib(self) -> int:

@@ -25,6 +25,7 @@ import pynvml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mgpumanager.registry import GpuConfig
+from mgpumanager.upstreams.containers import ContainerNames, tag_process
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,11 @@ class NvmlReader:
         nvml: NvmlApi | None = None,
         *,
         proc_root: Path = Path("/proc"),
+        containers: ContainerNames | None = None,
     ) -> None:
         self._index = index
+        # Names the container a GPU process runs in (`[container:NAME]`, upstreams/containers.py).
+        self._containers = containers if containers is not None else ContainerNames()
         self._cap_mib = total_cap_mib
         self._nvml: NvmlApi = nvml if nvml is not None else pynvml
         self._proc_root = proc_root
@@ -336,9 +340,10 @@ class NvmlReader:
     def _process(self, raw: Any) -> GpuProcess:
         pid = int(raw.pid) if raw.pid else None
         used = raw.usedGpuMemory  # None: unknown (containers, WDDM); pynvml maps N/A to None
+        name = self._process_name(pid) or f"pid:{raw.pid}"
         return GpuProcess(
             pid=pid,
-            name=self._process_name(pid) or f"pid:{raw.pid}",
+            name=tag_process(name, pid, self._containers, self._proc_root),
             used_mib=int(used) // MIB if used is not None else None,
         )
 

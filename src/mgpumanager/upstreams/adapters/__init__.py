@@ -9,6 +9,8 @@ One module per upstream type, mirroring the fakes in `mgpumanager.sim`:
     adapters/speaches.py  speaches  /api/ps load and unload per model
     adapters/command.py   command   argv unload / load (whisper.cpp via systemctl)
     adapters/vllm.py      vllm      sleep mode
+    adapters/docker.py    docker    a container stopped to unload, started to load; also the
+                                    driver in front of any type that names a `container:`
 
 This module is the registry: `ADAPTERS` maps each `type:` to its class. docs/adding-an-upstream.md
 lists every place a new type touches.
@@ -32,6 +34,7 @@ from mgpumanager.upstreams.adapters.base import (
 )
 from mgpumanager.upstreams.adapters.comfyui import ComfyUIAdapter
 from mgpumanager.upstreams.adapters.command import CommandAdapter
+from mgpumanager.upstreams.adapters.docker import ContainerDriver, DockerAdapter, driven
 from mgpumanager.upstreams.adapters.generic import GenericAdapter
 from mgpumanager.upstreams.adapters.ollama import OllamaAdapter
 from mgpumanager.upstreams.adapters.speaches import SpeachesAdapter
@@ -44,13 +47,17 @@ ADAPTERS: Mapping[AdapterType, type[BaseAdapter]] = {
     AdapterType.SPEACHES: SpeachesAdapter,
     AdapterType.COMMAND: CommandAdapter,
     AdapterType.VLLM: VllmAdapter,
+    AdapterType.DOCKER: DockerAdapter,
 }
 
 
 def make_adapter(
     name: str, config: ConsumerConfig, session: aiohttp.ClientSession, *, gpu_index: int = 0
 ) -> BaseAdapter:
-    adapter = ADAPTERS[config.type](name, config, session)
+    cls = ADAPTERS[config.type]
+    if config.container is not None:
+        cls = driven(cls)  # stopped to unload, started to load
+    adapter = cls(name, config, session)
     adapter.gpu_index = gpu_index
     return adapter
 
@@ -62,6 +69,8 @@ __all__ = [
     "ComfyUIAdapter",
     "CommandAdapter",
     "ConsumerAdapter",
+    "ContainerDriver",
+    "DockerAdapter",
     "GenericAdapter",
     "HealthResult",
     "OllamaAdapter",
