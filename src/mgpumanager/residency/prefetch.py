@@ -316,15 +316,17 @@ class Prefetcher:
                 gib_per_s=_rate(prefetch),
             )
         except asyncio.CancelledError:
+            started = prefetch.state in ("reading", "paused")
             prefetch.state = "cancelled"
-            self.counters.cancelled += 1
-            self._emit(
-                "prefetch.cancelled",
-                consumer=name,
-                model=model,
-                read_bytes=prefetch.read_bytes,
-                reason=prefetch.reason,
-            )
+            if started:  # one still planning had announced nothing
+                self.counters.cancelled += 1
+                self._emit(
+                    "prefetch.cancelled",
+                    consumer=name,
+                    model=model,
+                    read_bytes=prefetch.read_bytes,
+                    reason=prefetch.reason,
+                )
             raise
         except (BrokerError, OSError, ValueError) as exc:
             prefetch.state = "failed"
