@@ -359,7 +359,7 @@ async def run_one(
                 lambda: all(h.ok for h in broker.health.states.values()), what="healthy"
             )
             grants = GrantLog.attach(broker.lease.core)
-            counters = broker.residency.counters
+            counters = broker.residency.view.counters
             swaps0, evictions0 = counters.swaps, counters.evictions
             swap_s0 = counters.swap_seconds
             t0, sent = await replay(server, scenario)

@@ -128,7 +128,7 @@ async def run(poll_interval_s: float | None) -> dict[str, Any]:
                     upstream_s = free_delay_s + (LOAD_S if target == "mvoice" else 0.0)
                     overheads.append(reached - grants[-1] - upstream_s)
                     ratios.append((reached - grants[-1]) / upstream_s)
-            counters = broker.residency.counters
+            counters = broker.residency.view.counters
             assert counters.evictions == SWAPS, counters
             assert cluster.gpu.oom_count == 0
         finally:

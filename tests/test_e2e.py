@@ -230,7 +230,7 @@ async def test_the_card_never_runs_out_through_the_broker() -> None:
             await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="idle")
             residency = server.broker.residency
             decisions = list(residency.decisions)
-            evictions = residency.counters.evictions
+            evictions = residency.view.counters.evictions
         assert sorted(set(statuses)) == [200], statuses
         assert cluster.gpu.oom_count == 0
         assert cluster.gpu.peak_used_mib <= cluster.gpu.total_mib
@@ -297,7 +297,7 @@ async def test_an_unload_that_never_frees_fails_the_job_and_nothing_runs_out(
                 True,
             )
             assert "comfyui" in body["message"] and "not confirmed" in body["message"]
-        assert server.broker.residency.counters.eviction_failures == 1  # no second attempt
+        assert server.broker.residency.view.counters.eviction_failures == 1  # no second attempt
     assert cluster.gpu.oom_count == 0
     assert cluster.gpu.held_by("ollama") == 0  # never loaded on an unconfirmed eviction
 
@@ -320,6 +320,6 @@ async def test_a_consumer_without_an_unload_call_is_never_a_victim(cluster: SimC
             "ollama",
         )
         assert "'mvoice'" in body["message"] and "pinned" in body["message"]
-        assert server.broker.residency.records["mvoice"].state == "resident"
+        assert server.broker.residency.view.records["mvoice"].state == "resident"
     assert cluster.fakes["mvoice"].unload_count == 0  # type: ignore[attr-defined]
     assert cluster.gpu.oom_count == 0

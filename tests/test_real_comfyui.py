@@ -231,7 +231,7 @@ async def test_residency_and_an_admin_unload_are_confirmed(
         assert resp.status == 200, await resp.text()
     consumer = (await status(http, server))["consumers"]["comfyui"]
     assert consumer["residency"] == "unloaded", consumer
-    assert server.broker.residency.counters.eviction_failures == 0
+    assert server.broker.residency.view.counters.eviction_failures == 0
 
 
 async def test_an_eviction_for_another_consumer_succeeds(
@@ -247,14 +247,14 @@ async def test_an_eviction_for_another_consumer_succeeds(
             assert await r.json() == {"ok": True}
     consumers = (await status(http, server))["consumers"]
     assert consumers["comfyui"]["residency"] == "unloaded", consumers["comfyui"]
-    assert server.broker.residency.counters.eviction_failures == 0
+    assert server.broker.residency.view.counters.eviction_failures == 0
     assert len([r for r in other.requests if r.path == "/run"]) == 2
 
 
 async def test_a_prompt_posted_around_the_broker_is_described_as_it_runs(
     server: Server, http: aiohttp.ClientSession, comfy: RealComfyUI
 ) -> None:
-    records = server.broker.residency.records
+    records = server.broker.residency.view.records
 
     async def consumer() -> dict[str, Any]:
         c: dict[str, Any] = (await status(http, server))["consumers"]["comfyui"]

@@ -30,7 +30,7 @@ async def test_gpu_changes_apply_where_they_can(upstream: Upstream) -> None:
         assert "gpu.poll_interval_s 0.1 -> 0.2" in changes
         status = server.broker.status()
         assert (status.gpu.total_mib, status.gpu.safety_margin_mib) == (16384, 1024)
-        assert server.broker.residency.capacity_mib == 16384 - 1024  # what the planner uses
+        assert server.broker.residency.view.capacity_mib == 16384 - 1024  # what the planner uses
         # a new reader is a restart: named, with both values, and nothing applied
         moved = make_config(
             {"mvoice": consumer(upstream.url)},

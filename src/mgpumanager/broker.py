@@ -96,17 +96,8 @@ class Broker:
         }
         self._health = HealthMonitor(self.adapters, self.clock, emit=self.events.emit)
         self.catalog = ModelCatalog(config, self.adapters)
-        self._residency = Residency(
-            config,
-            self.adapters,
-            reader,
-            self.clock,
-            probe=self._health.probe_ok,
-            model_size=lambda name, model: self.catalog.listed_size(name, model),
-            in_flight=self._jobs_on,
-            has_model=self._has_model,
-            emit=self.events.emit,
-        )
+        # The core first: residency reads from it which consumers have jobs running (never
+        # evicted meanwhile); the lease then asks residency for each tenure (its Tenure).
         core = SchedulerCore(
             config.scheduler,
             {
@@ -116,17 +107,22 @@ class Broker:
             self.clock,
         )
         self._jobs = JobEvents(core, self.clock, self.events.emit)
-        self._lease = Lease(
-            core,
-            self._residency.ensure_resident,
-            self._residency.resident_set,
-            self._residency.swap_costs,
-            ready=self._residency.ready,
+        self._residency = Residency(
+            config,
+            self.adapters,
+            reader,
+            self.clock,
+            probe=self._health.probe_ok,
+            model_size=lambda name, model: self.catalog.listed_size(name, model),
+            in_flight=core.jobs_on,
+            has_model=self._has_model,
+            emit=self.events.emit,
         )
+        self._lease = Lease(core, self._residency)
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
         self.prefetch = Prefetcher(
             lambda: self.config,
-            self._residency,
+            self._residency.view,
             core,
             lambda: self.adapters,
             self.clock,
@@ -134,7 +130,7 @@ class Broker:
         )
         self.prefetch.attach()
         await asyncio.gather(
-            self._health.probe_all(), self._residency.discover(), self.catalog.refresh()
+            self._health.probe_all(), self._residency.view.discover(), self.catalog.refresh()
         )
         self._health.start()
         self.catalog.start()
@@ -157,11 +153,11 @@ class Broker:
             if self.clock.now() - last_reconcile >= self.config.gpu.reconcile_interval_s:
                 last_reconcile = self.clock.now()
                 try:
-                    await self.residency.reconcile()
+                    await self.residency.view.reconcile()
                 except Exception:  # a bug here must not end reconciliation for good
                     log.exception("background reconciliation failed")
             else:
-                await self.residency.read_gpu()
+                await self.residency.view.read_gpu()
 
     async def _has_model(self, name: str, model: str) -> bool | None:
         """False only where `name`'s upstream has just answered 404 for `model` and its list,
@@ -174,11 +170,6 @@ class Broker:
         if self.catalog.has(name, model) is not True:
             await self.catalog.refresh([name])
         return self.catalog.has(name, model) is True
-
-    def _jobs_on(self, name: str) -> int:
-        """The broker's jobs running on `name` now (only the lease holder has any)."""
-        core = self.lease.core
-        return core.in_flight if core.holder == name else 0
 
     async def drain(self) -> None:
         """Stop accepting (queued jobs get shutting_down), let in-flight jobs finish within
@@ -229,14 +220,14 @@ class Broker:
     async def _reload(self, new: Config) -> list[str]:
         old = self.config
         residency = self.residency
-        restart = needs_restart(old, new, residency.reader)
+        restart = needs_restart(old, new, residency.view.reader)
         if restart:
             raise ValueError(refusal(restart))
         for name in set(old.consumers) - set(new.consumers):
-            state = residency.records[name].state
+            state = residency.view.records[name].state
             if state is State.UNLOADED:
                 continue
-            if residency.reader.backend == "static":
+            if residency.view.reader.backend == "static":
                 # Nothing would see its memory any more: no free figure to fall back on.
                 raise ValueError(
                     f"{name} would be removed while {state}: unload it first "
@@ -266,20 +257,20 @@ class Broker:
         catalog = ModelCatalog(new, adapters)
         catalog.upstream.update({n: m for n, m in self.catalog.upstream.items() if n in same})
         await asyncio.gather(health.probe_all_of(fresh), catalog.refresh(fresh))
-        added = await residency.probe(
+        added = await residency.view.probe(
             new, adapters, [n for n in new.consumers if n not in old.consumers]
         )
         old_health = self.health
         health.states.update({n: s for n, s in old_health.states.items() if n in same})
         self.adapters, self._health, self.config = adapters, health, new
         old_catalog, self.catalog = self.catalog, catalog
-        residency.reconfigure(new, adapters, added)
+        residency.view.reconfigure(new, adapters, added)
         residency.reconfigure_probe(health.probe_ok)
         dropped = self.lease.reconfigure(
             new.scheduler,
             {n: ConsumerPolicy(c.priority, c.max_concurrency) for n, c in new.consumers.items()},
         )
-        gpu_changes = apply_gpu(old, new, residency.reader)
+        gpu_changes = apply_gpu(old, new, residency.view.reader)
         health.start()
         catalog.start()
         await asyncio.gather(old_health.aclose(), old_catalog.aclose())
@@ -352,7 +343,7 @@ class Broker:
     def gate(self, name: str) -> None:
         """Failed probes are expected while the broker itself changes a consumer (loading,
         unloading), and while a `command` consumer it stopped is down; otherwise they gate."""
-        state = self.residency.records[name].state
+        state = self.residency.view.records[name].state
         expected = state in (State.LOADING, State.UNLOADING) or (
             self.adapters[name].stops_process and state is State.UNLOADED
         )
@@ -369,7 +360,7 @@ class Broker:
         adapter = self.adapters[name]
         consumer = self.config.consumers[name]
         self.gate(name)
-        per_model = self.residency.model_key(name, spec.model) if adapter.per_model else None
+        per_model = self.residency.view.model_key(name, spec.model) if adapter.per_model else None
         # The whole body first (a declared size past max_body_mib refused before queueing): a
         # client that sends slowly holds its own connection, never the lease (one byte every
         # half second would otherwise hold every consumer's jobs).
@@ -389,7 +380,7 @@ class Broker:
                 answer_first=True,
                 weights=job_weights(self.config, name, job_spec.call, whole),
             ) as job:
-                self.residency.job_started(name, per_model)
+                self.residency.view.job_started(name, per_model)
                 try:
                     async with asyncio.timeout(consumer.run_timeout_s):
                         answer = await adapter.forward(request, job_spec, job)
@@ -405,7 +396,7 @@ class Broker:
                         consumer=name,
                     ) from None
                 finally:
-                    self.residency.job_finished(name, per_model)
+                    self.residency.view.job_finished(name, per_model)
         finally:
             if spec.body is None and isinstance(whole, SpooledBody):
                 whole.close()  # spooled here; a surface's own body is closed by the surface
@@ -485,7 +476,7 @@ class Broker:
                 await residency.unload(name)  # whatever the record says: it may be wrong
             else:
                 await residency.ensure_resident(name)
-        return {"consumer": name, "residency": str(residency.records[name].state)}
+        return {"consumer": name, "residency": str(residency.view.records[name].state)}
 
     def status(self) -> Status:
         return build_status(self)

@@ -169,23 +169,23 @@ class Status(BaseModel):
 
 def build_status(broker: Broker) -> Status:
     residency = broker.residency
-    reading = residency.last_reading
+    reading = residency.view.last_reading
     stats = broker.lease.core.stats()
     now = broker.clock.now()
     gpu = GpuStatus(
-        backend=residency.reader.backend,
+        backend=residency.view.reader.backend,
         device=reading.device if reading else "not read yet",
-        total_mib=residency.reader.total_mib,
+        total_mib=residency.view.reader.total_mib,
         used_mib=reading.used_mib if reading else None,
         free_mib=reading.free_mib if reading else None,
         utilization_pct=reading.utilization_pct if reading else None,
-        headroom_mib=residency.headroom_mib(reading) if reading else None,
+        headroom_mib=residency.view.headroom_mib(reading) if reading else None,
         safety_margin_mib=broker.config.gpu.safety_margin_mib,
         error=reading.error if reading else None,
     )
     consumers = {}
     for name, c in broker.config.consumers.items():
-        record = residency.records[name]
+        record = residency.view.records[name]
         health = broker.health.states[name]
         consumers[name] = ConsumerStatus.model_validate(
             {
@@ -208,7 +208,7 @@ def build_status(broker: Broker) -> Status:
     core = broker.lease.core
     scheduler = {
         **_fields(stats),
-        **dataclasses.asdict(residency.counters),
+        **dataclasses.asdict(residency.view.counters),
         "waiting": [
             QueuedJobStatus(
                 job=j.id,

@@ -46,10 +46,10 @@ async def test_status_bar_and_metrics_show_what_the_planner_counts(
         base = server.url
         async with client.post(base + "/v1/image", json={"prompt": GRAPH}) as resp:
             assert resp.status == 200, await resp.text()
-        record = server.broker.residency.records["comfyui"]
+        record = server.broker.residency.view.records["comfyui"]
 
         async def measured() -> bool:
-            await server.broker.residency.read_gpu()
+            await server.broker.residency.view.read_gpu()
             return record.cost_source == "measured"
 
         await wait_for(measured, what="comfyui measured on the card")

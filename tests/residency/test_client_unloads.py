@@ -148,7 +148,7 @@ async def test_an_ollama_unload_shows_in_status_and_events_at_once(
 ) -> None:
     _cluster, server, session = box
     await chat(session, server, "big")
-    record = server.broker.residency.records["ollama"]
+    record = server.broker.residency.view.records["ollama"]
     assert record.state is State.RESIDENT
     events = recorder(server)
     status, answer = await post(session, server.url + route, {"model": "big", "keep_alive": 0})
@@ -169,8 +169,8 @@ async def test_one_model_of_several_unloaded_shows_at_once(
     _cluster, server, session = box
     await chat(session, server, "big")
     await post(session, f"{server.url}/api/embed", {"model": "embed", "input": "x"})
-    await server.broker.residency.reconcile()
-    record = server.broker.residency.records["ollama"]
+    await server.broker.residency.view.reconcile()
+    record = server.broker.residency.view.records["ollama"]
     assert set(record.models) == {BIG, EMBED}
     events = recorder(server)
     await post(session, f"{server.url}/api/generate", {"model": "embed", "keep_alive": "0s"})
@@ -217,7 +217,7 @@ async def test_a_job_right_after_an_unload_never_fails() -> None:
                 assert status == 200, answer
                 await chat(session, server, "big")
             assert cluster.gpu.oom_count == 0
-            assert server.broker.residency.counters.eviction_failures == 0
+            assert server.broker.residency.view.counters.eviction_failures == 0
 
 
 async def test_memory_that_lags_an_unload_is_waited_for_not_called_outside() -> None:
@@ -228,7 +228,7 @@ async def test_memory_that_lags_an_unload_is_waited_for_not_called_outside() -> 
         config = registry(cluster, ollama=ollama(cluster), mvoice=pinned_mvoice(cluster))
         async with running_broker(config) as server, aiohttp.ClientSession() as session:
             await chat(session, server, "big")
-            record = server.broker.residency.records["ollama"]
+            record = server.broker.residency.view.records["ollama"]
             await post(session, f"{server.url}/api/generate", {"model": "big", "keep_alive": 0})
             await wait_for(
                 lambda: record.state is State.UNLOADED, timeout_s=SEEN_WITHIN_S, what="seen"
@@ -266,24 +266,24 @@ async def test_vllm_sleep_and_a_speaches_unload_show_at_once() -> None:
         async with running_broker(config) as server, aiohttp.ClientSession() as session:
             residency = server.broker.residency
             await wait_for(
-                lambda: residency.records["vllm"].state is State.RESIDENT, what="vLLM awake"
+                lambda: residency.view.records["vllm"].state is State.RESIDENT, what="vLLM awake"
             )
             status, answer = await post(session, f"{server.url}/upstream/vllm/sleep?level=1")
             assert status == 200, answer
             await wait_for(
-                lambda: residency.records["vllm"].state is State.UNLOADED,
+                lambda: residency.view.records["vllm"].state is State.UNLOADED,
                 timeout_s=SEEN_WITHIN_S,
                 what="vLLM asleep",
             )
             model = "Systran/faster-whisper-small"
             status, answer = await post(session, f"{server.url}/upstream/speaches/api/ps/{model}")
             assert status == 201, answer
-            await residency.reconcile()
-            assert residency.records["speaches"].state is State.RESIDENT
+            await residency.view.reconcile()
+            assert residency.view.records["speaches"].state is State.RESIDENT
             async with session.delete(f"{server.url}/upstream/speaches/api/ps/{model}") as resp:
                 assert resp.status == 200, await resp.text()
             await wait_for(
-                lambda: residency.records["speaches"].state is State.UNLOADED,
+                lambda: residency.view.records["speaches"].state is State.UNLOADED,
                 timeout_s=SEEN_WITHIN_S,
                 what="speaches' model gone",
             )

@@ -60,7 +60,7 @@ async def test_unknown_memory_stays_counted_until_an_unload_confirms_it() -> Non
     )
     try:
         async with running_broker(config) as server, aiohttp.ClientSession() as session:
-            records = server.broker.residency.records
+            records = server.broker.residency.view.records
             assert {n: r.state for n, r in records.items()} == dict.fromkeys("xpw", State.UNKNOWN)
             async with session.post(f"{server.url}/v1/tts", json={}) as resp:
                 assert (await resp.json())["error"] == "insufficient_vram"
@@ -106,7 +106,7 @@ async def held_open_load(upstream: Upstream) -> tuple[Config, asyncio.Event, asy
 async def test_a_client_leaving_mid_load_does_not_cut_the_load_in_half(upstream: Upstream) -> None:
     config, entered, release = await held_open_load(upstream)
     async with running_broker(config) as server:
-        record = server.broker.residency.records["a"]
+        record = server.broker.residency.view.records["a"]
         record.state = State.UNLOADED
         async with aiohttp.ClientSession() as leaving:
             task = asyncio.create_task(leaving.post(f"{server.url}/v1/tts", json={}))
@@ -149,7 +149,7 @@ async def test_a_consumer_that_left_by_itself_is_not_evicted_again() -> None:
             async with session.post(f"{server.url}/v1/llm", json=body) as resp:
                 await resp.read()
             await wait_for(lambda: not ollama.resident_models(), what="ollama left by itself")
-            records = server.broker.residency.records
+            records = server.broker.residency.view.records
             assert records["ollama"].state is State.RESIDENT  # the broker did not see it go
             graph = {"prompt": {"1": {"class_type": "KSampler", "inputs": {}}}}
             async with session.post(f"{server.url}/v1/image", json=graph) as resp:
@@ -173,10 +173,10 @@ def test_a_reading_without_per_process_figures_measures_nothing() -> None:
     named = GpuReading("nvml", "gpu", 24576, 8000, 16576, 0, (GpuProcess(7, "other", 8000),))
     empty = GpuReading("nvml", "gpu", 24576, 0, 24576, 0, ())
     no_figures = GpuReading("nvml", "gpu", 24576, 8000, 16576, 0, (GpuProcess(7, "svc", None),))
-    assert residency._measure("a", hidden) is None
-    assert residency._measure("a", no_figures) is None
-    assert residency._measure("a", named) == 0
-    assert residency._measure("a", empty) == 0
+    assert residency.view.measure("a", hidden) is None
+    assert residency.view.measure("a", no_figures) is None
+    assert residency.view.measure("a", named) == 0
+    assert residency.view.measure("a", empty) == 0
 
 
 def test_a_consumer_without_a_load_call_costs_its_unload_and_the_others_unload_and_load() -> None:
@@ -196,7 +196,7 @@ def test_a_consumer_without_a_load_call_costs_its_unload_and_the_others_unload_a
         backend, total_mib = "static", 24576
 
     residency = Residency(config, adapters, Reader(), clock=None)  # type: ignore[arg-type]
-    records = residency.records
+    records = residency.view.records
     records["lazy"].last_unload_s = 0.5
     records["loads"].last_unload_s, records["loads"].last_load_s = 1.0, 4.0
     records["never"].last_load_s = 3.0  # never unloaded: its cycle is not known
@@ -212,8 +212,8 @@ async def test_swap_seconds_counts_the_lease_time_spent_making_a_consumer_reside
     config, entered, release = await held_open_load(upstream)
     async with running_broker(config) as server, aiohttp.ClientSession() as session:
         residency = server.broker.residency
-        residency.records["a"].state = State.UNLOADED
-        assert residency.counters.swap_seconds == 0
+        residency.view.records["a"].state = State.UNLOADED
+        assert residency.view.counters.swap_seconds == 0
         first = asyncio.create_task(session.post(f"{server.url}/v1/tts", json={}))
         await asyncio.wait_for(entered.wait(), 10)
         held_from = time.monotonic()
@@ -222,11 +222,11 @@ async def test_swap_seconds_counts_the_lease_time_spent_making_a_consumer_reside
         release.set()
         async with await first as resp:
             assert resp.status == 200
-        swapped_s = residency.counters.swap_seconds
+        swapped_s = residency.view.counters.swap_seconds
         assert swapped_s >= held_s
         async with session.post(f"{server.url}/v1/tts", json={}) as resp:
             assert resp.status == 200  # resident already: no swap, nothing added
-        assert residency.counters.swap_seconds == swapped_s
+        assert residency.view.counters.swap_seconds == swapped_s
         async with session.get(f"{server.url}/v1/status") as resp:
             status = await resp.json()
         assert status["scheduler"]["swap_seconds"] == swapped_s

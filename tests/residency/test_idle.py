@@ -26,11 +26,11 @@ class Box(World):
         }
         idle = IdleConfig(warm=warm or [], warm_after_s=30)
         self.config = self.config.model_copy(update={"consumers": consumers, "idle": idle})
-        self.residency.config = self.config
+        self.residency.view.config = self.config
         core = SchedulerCore(
             self.config.scheduler, {n: ConsumerPolicy() for n in consumers}, self.clock
         )
-        self.lease = Lease(core, self.residency.ensure_resident, self.residency.resident_set)
+        self.lease = Lease(core, self.residency)
         self.keeper = IdleKeeper(lambda: self.config, self.residency, self.lease, self.clock)
 
 
@@ -38,7 +38,7 @@ async def test_a_consumer_unused_for_idle_unload_s_is_unloaded_and_confirmed() -
     box = Box(idle_unload_s=60)
     box.set("a", State.RESIDENT)
     box.set("b", State.UNLOADED)
-    box.residency.records["a"].last_used = box.clock.now()
+    box.residency.view.records["a"].last_used = box.clock.now()
     await box.keeper.tick()
     assert box.state("a") is State.RESIDENT  # used just now
     box.clock.advance(61)
@@ -46,7 +46,7 @@ async def test_a_consumer_unused_for_idle_unload_s_is_unloaded_and_confirmed() -
     assert box.state("a") is State.UNLOADED
     assert box.adapters["a"].calls.count("unload") == 1
     assert box.card.held == {}
-    assert box.residency.counters.evictions == 1
+    assert box.residency.view.counters.evictions == 1
 
 
 async def test_no_idle_unload_while_a_job_runs() -> None:

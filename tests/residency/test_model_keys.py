@@ -76,11 +76,11 @@ async def test_warm_restore_of_an_untagged_model_loads_it_once() -> None:
                 await keeper.tick()
                 if keeper.warming is not None:
                     await keeper.warming
-                await server.broker.residency.reconcile()  # what the background does, 5 s on
+                await server.broker.residency.view.reconcile()  # what the background does, 5 s on
             residency = server.broker.residency
             assert residency.ready("ollama", "big")
             assert keeper.next_warm() is None
-            assert residency.counters.evictions == 0
+            assert residency.view.counters.evictions == 0
             assert residency.decisions == []
             assert cluster.gpu.held_by("ollama") == 9000
             assert cluster.gpu.oom_count == 0

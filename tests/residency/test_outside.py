@@ -48,7 +48,7 @@ async def direct_post(url: str, body: Any) -> Any:
 
 
 def state(server: Any, name: str) -> str:
-    return str(server.broker.residency.records[name].state)
+    return str(server.broker.residency.view.records[name].state)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,8 +61,8 @@ async def test_comfyui_loaded_through_its_own_page_is_evicted_for_a_job(backend:
             comfy = cluster.fakes["comfyui"]
             await wait_for(lambda: answer["prompt_id"] in comfy.history, what="outside prompt")  # type: ignore[attr-defined]
             assert cluster.gpu.held_by("comfyui") == 12300
-            await server.broker.residency.reconcile()
-            detail = server.broker.residency.records["comfyui"].detail
+            await server.broker.residency.view.reconcile()
+            detail = server.broker.residency.view.records["comfyui"].detail
             assert detail == "loaded outside the broker (torch holds 12300 MiB)", detail
             # Ollama's 14 GiB does not fit beside it: the broker must see it and evict it.
             status, body = await brokered(server, "llm")
@@ -70,9 +70,9 @@ async def test_comfyui_loaded_through_its_own_page_is_evicted_for_a_job(backend:
             assert cluster.gpu.held_by("comfyui") == 300  # only its CUDA context is left
             assert state(server, "comfyui") == "unloaded"
             assert [r.path for r in comfy.received if r.path == "/free"] == ["/free"]  # type: ignore[attr-defined]
-            assert server.broker.residency.counters.outside_loads == 1
+            assert server.broker.residency.view.counters.outside_loads == 1
             assert server.broker.status().scheduler.outside_loads == 1
-            assert server.broker.residency.counters.evictions == 1
+            assert server.broker.residency.view.counters.evictions == 1
     assert cluster.gpu.oom_count == 0
 
 
@@ -104,7 +104,7 @@ async def test_a_generic_consumer_loaded_by_hand_is_seen_by_its_gpu_processes() 
         config = registry(cluster, mvoice={"vram_resident_mib": 14000})
         async with running_broker(config) as server:
             await direct_post(f"{cluster.urls['mvoice']}/api/admin/unload", {})
-            await server.broker.residency.reconcile()
+            await server.broker.residency.view.reconcile()
             assert state(server, "mvoice") == "unloaded"
             await direct_post(f"{cluster.urls['mvoice']}/api/admin/load", {})
             assert cluster.gpu.held_by("mvoice") == 14000
@@ -112,7 +112,7 @@ async def test_a_generic_consumer_loaded_by_hand_is_seen_by_its_gpu_processes() 
             assert status == 200, body
             assert cluster.gpu.held_by("mvoice") == 0
             assert state(server, "mvoice") == "unloaded"
-            assert server.broker.residency.counters.outside_loads == 1
+            assert server.broker.residency.view.counters.outside_loads == 1
     assert cluster.gpu.oom_count == 0
 
 
@@ -200,7 +200,7 @@ async def test_mixed_direct_and_brokered_traffic_never_wedges_the_broker(backend
                     asyncio.gather(*(client(session) for _ in range(16))), timeout=120
                 )
             await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="idle")
-            await server.broker.residency.reconcile()
+            await server.broker.residency.view.reconcile()
             held = {n: cluster.gpu.held_by(n) for n in ("ollama", "comfyui", "mvoice")}
             states = {n: state(server, n) for n in held}
     brokered = [(k, s, b) for k, s, b in outcomes if k != "direct-image"]

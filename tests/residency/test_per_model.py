@@ -97,7 +97,7 @@ async def test_resident_model_and_embedding_evict_nothing(
     await image(server, session)  # FLUX resident: 12300 MiB
     status, answer = await chat(session, server, CHAT)  # 7B loads beside it: 4700 MiB
     assert status == 200, answer
-    counters = server.broker.residency.counters
+    counters = server.broker.residency.view.counters
     evictions = counters.evictions
     assert evictions == 0
     assert cluster.gpu.held_by("comfyui") == 12300
@@ -113,8 +113,8 @@ async def test_resident_model_and_embedding_evict_nothing(
     assert counters.evictions == evictions == 0
     assert cluster.gpu.held_by("comfyui") == 12300  # FLUX never left
     assert cluster.gpu.oom_count == 0
-    await server.broker.residency.reconcile()
-    record = server.broker.residency.records["ollama"]
+    await server.broker.residency.view.reconcile()
+    record = server.broker.residency.view.records["ollama"]
     assert set(record.models) == {CHAT, EMBED}
     assert record.models[CHAT].cost_mib == 4700  # Ollama's own size_vram, once resident
     status_doc = server.broker.status().model_dump()
@@ -143,6 +143,6 @@ async def test_room_inside_ollama_is_made_model_by_model_lru_first(
     # ComfyUI's CUDA context (300 MiB) stayed, so 4836 MiB must go: the 7B (used first) and
     # the embedding model (used next); the 14B, used last, stays.
     assert server.broker.residency.decisions[-1].victims == (f"ollama/{CHAT}", f"ollama/{EMBED}")
-    assert set(server.broker.residency.records["ollama"].models) == {BIG}
+    assert set(server.broker.residency.view.records["ollama"].models) == {BIG}
     assert cluster.gpu.held_by("ollama") == 11000
     assert cluster.gpu.oom_count == 0

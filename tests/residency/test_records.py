@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 from aiohttp import web
@@ -73,13 +74,8 @@ class FakeAdapter:
     def has_load(self) -> bool:
         return True
 
-    @property
-    def stops_process(self) -> bool:
-        return False
-
-    @property
-    def per_model(self) -> bool:
-        return False
+    stops_process: ClassVar[bool] = False
+    per_model: ClassVar[bool] = False
 
     @property
     def can_unload(self) -> bool:
@@ -156,11 +152,11 @@ class World:
         self.clock.advance(seconds)  # time passes only when the residency layer waits
 
     def state(self, name: str) -> State:
-        return self.residency.records[name].state
+        return self.residency.view.records[name].state
 
     def set(self, name: str, state: State) -> None:
         """Put a record in `state` as its start (the table's own rows are tested separately)."""
-        self.residency.records[name].state = state
+        self.residency.view.records[name].state = state
         if state is State.RESIDENT:
             self.card.held[name] = self.config.consumers[name].vram_resident_mib
 
@@ -204,7 +200,7 @@ async def test_unknown_to_what_a_probe_finds(reports: bool, expected: State) -> 
     world = World()
     assert world.state("a") is State.UNKNOWN
     world.adapters["a"].reports = reports
-    await world.residency.discover()
+    await world.residency.view.discover()
     assert world.state("a") is expected
     assert world.state("b") is State.UNKNOWN  # could not tell, no GPU figure of its own
 
@@ -216,7 +212,7 @@ async def test_unknown_target_is_loaded_over_whatever_it_held() -> None:
     await world.residency.ensure_resident("a")
     assert world.state("a") is State.RESIDENT
     assert world.adapters["a"].calls[-1] == "load"
-    assert world.residency.records["a"].detail == "loaded by the broker"
+    assert world.residency.view.records["a"].detail == "loaded by the broker"
 
 
 async def test_unknown_victim_is_unloaded_and_confirmed() -> None:
@@ -227,7 +223,7 @@ async def test_unknown_victim_is_unloaded_and_confirmed() -> None:
     assert world.adapters["b"].calls.count("unload") == 1
     assert world.state("b") is State.UNLOADED
     assert world.state("a") is State.RESIDENT
-    assert world.residency.counters.evictions == 1
+    assert world.residency.view.counters.evictions == 1
 
 
 async def test_unloaded_to_loading_to_resident() -> None:
@@ -237,7 +233,7 @@ async def test_unloaded_to_loading_to_resident() -> None:
     await world.residency.ensure_resident("b")
     assert world.state("b") is State.RESIDENT
     assert "unload" not in world.adapters["a"].calls  # nothing was in the way
-    assert world.residency.counters.swaps == 1
+    assert world.residency.view.counters.swaps == 1
 
 
 async def test_resident_victim_is_evicted_for_the_target() -> None:
@@ -263,8 +259,8 @@ async def test_resident_that_left_by_itself_is_not_evicted_again() -> None:
     await world.residency.ensure_resident("b")
     assert "unload" not in world.adapters["a"].calls
     assert world.state("a") is State.UNLOADED
-    assert world.residency.records["a"].detail.startswith("left by itself")
-    assert world.residency.counters.evictions == 0
+    assert world.residency.view.records["a"].detail.startswith("left by itself")
+    assert world.residency.view.counters.evictions == 0
 
 
 async def test_loading_to_unknown_when_the_load_fails() -> None:
@@ -276,7 +272,7 @@ async def test_loading_to_unknown_when_the_load_fails() -> None:
         await world.residency.ensure_resident("a")
     assert caught.value.code is ErrorCode.LOAD_FAILED
     assert world.state("a") is State.UNKNOWN  # it may hold part of its memory
-    assert world.residency.counters.load_failures == 1
+    assert world.residency.view.counters.load_failures == 1
 
 
 async def test_loading_to_unknown_when_the_load_is_cut_off() -> None:
@@ -321,15 +317,13 @@ async def test_unloading_to_unknown_when_the_memory_does_not_come_back() -> None
     assert world.clock.now() - started >= 2  # waited its unload_timeout_s, on the fake clock
     assert world.state("a") is State.UNKNOWN
     assert "load" not in world.adapters["b"].calls
-    assert world.residency.counters.eviction_failures == 1
+    assert world.residency.view.counters.eviction_failures == 1
 
 
 class PerModelAdapter(FakeAdapter):
     """A per-model fake (like Ollama): each model unloads on its own."""
 
-    @property
-    def per_model(self) -> bool:
-        return True
+    per_model = True
 
     def model_key(self, model: str) -> str:
         return model
@@ -346,8 +340,8 @@ async def test_a_failed_model_unload_of_an_unknown_consumer_stays_retryable() ->
     not an internal error, and `a` cools down so the next job does not try again at once."""
     world = World()
     a = world.adapters["a"] = PerModelAdapter("a", world.config.consumers["a"], world.card)
-    world.residency.adapters = world.adapters
-    record = world.residency.records["a"]
+    world.residency.view.adapters = world.adapters
+    record = world.residency.view.records["a"]
     record.state = State.UNKNOWN
     record.models = {"m1": ModelRecord(7000, 1.0), "m2": ModelRecord(7000, 2.0)}
     world.card.held["a"] = 14000
@@ -359,5 +353,5 @@ async def test_a_failed_model_unload_of_an_unknown_consumer_stays_retryable() ->
     assert caught.value.code is ErrorCode.EVICTION_FAILED and caught.value.retryable
     assert world.state("a") is State.UNKNOWN
     assert record.unload_failed_at is not None
-    assert world.residency.counters.eviction_failures == 1
+    assert world.residency.view.counters.eviction_failures == 1
     assert "load" not in world.adapters["b"].calls

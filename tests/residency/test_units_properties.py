@@ -49,7 +49,7 @@ def worlds(draw: st.DrawFn) -> tuple[Residency, str | None, int, int]:
     )
     adapters = {n: Adapter(per_model[n], draw(st.integers(0, 6)) > 0) for n in NAMES}
     residency = Residency(config, adapters, Card(), FakeClock())  # type: ignore[arg-type]
-    for n, record in residency.records.items():
+    for n, record in residency.view.records.items():
         record.state = draw(st.sampled_from([State.RESIDENT, State.UNLOADED, State.UNKNOWN]))
         record.last_used = float(draw(st.integers(0, 5)))
         record.busy_outside = draw(st.integers(0, 6)) == 0
@@ -60,7 +60,7 @@ def worlds(draw: st.DrawFn) -> tuple[Residency, str | None, int, int]:
                     float(draw(st.integers(0, 5))),
                     in_flight=int(draw(st.integers(0, 5)) == 0),
                 )
-    target = residency.records["t"]
+    target = residency.view.records["t"]
     model = "w" if per_model["t"] and draw(st.booleans()) else None
     if model is not None and target.state is State.RESIDENT and draw(st.booleans()):
         model = next(iter(target.models), model)  # sometimes a model it has already
@@ -75,8 +75,8 @@ def test_plans_over_units_evict_only_what_is_needed_and_never_pinned_or_busy(
     world: tuple[Residency, str | None, int, int],
 ) -> None:
     residency, model, need, headroom = world
-    inside = model is not None and residency.records["t"].state is State.RESIDENT
-    units = residency.units("t", model if inside else None)
+    inside = model is not None and residency.view.records["t"].state is State.RESIDENT
+    units = residency.view.units("t", model if inside else None)
     by_name = {u.name: u for u in units}
     assert len(by_name) == len(units)  # unit names are unique
     # The target's own job model is never a candidate; outside a resident target, none of it.
@@ -84,7 +84,7 @@ def test_plans_over_units_evict_only_what_is_needed_and_never_pinned_or_busy(
         consumer_name, _, unit_model = u.name.partition(UNIT_SEPARATOR)
         if consumer_name == "t":
             assert inside and unit_model != model
-    capacity = residency.capacity_mib
+    capacity = residency.view.capacity_mib
     plan = plan_eviction(
         target="t",
         target_cost_mib=need,
@@ -113,10 +113,10 @@ def test_a_busy_model_is_never_a_candidate_but_its_idle_sibling_is() -> None:
     config = make_config({n: consumer(f"http://127.0.0.1:{i + 1}") for i, n in enumerate("ot")})
     adapters = {"o": Adapter(True, True), "t": Adapter(False, True)}
     residency = Residency(config, adapters, Card(), FakeClock())  # type: ignore[arg-type]
-    o = residency.records["o"]
+    o = residency.view.records["o"]
     o.state = State.RESIDENT
     o.models = {"busy": ModelRecord(5000, 1.0, in_flight=1), "idle": ModelRecord(5000, 2.0)}
-    units = {u.name: u for u in residency.units("t", None)}
+    units = {u.name: u for u in residency.view.units("t", None)}
     assert units["o/busy"].busy and not units["o/idle"].busy
     plan = plan_eviction(
         target="t",

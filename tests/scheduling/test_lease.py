@@ -21,10 +21,23 @@ def make_lease() -> tuple[Lease, list[tuple[int, Outcome]]]:
     finished: list[tuple[int, Outcome]] = []
     core.on_finish.append(lambda job_id, outcome: finished.append((job_id, outcome)))
 
-    async def prepare(consumer: str, model: str | None) -> None:
-        return None
+    return Lease(core, AlwaysResident()), finished
 
-    return Lease(core, prepare, ready=lambda consumer, model: True), finished
+
+class AlwaysResident:
+    """A tenure with nothing to prepare: every consumer is resident already."""
+
+    async def ensure_resident(self, consumer: str, model: str | None = None) -> None:
+        raise AssertionError("nothing to prepare")
+
+    def ready(self, consumer: str, model: str | None = None) -> bool:
+        return True
+
+    def resident_set(self) -> frozenset[str]:
+        return frozenset({"a", "b"})
+
+    def swap_costs(self) -> dict[str, float]:
+        return {}
 
 
 async def test_a_job_granted_at_once_leaves_no_waiter_behind() -> None:

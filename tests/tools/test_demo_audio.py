@@ -60,7 +60,7 @@ async def test_speech_and_transcription_through_the_demo(
     # Each reached speaches under its own name, through the lease.
     assert fake.uploads[-1].fields["model"] == "Systran/faster-whisper-small"
     assert server.broker.lease.core.stats().completed == 2
-    record = server.broker.residency.records["speaches"]
+    record = server.broker.residency.view.records["speaches"]
     assert record.state.value == "resident"
 
 

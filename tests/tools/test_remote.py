@@ -84,7 +84,7 @@ async def test_unload_and_load_change_the_consumer_and_say_so(cluster: SimCluste
     async with running_broker(sim_registry(cluster)) as server:
         run = await cli("load", "mvoice", "--url", server.url)
         assert (run.code, run.out, run.err) == (0, "mvoice: resident\n", "")
-        assert server.broker.residency.records["mvoice"].state == "resident"
+        assert server.broker.residency.view.records["mvoice"].state == "resident"
         run = await cli("unload", "mvoice", "--url", server.url)
         assert (run.code, run.out, run.err) == (0, "mvoice: unloaded\n", "")
         status = server.broker.status()

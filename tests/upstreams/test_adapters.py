@@ -217,7 +217,7 @@ async def test_ollama_eviction_through_the_broker_waits_for_api_ps_and_the_memor
             status, answer = await post_json(http, url, None)
             assert (status, answer["residency"]) == (200, "unloaded")
             assert cluster.gpu.held_by("ollama") == 0  # confirmed, not just asked
-            assert server.broker.residency.counters.evictions == 1
+            assert server.broker.residency.view.counters.evictions == 1
 
 
 async def test_ollama_client_disconnect_aborts_the_upstream_request() -> None:

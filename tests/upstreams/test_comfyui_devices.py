@@ -98,7 +98,7 @@ async def test_residency_detail_follows_a_prompt_posted_around_the_broker(
         routing={"image": "comfyui"},
     )
     async with running_broker(config) as server, aiohttp.ClientSession() as http:
-        record = server.broker.residency.records["comfyui"]
+        record = server.broker.residency.view.records["comfyui"]
         # Through the broker, then an admin unload: confirmed, nothing on the card.
         async with http.post(f"{server.url}/v1/image", json={"prompt": graph(1)}) as resp:
             assert resp.status == 200

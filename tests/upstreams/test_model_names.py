@@ -157,12 +157,12 @@ async def test_a_model_the_list_spells_otherwise_evicts_first_and_never_ooms(
     assert cluster.gpu.oom_count == 0
     assert residency.ready("ollama", asked)
     # Reconciled from /api/ps ("big"), it is the same model: a second chat evicts nothing.
-    await residency.reconcile()
+    await residency.view.reconcile()
     assert residency.ready("ollama", "big:latest")
-    evictions = residency.counters.evictions
+    evictions = residency.view.counters.evictions
     status, answer = await chat(session, server, "big")
     assert status == 200, answer
-    assert residency.counters.evictions == evictions
+    assert residency.view.counters.evictions == evictions
     assert cluster.gpu.oom_count == 0
 
 
@@ -185,7 +185,7 @@ async def test_after_its_404_a_missing_model_evicts_nothing(
 ) -> None:
     cluster, server, session = box
     await image(server, session)
-    counters = server.broker.residency.counters
+    counters = server.broker.residency.view.counters
     # The first request costs its room (the declared figure): nobody knows it is missing yet.
     status, answer = await chat(session, server, "no-such-model:1b")
     assert status == 404 and "not found" in answer["error"], answer

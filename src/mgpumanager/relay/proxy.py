@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from urllib.parse import unquote
 
 import aiohttp
@@ -314,7 +314,7 @@ async def forward(
             return response
     except (ClientDisconnected, asyncio.CancelledError):
         raise
-    except (aiohttp.ClientError, OSError, ValueError) as exc:
+    except UPSTREAM_FAILURES as exc:
         if source.error is not None and delivery is None:
             raise source.error from None
         # ValueError: aiohttp's answer to a malformed upstream status line or header.
@@ -370,15 +370,14 @@ async def forward_websocket(
     protocols = [
         p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
     ]
-    try:
-        upstream = await session.ws_connect(
-            url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        # The upstream refused the upgrade (404, 403...): the client gets that status.
-        return web.Response(status=exc.status, text=exc.message or "")
-    except (aiohttp.ClientError, OSError, ValueError) as exc:
-        raise translate_client_error(exc, consumer) from exc
+    with map_upstream_errors(consumer):
+        try:
+            upstream = await session.ws_connect(
+                url, headers=headers, protocols=protocols, max_msg_size=0, autoping=True
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            # The upstream refused the upgrade (404, 403...): the client gets that status.
+            return web.Response(status=exc.status, text=exc.message or "")
     try:
         chosen = [upstream.protocol] if upstream.protocol else []
         client = web.WebSocketResponse(protocols=chosen, max_msg_size=0, autoping=True)
@@ -418,6 +417,20 @@ async def _pump(
             await sink.send_bytes(msg.data)
         elif msg.type is aiohttp.WSMsgType.ERROR:
             return
+
+
+# What aiohttp raises for an upstream that cannot be reached, breaks off or answers garbage
+# (ValueError: a malformed status line or header; TimeoutError is an OSError).
+UPSTREAM_FAILURES = (aiohttp.ClientError, OSError, ValueError)
+
+
+@contextlib.contextmanager
+def map_upstream_errors(consumer: str) -> Iterator[None]:
+    """Inside: a failure of the upstream `consumer` leaves as the BrokerError that says so."""
+    try:
+        yield
+    except UPSTREAM_FAILURES as exc:
+        raise translate_client_error(exc, consumer) from exc
 
 
 def translate_client_error(exc: BaseException, consumer: str) -> BrokerError:

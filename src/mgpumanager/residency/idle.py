@@ -93,7 +93,7 @@ class IdleKeeper:
         now = self.clock.now()
         out = []
         for name, c in self._config().consumers.items():
-            record = self.residency.records.get(name)
+            record = self.residency.view.records.get(name)
             if c.idle_unload_s is None or record is None or record.state is not State.RESIDENT:
                 continue
             unused_since = record.last_used if record.last_used is not None else self.idle_since
@@ -105,7 +105,9 @@ class IdleKeeper:
         """The first `idle.warm` entry that is not resident now."""
         for entry in self._config().idle.warm:
             name, _, model = entry.partition("/")
-            if name in self.residency.records and not self.residency.ready(name, model or None):
+            if name in self.residency.view.records and not self.residency.ready(
+                name, model or None
+            ):
                 return entry
         return None
 

@@ -188,10 +188,10 @@ class ResidencyView:
         self.last_reading = reading
         if reading.ok:
             for name, record in self.records.items():
-                record.measured_mib = self._measure(name, reading)
+                record.measured_mib = self.measure(name, reading)
         return reading
 
-    def _measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
+    def measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
         patterns = (config or self.config).consumers[name].gpu_processes
         if not patterns or not reading.ok:
             return None
@@ -241,7 +241,7 @@ class ResidencyView:
                 continue
             # Without an unload call nothing can evict it: as good as pinned.
             pinned = r.pinned or not self.adapters[name].can_unload
-            cooling = self._cooling_down(name)
+            cooling = self.cooling_down(name)
             busy = r.busy_outside or cooling
             why = (
                 "busy outside the broker"
@@ -280,7 +280,7 @@ class ResidencyView:
                 )
         return out
 
-    def _cooling_down(self, name: str) -> bool:
+    def cooling_down(self, name: str) -> bool:
         """For one unload_timeout_s after an unconfirmed eviction the consumer is treated as in
         the way (like a busy one): jobs that need its room fail fast, retryable, instead of
         each holding the lease for another unload_timeout_s on the same stuck unload."""
@@ -306,7 +306,7 @@ class ResidencyView:
         for name, report in zip(names, reports, strict=True):
             c = config.consumers[name]
             record = Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
-            record.measured_mib = self._measure(name, reading, config)
+            record.measured_mib = self.measure(name, reading, config)
             record.detail = "no residency probe or GPU figure"
             self._apply(name, record, report, at_start=True)
             out[name] = record

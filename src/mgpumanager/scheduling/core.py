@@ -391,6 +391,10 @@ class SchedulerCore:
                 costs[name] += extra
         return costs
 
+    def jobs_on(self, consumer: str) -> int:
+        """The jobs running on `consumer` now (only the lease holder has any)."""
+        return self.in_flight if self.holder == consumer else 0
+
     @property
     def others_waiting(self) -> bool:
         """Jobs of a consumer other than the holder wait (a next tenure is in view)."""

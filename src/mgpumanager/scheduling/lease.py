@@ -6,17 +6,17 @@
         ...  # the consumer is resident and holds the lease; stream the request
 
 Waiting is cancellable at any moment (client disconnect, queue timeout): the job leaves the
-queue at once and the next one is not held up. A grant that starts a tenure runs `prepare`
-(make the consumer resident) before the job proceeds. All state lives in the core, which is
-only touched from the event loop between awaits, so it has exactly one owner.
+queue at once and the next one is not held up. A grant that starts a tenure asks its `Tenure`
+(residency) to make the consumer resident before the job proceeds. All state lives in the core,
+which is only touched from the event loop between awaits, so it has exactly one owner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Set
-from typing import Any
+from collections.abc import Awaitable, Mapping, Set
+from typing import Any, Protocol
 
 from mgpumanager.errors import BrokerError, ClientDisconnected, ErrorCode
 from mgpumanager.registry import SchedulerConfig
@@ -24,8 +24,22 @@ from mgpumanager.scheduling.core import ConsumerPolicy, Grant, Outcome, Schedule
 
 log = logging.getLogger(__name__)
 
-# Make a consumer (and, for per-model consumers, the job's model) resident.
-Prepare = Callable[[str, str | None], Awaitable[None]]
+
+class Tenure(Protocol):
+    """What the lease asks of residency when it hands the GPU to a consumer."""
+
+    async def ensure_resident(self, consumer: str, model: str | None = None) -> None:
+        """Make `consumer` (and, for a per-model consumer, `model`) resident, evicting whoever
+        is in the way; a job's tenure begins once this returns."""
+
+    def ready(self, consumer: str, model: str | None = None) -> bool:
+        """Nothing to prepare: it (and its model) is resident already."""
+
+    def resident_set(self) -> Set[str]:
+        """Who is resident now (the core prefers them: no swap)."""
+
+    def swap_costs(self) -> Mapping[str, float]:
+        """What bringing each consumer in has cost, in seconds (the core weighs swaps by it)."""
 
 
 class JobHandle:
@@ -88,10 +102,10 @@ class JobContext:
         if exclusive or not (grant.prepare or model is not None):
             return handle
         try:
-            if lease._ready is None or not lease._ready(consumer, model):
+            if not lease.tenure.ready(consumer, model):
                 # A residency change is never cut in half by a client that leaves: it runs to
                 # its end (each step bounded by its own timeout), then the job is cancelled.
-                await _run_to_end(lease._prepare(consumer, model))
+                await _run_to_end(lease.tenure.ensure_resident(consumer, model))
             if grant.prepare:
                 lease.core.ready(grant.job_id)
                 if lease.core.queue_depth:  # others may join the tenure now
@@ -131,21 +145,9 @@ def _outcome_of(exc: BaseException) -> Outcome:
 
 
 class Lease:
-    def __init__(
-        self,
-        core: SchedulerCore,
-        prepare: Prepare,
-        resident: Callable[[], Set[str]] = frozenset,
-        swap_costs: Callable[[], Mapping[str, float]] = dict,
-        ready: Callable[[str, str | None], bool] | None = None,
-    ) -> None:
+    def __init__(self, core: SchedulerCore, tenure: Tenure) -> None:
         self.core = core
-        self._prepare = prepare
-        # Whether `prepare` would find nothing to do (the consumer, and its model, resident):
-        # then no task is started for it. None: always prepare.
-        self._ready = ready
-        self._resident = resident
-        self._swap_costs = swap_costs
+        self.tenure = tenure
         self._waiters: dict[int, asyncio.Future[Grant]] = {}
         self._held: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
@@ -259,7 +261,9 @@ class Lease:
         # `startable` first: most calls (a job of the holder at its max) can grant nothing, and
         # the figures schedule() takes cost more than that answer.
         grants = (
-            self.core.schedule(self._resident(), self._swap_costs()) if self.core.startable else []
+            self.core.schedule(self.tenure.resident_set(), self.tenure.swap_costs())
+            if self.core.startable
+            else []
         )
         mine = None
         for grant in grants:

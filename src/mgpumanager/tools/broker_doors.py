@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from mgpumanager.relay.proxy import UPSTREAM_FAILURES
 from mgpumanager.tools.discover import Scan, Service, ServiceKind, Target, parse_target
 from mgpumanager.tools.remote import TOKEN_ENV
 
@@ -46,7 +47,7 @@ async def front_doors(
                 if resp.status != 200:
                     return {}
                 doc = await resp.json(content_type=None)
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+    except UPSTREAM_FAILURES:
         return {}
     consumers = doc.get("consumers") if isinstance(doc, dict) else None
     doors: dict[str, Target] = {}

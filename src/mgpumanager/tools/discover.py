@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 
 from mgpumanager.registry import is_loopback, split_listen
+from mgpumanager.relay.proxy import UPSTREAM_FAILURES
 from mgpumanager.tools.identify import (
     PROBE_PATHS,
     Answer,
@@ -283,7 +284,7 @@ async def _fetch(
                     resp.headers.get("Server", ""),
                     body.decode(errors="replace"),
                 )
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+    except UPSTREAM_FAILURES:
         return None
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from mgpumanager.relay.proxy import UPSTREAM_FAILURES
 from mgpumanager.tools.discover import Target
 
 # Open WebUI: 8080 when run natively, 3000 in its documented `docker run -p 3000:8080`.
@@ -71,7 +72,7 @@ async def identify_front_end(
                 config = None
         status, text = await _get(session, target.url + "/", timeout_s)
         page = text if status == 200 else None
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+    except UPSTREAM_FAILURES:
         return None
     name = recognise(config, page)
     return None if name is None else FrontEnd(name, target)

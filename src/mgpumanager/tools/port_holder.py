@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from mgpumanager.registry import split_listen
+from mgpumanager.relay.proxy import UPSTREAM_FAILURES
 from mgpumanager.tools.discover import Service, ServiceKind, Target, probe
 
 PROBE_TIMEOUT_S = 2.0
@@ -18,7 +19,7 @@ async def broker_holds(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool
     async with aiohttp.ClientSession() as session:
         try:
             found = await probe(session, Target(host, port), timeout_s)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        except UPSTREAM_FAILURES:
             return False
     return isinstance(found, Service) and found.kind is ServiceKind.BROKER
 

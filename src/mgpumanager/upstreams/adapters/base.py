@@ -29,7 +29,7 @@ from aiohttp import web
 from mgpumanager.errors import BrokerError, Dialect, ErrorCode
 from mgpumanager.registry import DEFAULT_PATHS, Action, ConsumerConfig, HealthConfig, HttpCall
 from mgpumanager.relay.job import JobSpec
-from mgpumanager.relay.proxy import Body, forward, translate_client_error
+from mgpumanager.relay.proxy import UPSTREAM_FAILURES, Body, forward, map_upstream_errors
 from mgpumanager.scheduling.lease import JobHandle
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,10 @@ class ConsumerAdapter(Protocol):
     def has_load(self) -> bool:
         """False: the first job loads it lazily."""
 
-    @property
-    def per_model(self) -> bool:
-        """Its models are loaded and unloaded one by one (`unload_model`, `load_model`)."""
-
-    @property
-    def stops_process(self) -> bool:
-        """Unloading stops the process: failed probes while unloaded are expected."""
+    # Its models are loaded and unloaded one by one (`unload_model`, `load_model`).
+    per_model: ClassVar[bool]
+    # Unloading stops the process: failed probes while unloaded are expected.
+    stops_process: ClassVar[bool]
 
     @property
     def can_unload(self) -> bool:
@@ -126,9 +123,21 @@ class BaseAdapter:
     """Shared HTTP plumbing: health probe, small JSON control calls, relaying a job.
 
     A subclass states its protocol in a few class attributes (no behaviour hides in flags):
+    - `per_model`, `stops_process`: what it is (the Protocol says what each means);
+    - `unloads_itself`, `loads_itself`: it has its own way to unload / load (else only what the
+      registry writes: `unload:`, `load:`); `openai_routes`: it serves OpenAI routes itself
+      (else only with `openai: true`); `own_dialect`: its clients' error shape, where it has
+      one of its own;
     - `default_health`, `default_paths`: what it uses where the registry says nothing.
     and overrides the calls its upstream answers differently.
     """
+
+    per_model: ClassVar[bool] = False
+    stops_process: ClassVar[bool] = False
+    unloads_itself: ClassVar[bool] = False
+    loads_itself: ClassVar[bool] = False
+    openai_routes: ClassVar[bool] = False
+    own_dialect: ClassVar[Dialect | None] = None
 
     default_health: ClassVar[HealthConfig] = HealthConfig()
     default_paths: ClassVar[Mapping[str, HttpCall]] = {}
@@ -152,19 +161,11 @@ class BaseAdapter:
 
     @property
     def has_load(self) -> bool:
-        return self.config.load is not None
-
-    @property
-    def stops_process(self) -> bool:
-        return False
-
-    @property
-    def per_model(self) -> bool:
-        return False
+        return self.loads_itself or self.config.load is not None
 
     @property
     def can_unload(self) -> bool:
-        return self.config.unload is not None
+        return self.unloads_itself or self.config.unload is not None
 
     def path_for(self, kind: str) -> HttpCall:
         call = self.config.paths.get(kind) or self.default_paths.get(kind)
@@ -187,6 +188,8 @@ class BaseAdapter:
     @property
     def dialect(self) -> Dialect:
         """The error shape its own clients read (the broker's errors on its API use it)."""
+        if self.own_dialect is not None:
+            return self.own_dialect
         return Dialect.OPENAI if self.serves_openai else Dialect.ENVELOPE
 
     def names_model(self, method: str, path: str) -> bool:
@@ -216,29 +219,28 @@ class BaseAdapter:
         ok: tuple[int, ...] = (200,),
     ) -> Any:
         """One small control call; answers the decoded JSON (or None for an empty body)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self.session.request(
-                    method, self.url(path), json=body, allow_redirects=False
-                ) as resp:
-                    text = await resp.text()
-                    if resp.status not in ok:
-                        raise UpstreamStatus(resp.status, text[:300])
-                    return json.loads(text) if text.strip() else None
-        except TimeoutError:
-            raise BrokerError(
-                ErrorCode.UPSTREAM_TIMEOUT,
-                f"{self.name}: {method} {path} took longer than {timeout_s:g} s",
-                consumer=self.name,
-            ) from None
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise BrokerError(
-                ErrorCode.UPSTREAM_ERROR,
-                f"{self.name}: {method} {path} answered non-JSON: {type(exc).__name__}",
-                consumer=self.name,
-            ) from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise translate_client_error(exc, self.name) from exc
+        with map_upstream_errors(self.name):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async with self.session.request(
+                        method, self.url(path), json=body, allow_redirects=False
+                    ) as resp:
+                        text = await resp.text()
+                        if resp.status not in ok:
+                            raise UpstreamStatus(resp.status, text[:300])
+                        return json.loads(text) if text.strip() else None
+            except TimeoutError:
+                raise BrokerError(
+                    ErrorCode.UPSTREAM_TIMEOUT,
+                    f"{self.name}: {method} {path} took longer than {timeout_s:g} s",
+                    consumer=self.name,
+                ) from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise BrokerError(
+                    ErrorCode.UPSTREAM_ERROR,
+                    f"{self.name}: {method} {path} answered non-JSON: {type(exc).__name__}",
+                    consumer=self.name,
+                ) from None
 
     async def call(self, action: Action | HttpCall, *, timeout_s: float) -> Any:
         """A registry-written HTTP call (`unload:` / `load:` with a path)."""
@@ -269,7 +271,7 @@ class BaseAdapter:
     @property
     def serves_openai(self) -> bool:
         """It answers OpenAI routes (/v1/chat/completions, /v1/audio/speech...) itself."""
-        return self.config.openai
+        return self.openai_routes or self.config.openai
 
     def model_key(self, model: str) -> str:
         """The name this upstream lists `model` under."""
@@ -311,7 +313,7 @@ class BaseAdapter:
             return HealthResult(False, f"no answer within {h.timeout_s:g} s")
         except aiohttp.ClientConnectorError as exc:
             return HealthResult(False, f"connection refused: {exc.os_error}", refused=True)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except UPSTREAM_FAILURES as exc:
             return HealthResult(False, f"{type(exc).__name__}: {exc}")
 
     async def residency(self) -> ResidencyReport:

@@ -61,6 +61,8 @@ def card_device(devices: object, gpu_index: int) -> dict[str, Any] | None:
 
 
 class ComfyUIAdapter(BaseAdapter):
+    unloads_itself = True  # /free
+    own_dialect = Dialect.COMFYUI
     default_health = HealthConfig(path="/system_stats")
     default_paths = {"image": HttpCall(path="/prompt")}
     history_poll_s = 0.25
@@ -316,14 +318,6 @@ class ComfyUIAdapter(BaseAdapter):
                     await asyncio.sleep(self.history_poll_s)
         except (TimeoutError, BrokerError) as exc:
             log.warning("%s: cancelled prompt %s still queued: %s", self.name, prompt_id, exc)
-
-    @property
-    def can_unload(self) -> bool:
-        return True
-
-    @property
-    def dialect(self) -> Dialect:
-        return Dialect.COMFYUI
 
     def uses_gpu(self, method: str, path: str) -> bool:
         return (method == "POST" and path in PROMPT_PATHS) or super().uses_gpu(method, path)

@@ -20,9 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class CommandAdapter(BaseAdapter):
-    @property
-    def stops_process(self) -> bool:
-        return True
+    stops_process = True
 
     async def residency(self) -> ResidencyReport:
         result = await self.health()

@@ -55,17 +55,9 @@ class ContainerDriver(BaseAdapter):
             raise BrokerError(ErrorCode.SCHEDULER_ERROR, "no container", consumer=self.name)
         return name
 
-    @property
-    def has_load(self) -> bool:
-        return True
-
-    @property
-    def can_unload(self) -> bool:
-        return True
-
-    @property
-    def stops_process(self) -> bool:
-        return True
+    stops_process = True
+    loads_itself = True
+    unloads_itself = True
 
     async def inspect(self) -> Container:
         return await self.docker.inspect(self.container)

@@ -29,21 +29,10 @@ class OllamaAdapter(BaseAdapter):
     def has_load(self) -> bool:
         return bool(self.config.preload_models)
 
-    @property
-    def can_unload(self) -> bool:
-        return True
-
-    @property
-    def serves_openai(self) -> bool:
-        return True
-
-    @property
-    def dialect(self) -> Dialect:
-        return Dialect.OLLAMA
-
-    @property
-    def per_model(self) -> bool:
-        return True
+    per_model = True
+    unloads_itself = True
+    openai_routes = True
+    own_dialect = Dialect.OLLAMA
 
     def model_key(self, model: str) -> str:
         # Its implied tag, namespace and registry (model_names): `big` is `big:latest`.

@@ -23,17 +23,9 @@ class SpeachesAdapter(BaseAdapter):
     def has_load(self) -> bool:
         return bool(self.config.preload_models)
 
-    @property
-    def can_unload(self) -> bool:
-        return True
-
-    @property
-    def serves_openai(self) -> bool:
-        return True
-
-    @property
-    def per_model(self) -> bool:
-        return True
+    per_model = True
+    unloads_itself = True
+    openai_routes = True
 
     async def loaded_models(self) -> list[str]:
         models = await self.ps_models()

@@ -11,18 +11,9 @@ from mgpumanager.upstreams.adapters.base import BaseAdapter, ResidencyReport
 
 class VllmAdapter(BaseAdapter):
     default_paths = {"llm": HttpCall(path="/v1/completions")}
-
-    @property
-    def has_load(self) -> bool:
-        return True
-
-    @property
-    def can_unload(self) -> bool:
-        return True
-
-    @property
-    def serves_openai(self) -> bool:
-        return True
+    loads_itself = True
+    unloads_itself = True
+    openai_routes = True
 
     async def residency(self) -> ResidencyReport:
         return ResidencyReport(not await self._sleeping())
