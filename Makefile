@@ -15,7 +15,7 @@ REAL_COMFYUI_TARBALL ?= ../shared/upstreams/comfyui-a125cd8.tar.gz
 REAL_COMFYUI_DIR     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mgpumanager/real-comfyui/comfyui-a125cd8
 export REAL_COMFYUI_DIR
 
-.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy deploy undeploy clean \
+.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch deploy undeploy clean \
 	real-comfyui test-real-comfyui ray test-ray bench-cluster
 
 # The default: everything CI checks (lint, then the whole suite).
@@ -93,6 +93,12 @@ bench-events: $(STAMP)
 # (needs wrk and curl; nginx where installed): ~4 minutes, bench/results/proxy.json.
 bench-proxy: $(STAMP)
 	$(BIN)/python bench/bench_proxy.py
+
+# A swap's load with its weights cold against read ahead during the job before (a generated
+# 1 GiB file in a temporary folder, removed after; needs ~2 GiB free there): ~1 minute,
+# bench/results/prefetch.json.
+bench-prefetch: $(STAMP)
+	$(BIN)/python bench/bench_prefetch.py
 
 bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

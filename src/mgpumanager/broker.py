@@ -22,6 +22,7 @@ from mgpumanager.relay.proxy import Body, forward
 from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.prefetch import Prefetcher, job_weights
 from mgpumanager.residency.records import State
 from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
 from mgpumanager.scheduling.lease import Lease
@@ -63,6 +64,7 @@ class Broker:
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
         self.idle: IdleKeeper | None = None
+        self.prefetch: Prefetcher | None = None  # the next tenure's weights read ahead
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
         # What happens, as it happens (/v1/events), and the recent past /v1/status shows.
@@ -118,6 +120,15 @@ class Broker:
         )
         self._lease = Lease(core, self._residency)
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
+        self.prefetch = Prefetcher(
+            lambda: self.config,
+            self._residency.view,
+            core,
+            lambda: self.adapters,
+            self.clock,
+            emit=self.events.emit,
+        )
+        self.prefetch.attach()
         await asyncio.gather(
             self._health.probe_all(), self._residency.view.discover(), self.catalog.refresh()
         )
@@ -190,6 +201,8 @@ class Broker:
         await self.catalog.aclose()
         if self.idle is not None:
             await self.idle.aclose()
+        if self.prefetch is not None:
+            await self.prefetch.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -273,6 +286,7 @@ class Broker:
             "client_idle_s",
             "header_timeout_s",  # new connections get the new limits
             "max_connections",
+            "prefetch",
         ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
@@ -364,6 +378,7 @@ class Broker:
                 model=per_model,
                 label=spec.label,
                 answer_first=True,
+                weights=job_weights(self.config, name, job_spec.call, whole),
             ) as job:
                 self.residency.view.job_started(name, per_model)
                 try:

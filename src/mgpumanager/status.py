@@ -141,6 +141,19 @@ class SchedulerStatus(BaseModel):
     running: list[RunningJobStatus]
 
 
+class PrefetchStatus(BaseModel):
+    """Weights read ahead for the next tenure (docs/residency.md, "Prefetch")."""
+
+    enabled: bool
+    started: int
+    done: int
+    cancelled: int
+    bytes_read: int
+    warm_loads: int  # forecast tenures that began with all of it read ahead
+    cold_loads: int
+    last: dict[str, Any] | None  # the one under way, or the last one
+
+
 class Status(BaseModel):
     version: str
     uptime_s: float
@@ -151,6 +164,7 @@ class Status(BaseModel):
     recent_jobs: list[JobStatus]  # newest first
     recent_evictions: list[EvictionStatus]  # newest first
     events: EventsStatus
+    prefetch: PrefetchStatus | None = None
 
 
 def build_status(broker: Broker) -> Status:
@@ -228,6 +242,19 @@ def build_status(broker: Broker) -> Status:
         events=EventsStatus(
             clients=events.subscribers, emitted=events.emitted, dropped_clients=events.dropped
         ),
+        prefetch=_prefetch(broker),
+    )
+
+
+def _prefetch(broker: Broker) -> PrefetchStatus | None:
+    prefetch = broker.prefetch
+    if prefetch is None:
+        return None
+    last = prefetch.current
+    return PrefetchStatus(
+        enabled=broker.config.prefetch.enabled,
+        **dataclasses.asdict(prefetch.counters),
+        last=None if last is None else last.document(),
     )
 
 

@@ -22,6 +22,7 @@ gone from the queue without one (`on_leave`), for benchmarks, logs and the event
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import types
@@ -164,6 +165,7 @@ class SchedulerCore:
         self.on_grant: list[Callable[[Grant], None]] = []
         self.on_finish: list[Callable[[int, Outcome], None]] = []
         self.on_leave: list[Callable[[QueuedJob, Outcome], None]] = []
+        self.on_ready: list[Callable[[int], None]] = []  # a tenure's prepared job is ready
 
     # -- what happened ------------------------------------------------------------------------
 
@@ -174,9 +176,12 @@ class SchedulerCore:
         *,
         exclusive: bool = False,
         label: str = "",
+        model: str | None = None,
+        weights: tuple[str, ...] = (),
     ) -> int:
         """Queue a job; returns its id. Raises BrokerError(queue_full | shutting_down).
-        `label` says what the job is (its route), for whoever watches the queue.
+        `label` says what the job is (its route), for whoever watches the queue; `model` and
+        `weights` what it needs loaded, for whoever reads its weights ahead.
 
         An exclusive job (admin load/unload) starts only when nothing runs, and nothing else is
         granted until it finishes: it is never `ready`."""
@@ -202,6 +207,8 @@ class SchedulerCore:
             enqueued_at=self._clock.now(),
             exclusive=exclusive,
             label=label,
+            model=model,
+            weights=weights,
         )
         self._waiting[job.id] = job
         self._classes.setdefault((job.consumer, job.priority), OrderedDict())[job.id] = job
@@ -241,6 +248,8 @@ class SchedulerCore:
             raise KeyError(job_id)
         self._preparing.discard(job_id)
         self._ready_at[job_id] = self._clock.now()
+        for observer in self.on_ready:
+            observer(job_id)
 
     def finish(self, job_id: int, outcome: Outcome, status: int | None = None) -> None:
         """`status`: the upstream's HTTP status of an UPSTREAM_ERROR, read by the finish
@@ -353,6 +362,24 @@ class SchedulerCore:
             grants.append(self._start(job, prepare=running == 0, warm=job.consumer in resident))
         return grants
 
+    def next_tenure(
+        self,
+        resident: Set[str] = frozenset(),
+        swap_cost_s: Mapping[str, float] | None = None,
+    ) -> QueuedJob | None:
+        """The waiting job that would begin the next tenure once the holder's jobs are done:
+        the order's pick among the other consumers' jobs (None when none waits). A forecast
+        for reading its weights ahead; changes nothing."""
+        heads = [
+            next(iter(cls.values()))
+            for (consumer, _), cls in self._classes.items()
+            if consumer != self._holder
+        ]
+        if not heads:
+            return None
+        view = self._view(resident, self._with_loads_in_jobs(known_costs(swap_cost_s)))
+        return self.order.pick(dataclasses.replace(view, heads=heads))
+
     def _with_loads_in_jobs(self, costs: dict[str, float]) -> dict[str, float]:
         """The measured swap costs plus, for each, what its first job after a swap runs longer
         than the others: for ComfyUI (no load call) the whole load, else about nothing. Without
@@ -367,6 +394,16 @@ class SchedulerCore:
     def jobs_on(self, consumer: str) -> int:
         """The jobs running on `consumer` now (only the lease holder has any)."""
         return self.in_flight if self.holder == consumer else 0
+
+    @property
+    def others_waiting(self) -> bool:
+        """Jobs of a consumer other than the holder wait (a next tenure is in view)."""
+        return any(consumer != self._holder for consumer, _ in self._classes)
+
+    @property
+    def preparing(self) -> bool:
+        """A tenure is being prepared: residency is changing for it."""
+        return bool(self._preparing)
 
     @property
     def startable(self) -> bool:

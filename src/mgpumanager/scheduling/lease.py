@@ -72,7 +72,7 @@ class JobContext:
     unless `hold_until` keeps the lease past the handler. (A class rather than a generator:
     this runs for every job.)"""
 
-    __slots__ = ("_answer_first", "_args", "_handle", "_lease")
+    __slots__ = ("_answer_first", "_args", "_handle", "_lease", "_weights")
 
     def __init__(
         self,
@@ -84,16 +84,20 @@ class JobContext:
         model: str | None,
         label: str,
         answer_first: bool,
+        weights: tuple[str, ...] = (),
     ) -> None:
         self._lease = lease
         self._args = (consumer, priority, queue_timeout_s, exclusive, model, label)
         self._answer_first = answer_first
+        self._weights = weights
         self._handle: JobHandle | None = None
 
     async def __aenter__(self) -> JobHandle:
         lease = self._lease
         consumer, priority, queue_timeout_s, exclusive, model, label = self._args
-        grant = await lease._acquire(consumer, priority, queue_timeout_s, exclusive, label)
+        grant = await lease._acquire(
+            consumer, priority, queue_timeout_s, exclusive, label, model, self._weights
+        )
         handle = self._handle = JobHandle(lease, grant)
         if exclusive or not (grant.prepare or model is not None):
             return handle
@@ -159,6 +163,7 @@ class Lease:
         model: str | None = None,
         label: str = "",
         answer_first: bool = False,
+        weights: tuple[str, ...] = (),
     ) -> JobContext:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
         run alone, with no prepare step, and nothing else is granted until they finish.
@@ -166,15 +171,32 @@ class Lease:
         `label`: what the job is (its route), shown in the queue and the events.
         `answer_first`: a relayed job whose handler sends its answer on return: when it ends
         well and nobody waits, it is finished right after (the next loop callbacks), not before
-        the answer leaves."""
+        the answer leaves. `weights`: file names its body says it loads (read ahead)."""
         return JobContext(
-            self, consumer, priority, queue_timeout_s, exclusive, model, label, answer_first
+            self,
+            consumer,
+            priority,
+            queue_timeout_s,
+            exclusive,
+            model,
+            label,
+            answer_first,
+            weights,
         )
 
     async def _acquire(
-        self, consumer: str, priority: int | None, timeout_s: float, exclusive: bool, label: str
+        self,
+        consumer: str,
+        priority: int | None,
+        timeout_s: float,
+        exclusive: bool,
+        label: str,
+        model: str | None = None,
+        weights: tuple[str, ...] = (),
     ) -> Grant:
-        job_id = self.core.submit(consumer, priority, exclusive=exclusive, label=label)
+        job_id = self.core.submit(
+            consumer, priority, exclusive=exclusive, label=label, model=model, weights=weights
+        )
         mine = self._dispatch(job_id)
         if mine is not None:  # granted at once (the lease was free): nothing to wait for
             return mine

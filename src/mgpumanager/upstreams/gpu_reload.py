@@ -1,7 +1,8 @@
 """What a SIGHUP reload can do with a changed `gpu` section, and what needs a restart.
 
-Applied at once: `safety_margin_mib`, `poll_interval_s`, `reconcile_interval_s` and
-`static_settle_s` (read from the registry each time they are used), and `total_mib` of a
+Applied at once: `safety_margin_mib`, `poll_interval_s`, `confirm_poll_s`,
+`reconcile_interval_s` and `static_settle_s` (read from the registry each time they are used),
+and `total_mib` of a
 `static` card (its reader has nothing else to go on). A new reader is a restart: `backend`,
 `index`, `sim_url`, and `total_mib` where it caps a card that is read (nvml, sim) — the
 broker's residency was measured through the old reader. Each such key is named with its old
@@ -13,7 +14,13 @@ from __future__ import annotations
 from mgpumanager.registry import Config, GpuConfig
 from mgpumanager.upstreams.gpu import GpuReader, StaticReader
 
-LIVE = ("safety_margin_mib", "poll_interval_s", "reconcile_interval_s", "static_settle_s")
+LIVE = (
+    "safety_margin_mib",
+    "poll_interval_s",
+    "confirm_poll_s",
+    "reconcile_interval_s",
+    "static_settle_s",
+)
 RESTART_HINT = "restart the service to apply it (systemctl restart mgpumanager)"
 
 
