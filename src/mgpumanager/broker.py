@@ -23,13 +23,15 @@ from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
 from mgpumanager.residency.records import State
-from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
+from mgpumanager.scheduling.devices import make_core
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
 from mgpumanager.upstreams.client_unloads import client_unload
-from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.devices import binding
+from mgpumanager.upstreams.gpu import GpuReader, device_uuids, make_reader
 from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
 
@@ -79,6 +81,10 @@ class Broker:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _bound(self) -> dict[str, frozenset[str]]:
+        """Each consumer's devices, as residency last read them from the registry."""
+        return {} if self._residency is None else self._residency.view.bound
+
     async def start(self) -> None:
         config = self.config
         # No total timeout: answers stream for as long as run_timeout_s allows.
@@ -96,13 +102,16 @@ class Broker:
         self.catalog = ModelCatalog(config, self.adapters)
         # The core first: residency reads from it which consumers have jobs running (never
         # evicted meanwhile); the lease then asks residency for each tenure (its Tenure).
-        core = SchedulerCore(
+        # On a box with several GPUs, one core per device set under one scheduler.
+        core = make_core(
             config.scheduler,
             {
                 name: ConsumerPolicy(c.priority, c.max_concurrency)
                 for name, c in config.consumers.items()
             },
+            binding(config, device_uuids(reader)),
             self.clock,
+            rebinding=self._bound,
         )
         self._jobs = JobEvents(core, self.clock, self.events.emit)
         self._residency = Residency(

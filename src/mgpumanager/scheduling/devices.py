@@ -22,7 +22,7 @@ one device there is one core and the broker uses that core itself.
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 
 from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
@@ -47,9 +47,13 @@ class DeviceSets(SchedulerCore):
         consumers: Mapping[str, ConsumerPolicy],
         devices: Mapping[str, DeviceSet],
         clock: Clock,
+        *,
+        rebinding: Callable[[], Mapping[str, DeviceSet]] | None = None,
     ) -> None:
-        """`devices`: each consumer's device set (every consumer must have one)."""
+        """`devices`: each consumer's device set (every consumer must have one). `rebinding`:
+        where `reconfigure` reads the sets of a reloaded registry from."""
         super().__init__(settings, {}, clock)
+        self._rebinding = rebinding
         self._cores: dict[DeviceSet, SchedulerCore] = {}
         self._devices: dict[str, DeviceSet] = {}
         self._where: dict[int, SchedulerCore] = {}  # job id -> its core, while queued or running
@@ -129,8 +133,9 @@ class DeviceSets(SchedulerCore):
     ) -> list[tuple[int, str]]:
         """New settings and consumers, on the device sets last given to `rebind` (a consumer
         without one keeps its old set, a new one gets every device known)."""
-        every = frozenset().union(*self._cores) if self._cores else frozenset()
-        devices = {n: self._devices.get(n, every) for n in consumers}
+        every: DeviceSet = frozenset().union(*self._cores)
+        bound = self._rebinding() if self._rebinding is not None else {}
+        devices = {n: bound.get(n) or self._devices.get(n, every) for n in consumers}
         return self.rebind(settings, consumers, devices)
 
     def rebind(
@@ -295,3 +300,18 @@ class DeviceSets(SchedulerCore):
             accepting=self._accepting,
             consumers=per,
         )
+
+
+def make_core(
+    settings: SchedulerConfig,
+    consumers: Mapping[str, ConsumerPolicy],
+    devices: Mapping[str, DeviceSet],
+    clock: Clock,
+    *,
+    rebinding: Callable[[], Mapping[str, DeviceSet]] | None = None,
+) -> SchedulerCore:
+    """The scheduler for a box: one core where every consumer shares one device set (a box
+    with one GPU: the core exactly as it always was), else one over the device sets."""
+    if len(frozenset[str]().union(*devices.values())) <= 1:
+        return SchedulerCore(settings, consumers, clock)
+    return DeviceSets(settings, consumers, devices, clock, rebinding=rebinding)
