@@ -22,7 +22,7 @@ BOTH = G0 | G1
 def box(clock: FakeClock | None = None, **settings: object) -> DeviceSets:
     """ollama on GPU 0, comfyui on GPU 1, speech on both."""
     return DeviceSets(
-        SchedulerConfig(policy="fifo", **settings),  # type: ignore[arg-type]
+        SchedulerConfig.model_validate({"policy": "fifo", **settings}),
         {n: ConsumerPolicy() for n in ("ollama", "comfyui", "speech")},
         {"ollama": G0, "comfyui": G1, "speech": BOTH},
         clock or FakeClock(),
@@ -211,10 +211,10 @@ def test_never_two_holders_on_a_device_no_oom_every_job_finishes_waits_bounded(
         if what == "done":
             c.finish(job, Outcome.COMPLETED)
         else:
-            _, name, d = what.split(":")
+            _, name, run_s = what.split(":")
             job_id = c.submit(name)
             arrived[job_id] = at
-            duration[job_id] = float(d)
+            duration[job_id] = float(run_s)
         step()
 
     assert oom == 0

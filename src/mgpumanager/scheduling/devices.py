@@ -69,7 +69,8 @@ class DeviceSets(SchedulerCore):
         self._settings = settings
         self._consumers = dict(consumers)
         self._devices = {name: devices[name] for name in consumers}
-        for dset in set(self._devices.values()) - set(self._cores):
+        new = [d for d in dict.fromkeys(self._devices.values()) if d not in self._cores]
+        for dset in new:
             core = SchedulerCore(settings, self._members(dset), self._clock, ids=self._ids)
             # The same lists for every core: observers see every job, whichever core has it.
             core.on_submit = self.on_submit
@@ -207,12 +208,15 @@ class DeviceSets(SchedulerCore):
 
     def _rank(
         self, dset: DeviceSet, core: SchedulerCore, reserved: DeviceSet | None
-    ) -> tuple[bool, bool, int, float]:
+    ) -> tuple[bool, bool, int, float, int]:
         """Sort key: the reserved set, then holders (they only grant on their own devices),
-        then the best waiting job: its aged priority, then its age."""
+        then the best waiting job: its aged priority, then its age, then arrival order."""
         now = self._clock.now()
-        best = max(core.waiting.values(), key=lambda j: (self._level(j, now), -j.enqueued_at))
-        return (dset != reserved, core.in_flight == 0, -self._level(best, now), best.enqueued_at)
+        best = max(
+            core.waiting.values(), key=lambda j: (self._level(j, now), -j.enqueued_at, -j.id)
+        )
+        level = self._level(best, now)
+        return (dset != reserved, core.in_flight == 0, -level, best.enqueued_at, best.id)
 
     def _level(self, job: QueuedJob, now: float) -> int:
         aged = int((now - job.enqueued_at) // self._settings.aging_s)

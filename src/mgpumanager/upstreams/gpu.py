@@ -277,8 +277,13 @@ class NvmlReader:
         *,
         proc_root: Path = Path("/proc"),
         containers: ContainerNames | None = None,
+        handle_of: Callable[[NvmlApi], Any] | None = None,
     ) -> None:
+        """`handle_of`: how to find the device when it is not a plain index (a MIG instance,
+        upstreams/nvml_box.py)."""
         self._index = index
+        self._handle_of = handle_of
+        self.uuid: str | None = None  # read at start where the library can tell
         # Names the container a GPU process runs in (`[container:NAME]`, upstreams/containers.py).
         self._containers = containers if containers is not None else ContainerNames()
         self._cap_mib = total_cap_mib
@@ -318,8 +323,14 @@ class NvmlReader:
     def _start_sync(self) -> None:
         self._nvml.nvmlInit()
         try:
-            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._index)
+            if self._handle_of is not None:
+                self._handle = self._handle_of(self._nvml)
+            else:
+                self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._index)
             self._device = _text(self._nvml.nvmlDeviceGetName(self._handle))
+            get_uuid = getattr(self._nvml, "nvmlDeviceGetUUID", None)
+            if get_uuid is not None:
+                self.uuid = _text(get_uuid(self._handle))
             total_mib, _, _ = self._memory_sync()
         except BaseException:
             self._nvml.nvmlShutdown()
@@ -574,6 +585,18 @@ async def make_reader(
             await sim.aclose()
             raise
         return sim
+    api: NvmlApi = nvml if nvml is not None else pynvml
+    if gpu.index == 0 and hasattr(api, "nvmlDeviceGetCount"):
+        # Every device of the box (a `gpu.index` other than 0 keeps to that one card). The
+        # import is here because the box reader is built of this module's NvmlReader.
+        from mgpumanager.upstreams.nvml_box import NvmlBoxReader
+
+        try:
+            box = await NvmlBoxReader.open(api, gpu.total_mib)
+        except GpuInitError:
+            box = None  # the one-card reader below says why, and `auto` falls back
+        if box is not None:
+            return box
     reader = NvmlReader(gpu.index, gpu.total_mib, nvml)
     try:
         await reader.start()
