@@ -154,3 +154,31 @@ async def test_a_job_bound_to_both_cards_runs_alone(
         assert overlaps == []
         assert [card.oom_count for card in cluster.cards] == [0, 0]
         await wait_for(lambda: core.in_flight == 0, timeout_s=5)
+
+
+async def test_a_consumer_found_on_a_device_it_did_not_declare_is_reported(
+    cluster: SimCluster, client: aiohttp.ClientSession
+) -> None:
+    config = registry(cluster, [0])
+    ollama = config.consumers["ollama"].model_copy(
+        update={"devices": [1], "gpu_processes": ["ollama"]}  # its fake sits on card 0
+    )
+    config = config.model_copy(
+        update={
+            "gpu": config.gpu.model_copy(
+                update={"backend": "sim", "sim_url": cluster.gpu_url, "poll_interval_s": 0.02}
+            ),
+            "consumers": {**config.consumers, "ollama": ollama},
+        }
+    )
+    async with running_broker(config) as server:
+        seen: list[dict[str, Any]] = []
+        server.broker.events.taps.append(
+            lambda e: seen.append(e.figures) if e.type == "device.undeclared" else None
+        )
+        assert await job(client, server.url, "llm") == 200
+        await server.broker.residency.view.read_gpu()
+        data = await status(client, server.url)
+        assert data["consumers"]["ollama"]["undeclared_devices"] == [sim_uuid(0)]
+        assert data["gpus"][0]["undeclared"] == ["ollama"]
+        assert {"consumer": "ollama", "devices": [sim_uuid(0)]} in seen

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from mgpumanager.clock import Clock
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.registry import Config, ModelEntry
-from mgpumanager.residency.device_room import headroom_on
+from mgpumanager.residency.device_room import headroom_on, misplaced_devices
 from mgpumanager.residency.planner import Resident
 from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 from mgpumanager.upstreams.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
@@ -103,6 +103,7 @@ class ResidencyView:
         # The box's devices (one on most boxes) and each consumer's (residency/device_room.py).
         self.uuids = device_uuids(reader)
         self.bound = binding(config, self.uuids)
+        self.undeclared: dict[str, tuple[str, ...]] = {}  # consumer -> devices, where any
         self.records = {
             name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             for name, c in config.consumers.items()
@@ -194,7 +195,21 @@ class ResidencyView:
         if reading.ok:
             for name, record in self.records.items():
                 record.measured_mib = self.measure(name, reading)
+            if self.multi_device:
+                self._check_devices(reading)
         return reading
+
+    def _check_devices(self, reading: GpuReading) -> None:
+        """A consumer whose processes hold memory on a device it did not declare is reported
+        (an event and a warning when it is first seen there, and /v1/status), never accepted
+        silently: its jobs may run beside another consumer's on that card."""
+        for name in self.records:
+            found = tuple(misplaced_devices(self, name, reading))
+            if found != self.undeclared.get(name, ()):
+                self.undeclared[name] = found
+                if found:
+                    log.warning("%s has processes on undeclared GPU(s) %s", name, ", ".join(found))
+                self._emit("device.undeclared", consumer=name, devices=list(found))
 
     def measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
         patterns = (config or self.config).consumers[name].gpu_processes
