@@ -19,6 +19,7 @@ from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.mvoice import MVoiceSettings
 from mgpumanager.sim.ollama import OllamaSettings
+from mgpumanager.tools.remote import render
 
 MODEL = "llm:14b"
 CARD_MIB = 16_000
@@ -129,6 +130,9 @@ async def test_two_cards_run_side_by_side_and_evict_only_where_room_is_needed(
         assert gpus[0]["consumers"] == ["mvoice", "ollama"]
         assert after["gpu"]["total_mib"] == 2 * CARD_MIB  # the old single summary: the sum
         assert after["consumers"]["comfyui"]["devices"] == [sim_uuid(1)]
+        picture = render(after, base)  # `mgpumanager status`: one line and one bar per card
+        assert f"GPU 0 static GPU 0 ({sim_uuid(0)})" in picture
+        assert f"GPU 1 static GPU 1 ({sim_uuid(1)})" in picture and "bound: comfyui" in picture
         async with client.get(f"{base}/metrics") as resp:
             metrics = await resp.text()
         assert f'mgpumanager_gpu_vram_mib{{gpu="{sim_uuid(1)}",kind="total"}}' in metrics
