@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -69,7 +70,9 @@ class NvmlBoxReader:
         self._readers = readers
 
     @classmethod
-    async def open(cls, nvml: NvmlApi, total_cap_mib: int | None = None) -> NvmlBoxReader | None:
+    async def open(
+        cls, nvml: NvmlApi, total_cap_mib: int | None = None, *, proc_root: Path = Path("/proc")
+    ) -> NvmlBoxReader | None:
         """The started reader of every device, or None when NVML sees one GPU (not in MIG
         mode): the caller then keeps the one-device reader. Raises GpuInitError."""
 
@@ -91,7 +94,13 @@ class NvmlBoxReader:
         if len(devices) <= 1:
             return None
         readers = [
-            NvmlReader(i, total_cap_mib, nvml, handle_of=None if s is None else _mig(i, s))
+            NvmlReader(
+                i,
+                total_cap_mib,
+                nvml,
+                proc_root=proc_root,
+                handle_of=None if s is None else _mig(i, s),
+            )
             for i, s in devices
         ]
         started: list[NvmlReader] = []
