@@ -98,6 +98,7 @@ bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_sched.py
 	$(BIN)/python bench/sched_model.py
+	$(BIN)/python bench/bench_gpus.py
 
 # rsync the tree to HOST's /opt/mgpumanager, build its .venv there, then deploy/install.sh as
 # root: the mgpumanager user, the registry under /etc/mgpumanager (installed once, never
