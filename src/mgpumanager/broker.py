@@ -30,7 +30,7 @@ from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
 from mgpumanager.upstreams.client_unloads import client_unload
-from mgpumanager.upstreams.devices import binding
+from mgpumanager.upstreams.devices import binding, unknown_bindings
 from mgpumanager.upstreams.gpu import GpuReader, device_uuids, make_reader
 from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
@@ -94,6 +94,8 @@ class Broker:
         )
         reader = self._reader or await make_reader(config.gpu)
         self._reader = reader
+        for line in unknown_bindings(config, device_uuids(reader)):
+            log.warning("%s: bound to every device instead", line)
         self.adapters = {
             name: make_adapter(name, c, self.session, gpu_index=config.gpu.index)
             for name, c in config.consumers.items()

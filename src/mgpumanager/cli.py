@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if not check_containers(config, args.file):
                 return 2
+            from mgpumanager.upstreams.devices_check import check_devices
+
+            if not asyncio.run(check_devices(config, args.file)):
+                return 2
             print(
                 f"{args.file}: OK ({len(config.consumers)} consumers: "
                 f"{', '.join(config.consumers)})"

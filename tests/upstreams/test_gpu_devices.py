@@ -3,7 +3,9 @@ static `gpu.devices`, the simulated box, and each consumer's binding."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +20,7 @@ from mgpumanager.sim.box import SimBox, sim_uuid
 from mgpumanager.sim.gpu import SimGPU, gpu_app
 from mgpumanager.sim.server import serve_app
 from mgpumanager.upstreams.devices import DeviceProcess, DeviceReading, binding, misplaced
+from mgpumanager.upstreams.devices_check import check_devices
 from mgpumanager.upstreams.gpu import SimReader, device_uuids, devices_of, make_reader
 from mgpumanager.upstreams.nvml_box import NvmlBoxReader
 
@@ -205,3 +208,29 @@ consumers:
     assert "consumers.a.devices.1" in message and "no GPU with index 2" in message
     assert "consumers.b.devices.0" in message and "GPU-z" in message
     assert "consumers.c" not in message
+
+
+async def test_check_config_reads_the_gpu_and_refuses_a_device_it_does_not_have(
+    tmp_path: Path,
+) -> None:
+    cards = [SimGPU(16_000, "a"), SimGPU(16_000, "b")]
+    app = await serve_app(gpu_app(cards[0], snapshot=SimBox(cards).snapshot))
+    try:
+        config = make_config(
+            {
+                "a": {"url": "http://127.0.0.1:1", "vram_resident_mib": 1, "devices": [1]},
+                "b": {"url": "http://127.0.0.1:2", "vram_resident_mib": 1, "devices": [2]},
+            },
+            gpu={"backend": "sim", "sim_url": app.url},
+        )
+        out = io.StringIO()
+        assert await check_devices(config, tmp_path / "r.yaml", out) is False
+        assert "consumers.b.devices: no GPU 2" in out.getvalue()
+        assert "consumers.a" not in out.getvalue()
+        fine = make_config(
+            {"a": {"url": "http://127.0.0.1:1", "vram_resident_mib": 1, "devices": [sim_uuid(1)]}},
+            gpu={"backend": "sim", "sim_url": app.url},
+        )
+        assert await check_devices(fine, tmp_path / "r.yaml", out) is True
+    finally:
+        await app.aclose()

@@ -39,10 +39,16 @@ class DeviceReading:
     processes: tuple[DeviceProcess, ...] = ()
 
 
+SINGLE_UUID = "GPU-0"  # the key of the one device of a reader that names none
+
+
 def resolve(ref: int | str, uuids: Sequence[str]) -> str | None:
-    """An index or UUID of the registry's `devices:` as a UUID; None when the box has none such."""
+    """An index or UUID of the registry's `devices:` as a UUID; None when the box has none such.
+    On a box of one card whose UUID the reader does not name, any UUID means that card."""
     if isinstance(ref, int):
         return uuids[ref] if 0 <= ref < len(uuids) else None
+    if list(uuids) == [SINGLE_UUID]:
+        return SINGLE_UUID
     return ref if ref in uuids else None
 
 
@@ -64,6 +70,17 @@ def binding(config: Config, uuids: Sequence[str]) -> dict[str, frozenset[str]]:
 def unknown_refs(consumer: ConsumerConfig, uuids: Sequence[str]) -> list[int | str]:
     """The entries of `consumer.devices` that name no device of this box."""
     return [ref for ref in consumer.devices or () if resolve(ref, uuids) is None]
+
+
+def unknown_bindings(config: Config, uuids: Sequence[str]) -> list[str]:
+    """One line per `devices:` entry that names no device of this box (`check-config` refuses
+    them where it reads the GPU; the broker warns and binds such a consumer to every device)."""
+    return [
+        f"consumers.{name}.devices: no GPU {ref!r} on this box "
+        f"(indices 0..{len(uuids) - 1}; UUIDs {', '.join(uuids)})"
+        for name, c in config.consumers.items()
+        for ref in unknown_refs(c, uuids)
+    ]
 
 
 def misplaced(

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mgpumanager.registry import GpuConfig
 from mgpumanager.upstreams.containers import ContainerNames, tag_process
-from mgpumanager.upstreams.devices import DeviceProcess, DeviceReading
+from mgpumanager.upstreams.devices import SINGLE_UUID, DeviceProcess, DeviceReading
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,6 @@ class GpuReader(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-SINGLE_UUID = "GPU-0"  # the key of the one device of a reader that names none
 
 
 @runtime_checkable
