@@ -3,9 +3,10 @@
 Applied at once: `safety_margin_mib`, `poll_interval_s`, `reconcile_interval_s` and
 `static_settle_s` (read from the registry each time they are used), and `total_mib` of a
 `static` card (its reader has nothing else to go on). A new reader is a restart: `backend`,
-`index`, `sim_url`, `devices` (the cards of a static box), and `total_mib` where it caps a card that is read (nvml, sim) — the
-broker's residency was measured through the old reader. Each such key is named with its old
-and new value, and the whole new registry is then refused: the old one stays in force.
+`index`, `sim_url`, `devices` (the cards of a static box), and `total_mib` where it caps a
+card that is read (nvml, sim) — the broker's residency was measured through the old reader.
+Each such key is named with its old and new value, and the whole new registry is then
+refused: the old one stays in force.
 """
 
 from __future__ import annotations
