@@ -560,6 +560,12 @@ class SimReader:
 # --------------------------------------------------------------------------------------------
 
 
+def _static_box(gpu: GpuConfig) -> StaticReader:
+    """`gpu.devices` of a static box: its cards, the total their sum."""
+    cards = [(d.uuid, d.total_mib) for d in gpu.devices or ()]
+    return StaticReader(sum(t for _, t in cards), cards)
+
+
 async def make_reader(
     gpu: GpuConfig,
     *,
@@ -569,8 +575,7 @@ async def make_reader(
     """The started reader `gpu.backend` asks for. Raises `GpuInitError`."""
     if gpu.backend == "static":
         if gpu.devices:
-            cards = [(d.uuid, d.total_mib) for d in gpu.devices]
-            return StaticReader(sum(t for _, t in cards), cards)
+            return _static_box(gpu)
         if gpu.total_mib is None:
             raise GpuInitError("gpu.backend 'static' needs gpu.total_mib")
         return StaticReader(gpu.total_mib)
@@ -600,6 +605,9 @@ async def make_reader(
     except GpuInitError as exc:
         if gpu.backend == "nvml":
             raise
+        if gpu.devices:
+            log.warning("gpu: %s; using the static backend with gpu.devices", exc)
+            return _static_box(gpu)
         if gpu.total_mib is None:
             raise GpuInitError(
                 f"gpu.backend 'auto': no NVIDIA GPU readable ({exc}) and gpu.total_mib is not "
