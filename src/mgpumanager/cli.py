@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not check_containers(config, args.file):
                 return 2
-            from mgpumanager.upstreams.devices_check import check_devices
+            from mgpumanager.upstreams.devices_check import check_devices, checks_devices
 
-            if not asyncio.run(check_devices(config, args.file)):
+            if checks_devices(config) and not asyncio.run(check_devices(config, args.file)):
                 return 2
             print(
                 f"{args.file}: OK ({len(config.consumers)} consumers: "

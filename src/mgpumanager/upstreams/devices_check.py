@@ -16,9 +16,14 @@ from mgpumanager.upstreams.devices import unknown_bindings
 from mgpumanager.upstreams.gpu import GpuInitError, device_uuids, make_reader
 
 
+def checks_devices(config: Config) -> bool:
+    """Whether there is anything to read the GPU for: a binding, on a box that is read."""
+    return config.gpu.backend != "static" and any(c.devices for c in config.consumers.values())
+
+
 async def check_devices(config: Config, path: Path, out: TextIO = sys.stderr) -> bool:
     """False (after printing each problem) when a `devices:` entry names no device here."""
-    if not any(c.devices for c in config.consumers.values()) or config.gpu.backend == "static":
+    if not checks_devices(config):
         return True
     try:
         reader = await make_reader(config.gpu)
