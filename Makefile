@@ -104,6 +104,7 @@ bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_sched.py
 	$(BIN)/python bench/sched_model.py
+	$(BIN)/python bench/bench_gpus.py
 
 # The `ray` extra (Ray Serve and Ray, ~0.5 GB) in the same .venv, once.
 RAY_STAMP := $(VENV)/.ray-installed

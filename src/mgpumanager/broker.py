@@ -24,13 +24,15 @@ from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
 from mgpumanager.residency.prefetch import Prefetcher, job_weights
 from mgpumanager.residency.records import State
-from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
+from mgpumanager.scheduling.devices import make_core
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
 from mgpumanager.upstreams.client_unloads import client_unload
-from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.devices import binding, unknown_bindings
+from mgpumanager.upstreams.gpu import GpuReader, device_uuids, make_reader
 from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
 
@@ -81,6 +83,10 @@ class Broker:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _bound(self) -> dict[str, frozenset[str]]:
+        """Each consumer's devices, as residency last read them from the registry."""
+        return {} if self._residency is None else self._residency.view.bound
+
     async def start(self) -> None:
         config = self.config
         # No total timeout: answers stream for as long as run_timeout_s allows.
@@ -90,6 +96,8 @@ class Broker:
         )
         reader = self._reader or await make_reader(config.gpu)
         self._reader = reader
+        for line in unknown_bindings(config, device_uuids(reader)):
+            log.warning("%s: bound to every device instead", line)
         self.adapters = {
             name: make_adapter(name, c, self.session, gpu_index=config.gpu.index)
             for name, c in config.consumers.items()
@@ -98,13 +106,16 @@ class Broker:
         self.catalog = ModelCatalog(config, self.adapters)
         # The core first: residency reads from it which consumers have jobs running (never
         # evicted meanwhile); the lease then asks residency for each tenure (its Tenure).
-        core = SchedulerCore(
+        # On a box with several GPUs, one core per device set under one scheduler.
+        core = make_core(
             config.scheduler,
             {
                 name: ConsumerPolicy(c.priority, c.max_concurrency)
                 for name, c in config.consumers.items()
             },
+            binding(config, device_uuids(reader)),
             self.clock,
+            rebinding=self._bound,
         )
         self._jobs = JobEvents(core, self.clock, self.events.emit)
         self._residency = Residency(

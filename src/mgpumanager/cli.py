@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the broker's port; every other piece moves by as much (the simulated GPU to "
         "N+29, the fakes to N+31..N+34); 0: free ports for all, named in the banner",
     )
+    demo.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="N",
+        help="simulated cards (1-8, default 1); with several, the chat model and speech on the "
+        "first, images on the second, each consumer bound to its card",
+    )
     sim_parser(sub)
     rules = sub.add_parser(
         "deploy-rules",
@@ -197,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if not check_containers(config, args.file):
                 return 2
+            from mgpumanager.upstreams.devices_check import check_devices, checks_devices
+
+            if checks_devices(config) and not asyncio.run(check_devices(config, args.file)):
+                return 2
             print(
                 f"{args.file}: OK ({len(config.consumers)} consumers: "
                 f"{', '.join(config.consumers)})"
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         from mgpumanager.tools.demo import run_demo
 
         try:
-            return run_loop(run_demo(args.config or demo_registry(), args.port))
+            return run_loop(run_demo(args.config or demo_registry(), args.port, args.gpus))
         except StartupError as exc:
             print(f"mgpumanager: {exc}", file=sys.stderr)
             return 1

@@ -167,6 +167,9 @@ class ConsumerConfig(_Model):
     scheduled: list[HttpCall] = []
     # Unload it after this many seconds unused (when no job waits). None: never.
     idle_unload_s: PositiveFloat | None = None
+    # The GPUs it runs on, by NVML index or UUID (docs/multi-gpu.md). None: every device (the
+    # coarse, safe choice). Jobs of consumers on disjoint devices run at the same time.
+    devices: list[int | str] | None = Field(default=None, min_length=1)
     # HOST:PORT where the broker also listens with this consumer's own API at the root (the
     # service moves to another port and the broker takes its usual one). None: no front door.
     front_door: str | None = None
@@ -218,10 +221,19 @@ DEFAULT_PATHS: Mapping[str, HttpCall] = {
 }
 
 
+class StaticDevice(_Model):
+    """One card of a `static` box (no readings): its NVML UUID and its size."""
+
+    uuid: str = Field(min_length=1)
+    total_mib: int = Field(gt=0)
+
+
 class GpuConfig(_Model):
     backend: Literal["auto", "nvml", "static", "sim"] = "auto"
     index: int = Field(default=0, ge=0)
     total_mib: int | None = Field(default=None, gt=0)
+    # backend static: every card of the box (a single total_mib still means one device).
+    devices: list[StaticDevice] | None = Field(default=None, min_length=1)
     safety_margin_mib: int = Field(default=512, ge=0)
     sim_url: str = "http://127.0.0.1:8799"
     poll_interval_s: PositiveFloat = 0.1
@@ -247,6 +259,9 @@ class SchedulerConfig(_Model):
     max_batch: int = Field(default=32, ge=1)
     allow_priority_header: bool = False
     drain_timeout_s: PositiveFloat = 30.0
+    # Several GPUs: once the oldest blocked multi-device job has waited this long, its devices
+    # are reserved for it (jobs on other devices still run).
+    max_wait_s: PositiveFloat = 30.0
 
 
 class IdleConfig(_Model):
@@ -452,6 +467,7 @@ __all__ = [
     "ModelEntry",
     "PrefetchConfig",
     "SchedulerConfig",
+    "StaticDevice",
     "TokenConfig",
     "is_loopback",
     "redact_url",

@@ -24,6 +24,7 @@ from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.registry import Config
+from mgpumanager.residency import device_room
 from mgpumanager.residency.planner import CannotFit, Evict, Resident, plan_eviction
 from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, State, transition
 from mgpumanager.residency.view import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
@@ -157,17 +158,17 @@ class Residency:
             )
             exclude = target
         unit_model = per_model if exclude is None else None
-        headroom = self.view.headroom_mib(reading, exclude=exclude)
+        headroom = self.view.headroom_for(target, reading, exclude)
         residents = self.view.units(target, unit_model)
-        plan = self._plan(target, need, headroom, residents)
+        plan = self._plan(target, need, headroom, residents, reading, exclude)
         if isinstance(plan, CannotFit) or (plan.victims and self._lagging(reading, exclude)):
             # A second look before blaming anyone, or evicting for memory that is coming back.
             reading = await self._second_look(need, exclude)
             if self.ready(target, model):
                 return
-            headroom = self.view.headroom_mib(reading, exclude=exclude)
+            headroom = self.view.headroom_for(target, reading, exclude)
             residents = self.view.units(target, unit_model)
-            plan = self._plan(target, need, headroom, residents)
+            plan = self._plan(target, need, headroom, residents, reading, exclude)
         if isinstance(plan, CannotFit):
             raise self._cannot_fit(target, plan, residents, reading)
         if plan.victims:
@@ -182,8 +183,16 @@ class Residency:
             await self.load(target)
 
     def _plan(
-        self, target: str, need: int, headroom: int, residents: list[Resident]
+        self,
+        target: str,
+        need: int,
+        headroom: int,
+        residents: list[Resident],
+        reading: GpuReading,
+        exclude: str | None,
     ) -> Evict | CannotFit:
+        if self.view.multi_device:  # per device of the target, the others untouched
+            return device_room.plan(self.view, reading, target, need, exclude, residents)
         return plan_eviction(
             target=target,
             target_cost_mib=need,
@@ -514,7 +523,7 @@ class Residency:
         while True:
             if reading is None:
                 reading = await self.view.read_gpu()
-            headroom = self.view.headroom_mib(reading, exclude=exclude)
+            headroom = self.view.headroom_for(target, reading, exclude)
             if headroom >= need:
                 return
             if self.view.clock.now() >= deadline:

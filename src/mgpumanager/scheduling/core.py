@@ -27,7 +27,7 @@ import enum
 import itertools
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 
 from mgpumanager.clock import Clock
@@ -126,14 +126,16 @@ class SchedulerCore:
         clock: Clock,
         *,
         order: Order | None = None,
+        ids: Iterator[int] | None = None,
     ) -> None:
         """`order`: the rule that picks the next job; by default the one `settings.policy`
-        names (and, after `reconfigure`, the one the new settings name)."""
+        names (and, after `reconfigure`, the one the new settings name). `ids`: where job ids
+        come from, shared by the cores of several device sets (scheduling/devices.py)."""
         self._settings = settings
         self._consumers = dict(consumers)
         self._clock = clock
         self._fixed_order = order
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
         self._waiting: dict[int, QueuedJob] = {}  # insertion order == arrival order
         # The same jobs by (consumer, priority), each class in arrival order: its first is the
         # head the order sees. (OrderedDict: the first entry stays O(1) after many removals.)
