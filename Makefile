@@ -15,8 +15,8 @@ REAL_COMFYUI_TARBALL ?= ../shared/upstreams/comfyui-a125cd8.tar.gz
 REAL_COMFYUI_DIR     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mgpumanager/real-comfyui/comfyui-a125cd8
 export REAL_COMFYUI_DIR
 
-.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy bench-wait deploy undeploy clean \
-	real-comfyui test-real-comfyui
+.PHONY: check build test test-fast test-docker image lint soak run demo bench bench-events bench-sched bench-proxy bench-prefetch bench-wait deploy undeploy clean \
+	real-comfyui test-real-comfyui ray test-ray bench-cluster
 
 # The default: everything CI checks (lint, then the whole suite).
 check: lint test
@@ -99,10 +99,36 @@ bench-wait: $(STAMP)
 bench-proxy: $(STAMP)
 	$(BIN)/python bench/bench_proxy.py
 
+# A swap's load with its weights cold against read ahead during the job before (a generated
+# 1 GiB file in a temporary folder, removed after; needs ~2 GiB free there): ~1 minute,
+# bench/results/prefetch.json.
+bench-prefetch: $(STAMP)
+	$(BIN)/python bench/bench_prefetch.py
+
 bench-sched: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_sched.py
 	$(BIN)/python bench/sched_model.py
+	$(BIN)/python bench/bench_gpus.py
+
+# The `ray` extra (Ray Serve and Ray, ~0.5 GB) in the same .venv, once.
+RAY_STAMP := $(VENV)/.ray-installed
+ray: $(RAY_STAMP)
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	touch $(RAY_STAMP)
+
+# Several boxes on one machine (docs/cluster.md): a local Ray cluster of two simulated hosts,
+# each a simulated GPU, fakes and a broker on loopback, with a front per host. Not part of
+# `make test` (~30 s, ~2.5 GB).
+test-ray: $(RAY_STAMP)
+	MGPU_RAY_TESTS=1 $(BIN)/pytest -q -rs -p no:cacheprovider tests/cluster_ray
+
+# The hop through a host's front against a call straight to its broker, same script, same
+# simulated host, and the same hop through Ray Serve's proxy: bench/results/cluster.json.
+bench-cluster: $(RAY_STAMP)
+	$(BIN)/python bench/bench_cluster.py --serve
 
 # rsync the tree to HOST's /opt/mgpumanager, build its .venv there, then deploy/install.sh as
 # root: the mgpumanager user, the registry under /etc/mgpumanager (installed once, never

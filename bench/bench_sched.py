@@ -176,8 +176,10 @@ def registry(
                 "backend": "sim",
                 "sim_url": cluster.gpu_url,
                 "total_mib": TOTAL_MIB,
-                # The shipped default, scaled like the rest: how often an unload is checked
-                # against the GPU reading (a slower one delays every swap's confirmation).
+                # The shipped defaults, scaled like the rest: how often an unload is checked
+                # against the GPU reading (a slower one delays every swap's confirmation), and
+                # the slowest pace of a swap's other waits.
+                "confirm_poll_s": GpuConfig.model_fields["confirm_poll_s"].default / scale,
                 "poll_interval_s": GpuConfig.model_fields["poll_interval_s"].default / scale,
             },
             # Scaled like the workload.

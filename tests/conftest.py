@@ -26,9 +26,13 @@ from mgpumanager.sim.server import RunningApp, serve_app, wait_until
 
 # The suite never talks to a Docker daemon that happens to run on the box: only the container
 # tests (tests/docker, `make test-docker`) do, and they say so with MGPU_DOCKER_TESTS=1.
+collect_ignore: list[str] = []
 if not os.environ.get("MGPU_DOCKER_TESTS"):
     os.environ["DOCKER_HOST"] = "unix:///nonexistent/mgpumanager-tests/docker.sock"
-    collect_ignore = ["docker"]
+    collect_ignore.append("docker")
+# The cluster on a real local Ray cluster needs the `ray` extra and a few GiB: `make test-ray`.
+if not os.environ.get("MGPU_RAY_TESTS"):
+    collect_ignore.append("cluster_ray")
 
 # The one poll-until helper, under the name the tests import from here.
 wait_for = wait_until

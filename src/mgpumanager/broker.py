@@ -33,15 +33,18 @@ from mgpumanager.relay.proxy import Body, forward
 from mgpumanager.relay.spool import SpooledBody
 from mgpumanager.residency.evict import Residency
 from mgpumanager.residency.idle import IdleKeeper
+from mgpumanager.residency.prefetch import Prefetcher, job_weights
 from mgpumanager.residency.records import State
-from mgpumanager.scheduling.core import ConsumerPolicy, Outcome, SchedulerCore
+from mgpumanager.scheduling.core import ConsumerPolicy, Outcome
+from mgpumanager.scheduling.devices import make_core
 from mgpumanager.scheduling.lease import Lease
 from mgpumanager.scheduling.waits import QueueWaits
 from mgpumanager.status import Status, build_status
 from mgpumanager.upstreams.adapters import BaseAdapter, make_adapter
 from mgpumanager.upstreams.catalog import ModelCatalog
 from mgpumanager.upstreams.client_unloads import client_unload
-from mgpumanager.upstreams.gpu import GpuReader, make_reader
+from mgpumanager.upstreams.devices import binding, unknown_bindings
+from mgpumanager.upstreams.gpu import GpuReader, device_uuids, make_reader
 from mgpumanager.upstreams.gpu_reload import apply_gpu, needs_restart, refusal
 from mgpumanager.upstreams.health import HealthMonitor
 
@@ -75,6 +78,7 @@ class Broker:
         self._lease: Lease | None = None
         self._sampler: asyncio.Task[None] | None = None
         self.idle: IdleKeeper | None = None
+        self.prefetch: Prefetcher | None = None  # the next tenure's weights read ahead
         self.catalog = ModelCatalog(config, {})
         self._reload_lock = asyncio.Lock()
         # What happens, as it happens (/v1/events), and the recent past /v1/status shows.
@@ -92,6 +96,10 @@ class Broker:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _bound(self) -> dict[str, frozenset[str]]:
+        """Each consumer's devices, as residency last read them from the registry."""
+        return {} if self._residency is None else self._residency.view.bound
+
     async def start(self) -> None:
         config = self.config
         # No total timeout: answers stream for as long as run_timeout_s allows.
@@ -101,6 +109,8 @@ class Broker:
         )
         reader = self._reader or await make_reader(config.gpu)
         self._reader = reader
+        for line in unknown_bindings(config, device_uuids(reader)):
+            log.warning("%s: bound to every device instead", line)
         self.adapters = {
             name: make_adapter(name, c, self.session, gpu_index=config.gpu.index)
             for name, c in config.consumers.items()
@@ -109,13 +119,16 @@ class Broker:
         self.catalog = ModelCatalog(config, self.adapters)
         # The core first: residency reads from it which consumers have jobs running (never
         # evicted meanwhile); the lease then asks residency for each tenure (its Tenure).
-        core = SchedulerCore(
+        # On a box with several GPUs, one core per device set under one scheduler.
+        core = make_core(
             config.scheduler,
             {
                 name: ConsumerPolicy(c.priority, c.max_concurrency)
                 for name, c in config.consumers.items()
             },
+            binding(config, device_uuids(reader)),
             self.clock,
+            rebinding=self._bound,
         )
         self._jobs = JobEvents(core, self.clock, self.events.emit)
         self._residency = Residency(
@@ -133,6 +146,15 @@ class Broker:
         self._waits = QueueWaits(core, self.clock, self._residency.swap_costs)
         self._jobs.waits = self._waits
         self.idle = IdleKeeper(lambda: self.config, self._residency, self._lease, self.clock)
+        self.prefetch = Prefetcher(
+            lambda: self.config,
+            self._residency.view,
+            core,
+            lambda: self.adapters,
+            self.clock,
+            emit=self.events.emit,
+        )
+        self.prefetch.attach()
         await asyncio.gather(
             self._health.probe_all(), self._residency.view.discover(), self.catalog.refresh()
         )
@@ -205,6 +227,8 @@ class Broker:
         await self.catalog.aclose()
         if self.idle is not None:
             await self.idle.aclose()
+        if self.prefetch is not None:
+            await self.prefetch.aclose()
         if self._reader is not None:
             await self._reader.aclose()
         if self.session is not None:
@@ -288,6 +312,7 @@ class Broker:
             "client_idle_s",
             "header_timeout_s",  # new connections get the new limits
             "max_connections",
+            "prefetch",
         ):
             if getattr(new, key) != getattr(old, key):
                 changes.append(key)
@@ -387,6 +412,7 @@ class Broker:
                 model=per_model,
                 label=spec.label,
                 answer_first=True,
+                weights=job_weights(self.config, name, job_spec.call, whole),
                 on_wait=None if feedback is None else feedback.on_wait,
             ) as job:
                 self.residency.view.job_started(name, per_model)

@@ -1,5 +1,5 @@
 """`mgpumanager serve | check-config | demo | sim | deploy-rules | init | status | load |
-unload`."""
+unload | cluster`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the broker's port; every other piece moves by as much (the simulated GPU to "
         "N+29, the fakes to N+31..N+34); 0: free ports for all, named in the banner",
     )
+    demo.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="N",
+        help="simulated cards (1-8, default 1); with several, the chat model and speech on the "
+        "first, images on the second, each consumer bound to its card",
+    )
     sim_parser(sub)
     rules = sub.add_parser(
         "deploy-rules",
@@ -93,6 +102,33 @@ def _parser() -> argparse.ArgumentParser:
         help="probe only the --scan addresses, not Ollama's, ComfyUI's... usual ports",
     )
     _remote_parsers(sub)
+    cluster = sub.add_parser(
+        "cluster",
+        help="one front per GPU host of a running Ray cluster, each before its own broker "
+        "(the `ray` extra; docs/cluster.md)",
+    )
+    cluster.add_argument(
+        "--address", default="auto", help="the Ray cluster to join (default auto: this box's)"
+    )
+    cluster.add_argument(
+        "--broker",
+        default="http://127.0.0.1:8770",
+        help="each host's broker, as seen on that host (default http://127.0.0.1:8770)",
+    )
+    cluster.add_argument(
+        "--listen",
+        default="0.0.0.0:8780",
+        help="where each host's front listens (default 0.0.0.0:8780)",
+    )
+    cluster.add_argument(
+        "--period-s", type=float, default=1.0, help="how often each front reads its broker"
+    )
+    cluster.add_argument(
+        "--local",
+        type=int,
+        metavar="N",
+        help="a local Ray cluster of N simulated hosts on this machine, to try it",
+    )
     return parser
 
 
@@ -170,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if not check_containers(config, args.file):
                 return 2
+            from mgpumanager.upstreams.devices_check import check_devices, checks_devices
+
+            if checks_devices(config) and not asyncio.run(check_devices(config, args.file)):
+                return 2
             print(
                 f"{args.file}: OK ({len(config.consumers)} consumers: "
                 f"{', '.join(config.consumers)})"
@@ -208,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             from mgpumanager.tools.init import main_init
 
             return main_init(args)
+        if args.command == "cluster":
+            return _cluster(args)
         from mgpumanager.daemon import StartupError
         from mgpumanager.registry.paths import demo_registry
         from mgpumanager.tools.demo import run_demo
 
         try:
-            return run_loop(run_demo(args.config or demo_registry(), args.port))
+            return run_loop(run_demo(args.config or demo_registry(), args.port, args.gpus))
         except StartupError as exc:
             print(f"mgpumanager: {exc}", file=sys.stderr)
             return 1
@@ -222,6 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from mgpumanager.cluster.ray_app import RayMissing, import_ray, run_cluster, run_local
+
+    try:
+        import_ray()
+    except RayMissing as exc:
+        print(f"mgpumanager cluster: {exc}", file=sys.stderr)
+        return 2
+    if args.local is not None:
+        if args.local < 1:
+            print("mgpumanager cluster: --local needs N >= 1", file=sys.stderr)
+            return 2
+        return run_loop(run_local(args.local, args.period_s))
+    token = os.environ.get("MGPUMANAGER_TOKEN") or None
+    return run_cluster(args.address, args.broker, args.listen, args.period_s, token)
 
 
 async def port_taken(exc: Exception) -> str:

@@ -8,6 +8,7 @@ and its figures, stamped with a sequence number and the wall-clock time::
     job.queued  job.granted  job.finished
     eviction.planned  eviction.confirmed  eviction.failed
     load.started  load.ready  load.failed
+    prefetch.started  prefetch.done  prefetch.cancelled  prefetch.used
     residency.changed  health.changed
 
 `emit` never waits and never fails the caller: each subscriber (one per `/v1/events` client) has

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from mgpumanager import __version__
 from mgpumanager.registry import redact_url
+from mgpumanager.residency.device_room import device_figures, misplaced_devices
 
 if TYPE_CHECKING:
     from mgpumanager.broker import Broker
@@ -31,6 +32,21 @@ class GpuStatus(BaseModel):
     headroom_mib: int | None
     safety_margin_mib: int
     error: str | None
+
+
+class DeviceStatus(BaseModel):
+    """One card of the box (a MIG instance counts as one)."""
+
+    uuid: str
+    index: int
+    name: str
+    total_mib: int
+    used_mib: int | None
+    free_mib: int | None
+    headroom_mib: int
+    consumers: list[str]  # bound to it (`devices:`, else every device)
+    vram_mib: dict[str, int]  # what each consumer holding memory holds on it
+    undeclared: list[str]  # consumers whose processes were found on it, undeclared
 
 
 def _from(name: str) -> Any:
@@ -64,6 +80,9 @@ class ConsumerStatus(BaseModel):
     in_flight: int
     resident_models: list[str]  # per-model consumers (Ollama, speaches); [] for the others
     front_door: str | None  # where its front door listens, if it has one
+    devices: list[str] = []  # the UUIDs of the GPUs it is bound to
+    # GPUs its processes were found on that it did not declare (reported, never accepted).
+    undeclared_devices: list[str] = []
 
 
 WAITING_SHOWN = 100  # waiting jobs listed in /v1/status (queue_depth counts every one)
@@ -144,16 +163,31 @@ class SchedulerStatus(BaseModel):
     running: list[RunningJobStatus]
 
 
+class PrefetchStatus(BaseModel):
+    """Weights read ahead for the next tenure (docs/residency.md, "Prefetch")."""
+
+    enabled: bool
+    started: int
+    done: int
+    cancelled: int
+    bytes_read: int
+    warm_loads: int  # forecast tenures that began with all of it read ahead
+    cold_loads: int
+    last: dict[str, Any] | None  # the one under way, or the last one
+
+
 class Status(BaseModel):
     version: str
     uptime_s: float
-    gpu: GpuStatus
+    gpu: GpuStatus  # the box as one card: the sums over `gpus`
+    gpus: list[DeviceStatus] = []  # every card
     scheduler: SchedulerStatus
     consumers: dict[str, ConsumerStatus]
     routing: dict[str, str]
     recent_jobs: list[JobStatus]  # newest first
     recent_evictions: list[EvictionStatus]  # newest first
     events: EventsStatus
+    prefetch: PrefetchStatus | None = None
 
 
 def build_status(broker: Broker) -> Status:
@@ -191,6 +225,10 @@ def build_status(broker: Broker) -> Status:
                 "last_used_s_ago": None if record.last_used is None else now - record.last_used,
                 "resident_models": sorted(record.models),
                 "front_door": broker.front_doors.get(name),
+                "devices": sorted(residency.view.bound.get(name, ())),
+                "undeclared_devices": misplaced_devices(residency.view, name, reading)
+                if reading
+                else [],
                 **dataclasses.asdict(stats.consumers[name]),
             }
         )
@@ -225,6 +263,9 @@ def build_status(broker: Broker) -> Status:
         version=__version__,
         uptime_s=now - broker.started_at,
         gpu=gpu,
+        gpus=[DeviceStatus.model_validate(d) for d in device_figures(residency.view, reading)]
+        if reading
+        else [],
         scheduler=SchedulerStatus.model_validate(scheduler),
         consumers=consumers,
         routing=dict(broker.config.routing),
@@ -235,6 +276,19 @@ def build_status(broker: Broker) -> Status:
         events=EventsStatus(
             clients=events.subscribers, emitted=events.emitted, dropped_clients=events.dropped
         ),
+        prefetch=_prefetch(broker),
+    )
+
+
+def _prefetch(broker: Broker) -> PrefetchStatus | None:
+    prefetch = broker.prefetch
+    if prefetch is None:
+        return None
+    last = prefetch.current
+    return PrefetchStatus(
+        enabled=broker.config.prefetch.enabled,
+        **dataclasses.asdict(prefetch.counters),
+        last=None if last is None else last.document(),
     )
 
 

@@ -387,3 +387,24 @@ def test_startable_says_whether_schedule_could_grant() -> None:
     assert not c.startable  # both slots taken
     c.finish(a, Outcome.COMPLETED)
     assert c.startable
+
+
+def test_next_tenure_is_the_orders_pick_among_the_other_consumers() -> None:
+    c = core(policy="priority")
+    running = c.submit("comfyui")
+    grant_one(c)
+    assert c.next_tenure() is None and not c.others_waiting
+    c.submit("comfyui")  # the holder's own: no next tenure in view
+    assert c.next_tenure() is None and not c.others_waiting
+    ollama = c.submit("ollama", model="llm:8b")
+    assert c.others_waiting
+    forecast = c.next_tenure()
+    assert forecast is not None and (forecast.id, forecast.model) == (ollama, "llm:8b")
+    urgent = c.submit("mvoice", priority=4, weights=("voice.bin",))
+    forecast = c.next_tenure()
+    assert forecast is not None and (forecast.id, forecast.weights) == (urgent, ("voice.bin",))
+    assert c.waiting[urgent].weights == ("voice.bin",)
+    done(c, running)
+    assert c.preparing is False
+    [grant] = c.schedule()  # the lease passes as forecast
+    assert grant.job_id == urgent and c.preparing

@@ -45,15 +45,20 @@ class StatusCollector(Collector):
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=getattr(sched, name))
         gpu = s.gpu
-        vram = GaugeMetricFamily(f"{PREFIX}_gpu_vram_mib", "GPU memory, MiB", labels=["kind"])
-        for kind, value in (
-            ("total", gpu.total_mib),
-            ("used", gpu.used_mib),
-            ("free", gpu.free_mib),
-            ("headroom", gpu.headroom_mib),
-        ):
-            if value is not None:
-                vram.add_metric([kind], value)
+        vram = GaugeMetricFamily(
+            f"{PREFIX}_gpu_vram_mib",
+            "GPU memory per device (gpu: its UUID), MiB",
+            labels=["gpu", "kind"],
+        )
+        for d in s.gpus:
+            for kind, value in (
+                ("total", d.total_mib),
+                ("used", d.used_mib),
+                ("free", d.free_mib),
+                ("headroom", d.headroom_mib),
+            ):
+                if value is not None:
+                    vram.add_metric([d.uuid, kind], value)
         yield vram
         if gpu.utilization_pct is not None:
             yield GaugeMetricFamily(

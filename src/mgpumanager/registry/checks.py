@@ -55,8 +55,11 @@ def cross_key_problems(data: Mapping[str, Any], problem: Problem) -> Iterator[Co
     gpu = section(data.get("gpu"))
     total = gpu.get("total_mib")
     margin = gpu.get("safety_margin_mib", GpuConfig().safety_margin_mib)
+    static_devices = _static_devices(gpu.get("devices"))
+    if static_devices and total is None:
+        total = max(static_devices.values())  # the largest card: what one consumer may need
     if gpu.get("backend") == "static" and total is None:
-        yield problem(("gpu", "backend"), "backend 'static' needs gpu.total_mib")
+        yield problem(("gpu", "backend"), "backend 'static' needs gpu.total_mib or gpu.devices")
     for name, raw in consumers.items():
         c = section(raw)
         base: Loc = ("consumers", name)
@@ -68,6 +71,10 @@ def cross_key_problems(data: Mapping[str, Any], problem: Problem) -> Iterator[Co
             yield problem(
                 (*base, "vram_resident_mib"),
                 f"{cost} MiB cannot fit on a {total} MiB GPU with a {margin} MiB safety margin",
+            )
+        if static_devices:
+            yield from device_binding_problems(
+                c.get("devices"), list(static_devices), (*base, "devices"), problem
             )
         coexist = c.get("can_coexist_with")
         for i, other in enumerate(coexist if isinstance(coexist, list) else []):
@@ -289,3 +296,28 @@ def check_url(url: str) -> str | None:
     if port is not None and not 0 < port < 65536:
         return f"{shown}: bad port"
     return None
+
+
+def _static_devices(value: Any) -> dict[str, int]:
+    """`gpu.devices` as {uuid: total_mib}, in order; {} when absent or malformed (the model's
+    validation names what is wrong with it)."""
+    out: dict[str, int] = {}
+    for d in value if isinstance(value, list) else []:
+        if (
+            isinstance(d, Mapping)
+            and isinstance(d.get("uuid"), str)
+            and _is_int(d.get("total_mib"))
+        ):
+            out[d["uuid"]] = d["total_mib"]
+    return out
+
+
+def device_binding_problems(
+    binding: Any, uuids: list[str], loc: Loc, problem: Problem
+) -> Iterator[ConfigProblem]:
+    """A consumer's `devices:` naming an index or UUID the box does not have."""
+    for i, ref in enumerate(binding if isinstance(binding, list) else []):
+        if _is_int(ref) and not 0 <= ref < len(uuids):
+            yield problem((*loc, i), f"no GPU with index {ref} (the box has {len(uuids)})")
+        elif isinstance(ref, str) and ref not in uuids:
+            yield problem((*loc, i), f"no GPU with UUID {ref!r} (known: {', '.join(uuids)})")

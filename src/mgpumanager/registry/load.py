@@ -13,6 +13,7 @@ February) is a problem with a line, never a traceback.
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,10 +318,14 @@ def load_config(path: str | Path) -> Config:
     return parse_config(raw, str(p))
 
 
+_BRANCH = re.compile(r"[\w-]+\[.*\]", re.DOTALL)
+
+
 def _pydantic_problems(exc: ValidationError, lines: Mapping[Loc, int]) -> Iterator[ConfigProblem]:
     for err in exc.errors():
-        # pydantic puts the validator's name of a tagged/union branch in loc; keep real keys only.
-        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        # pydantic puts the validator's name of a tagged/union branch in loc (`function-after[
+        # ...]`); keep real keys only, a key of the file's with a "[" in it too.
+        loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _BRANCH.fullmatch(p)))
         kind = err["type"]
         if kind == "extra_forbidden":
             message = f"unknown key {loc[-1]!r} (a typo?)"

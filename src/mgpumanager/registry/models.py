@@ -143,6 +143,8 @@ class ModelEntry(_Model):
     name: Annotated[str, Field(min_length=1)]
     vram_mib: int | None = Field(default=None, ge=0)  # else the upstream's own figure
     preload: bool = False  # loaded by the consumer's load (and by warm restore)
+    # Its weight files (paths or globs), read into the page cache before its turn (prefetch).
+    weights: list[str] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -173,12 +175,22 @@ class ConsumerConfig(_Model):
     models: list[ModelEntry] = []
     # OpenAI model names clients insist on -> one of this consumer's models.
     aliases: dict[str, str] = {}
+    # Weight files (paths or globs) its load reads, read into the page cache while the job
+    # before its turn runs (prefetch); a model's own `weights` replace these for that model.
+    weights: list[str] = []
+    # Folders its model files live in: ComfyUI's models/ folders (a loader node's file name is
+    # looked for in each, and in its subfolders); an Ollama blob path is looked for in each too
+    # (OLLAMA_MODELS) when the path /api/show gives is not readable here.
+    model_dirs: list[str] = []
     # A generic consumer that serves OpenAI routes (/v1/chat/completions, /v1/audio/speech...).
     openai: bool = False
     # Further requests that use the GPU, scheduled when they arrive under /upstream/<name>/.
     scheduled: list[HttpCall] = []
     # Unload it after this many seconds unused (when no job waits). None: never.
     idle_unload_s: PositiveFloat | None = None
+    # The GPUs it runs on, by NVML index or UUID (docs/multi-gpu.md). None: every device (the
+    # coarse, safe choice). Jobs of consumers on disjoint devices run at the same time.
+    devices: list[int | str] | None = Field(default=None, min_length=1)
     # HOST:PORT where the broker also listens with this consumer's own API at the root (the
     # service moves to another port and the broker takes its usual one). None: no front door.
     front_door: str | None = None
@@ -240,13 +252,26 @@ DEFAULT_PATHS: Mapping[str, HttpCall] = {
 }
 
 
+class StaticDevice(_Model):
+    """One card of a `static` box (no readings): its NVML UUID and its size."""
+
+    uuid: str = Field(min_length=1)
+    total_mib: int = Field(gt=0)
+
+
 class GpuConfig(_Model):
     backend: Literal["auto", "nvml", "static", "sim"] = "auto"
     index: int = Field(default=0, ge=0)
     total_mib: int | None = Field(default=None, gt=0)
+    # backend static: every card of the box (a single total_mib still means one device).
+    devices: list[StaticDevice] | None = Field(default=None, min_length=1)
     safety_margin_mib: int = Field(default=512, ge=0)
     sim_url: str = "http://127.0.0.1:8799"
     poll_interval_s: PositiveFloat = 0.1
+    # While an eviction waits for its memory to come back (and a load for its readiness), the
+    # GPU and the upstream are read this often: the swap goes on as soon as the card frees.
+    # NVML answers in well under a millisecond; the background readings stay at their pace.
+    confirm_poll_s: PositiveFloat = 0.01
     # How often residency is re-read from the upstreams and the GPU in the background (work
     # done around the broker); it is also re-read before every eviction plan.
     reconcile_interval_s: PositiveFloat = 5.0
@@ -265,12 +290,29 @@ class SchedulerConfig(_Model):
     max_batch: int = Field(default=32, ge=1)
     allow_priority_header: bool = False
     drain_timeout_s: PositiveFloat = 30.0
+    # Several GPUs: once the oldest blocked multi-device job has waited this long, its devices
+    # are reserved for it (jobs on other devices still run).
+    max_wait_s: PositiveFloat = 30.0
 
 
 class IdleConfig(_Model):
     # Consumers (or consumer/model) brought back when the GPU has been idle for warm_after_s.
     warm: list[str] = []
     warm_after_s: PositiveFloat = 30.0
+
+
+class PrefetchConfig(_Model):
+    """`prefetch`: reading the next tenure's weight files into the page cache while the
+    current job runs. `prefetch: false` turns it off."""
+
+    enabled: bool = True
+    # Never more than this share of MemAvailable (read when a prefetch starts).
+    max_ram_fraction: float = Field(default=0.5, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
 
 def _check_token(v: SecretStr) -> SecretStr:
@@ -359,6 +401,7 @@ class Config(_Model):
     scheduler: SchedulerConfig = SchedulerConfig()
     auth: AuthConfig = AuthConfig()
     idle: IdleConfig = IdleConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
     routing: dict[str, str] = {}
     audio_proxy: str | None = None
     consumers: dict[str, ConsumerConfig]
@@ -457,7 +500,9 @@ __all__ = [
     "IdleConfig",
     "Keepalive",
     "ModelEntry",
+    "PrefetchConfig",
     "SchedulerConfig",
+    "StaticDevice",
     "StreamDetect",
     "TokenConfig",
     "is_loopback",

@@ -24,6 +24,7 @@ from mgpumanager.clock import Clock
 from mgpumanager.errors import BrokerError, ErrorCode
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.registry import Config
+from mgpumanager.residency import device_room
 from mgpumanager.residency.planner import CannotFit, Evict, Resident, plan_eviction
 from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, State, transition
 from mgpumanager.residency.view import UNIT_SEPARATOR, Counters, ResidencyView, unit_consumer
@@ -86,9 +87,16 @@ class Residency:
         # False where a per-model upstream has just answered 404 for a model (None: no such
         # answer): never "not in its list", which is no proof (model_names, a late list).
         self._has_model = has_model or _cannot_tell
+        self._reads: set[asyncio.Task[GpuReading]] = set()  # readings off the swap's path
 
     def reconfigure_probe(self, probe: Callable[[str], Awaitable[bool]]) -> None:
         self._probe = probe
+
+    def _read_soon(self) -> None:
+        """A GPU reading in the background, for the figures /v1/status shows."""
+        task = asyncio.ensure_future(self.view.read_gpu())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
 
     def resident_set(self) -> frozenset[str]:
         return self.view.resident_set()
@@ -150,31 +158,41 @@ class Residency:
             )
             exclude = target
         unit_model = per_model if exclude is None else None
-        headroom = self.view.headroom_mib(reading, exclude=exclude)
+        headroom = self.view.headroom_for(target, reading, exclude)
         residents = self.view.units(target, unit_model)
-        plan = self._plan(target, need, headroom, residents)
+        plan = self._plan(target, need, headroom, residents, reading, exclude)
         if isinstance(plan, CannotFit) or (plan.victims and self._lagging(reading, exclude)):
             # A second look before blaming anyone, or evicting for memory that is coming back.
             reading = await self._second_look(need, exclude)
             if self.ready(target, model):
                 return
-            headroom = self.view.headroom_mib(reading, exclude=exclude)
+            headroom = self.view.headroom_for(target, reading, exclude)
             residents = self.view.units(target, unit_model)
-            plan = self._plan(target, need, headroom, residents)
+            plan = self._plan(target, need, headroom, residents, reading, exclude)
         if isinstance(plan, CannotFit):
             raise self._cannot_fit(target, plan, residents, reading)
         if plan.victims:
             self._decided(target, need, headroom, plan.victims, residents)
-        await self._evict_units(plan.victims, target)
-        await self._wait_for_room(target, need, exclude=exclude)
+        # The reading just taken is each first unload's "before", and the last confirming
+        # reading the free figure's first word: no GPU read on the swap's path is repeated.
+        reading = await self._evict_units(plan.victims, target, reading)
+        await self._wait_for_room(target, need, exclude=exclude, reading=reading)
         if per_model is not None:
             await self._take_model(target, per_model, need)
         else:
             await self.load(target)
 
     def _plan(
-        self, target: str, need: int, headroom: int, residents: list[Resident]
+        self,
+        target: str,
+        need: int,
+        headroom: int,
+        residents: list[Resident],
+        reading: GpuReading,
+        exclude: str | None,
     ) -> Evict | CannotFit:
+        if self.view.multi_device:  # per device of the target, the others untouched
+            return device_room.plan(self.view, reading, target, need, exclude, residents)
         return plan_eviction(
             target=target,
             target_cost_mib=need,
@@ -304,8 +322,12 @@ class Residency:
             ", ".join(victims),
         )
 
-    async def _evict_units(self, victims: tuple[str, ...], target: str) -> None:
-        """Carry out a plan: a consumer all of whose models go is unloaded whole."""
+    async def _evict_units(
+        self, victims: tuple[str, ...], target: str, reading: GpuReading
+    ) -> GpuReading:
+        """Carry out a plan: a consumer all of whose models go is unloaded whole. `reading`:
+        one taken for the plan, before any unload: the first unload's "before"; each later
+        one starts from the reading that confirmed the one before. Answers the last reading."""
         by_consumer: dict[str, list[str]] = {}
         for victim in victims:
             name, _, model = victim.partition(UNIT_SEPARATOR)
@@ -313,21 +335,29 @@ class Residency:
         for name, models in by_consumer.items():
             record = self.view.records[name]
             if "" in models or set(models) >= set(record.models):
-                await self.evict(name, for_consumer=target)
+                reading = await self.evict(name, for_consumer=target, before=reading)
             else:
                 for model in models:
-                    await self.evict_model(name, model, for_consumer=target)
+                    reading = await self.evict_model(
+                        name, model, for_consumer=target, before=reading
+                    )
+        return reading
 
     # -- unloading ------------------------------------------------------------------------------
 
-    async def evict(self, name: str, *, for_consumer: str | None = None) -> None:
+    async def evict(
+        self, name: str, *, for_consumer: str | None = None, before: GpuReading | None = None
+    ) -> GpuReading:
         """Unload `name` and confirm that the memory came back, or raise eviction_failed.
-        Whatever its record says: an admin unload of an `unloaded` consumer still asks."""
+        Whatever its record says: an admin unload of an `unloaded` consumer still asks.
+        `before`: a reading taken under the same change, before this unload (else one now).
+        Answers the reading that confirmed it."""
         record = self.view.records[name]
         adapter = self.view.adapters[name]
         timeout_s = self.view.config.consumers[name].unload_timeout_s
         started = self.view.clock.now()
-        before = await self.view.read_gpu()
+        if before is None:
+            before = await self.view.read_gpu()
         # Known to hold its memory (the broker loaded it or saw it): then the GPU must show the
         # memory coming back. An `unknown` one may hold nothing, and no drop is owed.
         expect_mib = record.cost_mib if record.state is State.RESIDENT else 0
@@ -336,7 +366,9 @@ class Residency:
         blame = for_consumer or name
         async with self._unloading(name, name, blame, timeout_s):
             await adapter.unload()
-            await self._confirm(name, adapter.unloaded, before, expect_mib, timeout_s, blame)
+            after = await self._confirm(
+                name, adapter.unloaded, before, expect_mib, timeout_s, blame
+            )
         record.unload_failed_at = None
         record.last_unload_s = self.view.clock.now() - started
         confirmed = f"unload confirmed in {record.last_unload_s:.2f} s"
@@ -347,14 +379,18 @@ class Residency:
             for_consumer=for_consumer,
             unload_s=record.last_unload_s,
         )
+        return after
 
-    async def evict_model(self, name: str, model: str, *, for_consumer: str) -> None:
+    async def evict_model(
+        self, name: str, model: str, *, for_consumer: str, before: GpuReading | None = None
+    ) -> GpuReading:
         """Unload one model of a per-model consumer that keeps others resident."""
         record = self.view.records[name]
         adapter = self.view.adapters[name]
         unit = record.models[model]
         timeout_s = self.view.config.consumers[name].unload_timeout_s
-        before = await self.view.read_gpu()
+        if before is None:
+            before = await self.view.read_gpu()
         log.info("%s: unloading model %s for %s", name, model, for_consumer)
 
         async def gone() -> bool:
@@ -364,10 +400,11 @@ class Residency:
 
         async with self._unloading(name, f"{name}/{model}", for_consumer, timeout_s):
             await adapter.unload_model(self.view.upstream_name(name, model))
-            await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
+            after = await self._confirm(name, gone, before, unit.cost_mib, timeout_s, for_consumer)
         del record.models[model]
         record.generation += 1
         self._emit("eviction.confirmed", consumer=name, model=model, for_consumer=for_consumer)
+        return after
 
     @contextlib.asynccontextmanager
     async def _unloading(
@@ -404,18 +441,20 @@ class Residency:
         expect_mib: int,
         timeout_s: float,
         blame: str,
-    ) -> None:
-        """Poll until the upstream says it let go and the GPU shows `expect_mib` back."""
+    ) -> GpuReading:
+        """Poll until the upstream says it let go and the GPU shows `expect_mib` back: both
+        asked at once, every gpu.confirm_poll_s, so that the swap goes on within a few
+        milliseconds of the card freeing (the background readings keep their own pace)."""
         deadline = self.view.clock.now() + timeout_s
         gone_since: float | None = None
         while True:
-            gone = await _asked(name, upstream_let_go)
+            asked_at = self.view.clock.now()
+            gone, after = await asyncio.gather(_asked(name, upstream_let_go), self.view.read_gpu())
             if gone and gone_since is None:
                 gone_since = self.view.clock.now()
-            after = await self.view.read_gpu()
             settled_s = 0.0 if gone_since is None else self.view.clock.now() - gone_since
             if gone and self._gpu_confirms(name, before, after, expect_mib, settled_s):
-                return
+                return after
             if self.view.clock.now() >= deadline:
                 raise NotConfirmed(
                     ErrorCode.EVICTION_FAILED,
@@ -424,7 +463,10 @@ class Residency:
                     f"{name} is now 'unknown' and nothing was loaded",
                     consumer=blame,
                 )
-            await self._sleep(self.view.config.gpu.poll_interval_s)
+            # At a steady rate, the asking included: the card is seen free no later than one
+            # interval after it freed.
+            poll_s = self.view.config.gpu.confirm_poll_s
+            await self._sleep(max(0.0, asked_at + poll_s - self.view.clock.now()))
 
     def _eviction_failed(self, name: str, reason: str) -> None:
         record = self.view.records[name]
@@ -470,14 +512,18 @@ class Residency:
             return False
         return before.used_mib - after.used_mib >= expect_mib // 2
 
-    async def _wait_for_room(self, target: str, need: int, exclude: str | None) -> None:
-        """Victims are confirmed; the free figure must agree before anything loads."""
+    async def _wait_for_room(
+        self, target: str, need: int, exclude: str | None, reading: GpuReading | None = None
+    ) -> None:
+        """Victims are confirmed; the free figure must agree before anything loads. `reading`:
+        the newest one, taken after the last victim was confirmed (else one is taken now)."""
         deadline = self.view.clock.now() + max(
             (c.unload_timeout_s for c in self.view.config.consumers.values()), default=1.0
         )
         while True:
-            reading = await self.view.read_gpu()
-            headroom = self.view.headroom_mib(reading, exclude=exclude)
+            if reading is None:
+                reading = await self.view.read_gpu()
+            headroom = self.view.headroom_for(target, reading, exclude)
             if headroom >= need:
                 return
             if self.view.clock.now() >= deadline:
@@ -487,7 +533,8 @@ class Residency:
                     f"(GPU: {_describe(reading)}); not loading",
                     consumer=target,
                 )
-            await self._sleep(self.view.config.gpu.poll_interval_s)
+            reading = None
+            await self._sleep(self.view.config.gpu.confirm_poll_s)
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -507,8 +554,12 @@ class Residency:
             try:
                 async with asyncio.timeout(config.load_timeout_s):
                     await adapter.load()
+                    # Ready as soon as it says so: probes start at the card's pace and back
+                    # off to gpu.poll_interval_s for a load that takes its time.
+                    pause_s = self.view.config.gpu.confirm_poll_s
                     while not await self._probe(name):
-                        await self._sleep(self.view.config.gpu.poll_interval_s)
+                        await self._sleep(pause_s)
+                        pause_s = min(2 * pause_s, self.view.config.gpu.poll_interval_s)
             except asyncio.CancelledError:
                 transition(name, record, State.UNKNOWN, "load cut off")  # the safe side
                 self._emit("load.failed", consumer=name, reason="load cut off")
@@ -539,7 +590,8 @@ class Residency:
         )
         self.view.counters.swaps += 1
         if adapter.has_load:
-            await self.view.read_gpu()  # so /v1/status shows the loaded figure, not the one before
+            # So /v1/status shows the loaded figure, not the one before; off the job's path.
+            self._read_soon()
 
     async def _take_model(self, name: str, model: str, cost_mib: int) -> None:
         """Room is made for `model`: the job loads it (Ollama and speaches load on first use);

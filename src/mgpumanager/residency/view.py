@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from mgpumanager.clock import Clock
 from mgpumanager.events import Emit, no_emit
 from mgpumanager.registry import Config, ModelEntry
+from mgpumanager.residency.device_room import headroom_on, misplaced_devices
 from mgpumanager.residency.planner import Resident
 from mgpumanager.residency.records import HOLDS_MEMORY, ModelRecord, Record, State, transition
 from mgpumanager.upstreams.adapters import ConsumerAdapter, ResidencyReport, residual_allowance_mib
-from mgpumanager.upstreams.gpu import GpuReader, GpuReading, measured_mib
+from mgpumanager.upstreams.devices import binding
+from mgpumanager.upstreams.gpu import GpuReader, GpuReading, device_uuids, measured_mib
 from mgpumanager.upstreams.model_names import registry_entry
 
 log = logging.getLogger("mgpumanager.residency")
@@ -98,6 +100,10 @@ class ResidencyView:
         self._in_flight = in_flight or (lambda name: 0)
         self.counters = Counters()
         self.last_reading: GpuReading | None = None
+        # The box's devices (one on most boxes) and each consumer's (residency/device_room.py).
+        self.uuids = device_uuids(reader)
+        self.bound = binding(config, self.uuids)
+        self.undeclared: dict[str, tuple[str, ...]] = {}  # consumer -> devices, where any
         self.records = {
             name: Record(State.UNKNOWN, c.vram_resident_mib, c.pinned, on_change=self._changed)
             for name, c in config.consumers.items()
@@ -189,7 +195,21 @@ class ResidencyView:
         if reading.ok:
             for name, record in self.records.items():
                 record.measured_mib = self.measure(name, reading)
+            if self.multi_device:
+                self._check_devices(reading)
         return reading
+
+    def _check_devices(self, reading: GpuReading) -> None:
+        """A consumer whose processes hold memory on a device it did not declare is reported
+        (an event and a warning when it is first seen there, and /v1/status), never accepted
+        silently: its jobs may run beside another consumer's on that card."""
+        for name in self.records:
+            found = tuple(misplaced_devices(self, name, reading))
+            if found != self.undeclared.get(name, ()):
+                self.undeclared[name] = found
+                if found:
+                    log.warning("%s has processes on undeclared GPU(s) %s", name, ", ".join(found))
+                self._emit("device.undeclared", consumer=name, devices=list(found))
 
     def measure(self, name: str, reading: GpuReading, config: Config | None = None) -> int | None:
         patterns = (config or self.config).consumers[name].gpu_processes
@@ -220,6 +240,17 @@ class ResidencyView:
         free = reading.free_mib if reading.ok else None
         headroom = by_accounting if free is None else min(free, by_accounting)
         return headroom - self.config.gpu.safety_margin_mib
+
+    @property
+    def multi_device(self) -> bool:
+        return len(self.uuids) > 1
+
+    def headroom_for(self, target: str, reading: GpuReading, exclude: str | None = None) -> int:
+        """The headroom `target` sees: on a box with several GPUs, the least of its devices'
+        (it may take its whole cost on any of them); else `headroom_mib`."""
+        if not self.multi_device:
+            return self.headroom_mib(reading, exclude)
+        return min(headroom_on(self, reading, d, exclude) for d in self.bound[target])
 
     def outside_processes(self, reading: GpuReading) -> list[str]:
         """GPU processes that belong to no consumer, as "name (N MiB)": a training run, a game."""
@@ -440,6 +471,7 @@ class ResidencyView:
             record = self.records[name]
             record.declared_mib, record.pinned = c.vram_resident_mib, c.pinned
         self.config, self.adapters = config, adapters
+        self.bound = binding(config, self.uuids)
 
     # -- the broker's jobs ----------------------------------------------------------------------
 

@@ -22,11 +22,12 @@ gone from the queue without one (`on_leave`), for benchmarks, logs and the event
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 
 from mgpumanager.clock import Clock
@@ -125,14 +126,16 @@ class SchedulerCore:
         clock: Clock,
         *,
         order: Order | None = None,
+        ids: Iterator[int] | None = None,
     ) -> None:
         """`order`: the rule that picks the next job; by default the one `settings.policy`
-        names (and, after `reconfigure`, the one the new settings name)."""
+        names (and, after `reconfigure`, the one the new settings name). `ids`: where job ids
+        come from, shared by the cores of several device sets (scheduling/devices.py)."""
         self._settings = settings
         self._consumers = dict(consumers)
         self._clock = clock
         self._fixed_order = order
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
         self._waiting: dict[int, QueuedJob] = {}  # insertion order == arrival order
         # The same jobs by (consumer, priority), each class in arrival order: its first is the
         # head the order sees. (OrderedDict: the first entry stays O(1) after many removals.)
@@ -164,6 +167,7 @@ class SchedulerCore:
         self.on_grant: list[Callable[[Grant], None]] = []
         self.on_finish: list[Callable[[int, Outcome], None]] = []
         self.on_leave: list[Callable[[QueuedJob, Outcome], None]] = []
+        self.on_ready: list[Callable[[int], None]] = []  # a tenure's prepared job is ready
 
     # -- what happened ------------------------------------------------------------------------
 
@@ -174,9 +178,12 @@ class SchedulerCore:
         *,
         exclusive: bool = False,
         label: str = "",
+        model: str | None = None,
+        weights: tuple[str, ...] = (),
     ) -> int:
         """Queue a job; returns its id. Raises BrokerError(queue_full | shutting_down).
-        `label` says what the job is (its route), for whoever watches the queue.
+        `label` says what the job is (its route), for whoever watches the queue; `model` and
+        `weights` what it needs loaded, for whoever reads its weights ahead.
 
         An exclusive job (admin load/unload) starts only when nothing runs, and nothing else is
         granted until it finishes: it is never `ready`."""
@@ -202,6 +209,8 @@ class SchedulerCore:
             enqueued_at=self._clock.now(),
             exclusive=exclusive,
             label=label,
+            model=model,
+            weights=weights,
         )
         self._waiting[job.id] = job
         self._classes.setdefault((job.consumer, job.priority), OrderedDict())[job.id] = job
@@ -241,6 +250,8 @@ class SchedulerCore:
             raise KeyError(job_id)
         self._preparing.discard(job_id)
         self._ready_at[job_id] = self._clock.now()
+        for observer in self.on_ready:
+            observer(job_id)
 
     def finish(self, job_id: int, outcome: Outcome, status: int | None = None) -> None:
         """`status`: the upstream's HTTP status of an UPSTREAM_ERROR, read by the finish
@@ -353,6 +364,24 @@ class SchedulerCore:
             grants.append(self._start(job, prepare=running == 0, warm=job.consumer in resident))
         return grants
 
+    def next_tenure(
+        self,
+        resident: Set[str] = frozenset(),
+        swap_cost_s: Mapping[str, float] | None = None,
+    ) -> QueuedJob | None:
+        """The waiting job that would begin the next tenure once the holder's jobs are done:
+        the order's pick among the other consumers' jobs (None when none waits). A forecast
+        for reading its weights ahead; changes nothing."""
+        heads = [
+            next(iter(cls.values()))
+            for (consumer, _), cls in self._classes.items()
+            if consumer != self._holder
+        ]
+        if not heads:
+            return None
+        view = self._view(resident, self._with_loads_in_jobs(known_costs(swap_cost_s)))
+        return self.order.pick(dataclasses.replace(view, heads=heads))
+
     def _with_loads_in_jobs(self, costs: dict[str, float]) -> dict[str, float]:
         """The measured swap costs plus, for each, what its first job after a swap runs longer
         than the others: for ComfyUI (no load call) the whole load, else about nothing. Without
@@ -367,6 +396,16 @@ class SchedulerCore:
     def jobs_on(self, consumer: str) -> int:
         """The jobs running on `consumer` now (only the lease holder has any)."""
         return self.in_flight if self.holder == consumer else 0
+
+    @property
+    def others_waiting(self) -> bool:
+        """Jobs of a consumer other than the holder wait (a next tenure is in view)."""
+        return any(consumer != self._holder for consumer, _ in self._classes)
+
+    @property
+    def preparing(self) -> bool:
+        """A tenure is being prepared: residency is changing for it."""
+        return bool(self._preparing)
 
     @property
     def startable(self) -> bool:

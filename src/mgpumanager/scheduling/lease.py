@@ -77,7 +77,7 @@ class JobContext:
     unless `hold_until` keeps the lease past the handler. (A class rather than a generator:
     this runs for every job.)"""
 
-    __slots__ = ("_answer_first", "_args", "_handle", "_lease", "_on_wait")
+    __slots__ = ("_answer_first", "_args", "_handle", "_lease", "_on_wait", "_weights")
 
     def __init__(
         self,
@@ -89,19 +89,28 @@ class JobContext:
         model: str | None,
         label: str,
         answer_first: bool,
+        weights: tuple[str, ...] = (),
         on_wait: OnWait | None = None,
     ) -> None:
         self._lease = lease
+        self._on_wait = on_wait
         self._args = (consumer, priority, queue_timeout_s, exclusive, model, label)
         self._answer_first = answer_first
-        self._on_wait = on_wait
+        self._weights = weights
         self._handle: JobHandle | None = None
 
     async def __aenter__(self) -> JobHandle:
         lease = self._lease
         consumer, priority, queue_timeout_s, exclusive, model, label = self._args
         grant = await lease._acquire(
-            consumer, priority, queue_timeout_s, exclusive, label, self._on_wait
+            consumer,
+            priority,
+            queue_timeout_s,
+            exclusive,
+            label,
+            model,
+            self._weights,
+            self._on_wait,
         )
         handle = self._handle = JobHandle(lease, grant)
         if exclusive or not (grant.prepare or model is not None):
@@ -170,6 +179,7 @@ class Lease:
         model: str | None = None,
         label: str = "",
         answer_first: bool = False,
+        weights: tuple[str, ...] = (),
         on_wait: OnWait | None = None,
     ) -> JobContext:
         """`exclusive=True` for jobs that change residency themselves (admin load/unload): they
@@ -178,7 +188,7 @@ class Lease:
         `label`: what the job is (its route), shown in the queue and the events.
         `answer_first`: a relayed job whose handler sends its answer on return: when it ends
         well and nobody waits, it is finished right after (the next loop callbacks), not before
-        the answer leaves.
+        the answer leaves. `weights`: file names its body says it loads (read ahead).
         `on_wait`: told when the job must wait (OnWait)."""
         return JobContext(
             self,
@@ -189,6 +199,7 @@ class Lease:
             model,
             label,
             answer_first,
+            weights,
             on_wait,
         )
 
@@ -199,9 +210,13 @@ class Lease:
         timeout_s: float,
         exclusive: bool,
         label: str,
+        model: str | None = None,
+        weights: tuple[str, ...] = (),
         on_wait: OnWait | None = None,
     ) -> Grant:
-        job_id = self.core.submit(consumer, priority, exclusive=exclusive, label=label)
+        job_id = self.core.submit(
+            consumer, priority, exclusive=exclusive, label=label, model=model, weights=weights
+        )
         mine = self._dispatch(job_id)
         if mine is not None:  # granted at once (the lease was free): nothing to wait for
             return mine

@@ -69,6 +69,10 @@ class QueuedJob:
     enqueued_at: float
     exclusive: bool = False
     label: str = ""  # what the job is (its route, or `admin unload`), for status and events
+    # What its consumer must load for it, where known (the prefetch reads these ahead): the
+    # model of a per-model consumer, and the weight files its body names (ComfyUI loaders).
+    model: str | None = None
+    weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

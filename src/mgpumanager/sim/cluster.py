@@ -30,6 +30,7 @@ from typing import Any
 
 from mgpumanager.sim import launcher
 from mgpumanager.sim.activity import ActivityLog
+from mgpumanager.sim.box import SimBox
 from mgpumanager.sim.comfyui import ComfyUISettings, FakeComfyUI
 from mgpumanager.sim.gpu import LocalLedger, SimGPU, gpu_app
 from mgpumanager.sim.mvoice import FakeMVoice, MVoiceSettings
@@ -117,7 +118,8 @@ class SimCluster:
         run_dir: Path,
         own_dir: bool,
     ) -> None:
-        self.gpu = gpu
+        self.gpu = gpu  # the first card (the only one, unless started with gpus=N)
+        self.cards: list[SimGPU] = [gpu]
         self.activity = activity
         self.gpu_url = gpu_server.url
         self.urls: dict[str, str] = {}
@@ -126,6 +128,11 @@ class SimCluster:
         self.whisper_process: WhisperProcess | None = None
         self.run_dir = run_dir
         self._own_dir = own_dir
+
+    @property
+    def oom_count(self) -> int:
+        """Out-of-memory failures on every card."""
+        return sum(card.oom_count for card in self.cards)
 
     async def aclose(self) -> None:
         """Stop the fakes (and the whisper process), then the GPU server last."""
@@ -214,37 +221,59 @@ async def start_cluster(
     spec: FakeSpec | None = None,
     gpu_name: str = "Simulated GPU",
     run_dir: Path | None = None,
+    gpus: int = 1,
+    devices: Mapping[str, int] | None = None,
 ) -> SimCluster:
     """Start the simulated GPU and the fakes of ``spec`` (default: mvoice, ollama, comfyui,
     whisper with their default settings). ``run_dir`` holds pidfiles and logs of subprocesses
-    (a temporary directory, removed on close, when not given)."""
+    (a temporary directory, removed on close, when not given). ``gpus``: cards of
+    ``total_mib`` each (sim/box.py); ``devices``: the card each fake allocates on (default 0)."""
     spec = spec or FakeSpec()
     ports = dict(ports or {})
     activity = ActivityLog()
-    gpu = SimGPU(total_mib, gpu_name, busy=activity.busy)
-    gpu_server = await _serve("gpu", gpu_app(gpu, activity), host, ports.get("gpu", 0))
+    if gpus == 1:
+        cards = [SimGPU(total_mib, gpu_name, busy=activity.busy)]
+        box = None
+    else:
+        cards = [SimGPU(total_mib, f"{gpu_name} {i}", busy=activity.busy) for i in range(gpus)]
+        box = SimBox(cards)
+    gpu = cards[0]
+    app = gpu_app(gpu, activity, snapshot=None if box is None else box.snapshot)
+    gpu_server = await _serve("gpu", app, host, ports.get("gpu", 0))
     own_dir = run_dir is None
     cluster = SimCluster(
         gpu, activity, gpu_server, run_dir or Path(tempfile.mkdtemp(prefix="mgpu-sim-")), own_dir
     )
-    ledger = LocalLedger(gpu)
+    cluster.cards = cards
+    ledgers = [LocalLedger(card) for card in cards]
+    on = dict(devices or {})
+
+    def ledger_of(name: str) -> LocalLedger:
+        return ledgers[min(on.get(name, 0), gpus - 1)]
+
     try:
         fakes: dict[str, Any] = {}
         if spec.mvoice is not None:
-            fakes["mvoice"] = FakeMVoice(spec.mvoice, ledger=ledger, activity=activity)
+            fakes["mvoice"] = FakeMVoice(spec.mvoice, ledger=ledger_of("mvoice"), activity=activity)
         if spec.ollama is not None:
             ollama = spec.ollama
             if ollama.vram_budget_mib is None:  # Ollama believes the whole card is its own
                 ollama = dataclasses.replace(ollama, vram_budget_mib=total_mib)
-            fakes["ollama"] = FakeOllama(ollama, ledger=ledger, activity=activity)
+            fakes["ollama"] = FakeOllama(ollama, ledger=ledger_of("ollama"), activity=activity)
         if spec.comfyui is not None:
-            fakes["comfyui"] = FakeComfyUI(spec.comfyui, ledger=ledger, activity=activity)
+            fakes["comfyui"] = FakeComfyUI(
+                spec.comfyui, ledger=ledger_of("comfyui"), activity=activity
+            )
         if spec.whisper is not None and not spec.whisper_subprocess:
-            fakes["whisper"] = FakeWhisper(spec.whisper, ledger=ledger, activity=activity)
+            fakes["whisper"] = FakeWhisper(
+                spec.whisper, ledger=ledger_of("whisper"), activity=activity
+            )
         if spec.speaches is not None:
-            fakes["speaches"] = FakeSpeaches(spec.speaches, ledger=ledger, activity=activity)
+            fakes["speaches"] = FakeSpeaches(
+                spec.speaches, ledger=ledger_of("speaches"), activity=activity
+            )
         if spec.vllm is not None:
-            fakes["vllm"] = FakeVLLM(spec.vllm, ledger=ledger, activity=activity)
+            fakes["vllm"] = FakeVLLM(spec.vllm, ledger=ledger_of("vllm"), activity=activity)
         for name, fake in fakes.items():
             server = await _serve(name, fake.app, host, ports.get(name, 0))
             cluster.servers[name] = server

@@ -200,6 +200,8 @@ class SimGPU:
 
 GPU_KEY: web.AppKey[SimGPU] = web.AppKey("sim_gpu", SimGPU)
 ACTIVITY_KEY: web.AppKey[ActivityLog] = web.AppKey("sim_activity", ActivityLog)
+# A box with several cards (sim/box.py) answers /v1/gpu with the snapshot of every card.
+SNAPSHOT_KEY: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("sim_box_snapshot")
 
 
 def _bad_request(message: str) -> web.Response:
@@ -223,7 +225,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def _get_gpu(request: web.Request) -> web.Response:
-    return web.json_response(request.app[GPU_KEY].snapshot())
+    box = request.app.get(SNAPSHOT_KEY)
+    return web.json_response(box() if box is not None else request.app[GPU_KEY].snapshot())
 
 
 async def _post_alloc(request: web.Request) -> web.Response:
@@ -289,11 +292,20 @@ async def _post_activity_end(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def gpu_app(gpu: SimGPU, activity: ActivityLog | None = None) -> web.Application:
+def gpu_app(
+    gpu: SimGPU,
+    activity: ActivityLog | None = None,
+    *,
+    snapshot: Callable[[], dict[str, Any]] | None = None,
+) -> web.Application:
     """``GET /v1/gpu``, ``POST /v1/alloc`` (507 on OOM), ``/v1/release``, ``/v1/reset_stats``;
-    with ``activity``, also ``POST /v1/activity/begin`` and ``/v1/activity/end``."""
+    with ``activity``, also ``POST /v1/activity/begin`` and ``/v1/activity/end``. With
+    ``snapshot`` (a box of several cards), ``/v1/gpu`` answers what it gives; the ledger
+    calls go to ``gpu``, the first card (fakes in this process use their own card's)."""
     app = web.Application()
     app[GPU_KEY] = gpu
+    if snapshot is not None:
+        app[SNAPSHOT_KEY] = snapshot
     app.router.add_get("/v1/gpu", _get_gpu)
     app.router.add_post("/v1/alloc", _post_alloc)
     app.router.add_post("/v1/release", _post_release)

@@ -185,7 +185,7 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
         "mgpumanager demo — simulated GPU, fake consumers, the broker",
         f"  broker      {base}   (status: {base}/v1/status, metrics: {base}/metrics)",
         f"  dashboard   {base}/ui/   (or `mgpumanager status --watch --url {base}`)",
-        f"  sim GPU     {cluster.gpu_url}/v1/gpu   ({cluster.gpu.total_mib} MiB)",
+        f"  sim GPU     {cluster.gpu_url}/v1/gpu   ({_cards(cluster)})",
     ]
     for name, c in config.consumers.items():
         lines.append(f"  {name:<11} {redact_url(c.url)}   ({c.type}, {c.vram_resident_mib} MiB)")
@@ -206,6 +206,12 @@ def banner(server: Server, cluster: SimCluster, config: Config) -> str:
     )
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
+
+
+def _cards(cluster: SimCluster) -> str:
+    if len(cluster.cards) == 1:
+        return f"{cluster.gpu.total_mib} MiB"
+    return f"{len(cluster.cards)} cards of {cluster.gpu.total_mib} MiB"
 
 
 PIECES = {"gpu": "the simulated GPU"}  # any other piece is a fake consumer of that name
@@ -287,8 +293,37 @@ def relocated(config: Config, urls: Mapping[str, str], broker_port: int, run_dir
     )
 
 
-async def run_demo(config_path: Path, port: int | None = None) -> int:
+# Where the demo puts each fake on a box of several cards, unless the registry binds it: the
+# chat model on the first card, images on the second, speech with the chat model (whisper's
+# own process allocates through the GPU server, on the first card).
+DEMO_PLACEMENT = {"ollama": 0, "comfyui": 1, "mvoice": 0, "whisper": 0, "speaches": 1}
+
+
+def demo_placement(config: Config, gpus: int) -> dict[str, int]:
+    """The card each consumer's fake allocates on: the first index its `devices:` names, else
+    DEMO_PLACEMENT (wrapped to the cards there are), else the first card."""
+    out = {}
+    for name, c in config.consumers.items():
+        first = next((d for d in c.devices or () if isinstance(d, int)), None)
+        out[name] = first if first is not None else DEMO_PLACEMENT.get(name, 0)
+        out[name] %= gpus
+    return out
+
+
+def bound_to(config: Config, placement: Mapping[str, int]) -> Config:
+    """Consumers that declare no `devices:` bound to the card their fake is on."""
+    consumers = {
+        name: c if c.devices is not None else c.model_copy(update={"devices": [placement[name]]})
+        for name, c in config.consumers.items()
+    }
+    return config.model_copy(update={"consumers": consumers})
+
+
+async def run_demo(config_path: Path, port: int | None = None, gpus: int = 1) -> int:
     config = load_config(config_path)
+    placement = demo_placement(config, gpus)
+    if gpus > 1:
+        config = bound_to(config, placement)
     # The registry's commands say `python`: make that the interpreter running the demo.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     ports = demo_ports(config, port)
@@ -297,7 +332,9 @@ async def run_demo(config_path: Path, port: int | None = None) -> int:
     in_process = {n: p for n, p in ports.items() if n != "broker" and n not in commands}
     flag = "start the demo with --port N (it moves every piece), or --port 0 for free ports"
     try:
-        cluster = await start_cluster(host=host, ports=in_process, spec=demo_spec(config))
+        cluster = await start_cluster(
+            host=host, ports=in_process, spec=demo_spec(config), gpus=gpus, devices=placement
+        )
     except BindError as exc:
         what = PIECES.get(exc.piece, f"the fake {exc.piece}")
         reason = os.strerror(exc.errno) if exc.errno else exc.strerror

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import pynvml
 
 from mgpumanager.registry import is_loopback, split_listen
 from mgpumanager.relay.proxy import UPSTREAM_FAILURES
@@ -43,6 +44,7 @@ from mgpumanager.tools.identify import (
 )
 from mgpumanager.tools.procfs import LocalSystem, Unit
 from mgpumanager.upstreams.gpu import GpuInitError, GpuReading, NvmlApi, NvmlReader, SimReader
+from mgpumanager.upstreams.nvml_box import NvmlBoxReader
 
 MIB = 1024 * 1024
 PROBE_TIMEOUT_S = 3.0
@@ -409,11 +411,18 @@ async def read_gpu(
             raise InitError(f"--total-mib must be positive (got {total_mib})", status=2)
         device = f"a card of {total_mib} MiB (given: --total-mib)"
         return Gpu(GpuReading.without_figures("static", device, total_mib))
-    reader: SimReader | NvmlReader = (
+    reader: SimReader | NvmlReader | NvmlBoxReader = (
         SimReader(sim_url) if sim_url else NvmlReader(index, nvml=nvml, proc_root=proc_root)
     )
+    api: NvmlApi = nvml if nvml is not None else pynvml
     try:
-        await reader.start()
+        if not sim_url and index == 0 and hasattr(api, "nvmlDeviceGetCount"):
+            # A box with several GPUs (or MIG instances): every device, with its processes.
+            box = await NvmlBoxReader.open(api, proc_root=proc_root)
+            if box is not None:
+                reader = box
+        if not isinstance(reader, NvmlBoxReader):
+            await reader.start()
         reading = await reader.read()
     except GpuInitError as exc:
         hint = (

@@ -54,7 +54,7 @@ from mgpumanager.tools.proposal import (
     read_gpu,
 )
 from mgpumanager.upstreams.containers import DockerClient
-from mgpumanager.upstreams.gpu import NvmlApi
+from mgpumanager.upstreams.gpu import GpuReading, NvmlApi
 
 BROKER_PORT = int(LISTEN.rsplit(":", 1)[1])
 
@@ -187,6 +187,16 @@ def _consumer_data(c: Consumer) -> dict[str, Any]:
     return data
 
 
+def devices_used(patterns: list[str], reading: GpuReading) -> list[int]:
+    """The NVML indices of the devices where processes matching `patterns` hold memory: what
+    a consumer on a box with several GPUs is proposed to be bound to."""
+    return [
+        d.index
+        for d in reading.devices
+        if any(any(pat in p.name for pat in patterns) for p in d.processes)
+    ]
+
+
 def _describe_service(c: Consumer) -> str:
     svc = c.service
     what = svc.kind.label + (f" {svc.version}" if svc.version else "")
@@ -258,6 +268,8 @@ def render(plan: Plan, written_at: dt.datetime | None = None) -> tuple[str, dict
         doc.open("consumers")
     for c in plan.consumers:
         cdata = _consumer_data(c)
+        if len(r.devices) > 1 and (placed := devices_used(c.gpu_processes, r)):
+            cdata["devices"] = placed
         data["consumers"][c.name] = cdata
         _write_consumer(doc, c, cdata, plan)
     return doc.text(), data
@@ -301,6 +313,7 @@ def _write_consumer(doc: _Doc, c: Consumer, cdata: dict[str, Any], plan: Plan) -
         "can_coexist_with": "fit together with it",
         "gpu_processes": "" if c.patterns_seen else "CHECK: usual names, not seen on the GPU now",
         "container": "stopped to unload, started to load (its processes on the GPU: this one's)",
+        "devices": "the GPUs (NVML index) its processes use now; CHECK: the ones it may use",
     }
     if c.service.kind is ServiceKind.WHISPER and "unload" in cdata:
         notes["unload"] = "whisper-server has no unload call: stopping its unit frees the card"

@@ -157,6 +157,42 @@ def memory_parts(status: dict[str, Any]) -> list[Part]:
     ]
 
 
+def device_parts(device: dict[str, Any], status: dict[str, Any]) -> list[Part]:
+    """One card of a box with several, as `memory_parts` draws the whole: what each consumer
+    holds on it, memory of no consumer, free, margin."""
+    consumers = status["consumers"]
+    parts = [
+        Part(name, mib, consumers[name]["vram_source"] if name in consumers else "declared")
+        for name, mib in device["vram_mib"].items()
+    ]
+    held = sum(p.mib for p in parts)
+    used = device["used_mib"]
+    outside = 0 if used is None else max(0, used - held)
+    free = max(0, device["total_mib"] - held - outside)
+    margin = min(status["gpu"]["safety_margin_mib"], free)
+    return [
+        *parts,
+        Part("outside", outside, "outside"),
+        Part("free", free - margin, "free"),
+        Part("margin", margin, "margin"),
+    ]
+
+
+def device_lines(status: dict[str, Any], glyphs: dict[str, str], width: int) -> list[str]:
+    """Per card (a box with several): its figures, its bar, who is bound to it."""
+    lines = []
+    for d in status.get("gpus") or []:
+        used = "used unknown" if d["used_mib"] is None else f"{_mib(d['used_mib'])} MiB used"
+        undeclared = f" · UNDECLARED: {', '.join(d['undeclared'])}" if d["undeclared"] else ""
+        lines.append(
+            f"GPU {d['index']} {d['name']} ({d['uuid']}): {used} of {_mib(d['total_mib'])} · "
+            f"headroom {_mib(d['headroom_mib'])} MiB · bound: {', '.join(d['consumers']) or '-'}"
+            + undeclared
+        )
+        lines.append("[" + bar(device_parts(d, status), glyphs, width) + "]")
+    return lines
+
+
 def _glyphs(names: list[str]) -> dict[str, str]:
     """One letter per consumer: the first of its name not taken by another."""
     out: dict[str, str] = {}
@@ -232,14 +268,15 @@ def render(status: dict[str, Any], url: str, width: int = 100, evictions: int = 
     lines.append("[" + bar(parts, glyphs, max(20, width - 2)) + "]")
     legend = []
     for p in parts:
-        if p.kind in ("measured", "declared"):
+        if p.kind in ("measured", "reported", "declared"):
             ch = glyphs[p.label]
-            legend.append(
-                f"{ch.upper() if p.kind == 'measured' else ch} {p.label} {_mib(p.mib)} {p.kind}"
-            )
+            up = p.kind != "declared"  # as the bar draws it
+            legend.append(f"{ch.upper() if up else ch} {p.label} {_mib(p.mib)} {p.kind}")
         elif p.mib > 0 or p.kind == "margin":
             legend.append(f"{FILL[p.kind]} {p.kind} {_mib(p.mib)}")
     lines += ["  ".join(legend), ""]
+    if len(status.get("gpus") or []) > 1:
+        lines += [*device_lines(status, glyphs, max(20, width - 2)), ""]
     rows = [
         [
             "CONSUMER",

@@ -94,8 +94,13 @@ function authHeaders() {
   return t ? { Authorization: "Bearer " + t } : {};
 }
 
+// Behind a cluster's front (docs/cluster.md), `?host=NAME` shows that host's broker: every
+// call goes to /hosts/NAME/..., and the header's selector switches between the hosts.
+const HOST = new URLSearchParams(location.search).get("host");
+const BASE = HOST ? "/hosts/" + encodeURIComponent(HOST) : "";
+
 async function api(path, init) {
-  const res = await fetch(path, { cache: "no-store", ...init, headers: authHeaders() });
+  const res = await fetch(BASE + path, { cache: "no-store", ...init, headers: authHeaders() });
   if (res.status === 401) throw new TokenRefused(await errorMessage(res));
   return res;
 }
@@ -291,6 +296,52 @@ function renderMemory(status) {
   const error = gpu.error ? ` · reading failed: ${gpu.error}` : "";
   $("figures").textContent =
     `${used} of ${mib(gpu.total_mib)} · headroom ${mib(gpu.headroom_mib)} MiB${util}${error}`;
+  renderDevices(status);
+}
+
+// A box with several GPUs: one bar per card (the bar above is the box as a whole), with what
+// each consumer holds on it, who is bound to it, and consumers found on it undeclared.
+function renderDevices(status) {
+  const gpus = status.gpus || [];
+  if (gpus.length < 2) {
+    $("devices").replaceChildren();
+    return;
+  }
+  const margin = status.gpu.safety_margin_mib;
+  $("devices").replaceChildren(...gpus.map((d) => {
+    const parts = Object.entries(d.vram_mib).map(([name, v]) => ({
+      name, mib: v, kind: (status.consumers[name] || {}).vram_source || "declared",
+    }));
+    const held = parts.reduce((a, p) => a + p.mib, 0);
+    const outside = d.used_mib === null ? 0 : Math.max(0, d.used_mib - held);
+    const free = Math.max(0, d.total_mib - held - outside);
+    const keep = Math.min(margin, free);
+    const scale = Math.max(d.total_mib, held + outside);
+    const segs = [];
+    const seg = (cls, mibs, label, title, color, extra) => {
+      if (mibs <= 0) return;
+      if (mibs / scale < 0.06) label = "";
+      segs.push(h("div", {
+        class: "seg " + cls, title, "data-mib": mibs, ...extra,
+        style: { flex: `0 0 ${(100 * mibs / scale).toFixed(3)}%`, "--c": color || "" },
+      }, label));
+    };
+    for (const p of parts) {
+      seg(p.kind, p.mib, `${p.name} ${gib(p.mib)}`, `${p.name}: ${mib(p.mib)} MiB ${p.kind}`,
+        state.colors[p.name], { "data-consumer": p.name });
+    }
+    seg("outside", outside, "outside", `held by no consumer: ${mib(outside)} MiB`);
+    seg("free", free - keep, `free ${gib(free - keep)}`, `free: ${mib(free - keep)} MiB`);
+    seg("margin", keep, "", `safety margin: ${mib(keep)} MiB`);
+    const used = d.used_mib === null ? "used unknown" : `${mib(d.used_mib)} MiB used`;
+    const undeclared = d.undeclared.length ? ` · undeclared here: ${d.undeclared.join(", ")}` : "";
+    const caption = `GPU ${d.index} · ${d.name} · ${used} of ${mib(d.total_mib)} · headroom ` +
+      `${mib(d.headroom_mib)} MiB · bound: ${d.consumers.join(", ") || "none"}${undeclared}`;
+    return h("div", { class: "device", "data-uuid": d.uuid },
+      h("div", { class: "muted", title: d.uuid }, caption),
+      h("div", { class: "bar small", role: "img", "aria-label": `GPU ${d.index} memory` },
+        ...segs));
+  }));
 }
 
 function consumerRow(name) {
@@ -461,4 +512,20 @@ function logEvent(e) {
   while (list.children.length > LOG_KEEP) list.lastChild.remove();
 }
 
+async function hostSelector() {
+  if (!HOST) return;
+  const res = await fetch("/v1/status", { cache: "no-store", headers: authHeaders() });
+  if (!res.ok) return;
+  const doc = await res.json();
+  if (!Array.isArray(doc.hosts)) return;
+  const select = $("hosts");
+  select.replaceChildren(...doc.hosts.map((x) => h("option",
+    { value: x.name, selected: x.name === HOST }, x.name + (x.up ? "" : " (down)"))));
+  select.hidden = false;
+  select.addEventListener("change", () => {
+    location.search = "?host=" + encodeURIComponent(select.value);
+  });
+}
+
+hostSelector();
 follow();

@@ -13,12 +13,13 @@ failure lasts. NVML and aiohttp exceptions are translated here and go no further
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 import pynvml
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mgpumanager.registry import GpuConfig
 from mgpumanager.upstreams.containers import ContainerNames, tag_process
+from mgpumanager.upstreams.devices import SINGLE_UUID, DeviceProcess, DeviceReading
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class GpuReading:
     processes: tuple[GpuProcess, ...] = ()
     # Set when the reading failed; then used/free/utilization are None.
     error: str | None = None
+    # Every card, on a box with several (the figures above are then their sums); () on a box
+    # with one, whose reading is the card's.
+    devices: tuple[DeviceReading, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -81,6 +86,40 @@ class GpuReader(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class MultiDevice(Protocol):
+    """A reader that knows the box's cards (static with `gpu.devices`, sim with several)."""
+
+    @property
+    def device_uuids(self) -> tuple[str, ...]: ...
+
+
+def device_uuids(reader: GpuReader) -> tuple[str, ...]:
+    """The box's devices, by UUID, in NVML index order; one for a reader that names none."""
+    if isinstance(reader, MultiDevice) and reader.device_uuids:
+        return reader.device_uuids
+    return (SINGLE_UUID,)
+
+
+def devices_of(reading: GpuReading) -> tuple[DeviceReading, ...]:
+    """Per-device readings; a reading of one card is its own single device."""
+    if reading.devices:
+        return reading.devices
+    procs = tuple(DeviceProcess(p.pid, p.name, p.used_mib) for p in reading.processes)
+    return (
+        DeviceReading(
+            SINGLE_UUID,
+            0,
+            reading.device,
+            reading.total_mib,
+            reading.used_mib,
+            reading.free_mib,
+            reading.utilization_pct,
+            procs,
+        ),
+    )
 
 
 class GpuInitError(Exception):
@@ -142,10 +181,20 @@ class StaticReader:
 
     backend = "static"
 
-    def __init__(self, total_mib: int) -> None:
+    def __init__(self, total_mib: int, devices: Sequence[tuple[str, int]] = ()) -> None:
+        """`devices`: (uuid, total_mib) of every card of a box with several; `total_mib` is
+        then their sum."""
         if total_mib <= 0:
             raise ValueError(f"total_mib must be positive, got {total_mib}")
         self._total_mib = total_mib
+        self._devices = tuple(
+            DeviceReading(uuid, i, f"static GPU {i}", total)
+            for i, (uuid, total) in enumerate(devices)
+        )
+
+    @property
+    def device_uuids(self) -> tuple[str, ...]:
+        return tuple(d.uuid for d in self._devices)
 
     @property
     def total_mib(self) -> int:
@@ -158,7 +207,10 @@ class StaticReader:
         self._total_mib = total_mib
 
     async def read(self) -> GpuReading:
-        return GpuReading.without_figures(self.backend, "static (no readings)", self._total_mib)
+        reading = GpuReading.without_figures(self.backend, "static (no readings)", self._total_mib)
+        if len(self._devices) > 1:
+            return dataclasses.replace(reading, devices=self._devices)
+        return reading
 
     async def aclose(self) -> None:
         return None
@@ -222,8 +274,13 @@ class NvmlReader:
         *,
         proc_root: Path = Path("/proc"),
         containers: ContainerNames | None = None,
+        handle_of: Callable[[NvmlApi], Any] | None = None,
     ) -> None:
+        """`handle_of`: how to find the device when it is not a plain index (a MIG instance,
+        upstreams/nvml_box.py)."""
         self._index = index
+        self._handle_of = handle_of
+        self.uuid: str | None = None  # read at start where the library can tell
         # Names the container a GPU process runs in (`[container:NAME]`, upstreams/containers.py).
         self._containers = containers if containers is not None else ContainerNames()
         self._cap_mib = total_cap_mib
@@ -263,8 +320,14 @@ class NvmlReader:
     def _start_sync(self) -> None:
         self._nvml.nvmlInit()
         try:
-            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._index)
+            if self._handle_of is not None:
+                self._handle = self._handle_of(self._nvml)
+            else:
+                self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._index)
             self._device = _text(self._nvml.nvmlDeviceGetName(self._handle))
+            get_uuid = getattr(self._nvml, "nvmlDeviceGetUUID", None)
+            if get_uuid is not None:
+                self.uuid = _text(get_uuid(self._handle))
             total_mib, _, _ = self._memory_sync()
         except BaseException:
             self._nvml.nvmlShutdown()
@@ -387,6 +450,17 @@ class _SimProcess(BaseModel):
     used_mib: int | None = None
 
 
+class _SimDevice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str
+    index: int
+    name: str = "simulated GPU"
+    total_mib: int
+    used_mib: int
+    free_mib: int
+    processes: list[_SimProcess] = []
+
+
 class _SimGpu(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str = "simulated GPU"
@@ -395,6 +469,7 @@ class _SimGpu(BaseModel):
     free_mib: int
     utilization_pct: int | None = None
     processes: list[_SimProcess] = []
+    devices: list[_SimDevice] = []  # a simulated box with several cards
 
 
 class SimReader:
@@ -408,7 +483,12 @@ class SimReader:
         self._own_session = session is None
         self._device = f"sim {url}"
         self._total_mib: int | None = None
+        self._uuids: tuple[str, ...] = ()
         self._failures = _FailureLog(f"sim GPU {url}")
+
+    @property
+    def device_uuids(self) -> tuple[str, ...]:
+        return self._uuids
 
     @property
     def total_mib(self) -> int:
@@ -433,6 +513,21 @@ class SimReader:
             gpu = _SimGpu.model_validate_json(await resp.read())
         self._total_mib = gpu.total_mib
         self._device = gpu.name
+        devices = tuple(
+            DeviceReading(
+                d.uuid,
+                d.index,
+                d.name,
+                d.total_mib,
+                d.used_mib,
+                d.free_mib,
+                None,
+                tuple(DeviceProcess(p.pid, p.name, p.used_mib) for p in d.processes),
+            )
+            for d in gpu.devices
+        )
+        if not self._uuids and len(devices) > 1:
+            self._uuids = tuple(d.uuid for d in devices)
         return GpuReading(
             backend=self.backend,
             device=gpu.name,
@@ -441,6 +536,7 @@ class SimReader:
             free_mib=gpu.free_mib,
             utilization_pct=gpu.utilization_pct,
             processes=tuple(GpuProcess(p.pid, p.name, p.used_mib) for p in gpu.processes),
+            devices=devices if len(devices) > 1 else (),
         )
 
     async def read(self) -> GpuReading:
@@ -464,6 +560,12 @@ class SimReader:
 # --------------------------------------------------------------------------------------------
 
 
+def _static_box(gpu: GpuConfig) -> StaticReader:
+    """`gpu.devices` of a static box: its cards, the total their sum."""
+    cards = [(d.uuid, d.total_mib) for d in gpu.devices or ()]
+    return StaticReader(sum(t for _, t in cards), cards)
+
+
 async def make_reader(
     gpu: GpuConfig,
     *,
@@ -472,6 +574,8 @@ async def make_reader(
 ) -> GpuReader:
     """The started reader `gpu.backend` asks for. Raises `GpuInitError`."""
     if gpu.backend == "static":
+        if gpu.devices:
+            return _static_box(gpu)
         if gpu.total_mib is None:
             raise GpuInitError("gpu.backend 'static' needs gpu.total_mib")
         return StaticReader(gpu.total_mib)
@@ -483,12 +587,27 @@ async def make_reader(
             await sim.aclose()
             raise
         return sim
+    api: NvmlApi = nvml if nvml is not None else pynvml
+    if gpu.index == 0 and hasattr(api, "nvmlDeviceGetCount"):
+        # Every device of the box (a `gpu.index` other than 0 keeps to that one card). The
+        # import is here because the box reader is built of this module's NvmlReader.
+        from mgpumanager.upstreams.nvml_box import NvmlBoxReader
+
+        try:
+            box = await NvmlBoxReader.open(api, gpu.total_mib)
+        except GpuInitError:
+            box = None  # the one-card reader below says why, and `auto` falls back
+        if box is not None:
+            return box
     reader = NvmlReader(gpu.index, gpu.total_mib, nvml)
     try:
         await reader.start()
     except GpuInitError as exc:
         if gpu.backend == "nvml":
             raise
+        if gpu.devices:
+            log.warning("gpu: %s; using the static backend with gpu.devices", exc)
+            return _static_box(gpu)
         if gpu.total_mib is None:
             raise GpuInitError(
                 f"gpu.backend 'auto': no NVIDIA GPU readable ({exc}) and gpu.total_mib is not "
