@@ -37,8 +37,15 @@ from mgpumanager.sim import start_cluster
         ),
         ("/v1/llm", {"model": SIM_MODEL, "prompt": "x"}, ("POST", "/api/generate", "llm", False)),
         (
+            # Ollama's own API under /upstream/ streams as it does at the root (a waiting
+            # client gets its frames there too).
             "/upstream/ollama/api/generate",
             {"model": SIM_MODEL, "prompt": "x"},
+            ("POST", "/api/generate", None, True),
+        ),
+        (
+            "/upstream/ollama/api/generate",
+            {"model": SIM_MODEL, "prompt": "x", "stream": False},
             ("POST", "/api/generate", None, False),
         ),
     ],
