@@ -138,6 +138,9 @@ async def test_watch_redraws_until_interrupted(cluster: SimCluster) -> None:
             server.url,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            # Ctrl-C as a terminal sends it: a suite started in the background (`make test &`)
+            # hands its children SIGINT ignored, and Python then raises no KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert proc.stdout is not None
         stdout = proc.stdout
