@@ -125,6 +125,23 @@ def test_the_prefetch_forecast_reads_every_device_set() -> None:
     assert ollama is not None and ollama.model == "qwen2.5:14b"
 
 
+def test_every_waiting_job_has_a_place_and_an_expected_start_on_any_card() -> None:
+    """Where each waiting job stands is read over every device set, in order of expected
+    start: a job behind a short one on its own card starts before one behind a long one."""
+    clock = FakeClock()
+    c = box(clock)
+    for name, run_s in (("ollama", 1.0), ("comfyui", 10.0)):
+        job = c.submit(name)
+        start(c)
+        clock.advance(run_s)
+        c.finish(job, Outcome.COMPLETED)
+    c.submit("ollama"), c.submit("comfyui")
+    assert len(start(c)) == 2  # one running on each card, with a run time known for each
+    waiting_comfyui, waiting_ollama = c.submit("comfyui"), c.submit("ollama")
+    estimates = c.waiting_estimates({})
+    assert [(job.id, s) for job, s in estimates] == [(waiting_ollama, 1.0), (waiting_comfyui, 10.0)]
+
+
 R = 1.0
 CAPACITY_MIB = 16_000
 

@@ -253,6 +253,17 @@ class DeviceSets(SchedulerCore):
             return None
         return max(forecasts, key=lambda j: (self._level(j, now), -j.enqueued_at, -j.id))
 
+    def waiting_estimates(
+        self, swap_cost_s: Mapping[str, float] | None = None
+    ) -> list[tuple[QueuedJob, float | None]]:
+        """Every set's own estimates, merged in order of expected start (unknown last): the
+        sets run side by side, so each job's start is its own set's figure."""
+        merged = [
+            entry for core in self._cores.values() for entry in core.waiting_estimates(swap_cost_s)
+        ]
+        merged.sort(key=lambda e: (e[1] is None, e[1] or 0.0, e[0].enqueued_at, e[0].id))
+        return merged
+
     @property
     def others_waiting(self) -> bool:
         return any(core.others_waiting for core in self._cores.values())
