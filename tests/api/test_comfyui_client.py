@@ -7,76 +7,27 @@ for another consumer sent meanwhile starts only after it."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
-from typing import Any, cast
 
 import aiohttp
 import pytest
+from comfyui_box import Box, comfyui_box, graph
 
-from conftest import running_broker, wait_done, wait_for
-from mgpumanager.daemon import Server
-from mgpumanager.registry import Config
-from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
-from mgpumanager.sim.comfyui import ComfyUISettings, FakeComfyUI
-from mgpumanager.sim.mvoice import MVoiceSettings
+from conftest import wait_done, wait_for
 
-GRAPH: dict[str, Any] = {
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev"}},
-    "3": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 42}},
-    "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "owui"}},
-}
-
-
-@dataclasses.dataclass
-class Box:
-    cluster: SimCluster
-    server: Server
-    comfyui: FakeComfyUI
-    http: aiohttp.ClientSession
-
-    @property
-    def base(self) -> str:
-        return f"{self.server.url}/upstream/comfyui"
+GRAPH = graph("owui")
 
 
 @pytest.fixture
 async def box() -> AsyncIterator[Box]:
-    spec = FakeSpec(
-        ollama=None,
-        whisper=None,
-        comfyui=ComfyUISettings(model_mib=8000, ctx_mib=300, run_s=0.8),
-        mvoice=MVoiceSettings(vram_mib=3000, run_s=0),
-    ).with_timing(load_s=0, free_delay_s=0)
-    async with await start_cluster(spec=spec) as cluster:
-        health = {"interval_s": 0.05}
-        config = Config.model_validate(
-            {
-                "listen": "127.0.0.1:0",
-                "gpu": {"backend": "sim", "sim_url": cluster.gpu_url, "poll_interval_s": 0.02},
-                "routing": {"tts": "mvoice"},
-                "consumers": {
-                    "comfyui": {
-                        "type": "comfyui",
-                        "url": cluster.urls["comfyui"],
-                        "health": {"path": "/system_stats", **health},
-                        "vram_resident_mib": 8300,
-                        "gpu_processes": ["comfyui"],
-                    },
-                    "mvoice": {
-                        "url": cluster.urls["mvoice"],
-                        "health": health,
-                        "paths": {"tts": {"path": "/api/synthesize"}},
-                        "vram_resident_mib": 3000,
-                        "unload": {"path": "/api/admin/unload"},
-                        "load": {"path": "/api/admin/load"},
-                        "gpu_processes": ["mvoice"],
-                    },
-                },
-            }
-        )
-        async with running_broker(config) as server, aiohttp.ClientSession() as http:
-            yield Box(cluster, server, cast(FakeComfyUI, cluster.fakes["comfyui"]), http)
+    mvoice = {
+        "paths": {"tts": {"path": "/api/synthesize"}},
+        "unload": {"path": "/api/admin/unload"},
+        "load": {"path": "/api/admin/load"},
+        "gpu_processes": ["mvoice"],
+    }
+    async with comfyui_box(run_s=0.8, routing={"tts": "mvoice"}, mvoice=mvoice) as found:
+        yield found
 
 
 async def test_open_webui_flow_through_upstream_holds_the_lease(box: Box) -> None:
