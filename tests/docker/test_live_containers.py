@@ -179,7 +179,7 @@ async def test_init_finds_the_containers_and_proposes_them(
 
 @pytest.mark.timeout(150)
 async def test_the_image_serves_the_demo(image: str, names: list[str]) -> None:
-    port = free_port(35)  # the demo's fakes listen on N+29..N+34
+    port = free_port(36)  # the demo's fakes listen on N+29..N+35
     name = unique("demo")
     names.append(name)
     docker(
@@ -210,7 +210,7 @@ async def test_the_image_serves_the_demo(image: str, names: list[str]) -> None:
     except TimeoutError:
         raise AssertionError(docker("logs", name, check=False)) from None
     assert status["gpu"]["backend"] == "sim"
-    assert set(status["consumers"]) == {"mvoice", "ollama", "comfyui", "whisper"}
+    assert set(status["consumers"]) == {"mvoice", "ollama", "comfyui", "whisper", "speaches"}
     # The image's HEALTHCHECK (GET /healthz) passes; its user is not root.
     await wait_for(
         lambda: docker("inspect", "-f", "{{.State.Health.Status}}", name) == "healthy",
