@@ -7,22 +7,17 @@ When room is needed inside Ollama, its other models go one by one, least recentl
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohttp
 import pytest
 
-from conftest import running_broker, wait_for
-from mgpumanager.daemon import Server
-from mgpumanager.registry import Config
-from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
+from mgpumanager.sim.cluster import FakeSpec
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.ollama import OllamaSettings
+from ollama_comfyui_box import Box, chat, image, post, running_box
 
 CHAT = "qwen2.5:7b"
 EMBED = "nomic-embed-text:latest"
 BIG = "qwen2.5:14b"
-GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}
 SPEC = FakeSpec(
     mvoice=None,
     whisper=None,
@@ -38,60 +33,14 @@ SPEC = FakeSpec(
 )
 
 
-def registry(cluster: SimCluster) -> Config:
-    health = {"interval_s": 0.2, "timeout_s": 2}
-    return Config.model_validate(
-        {
-            "listen": "127.0.0.1:0",
-            "gpu": {"backend": "sim", "sim_url": cluster.gpu_url, "poll_interval_s": 0.02},
-            "routing": {"llm": "ollama", "image": "comfyui"},
-            "consumers": {
-                "ollama": {
-                    "type": "ollama",
-                    "url": cluster.urls["ollama"],
-                    "health": health,
-                    "vram_resident_mib": 14000,  # the largest model: what a job used to cost
-                    "models": [{"name": EMBED, "vram_mib": 600}],
-                    "gpu_processes": ["ollama"],
-                },
-                "comfyui": {
-                    "type": "comfyui",
-                    "url": cluster.urls["comfyui"],
-                    "health": health,
-                    "vram_resident_mib": 12300,
-                    "gpu_processes": ["comfyui"],
-                },
-            },
-        }
-    )
-
-
 @pytest.fixture
-async def box() -> AsyncIterator[tuple[SimCluster, Server, aiohttp.ClientSession]]:
-    async with await start_cluster(spec=SPEC) as cluster:
-        async with running_broker(registry(cluster)) as server:
-            async with aiohttp.ClientSession() as session:
-                yield cluster, server, session
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with session.post(url, json=body) as resp:
-        return resp.status, await resp.json(content_type=None)
-
-
-async def image(server: Server, session: aiohttp.ClientSession) -> None:
-    status, answer = await post(session, f"{server.url}/v1/image", {"prompt": GRAPH})
-    assert status == 200, answer
-    await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="the image finished")
-
-
-async def chat(session: aiohttp.ClientSession, server: Server, model: str) -> tuple[int, Any]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-    return await post(session, f"{server.url}/api/chat", body)
+async def box() -> AsyncIterator[Box]:
+    async with running_box(SPEC, models=[{"name": EMBED, "vram_mib": 600}]) as found:
+        yield found
 
 
 async def test_resident_model_and_embedding_evict_nothing(
-    box: tuple[SimCluster, Server, aiohttp.ClientSession],
+    box: Box,
 ) -> None:
     cluster, server, session = box
     await image(server, session)  # FLUX resident: 12300 MiB
@@ -122,7 +71,7 @@ async def test_resident_model_and_embedding_evict_nothing(
 
 
 async def test_room_inside_ollama_is_made_model_by_model_lru_first(
-    box: tuple[SimCluster, Server, aiohttp.ClientSession],
+    box: Box,
 ) -> None:
     """FLUX 12300 + 7B 4700 + embed 600 resident; the 14B (11000) needs room. FLUX may not
     coexist with Ollama, so it goes first; the small models stay."""

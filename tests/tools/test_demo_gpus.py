@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,35 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_demo import read_banner
 
 BROKER = re.compile(r"\s+broker\s+(http://[\d.]+:\d+)\s")
 GPU = re.compile(r"\s+sim GPU\s+(http://[\d.]+:\d+)/v1/gpu\s")
-
-
-def banner(proc: subprocess.Popen[str], timeout_s: float) -> list[str]:
-    assert proc.stdout is not None
-    stdout = proc.stdout
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in stdout:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if line.startswith("Ctrl-C stops everything"):
-            return seen
-    raise AssertionError(f"demo did not come up in {timeout_s} s; printed: {seen}")
 
 
 def call(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -69,7 +42,7 @@ def test_demo_with_two_gpus() -> None:
         start_new_session=True,
     )
     try:
-        lines = banner(proc, timeout_s=60)
+        lines = read_banner(proc, timeout_s=60)
         [base] = [m.group(1) for line in lines if (m := BROKER.match(line))]
         [gpu] = [m.group(1) for line in lines if (m := GPU.match(line))]
         llm = {"model": "qwen2.5:14b", "prompt": "hi", "stream": False}

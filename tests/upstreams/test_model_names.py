@@ -6,18 +6,15 @@ room too, unless the upstream has just answered 404 for it."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohttp
 import pytest
 
-from conftest import running_broker, wait_for
-from mgpumanager.daemon import Server
 from mgpumanager.registry import AdapterType, Config
-from mgpumanager.sim.cluster import FakeSpec, SimCluster, start_cluster
+from mgpumanager.sim.cluster import FakeSpec
 from mgpumanager.sim.comfyui import ComfyUISettings
 from mgpumanager.sim.ollama import FakeOllama, OllamaSettings
 from mgpumanager.upstreams.model_names import model_identity, registry_entry, same_model, spelling
+from ollama_comfyui_box import Box, chat, image, running_box
 
 OLLAMA = AdapterType.OLLAMA
 
@@ -83,7 +80,6 @@ def test_the_registry_entry_is_found_by_alias_and_by_identity() -> None:
 
 # -- on a full card ---------------------------------------------------------------------------
 
-GRAPH = {"3": {"class_type": "KSampler", "inputs": {"seed": 7}}}
 # An Ollama-compatible server that lists its model without the tag.
 SPEC = FakeSpec(
     mvoice=None,
@@ -93,60 +89,15 @@ SPEC = FakeSpec(
 )
 
 
-def registry(cluster: SimCluster) -> Config:
-    health = {"interval_s": 0.2, "timeout_s": 2}
-    return Config.model_validate(
-        {
-            "listen": "127.0.0.1:0",
-            "gpu": {"backend": "sim", "sim_url": cluster.gpu_url, "poll_interval_s": 0.02},
-            "routing": {"llm": "ollama", "image": "comfyui"},
-            "consumers": {
-                "ollama": {
-                    "type": "ollama",
-                    "url": cluster.urls["ollama"],
-                    "health": health,
-                    "vram_resident_mib": 14000,  # no per-model figures: the list's, or this
-                    "gpu_processes": ["ollama"],
-                },
-                "comfyui": {
-                    "type": "comfyui",
-                    "url": cluster.urls["comfyui"],
-                    "health": health,
-                    "vram_resident_mib": 12300,
-                    "gpu_processes": ["comfyui"],
-                },
-            },
-        }
-    )
-
-
 @pytest.fixture
-async def box() -> AsyncIterator[tuple[SimCluster, Server, aiohttp.ClientSession]]:
-    async with await start_cluster(spec=SPEC) as cluster:
-        async with running_broker(registry(cluster)) as server:
-            async with aiohttp.ClientSession() as session:
-                yield cluster, server, session
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with session.post(url, json=body) as resp:
-        return resp.status, await resp.json(content_type=None)
-
-
-async def image(server: Server, session: aiohttp.ClientSession) -> None:
-    status, answer = await post(session, f"{server.url}/v1/image", {"prompt": GRAPH})
-    assert status == 200, answer
-    await wait_for(lambda: server.broker.lease.core.in_flight == 0, what="the image finished")
-
-
-async def chat(session: aiohttp.ClientSession, server: Server, model: str) -> tuple[int, Any]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
-    return await post(session, f"{server.url}/api/chat", body)
+async def box() -> AsyncIterator[Box]:
+    async with running_box(SPEC) as found:
+        yield found
 
 
 @pytest.mark.parametrize("asked", ["big", "big:latest", "library/big"])
 async def test_a_model_the_list_spells_otherwise_evicts_first_and_never_ooms(
-    box: tuple[SimCluster, Server, aiohttp.ClientSession], asked: str
+    box: Box, asked: str
 ) -> None:
     cluster, server, session = box
     await image(server, session)  # FLUX resident: 12300 of 24576 MiB
@@ -167,7 +118,7 @@ async def test_a_model_the_list_spells_otherwise_evicts_first_and_never_ooms(
 
 
 async def test_a_model_its_list_does_not_show_yet_still_gets_its_room(
-    box: tuple[SimCluster, Server, aiohttp.ClientSession],
+    box: Box,
 ) -> None:
     cluster, server, session = box
     await image(server, session)
@@ -181,7 +132,7 @@ async def test_a_model_its_list_does_not_show_yet_still_gets_its_room(
 
 
 async def test_after_its_404_a_missing_model_evicts_nothing(
-    box: tuple[SimCluster, Server, aiohttp.ClientSession],
+    box: Box,
 ) -> None:
     cluster, server, session = box
     await image(server, session)
