@@ -21,8 +21,10 @@ preflight), which carries the page's `Origin`. So, on every listener:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 ANY = "*"
@@ -89,8 +91,15 @@ def same_address(host: str, local: str | None) -> bool:
     return a == b
 
 
-def host_allowed(value: str, local: str | None, allowed_hosts: list[str]) -> bool:
-    """Whether a listener whose connection arrived on address `local` serves Host `value`."""
+def host_allowed(value: str, local: str | None, allowed_hosts: Sequence[str]) -> bool:
+    """Whether a listener whose connection arrived on address `local` serves Host `value`.
+    Asked on every request with the same few values: the answers are kept (a bounded cache,
+    so a client sending a new Host each time costs only its own parse)."""
+    return _host_allowed(value, local, tuple(allowed_hosts))
+
+
+@functools.lru_cache(maxsize=256)
+def _host_allowed(value: str, local: str | None, allowed_hosts: tuple[str, ...]) -> bool:
     if ANY in allowed_hosts:
         return True
     parsed = parse_host(value)
